@@ -1,0 +1,94 @@
+"""Every error vmm raises is a VmmError; each subclass names one kind of problem.
+
+Messages say what went wrong and, where there is one, what to do about it.
+"""
+
+
+class VmmError(Exception):
+    """Base class of every error raised by vmm."""
+
+
+# --- host / KVM -------------------------------------------------------------
+class KvmUnavailable(VmmError):
+    """/dev/kvm does not exist (no KVM module, or not a Linux host)."""
+
+
+class KvmPermissionError(VmmError):
+    """/dev/kvm exists but this user may not open it."""
+
+
+class CapabilityMissing(VmmError):
+    """The host KVM lacks a capability the VMM needs."""
+
+
+class KvmIoctlError(VmmError):
+    """A KVM ioctl failed; the message names the ioctl and errno."""
+
+    def __init__(self, ioctl: str, errno_: int, detail: str = ""):
+        import os
+
+        self.ioctl = ioctl
+        self.errno = errno_
+        msg = f"{ioctl} failed: {os.strerror(errno_)} (errno {errno_})"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+# --- guest memory -----------------------------------------------------------
+class GuestMemoryError(VmmError):
+    """An access outside the guest's RAM (nothing was read or written)."""
+
+
+class GuestOutOfMemory(VmmError):
+    """The host could not reserve the guest RAM size asked for."""
+
+
+# --- images and kernels ------------------------------------------------------
+class ImageError(VmmError):
+    """A kernel image, initrd, ELF, BTF or System.map is corrupt or unsupported."""
+
+
+class SymbolNotFound(VmmError):
+    """A kernel symbol name is unknown; the message suggests close names."""
+
+
+class TypeNotFound(VmmError):
+    """A BTF type name is unknown; the message suggests close names."""
+
+
+class FieldPathError(VmmError):
+    """A dotted field path does not exist in a type (names the failing component)."""
+
+
+class TranslationError(VmmError):
+    """A kernel virtual address could not be translated (names level and address)."""
+
+
+class KernelFeatureMissing(VmmError):
+    """The kernel lacks something asked for (no BTF, no sched_ext, no SCX_RQ_CLK_VALID)."""
+
+
+# --- runtime / ops ------------------------------------------------------------
+class FreezeTimeout(VmmError):
+    """Not every vCPU parked within the rendezvous timeout (names which did not)."""
+
+
+class TargetError(VmmError):
+    """A KernelTarget could not be resolved or validated."""
+
+
+class BatchError(VmmError):
+    """A batch entry failed validation; nothing in the batch was written.
+
+    ``index`` is the entry's position in the batch, ``cause`` the underlying error.
+    """
+
+    def __init__(self, index: int, cause: Exception):
+        self.index = index
+        self.cause = cause
+        super().__init__(f"batch entry {index}: {cause}")
+
+
+class GuestBootError(VmmError):
+    """The guest did not reach the expected point (message carries the console tail)."""

@@ -69,6 +69,10 @@ class KernelFeatureMissing(VmmError):
     """The kernel lacks something asked for (no BTF, no sched_ext, no SCX_RQ_CLK_VALID)."""
 
 
+class KernelStoreError(VmmError):
+    """A kernel could not be fetched, built or found (names the step; carries tool output)."""
+
+
 # --- runtime / ops ------------------------------------------------------------
 class FreezeTimeout(VmmError):
     """Not every vCPU parked within the rendezvous timeout (names which did not)."""

@@ -96,3 +96,8 @@ class BatchError(VmmError):
 
 class GuestBootError(VmmError):
     """The guest did not reach the expected point (message carries the console tail)."""
+
+
+# --- machine configuration ------------------------------------------------------
+class ConfigError(VmmError):
+    """A Machine option is invalid (memory size, vCPU count, topology, command line)."""

@@ -1,0 +1,57 @@
+"""The mission's batch: mark every CPU's sched_ext rq clock valid, as the kernel does.
+
+``scx_rq_clock_update()`` (kernel/sched/sched.h) does ``WRITE_ONCE(rq->scx.clock, v)``
+then ``smp_store_release(&rq->scx.flags, flags | SCX_RQ_CLK_VALID)``. The host
+reproduces that observable invariant with one cold batch: for each CPU, a U64 write
+of ``scx.clock`` followed by an OrU32 of ``SCX_RQ_CLK_VALID`` into ``scx.flags``. The
+freeze rendezvous serialises the whole batch against guest readers, and OrU32 leaves
+the other 31 flag bits (and the adjacent u32 ``nr_immed``) alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ..errors import FieldPathError, KernelFeatureMissing, SymbolNotFound, TypeNotFound, VmmError
+from .targets import KernelTarget
+from .values import KernelValue
+
+RQ_SYMBOL = "runqueues"
+CLOCK_PATH = "scx.clock"
+FLAGS_PATH = "scx.flags"
+CLK_VALID = "SCX_RQ_CLK_VALID"
+
+
+def clk_valid_mask(kernel: Any) -> int:
+    """SCX_RQ_CLK_VALID from the kernel's BTF; a clear refusal when it has none."""
+    if not getattr(kernel, "has_btf", True):
+        raise KernelFeatureMissing("this kernel has no BTF (.BTF section): build it with "
+                                   "CONFIG_DEBUG_INFO_BTF=y to resolve sched_ext fields")
+    try:
+        rq_type = "struct rq"
+        kernel.btf.field(rq_type, "scx")
+    except (TypeNotFound, FieldPathError) as exc:
+        raise KernelFeatureMissing(f"this kernel has no sched_ext ({exc}); "
+                                   "build it with CONFIG_SCHED_CLASS_EXT=y") from exc
+    try:
+        mask = kernel.enum(CLK_VALID)
+        kernel.btf.field(rq_type, CLOCK_PATH)
+    except (SymbolNotFound, TypeNotFound, FieldPathError, KeyError) as exc:
+        raise KernelFeatureMissing(
+            f"this kernel's sched_ext has no {CLK_VALID} / scx_rq.clock (added in Linux "
+            f"6.14): {exc}") from exc
+    if mask <= 0 or mask >= 1 << 32:
+        raise KernelFeatureMissing(f"{CLK_VALID} = {mask:#x} is not a u32 flag bit")
+    return mask
+
+
+def scx_clock_batch(kernel: Any, cpus: Iterable[int], clock: int) -> list:
+    """(target, value) pairs: per CPU, write scx.clock then OR SCX_RQ_CLK_VALID."""
+    mask = clk_valid_mask(kernel)
+    batch = []
+    for cpu in cpus:
+        batch.append((KernelTarget.per_cpu(RQ_SYMBOL, cpu, CLOCK_PATH), KernelValue.u64(clock)))
+        batch.append((KernelTarget.per_cpu(RQ_SYMBOL, cpu, FLAGS_PATH), KernelValue.or_u32(mask)))
+    if not batch:
+        raise VmmError("no CPUs to write: the guest reports no possible CPUs")
+    return batch

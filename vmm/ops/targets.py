@@ -1,0 +1,182 @@
+"""KernelTarget: where a kernel-memory op reads or writes, and how it resolves.
+
+A target names a place the way a kernel developer does: a symbol (``jiffies``), a field
+of a symbol (``init_uts_ns`` + ``name.nodename``), a per-CPU field (``runqueues``, CPU 3,
+``scx.flags``), or a raw kernel virtual / guest-physical address. Resolution turns it
+into a :class:`Location` (guest-physical address, size, description) through the
+kernel's symbols and BTF and the live guest's page tables; nothing here writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from ..errors import TargetError, VmmError
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved target: ``size`` bytes of guest RAM at guest-physical ``gpa``.
+
+    ``size`` is None when nothing says how wide the object is (a raw address);
+    then the value's own width is used. ``bit_size`` is set for bitfield members,
+    which whole-byte ops refuse.
+    """
+
+    gpa: int
+    size: Optional[int]
+    description: str
+    kva: Optional[int] = None
+    type_name: Optional[str] = None
+    bit_size: Optional[int] = None
+
+
+class Resolver(Protocol):
+    """What resolution needs from the live kernel view (vmm.kernel's attach())."""
+
+    def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int]) -> Location: ...
+
+    def locate_kva(self, kva: int, size: Optional[int]) -> Location: ...
+
+    def locate_gpa(self, gpa: int, size: Optional[int]) -> Location: ...
+
+
+class KernelTarget:
+    """Base of the target variants; build them with the constructors below."""
+
+    __slots__ = ()
+
+    def resolve(self, resolver: Resolver) -> Location:
+        raise NotImplementedError
+
+    @staticmethod
+    def symbol(name: str, size: Optional[int] = None) -> "Symbol":
+        """The whole object a symbol names (``jiffies``)."""
+        return Symbol(name, size)
+
+    @staticmethod
+    def field(name: str, path: str) -> "Field":
+        """A BTF field of a global: ``KernelTarget.field("init_uts_ns", "name.nodename")``."""
+        return Field(name, path)
+
+    @staticmethod
+    def per_cpu(name: str, cpu: int, path: Optional[str] = None) -> "PerCpu":
+        """CPU ``cpu``'s copy of a per-CPU variable, or a field in it (``scx.flags``)."""
+        return PerCpu(name, cpu, path)
+
+    @staticmethod
+    def kva(address: int, size: Optional[int] = None) -> "Kva":
+        """A kernel virtual address, translated through the guest's page tables."""
+        return Kva(address, size)
+
+    @staticmethod
+    def gpa(address: int, size: Optional[int] = None) -> "Gpa":
+        """A guest-physical address."""
+        return Gpa(address, size)
+
+
+def _check_size(size: Optional[int]) -> None:
+    if size is not None and (not isinstance(size, int) or size <= 0):
+        raise TargetError(f"size must be a positive int, not {size!r}")
+
+
+@dataclass(frozen=True)
+class Symbol(KernelTarget):
+    name: str
+    size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise TargetError("symbol name is empty")
+        _check_size(self.size)
+
+    def resolve(self, resolver: Resolver) -> Location:
+        loc = resolver.locate_symbol(self.name, None, None)
+        if self.size is not None:
+            loc = Location(loc.gpa, self.size, loc.description, loc.kva, loc.type_name)
+        return loc
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Field(KernelTarget):
+    name: str
+    path: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.path:
+            raise TargetError("a field target needs a symbol and a field path")
+
+    def resolve(self, resolver: Resolver) -> Location:
+        return resolver.locate_symbol(self.name, self.path, None)
+
+    def __str__(self) -> str:
+        return f"{self.name}.{self.path}"
+
+
+@dataclass(frozen=True)
+class PerCpu(KernelTarget):
+    name: str
+    cpu: int
+    path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise TargetError("per-CPU target needs a symbol name")
+        if isinstance(self.cpu, bool) or not isinstance(self.cpu, int) or self.cpu < 0:
+            raise TargetError(f"cpu must be a non-negative int, not {self.cpu!r}")
+
+    def resolve(self, resolver: Resolver) -> Location:
+        return resolver.locate_symbol(self.name, self.path, self.cpu)
+
+    def __str__(self) -> str:
+        return f"per_cpu({self.name}, {self.cpu})" + (f".{self.path}" if self.path else "")
+
+
+@dataclass(frozen=True)
+class Kva(KernelTarget):
+    address: int
+    size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_size(self.size)
+
+    def resolve(self, resolver: Resolver) -> Location:
+        return resolver.locate_kva(self.address, self.size)
+
+    def __str__(self) -> str:
+        return f"kva {self.address:#x}"
+
+
+@dataclass(frozen=True)
+class Gpa(KernelTarget):
+    address: int
+    size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_size(self.size)
+
+    def resolve(self, resolver: Resolver) -> Location:
+        return resolver.locate_gpa(self.address, self.size)
+
+    def __str__(self) -> str:
+        return f"gpa {self.address:#x}"
+
+
+KernelTarget.Symbol = Symbol  # type: ignore[attr-defined]
+KernelTarget.Field = Field  # type: ignore[attr-defined]
+KernelTarget.PerCpu = PerCpu  # type: ignore[attr-defined]
+KernelTarget.Kva = Kva  # type: ignore[attr-defined]
+KernelTarget.Gpa = Gpa  # type: ignore[attr-defined]
+
+
+def as_target_error(target: KernelTarget, exc: VmmError) -> TargetError:
+    """Wrap a resolution failure so the message names the target."""
+    if isinstance(exc, TargetError):
+        return exc
+    err = TargetError(f"{target}: {exc}")
+    err.__cause__ = exc
+    return err

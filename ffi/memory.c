@@ -1,0 +1,106 @@
+/*
+ * Guest-memory primitives (see docs/CONTRACTS.md).
+ *
+ * The guest may read the same memory concurrently (hot path), so an aligned access
+ * must be exactly one load/store instruction of its width: a volatile access of a
+ * naturally aligned scalar compiles to one mov on x86-64. Misaligned accesses fall
+ * back to a per-byte volatile loop, which may tear; callers that need atomicity
+ * check alignment first.
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "vmm_native.h"
+
+#define ALIGNED(p, n) (((p) & ((n)-1)) == 0)
+
+static uint64_t load_bytes(uintptr_t p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v |= (uint64_t)((volatile uint8_t *)p)[i] << (8 * i);
+    return v;
+}
+
+static void store_bytes(uintptr_t p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++)
+        ((volatile uint8_t *)p)[i] = (uint8_t)(v >> (8 * i));
+}
+
+uint8_t vmm_load_u8(uintptr_t p) { return *(volatile uint8_t *)p; }
+void vmm_store_u8(uintptr_t p, uint8_t v) { *(volatile uint8_t *)p = v; }
+
+uint16_t vmm_load_u16(uintptr_t p)
+{
+    return ALIGNED(p, 2) ? *(volatile uint16_t *)p : (uint16_t)load_bytes(p, 2);
+}
+void vmm_store_u16(uintptr_t p, uint16_t v)
+{
+    if (ALIGNED(p, 2))
+        *(volatile uint16_t *)p = v;
+    else
+        store_bytes(p, v, 2);
+}
+
+uint32_t vmm_load_u32(uintptr_t p)
+{
+    return ALIGNED(p, 4) ? *(volatile uint32_t *)p : (uint32_t)load_bytes(p, 4);
+}
+void vmm_store_u32(uintptr_t p, uint32_t v)
+{
+    if (ALIGNED(p, 4))
+        *(volatile uint32_t *)p = v;
+    else
+        store_bytes(p, v, 4);
+}
+
+uint64_t vmm_load_u64(uintptr_t p)
+{
+    return ALIGNED(p, 8) ? *(volatile uint64_t *)p : load_bytes(p, 8);
+}
+void vmm_store_u64(uintptr_t p, uint64_t v)
+{
+    if (ALIGNED(p, 8))
+        *(volatile uint64_t *)p = v;
+    else
+        store_bytes(p, v, 8);
+}
+
+/* Caller guarantees 4-byte alignment (GuestMemory checks it). lock or. */
+uint32_t vmm_fetch_or_u32(uintptr_t p, uint32_t mask)
+{
+    return __atomic_fetch_or((uint32_t *)p, mask, __ATOMIC_SEQ_CST);
+}
+
+void vmm_copy_to(uintptr_t dst, const void *src, size_t n) { memcpy((void *)dst, src, n); }
+void vmm_copy_from(void *dst, uintptr_t src, size_t n) { memcpy(dst, (const void *)src, n); }
+
+void vmm_release_fence(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* Guest RAM: anonymous, private, not counted against overcommit. 0 + *err on failure. */
+uintptr_t vmm_map_guest_ram(size_t size, int *err)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return 0;
+    }
+    *err = 0;
+    return (uintptr_t)p;
+}
+
+int vmm_unmap(uintptr_t addr, size_t size)
+{
+    return munmap((void *)addr, size) ? -errno : 0;
+}
+
+uint64_t vmm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}

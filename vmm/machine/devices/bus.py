@@ -1,0 +1,109 @@
+"""Port and MMIO dispatch by address range to pure devices.
+
+Unknown ports read as all-ones and writes to them are dropped, like an empty ISA bus;
+each such access is counted per port (`unhandled`), never fatal. MMIO likewise.
+A device whose io_out takes a `vcpu` keyword gets the index of the vCPU doing the out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import threading
+from collections import Counter
+from typing import Any
+
+from vmm.errors import ConfigError
+
+
+def all_ones(size: int) -> int:
+    return (1 << (8 * size)) - 1
+
+
+class _RangeBus:
+    kind = "bus"
+
+    def __init__(self):
+        self._starts: list[int] = []
+        self._ranges: list[tuple[int, int, Any, bool]] = []  # (start, end, device, wants_vcpu)
+        self.unhandled: Counter[int] = Counter()
+        self._count_lock = threading.Lock()
+
+    def register(self, start: int, length: int, device: Any) -> None:
+        end = start + length
+        if length <= 0:
+            raise ConfigError(f"{self.kind} range at {start:#x} has length {length}")
+        for s, e, dev, _ in self._ranges:
+            if start < e and s < end:
+                raise ConfigError(f"{self.kind} range [{start:#x}, {end:#x}) overlaps {type(dev).__name__} "
+                                  f"at [{s:#x}, {e:#x})")
+        wants_vcpu = "vcpu" in inspect.signature(self._write_method(device)).parameters
+        i = bisect.bisect(self._starts, start)
+        self._starts.insert(i, start)
+        self._ranges.insert(i, (start, end, device, wants_vcpu))
+
+    def find(self, addr: int):
+        i = bisect.bisect(self._starts, addr) - 1
+        if i >= 0:
+            start, end, device, wants_vcpu = self._ranges[i]
+            if addr < end:
+                return device, wants_vcpu
+        return None, False
+
+    def _miss(self, addr: int) -> None:
+        with self._count_lock:
+            self.unhandled[addr] += 1
+
+    @staticmethod
+    def _write_method(device: Any):
+        raise NotImplementedError
+
+
+class PortBus(_RangeBus):
+    kind = "port"
+
+    @staticmethod
+    def _write_method(device):
+        return device.io_out
+
+    def io_in(self, port: int, size: int, vcpu: int = -1) -> int:
+        device, _ = self.find(port)
+        if device is None:
+            self._miss(port)
+            return all_ones(size)
+        return device.io_in(port, size) & all_ones(size)
+
+    def io_out(self, port: int, size: int, value: int, vcpu: int = -1) -> None:
+        device, wants_vcpu = self.find(port)
+        if device is None:
+            self._miss(port)
+            return
+        if wants_vcpu:
+            device.io_out(port, size, value, vcpu=vcpu)
+        else:
+            device.io_out(port, size, value)
+
+
+class MmioBus(_RangeBus):
+    kind = "mmio"
+
+    @staticmethod
+    def _write_method(device):
+        return device.mmio_write
+
+    def read(self, addr: int, size: int, vcpu: int = -1) -> int:
+        device, _ = self.find(addr)
+        if device is None:
+            self._miss(addr)
+            return all_ones(size)
+        return device.mmio_read(addr, size) & all_ones(size)
+
+    def write(self, addr: int, size: int, value: int, vcpu: int = -1) -> None:
+        device, wants_vcpu = self.find(addr)
+        if device is None:
+            self._miss(addr)
+            return
+        if wants_vcpu:
+            device.mmio_write(addr, size, value, vcpu=vcpu)
+        else:
+            device.mmio_write(addr, size, value)

@@ -1,0 +1,29 @@
+"""Port 0x600: each 32-bit out appends (vcpu_index, value) to `reports`.
+
+Guests use it to tell the host facts (a vCPU counting in, a value it observed) without
+going through the console. Outs of other widths are recorded too, zero-extended.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class ReportPort:
+    def __init__(self):
+        self.reports: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    def io_in(self, port: int, size: int = 1) -> int:
+        return 0
+
+    def io_out(self, port: int, size: int, value: int, vcpu: int = -1) -> None:
+        with self._changed:
+            self.reports.append((vcpu, value & ((1 << (8 * size)) - 1)))
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float | None = None) -> bool:
+        """Block until at least `count` reports arrived; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.reports) >= count, timeout)

@@ -1,0 +1,298 @@
+"""Thin safe wrappers over the KVM ioctls: one method per ioctl, errno -> KvmIoctlError.
+
+Policy (what to set up, in which order) lives above, in vmm.machine. Structures are the
+cffi ones from <linux/kvm.h> (`struct kvm_regs *` etc.), so fields read like the kernel's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from vmm.errors import CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable
+from vmm.kvm.native import check, ioctl, ioctl_int, native
+
+KVM_API_VERSION = 12
+DEFAULT_KVM_PATH = "/dev/kvm"
+MAX_CPUID_ENTRIES = 256
+
+MSR_LSTAR = 0xC0000082
+MSR_GS_BASE = 0xC0000101
+MSR_KERNEL_GS_BASE = 0xC0000102
+
+
+class Kvm:
+    """An open /dev/kvm (system fd)."""
+
+    def __init__(self, path: str = DEFAULT_KVM_PATH):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(
+                f"{path} does not exist: this host has no KVM. Load the module "
+                "(modprobe kvm_intel or kvm_amd), enable virtualization in the firmware, "
+                "or run on a host/VM with nested virtualization"
+            ) from None
+        except PermissionError:
+            raise KvmPermissionError(
+                f"cannot open {path}: permission denied. Add your user to the group owning "
+                f"it (usually `kvm`: sudo usermod -aG kvm $USER, then log in again) or run as root"
+            ) from None
+        except OSError as e:
+            raise KvmUnavailable(f"cannot open {path}: {e.strerror} (errno {e.errno})") from None
+        self.api_version = ioctl_int(self.fd, "KVM_GET_API_VERSION", 0)
+        if self.api_version != KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmUnavailable(
+                f"{path} speaks KVM API {self.api_version}, this VMM needs {KVM_API_VERSION}"
+            )
+        self.vcpu_mmap_size = ioctl_int(self.fd, "KVM_GET_VCPU_MMAP_SIZE", 0)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when absent, else a capability-specific positive value."""
+        return ioctl_int(self.fd, "KVM_CHECK_EXTENSION", cap)
+
+    @staticmethod
+    def capability_number(cap_name: str) -> int:
+        """"KVM_CAP_IRQCHIP" or "IRQCHIP" -> its number; CapabilityMissing when unknown."""
+        _, lib = native()
+        name = cap_name if cap_name.startswith("KVM_CAP_") else "KVM_CAP_" + cap_name
+        try:
+            return getattr(lib, name)
+        except AttributeError:
+            raise CapabilityMissing(f"unknown KVM capability name {cap_name!r}") from None
+
+    def require(self, cap_name: str) -> int:
+        """The capability's value; CapabilityMissing naming it when the host lacks it."""
+        value = self.check_extension(self.capability_number(cap_name))
+        if value <= 0:
+            name = cap_name if cap_name.startswith("KVM_CAP_") else "KVM_CAP_" + cap_name
+            raise CapabilityMissing(f"host KVM lacks {name} (needed by this VMM)")
+        return value
+
+    def supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID as a cffi `struct kvm_cpuid2 *` (nent = entries used)."""
+        ffi, _ = native()
+        n = MAX_CPUID_ENTRIES
+        while True:
+            cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+            try:
+                ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid)
+                return cpuid
+            except KvmIoctlError as e:
+                if e.errno != errno.E2BIG or n >= 4096:
+                    raise
+                n *= 2
+
+    def create_vm(self) -> "Vm":
+        return Vm(self, ioctl_int(self.fd, "KVM_CREATE_VM", 0))
+
+
+class Vm:
+    """A VM fd plus its C control block (`native`, struct vmm_vm *) for the run loop."""
+
+    def __init__(self, kvm: Kvm, fd: int):
+        ffi, lib = native()
+        self.kvm = kvm
+        self.fd = fd
+        self.native = lib.vmm_vm_new(fd)
+        if self.native == ffi.NULL:
+            os.close(fd)
+            raise KvmIoctlError("vmm_vm_new", errno.ENOMEM, "cannot allocate the VM control block")
+        self.vcpus: list[Vcpu] = []
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl_int(self.fd, "KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        ffi, _ = native()
+        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", addr))
+
+    def create_irqchip(self) -> None:
+        ioctl_int(self.fd, "KVM_CREATE_IRQCHIP", 0)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        ffi, _ = native()
+        cfg = ffi.new("struct kvm_pit_config *")
+        cfg.flags = flags
+        ioctl(self.fd, "KVM_CREATE_PIT2", cfg)
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
+                               flags: int = 0) -> None:
+        ffi, _ = native()
+        r = ffi.new("struct kvm_userspace_memory_region *")
+        r.slot, r.flags = slot, flags
+        r.guest_phys_addr, r.memory_size, r.userspace_addr = gpa, size, host_addr
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", r,
+              f"slot {slot} gpa {gpa:#x} size {size:#x}")
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ffi, _ = native()
+        lv = ffi.new("struct kvm_irq_level *")
+        lv.irq, lv.level = irq, int(bool(level))
+        ioctl(self.fd, "KVM_IRQ_LINE", lv, f"irq {irq}")
+
+    def get_clock(self) -> tuple[int, int]:
+        ffi, _ = native()
+        c = ffi.new("struct kvm_clock_data *")
+        ioctl(self.fd, "KVM_GET_CLOCK", c)
+        return c.clock, c.flags
+
+    def set_clock(self, clock: int) -> None:
+        ffi, _ = native()
+        c = ffi.new("struct kvm_clock_data *")
+        c.clock = clock
+        ioctl(self.fd, "KVM_SET_CLOCK", c)
+
+    def create_vcpu(self, index: int) -> "Vcpu":
+        ffi, lib = native()
+        fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", index, f"vCPU {index}")
+        err = ffi.new("int *")
+        nat = lib.vmm_vcpu_new(self.native, fd, index, self.kvm.vcpu_mmap_size, err)
+        if nat == ffi.NULL:
+            os.close(fd)
+            raise KvmIoctlError("mmap(kvm_run)", err[0], f"vCPU {index}")
+        vcpu = Vcpu(self, index, fd, nat)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    # COM1 fast path (the 16550 device flips it; see vmm/machine/devices/serial.py).
+    def set_serial_fast(self, enabled: bool) -> None:
+        native()[1].vmm_serial_set_fast(self.native, 1 if enabled else 0)
+
+    def close(self) -> None:
+        """Closes vCPUs and the VM. vCPU threads must have ended (runtime joins them);
+        if any is still inside the C loop the control block is leaked, not freed."""
+        if self.fd < 0:
+            return
+        _, lib = native()
+        threads_live = self.native.live > 0
+        if threads_live:
+            lib.vmm_request_stop(self.native)
+        for v in self.vcpus:
+            v.close(free_native=not threads_live)
+        self.vcpus.clear()
+        if not threads_live:
+            lib.vmm_vm_free(self.native)
+        self.native = None
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Vcpu:
+    """A vCPU fd; `run` is its mapped `struct kvm_run *`, `native` its C loop state."""
+
+    def __init__(self, vm: Vm, index: int, fd: int, nat):
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self.native = nat
+        self.run = nat.run
+
+    def _get(self, ctype: str, name: str):
+        ffi, _ = native()
+        s = ffi.new(ctype)
+        ioctl(self.fd, name, s, f"vCPU {self.index}")
+        return s
+
+    def _set(self, name: str, value) -> None:
+        ioctl(self.fd, name, value, f"vCPU {self.index}")
+
+    def get_regs(self):
+        return self._get("struct kvm_regs *", "KVM_GET_REGS")
+
+    def set_regs(self, regs) -> None:
+        self._set("KVM_SET_REGS", regs)
+
+    def get_sregs(self):
+        return self._get("struct kvm_sregs *", "KVM_GET_SREGS")
+
+    def set_sregs(self, sregs) -> None:
+        self._set("KVM_SET_SREGS", sregs)
+
+    def get_fpu(self):
+        return self._get("struct kvm_fpu *", "KVM_GET_FPU")
+
+    def set_fpu(self, fpu) -> None:
+        self._set("KVM_SET_FPU", fpu)
+
+    def get_vcpu_events(self):
+        return self._get("struct kvm_vcpu_events *", "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, events) -> None:
+        self._set("KVM_SET_VCPU_EVENTS", events)
+
+    def get_mp_state(self) -> int:
+        return self._get("struct kvm_mp_state *", "KVM_GET_MP_STATE").mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        ffi, _ = native()
+        s = ffi.new("struct kvm_mp_state *")
+        s.mp_state = state
+        self._set("KVM_SET_MP_STATE", s)
+
+    def set_cpuid2(self, cpuid) -> None:
+        self._set("KVM_SET_CPUID2", cpuid)
+
+    def get_msrs(self, indices) -> dict[int, int]:
+        """{index: value}; KvmIoctlError naming the first MSR KVM refused."""
+        ffi, _ = native()
+        indices = list(indices)
+        m = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, idx in enumerate(indices):
+            m.entries[i].index = idx
+        got = ioctl(self.fd, "KVM_GET_MSRS", m, f"vCPU {self.index}")
+        if got < len(indices):
+            raise KvmIoctlError("KVM_GET_MSRS", errno.EINVAL,
+                                f"vCPU {self.index}: MSR {indices[got]:#x} not readable")
+        return {m.entries[i].index: m.entries[i].data for i in range(len(indices))}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        ffi, _ = native()
+        items = list(values.items())
+        m = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (idx, val) in enumerate(items):
+            m.entries[i].index, m.entries[i].data = idx, val
+        done = ioctl(self.fd, "KVM_SET_MSRS", m, f"vCPU {self.index}")
+        if done < len(items):
+            raise KvmIoctlError("KVM_SET_MSRS", errno.EINVAL,
+                                f"vCPU {self.index}: MSR {items[done][0]:#x} not writable")
+
+    def kvmclock_ctrl(self) -> bool:
+        """Tells KVM the guest was paused (no soft-lockup warning). False when the guest
+        has no kvmclock (EINVAL) or the host lacks the ioctl."""
+        _, lib = native()
+        r = lib.vmm_ioctl_int(self.fd, lib.KVM_KVMCLOCK_CTRL, 0)
+        if r in (-errno.EINVAL, -errno.ENOTTY, -errno.EOPNOTSUPP):
+            return False
+        check("KVM_KVMCLOCK_CTRL", r, f"vCPU {self.index}")
+        return True
+
+    def close(self, free_native: bool = True) -> None:
+        if self.fd < 0:
+            return
+        if free_native and self.native is not None:
+            native()[1].vmm_vcpu_free(self.native)
+            self.native = None
+            self.run = None
+            os.close(self.fd)
+            self.fd = -1
+        # else: the kvm_run mapping and fd stay with the still-running thread.

@@ -1,0 +1,154 @@
+"""Guest RAM: one anonymous mapping, the only way anything touches guest memory.
+
+Every access is bounds-checked against the RAM ranges before any byte moves, and goes
+through the C primitives so that an aligned u8/u16/u32/u64 access is exactly one
+load/store instruction (the guest may be reading it concurrently).
+"""
+
+from __future__ import annotations
+
+from vmm.errors import GuestMemoryError, GuestOutOfMemory
+from vmm.kvm.native import native
+
+PAGE_SIZE = 0x1000
+
+# The 32-bit MMIO gap: RAM that would overlap it moves above 4 GiB.
+# (Same values as vmm.machine.layout, the file that owns guest-physical addresses;
+# imported from there when it is available.)
+try:
+    from vmm.machine.layout import MMIO_GAP_END, MMIO_GAP_START
+except ImportError:  # pragma: no cover - layout is written in parallel
+    MMIO_GAP_START, MMIO_GAP_END = 0xC0000000, 0x100000000
+
+_WIDTH_MAX = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+
+
+class GuestMemory:
+    """`size` bytes of guest RAM at guest-physical [0, size), split around the MMIO gap."""
+
+    def __init__(self, size: int):
+        ffi, lib = native()
+        if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"guest memory size {size!r} must be a positive multiple of 4 KiB")
+        err = ffi.new("int *")
+        base = lib.vmm_map_guest_ram(size, err)
+        if base == 0:
+            import os
+            raise GuestOutOfMemory(
+                f"cannot reserve {size} bytes ({size >> 20} MiB) of guest RAM: "
+                f"{os.strerror(err[0])}; ask for less memory"
+            )
+        self.size = size
+        self._base = base
+        if size <= MMIO_GAP_START:
+            self.regions = [(0, size, base)]
+        else:
+            low = MMIO_GAP_START
+            self.regions = [(0, low, base), (MMIO_GAP_END, size - low, base + low)]
+
+    # -- lifetime ---------------------------------------------------------------
+    def register(self, vm) -> None:
+        """KVM_SET_USER_MEMORY_REGION for each RAM range (slots 0, 1)."""
+        for slot, (gpa, size, host) in enumerate(self.regions):
+            vm.set_user_memory_region(slot, gpa, size, host)
+
+    def close(self) -> None:
+        """Unmaps the RAM. Only after every vCPU has stopped."""
+        if self._base:
+            native()[1].vmm_unmap(self._base, self.size)
+            self._base = 0
+            self.regions = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- bounds -----------------------------------------------------------------
+    def _ranges_text(self) -> str:
+        return ", ".join(f"[{g:#x}, {g + s:#x})" for g, s, _ in self.regions) or "none (closed)"
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        if not isinstance(gpa, int) or not isinstance(length, int) or gpa < 0 or length < 0:
+            return False
+        for g, s, _ in self.regions:
+            if g <= gpa and gpa + length <= g + s:
+                return True
+        return False
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """Host address of guest-physical gpa, when all of [gpa, gpa+length) is RAM of one
+        range; GuestMemoryError naming gpa, length and the RAM ranges otherwise."""
+        if not isinstance(gpa, int) or not isinstance(length, int):
+            raise GuestMemoryError(f"guest address {gpa!r} / length {length!r} must be integers")
+        if gpa >= 0 and length >= 0:
+            for g, s, host in self.regions:
+                if g <= gpa and gpa + length <= g + s:
+                    return host + (gpa - g)
+        raise GuestMemoryError(
+            f"guest-physical range {gpa:#x}+{length:#x} is not inside guest RAM "
+            f"(RAM: {self._ranges_text()})"
+        )
+
+    # -- bytes ------------------------------------------------------------------
+    def read(self, gpa: int, n: int) -> bytes:
+        ffi, lib = native()
+        addr = self.host_address(gpa, n)
+        if n == 0:
+            return b""
+        buf = ffi.new("uint8_t[]", n)
+        lib.vmm_copy_from(buf, addr, n)
+        return bytes(ffi.buffer(buf, n))
+
+    def write(self, gpa: int, data) -> None:
+        ffi, lib = native()
+        data = bytes(data)
+        addr = self.host_address(gpa, len(data))
+        if data:
+            lib.vmm_copy_to(addr, ffi.from_buffer(data), len(data))
+
+    # -- width-exact scalars ----------------------------------------------------
+    def _check_value(self, value: int, width: int) -> None:
+        if not isinstance(value, int) or not 0 <= value <= _WIDTH_MAX[width]:
+            raise GuestMemoryError(f"value {value!r} does not fit in u{8 * width}")
+
+    def read_u8(self, gpa: int) -> int:
+        return native()[1].vmm_load_u8(self.host_address(gpa, 1))
+
+    def read_u16(self, gpa: int) -> int:
+        return native()[1].vmm_load_u16(self.host_address(gpa, 2))
+
+    def read_u32(self, gpa: int) -> int:
+        return native()[1].vmm_load_u32(self.host_address(gpa, 4))
+
+    def read_u64(self, gpa: int) -> int:
+        return native()[1].vmm_load_u64(self.host_address(gpa, 8))
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._check_value(value, 1)
+        native()[1].vmm_store_u8(self.host_address(gpa, 1), value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self._check_value(value, 2)
+        native()[1].vmm_store_u16(self.host_address(gpa, 2), value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self._check_value(value, 4)
+        native()[1].vmm_store_u32(self.host_address(gpa, 4), value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._check_value(value, 8)
+        native()[1].vmm_store_u64(self.host_address(gpa, 8), value)
+
+    def fetch_or_u32(self, gpa: int, mask: int) -> int:
+        """Atomic OR (lock or); returns the old value. Needs 4-byte alignment: a
+        misaligned OR cannot be made atomic against a running guest."""
+        self._check_value(mask, 4)
+        addr = self.host_address(gpa, 4)
+        if gpa % 4 or addr % 4:
+            raise GuestMemoryError(f"atomic fetch_or_u32 at {gpa:#x} needs 4-byte alignment")
+        return native()[1].vmm_fetch_or_u32(addr, mask)
+
+    def release_fence(self) -> None:
+        native()[1].vmm_release_fence()

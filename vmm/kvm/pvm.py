@@ -1,0 +1,13 @@
+"""Detects a PVM host (/dev/kvm backed by kvm_pvm instead of VMX/SVM).
+
+There guest ring 0 is emulated and slow, and some instructions need user-space assists
+(see /work/shared/notes/kvm-on-this-host.md); real hosts take the plain path.
+"""
+
+import os
+
+PVM_MODULE_PATH = "/sys/module/kvm_pvm"
+
+
+def is_pvm_host(module_path: str = PVM_MODULE_PATH) -> bool:
+    return os.path.isdir(module_path)

@@ -180,6 +180,7 @@ struct vmm_vm {
 struct vmm_vcpu {
     int fd; int index;
     struct kvm_run *run;
+    int thread_registered;
     int tid;
     uint32_t activity;
     uint32_t seen_freeze_gen, parked_gen, snap_gen;

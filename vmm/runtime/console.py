@@ -1,0 +1,64 @@
+"""The console pump: moves COM1 output from the C ring to a sink, without busy-polling.
+
+vCPUs append bytes in C (fast path) or through `push()` (the Python 16550 slow path, so
+both keep one order); the pump sleeps on a futex until the ring has data, drains it in
+one call and hands the bytes to `sink(bytes)`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from vmm.kvm.native import native
+
+_DRAIN_CHUNK = 65536
+_WAKE_INTERVAL_NS = 200_000_000  # re-check the stop flag this often even when idle
+
+
+class ConsolePump(threading.Thread):
+    def __init__(self, vm, sink):
+        super().__init__(name="console-pump", daemon=True)
+        self.vm_native = getattr(vm, "native", vm)
+        self.sink = sink
+        self._stopping = False
+        ffi, _ = native()
+        self._buf = ffi.new("uint8_t[]", _DRAIN_CHUNK)
+
+    def push(self, data: bytes) -> None:
+        """Appends bytes from Python (the 16550 slow path) to the same ring."""
+        ffi, lib = native()
+        if data:
+            lib.vmm_serial_push(self.vm_native, ffi.from_buffer(bytes(data)), len(data))
+
+    def drain(self) -> bytes:
+        """Everything pending now (also usable without the thread running)."""
+        ffi, lib = native()
+        out = bytearray()
+        while True:
+            n = lib.vmm_serial_drain(self.vm_native, self._buf, _DRAIN_CHUNK)
+            if n == 0:
+                return bytes(out)
+            out += ffi.buffer(self._buf, n)
+
+    @property
+    def dropped(self) -> int:
+        """Bytes lost because the ring was full (the sink was too slow)."""
+        return self.vm_native.serial_dropped
+
+    def run(self) -> None:
+        _, lib = native()
+        while not self._stopping:
+            lib.vmm_serial_wait(self.vm_native, _WAKE_INTERVAL_NS)
+            data = self.drain()
+            if data:
+                self.sink(data)
+        data = self.drain()
+        if data:
+            self.sink(data)
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stops the pump after a final drain into the sink."""
+        self._stopping = True
+        native()[1].vmm_serial_wake(self.vm_native)
+        if self.is_alive():
+            self.join(timeout)

@@ -1,0 +1,114 @@
+"""pytest plugin (enabled by ``pip install``, entry point ``pytest11: vmm``).
+
+Fixture ``vmm_machine``: a booted :class:`vmm.Machine` built from the
+``@pytest.mark.vmm(cpus=2, memory="512M", cmdline=..., kernel=..., wait_for=...)``
+marker and the ``--vmm-kernel`` / ``--vmm-cpus`` / ``--vmm-memory`` options.
+
+Boots are reused: machines with the same options are shared across tests of a
+session, unless the test asks ``fresh=True`` or changed the guest (a write through
+the machine marks it dirty, and a dirty machine is stopped instead of reused).
+When a test fails, the console tail and why the VM ended are attached to its report.
+
+Parallel matrices: ``pytest -n auto`` (pytest-xdist) gives each worker its own
+machines; parametrize over kernels/CPU counts with ``pytest.mark.vmm`` in
+``pytest.param(..., marks=...)``. Across hosts: ``pytest -d --tx ssh=host//python=python3``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+_POOL_KEY = pytest.StashKey[dict]()
+_MACHINE_KEY = pytest.StashKey[Any]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vmm", "vmm virtual machines")
+    group.addoption("--vmm-kernel", default=None,
+                    help="kernel for the vmm_machine fixture (path, 'debian', 'build:7.3')")
+    group.addoption("--vmm-cpus", type=int, default=None, help="default vCPU count")
+    group.addoption("--vmm-memory", default=None, help="default guest RAM, e.g. 512M")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vmm(**options): options for the vmm_machine fixture "
+        "(kernel, cpus, memory, cmdline, initrd, wait_for, timeout, fresh)")
+    config.stash[_POOL_KEY] = {}
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pool = config.stash.get(_POOL_KEY, {})
+    for machine in pool.values():
+        _stop_quietly(machine)
+    pool.clear()
+
+
+def _stop_quietly(machine: Any) -> None:
+    try:
+        machine.stop()
+    except Exception:  # teardown must not mask the test's own result
+        pass
+
+
+def _options(request: pytest.FixtureRequest) -> dict:
+    cfg = request.config
+    opts: dict = {}
+    if cfg.getoption("--vmm-kernel"):
+        opts["kernel"] = cfg.getoption("--vmm-kernel")
+    if cfg.getoption("--vmm-cpus"):
+        opts["cpus"] = cfg.getoption("--vmm-cpus")
+    if cfg.getoption("--vmm-memory"):
+        opts["memory"] = cfg.getoption("--vmm-memory")
+    # Closest marker wins (function over class over module).
+    for mark in reversed(list(request.node.iter_markers("vmm"))):
+        opts.update(mark.kwargs)
+    if "kernel" not in opts:
+        raise pytest.UsageError("vmm_machine needs a kernel: pass --vmm-kernel or "
+                                "@pytest.mark.vmm(kernel=...)")
+    return opts
+
+
+@pytest.fixture
+def vmm_machine(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A running vmm.Machine for the test; see the module docstring."""
+    from . import Machine
+
+    opts = _options(request)
+    fresh = bool(opts.pop("fresh", False))
+    wait_for = opts.pop("wait_for", None)
+    wait_timeout = opts.pop("wait_timeout", 60.0)
+    key = repr(sorted(opts.items()))
+    pool = request.config.stash[_POOL_KEY]
+
+    machine = None if fresh else pool.pop(key, None)
+    if machine is not None and not machine.running:
+        _stop_quietly(machine)
+        machine = None
+    if machine is None:
+        machine = Machine(**opts)
+        machine.start()
+        if wait_for:
+            machine.wait_for_console(wait_for, timeout=wait_timeout)
+    machine.dirty = False
+    request.node.stash[_MACHINE_KEY] = machine
+    yield machine
+    if fresh or machine.dirty or not machine.running:
+        _stop_quietly(machine)
+    else:
+        pool[key] = machine
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    machine = item.stash.get(_MACHINE_KEY, None)
+    if machine is not None and report.failed:
+        try:
+            report.sections.append(("vmm console (tail)", machine.console_tail(50)))
+            report.sections.append(("vmm state", machine.describe_state()))
+        except Exception as exc:  # never hide the real failure
+            report.sections.append(("vmm", f"could not collect the console: {exc}"))
+    return report

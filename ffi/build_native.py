@@ -155,7 +155,7 @@ struct kvm_run {
     struct { uint8_t direction, size; uint16_t port; uint32_t count; uint64_t data_offset; } io;
     struct { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; } mmio;
     struct { uint32_t suberror; uint32_t ndata; unsigned long long data[16]; } internal;
-    struct { uint32_t type; uint32_t ndata; union { unsigned long long flags; unsigned long long data[16]; }; } system_event;
+    struct { uint32_t type; uint32_t ndata; unsigned long long data[16]; } system_event;
     ...;
 };
 

@@ -94,6 +94,9 @@ class Type:
     linkage: int = 0
     component_idx: int = -1
 
+    def __repr__(self) -> str:
+        return f"<Type {self.id} {self.kind_name} {self.name or '(anon)'}>"
+
     @property
     def kind_name(self) -> str:
         return KIND_NAMES.get(self.kind, f"kind{self.kind}")
@@ -612,3 +615,9 @@ class Btf:
 
     def offsetof(self, type_name: str | Type, path: str) -> int:
         return self.field(type_name, path).offset
+
+    def format_type(self, type_name: str | Type) -> str:
+        """pahole-like layout of a struct/union (offsets, sizes, holes) or enum."""
+        from vmm.kernel.btf_format import format_type
+
+        return format_type(self, type_name)

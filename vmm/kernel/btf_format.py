@@ -1,0 +1,75 @@
+"""pahole-like printing of a BTF struct/union/enum layout."""
+
+from __future__ import annotations
+
+from vmm.kernel.btf import ARRAY, ENUM, ENUM64, FUNC_PROTO, PTR, STRUCT, UNION, Btf, Type
+
+CACHELINE = 64
+
+
+def _decl(btf: Btf, type_id: int, name: str) -> str:
+    """C declaration of `name` with type `type_id` ('int a[4]', 'void (*fn)(int)')."""
+    t = btf.get(type_id)
+    dims = ""
+    while t.kind == ARRAY:
+        dims += f"[{t.nelems}]"
+        t = btf.get(t.elem_type)
+    if t.kind == PTR and btf.resolve(t.ref).kind == FUNC_PROTO:
+        return btf._proto_name(btf.resolve(t.ref), f"(*{name}{dims})", 0)
+    return f"{btf.type_name(t):<26} {name}{dims}"
+
+
+def format_type(btf: Btf, type_name: str | Type) -> str:
+    t = btf.type(type_name) if isinstance(type_name, str) else type_name
+    r = btf.resolve(t)
+    if r.kind in (ENUM, ENUM64):
+        lines = [f"{btf.type_name(r)} {{"]
+        lines += [f"\t{v.name} = {v.value}," for v in r.enum_values]
+        lines.append(f"}};  /* size: {r.size} */")
+        return "\n".join(lines)
+    if r.kind not in (STRUCT, UNION):
+        head = f"typedef {btf.type_name(r)} {t.name};" if t is not r else btf.type_name(r)
+        try:
+            return f"{head}  /* size: {btf.sizeof(r)} */"
+        except Exception:
+            return head
+    lines = [f"{btf.type_name(r)} {{"]
+    _members(btf, r, 0, 1, lines)
+    nmembers = len(r.members)
+    lines.append(f"\n\t/* size: {r.size}, cachelines: {(r.size + CACHELINE - 1) // CACHELINE}, "
+                 f"members: {nmembers} */")
+    lines.append("};")
+    return "\n".join(lines)
+
+
+def _members(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str]) -> None:
+    ind = "\t" * depth
+    next_free = base_bits  # end (in bits) of the previous member, for holes
+    last_line = base_bits // 8 // CACHELINE
+    for m in t.members:
+        bits = base_bits + m.bit_offset
+        inner = btf.resolve(m.type_id)
+        try:
+            size = btf.sizeof(m.type_id)
+        except Exception:
+            size = 0
+        if t.kind == STRUCT and not m.bitfield_size and bits // 8 > (next_free + 7) // 8:
+            hole = bits // 8 - (next_free + 7) // 8
+            lines.append(f"\n{ind}/* XXX {hole} byte{'s' if hole > 1 else ''} hole, try to pack */\n")
+        line = bits // 8 // CACHELINE
+        if depth == 1 and line != last_line and bits % (CACHELINE * 8) == 0:
+            lines.append(f"{ind}/* --- cacheline {line} boundary ({line * CACHELINE} bytes) --- */")
+        last_line = line
+        if not m.name and inner.kind in (STRUCT, UNION):
+            lines.append(f"{ind}{inner.kind_name} {{")
+            _members(btf, inner, bits, depth + 1, lines)
+            lines.append(f"{ind}}};{'':<30}/* {bits // 8:>5} {size:>5} */")
+        elif m.bitfield_size:
+            f = btf._bitfield(bits, m.bitfield_size, size, btf.get(m.type_id))
+            lines.append(f"{ind}{_decl(btf, m.type_id, m.name)}:{m.bitfield_size};"
+                         f"  /* {f.offset:>5}:{f.bit_offset:>2} {f.size:>4} */")
+        else:
+            lines.append(f"{ind}{_decl(btf, m.type_id, m.name)};  /* {bits // 8:>5} {size:>5} */")
+        end = bits + (m.bitfield_size or size * 8)
+        if t.kind == STRUCT:
+            next_free = max(next_free, end)

@@ -1,0 +1,72 @@
+"""On-disk cache of parsed introspection data, keyed by the kernel's build id.
+
+Parsing a distro vmlinux's .symtab takes about a second; the pickled result loads
+faster. Entries live under $VMM_CACHE_DIR/introspection (default ~/.cache/vmm).
+A corrupt or unreadable entry is ignored and rewritten; a cache that cannot be
+written (read-only home) only costs speed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+FORMAT_VERSION = 1
+
+
+def cache_root() -> Path:
+    base = os.environ.get("VMM_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "vmm") / "introspection"
+
+
+def entry_path(key: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:200]
+    return cache_root() / f"{safe}.pickle"
+
+
+def load(key: str):
+    """The cached value for key, or None when absent or unreadable."""
+    path = entry_path(key)
+    try:
+        with open(path, "rb") as f:
+            version, stored_key, value = pickle.load(f)
+    except FileNotFoundError:
+        return None
+    except Exception:  # truncated, garbage, old class layout: treat as a miss
+        return None
+    if version != FORMAT_VERSION or stored_key != key:
+        return None
+    return value
+
+
+def store(key: str, value) -> None:
+    path = entry_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pickle")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump((FORMAT_VERSION, key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)  # atomic: readers never see half an entry
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def cached(key: str | None, compute: Callable[[], T]) -> T:
+    if key is None:
+        return compute()
+    hit = load(key)
+    if hit is not None:
+        return hit
+    value = compute()
+    store(key, value)
+    return value

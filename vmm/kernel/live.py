@@ -1,0 +1,213 @@
+"""LiveKernel: a Kernel's symbols and types applied to a running guest's memory.
+
+Needs only a reader with `read(gpa, n) -> bytes` (GuestMemory, or bytes in tests).
+
+    live = kernel.attach(machine.memory, cr3=snap.vcpus[0].sregs.cr3,
+                         lstar=snap.vcpus[0].msrs[MSR_LSTAR])
+    live.read("runqueues", "scx.flags", cpu=1)      # -> int
+    live.address_of("jiffies"), live.kva_to_gpa(kva)
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vmm.errors import (FieldPathError, KernelFeatureMissing, TargetError, TranslationError,
+                        VmmError)
+from vmm.kernel import kaslr, translate
+from vmm.kernel.btf import ENUM, ENUM64, INT, PTR, Field, Type
+from vmm.kernel.symbols import KERNEL_SPACE
+from vmm.kernel.translate import MASK64, START_KERNEL_MAP
+
+DEFAULT_IMAGE_SIZE = 512 << 20  # KERNEL_IMAGE_SIZE without KASLR
+
+
+class LiveKernel:
+    def __init__(self, kernel, reader, cr3=None, kaslr_slide=None, lstar=None, cr4=None,
+                 idt_base=None):
+        self.kernel = kernel
+        self.symbols = kernel.symbols
+        self.reader = reader
+        self.cr3 = cr3
+        self.la57 = bool(cr4 is not None and cr4 & translate.CR4_LA57)
+        value, source = kaslr.choose_slide(kernel, kaslr_slide, lstar)
+        self.slide = value
+        self.phys_base = self._find_phys_base()
+        self._image = self._image_range()
+        self.page_offset_base = self._find_page_offset_base()
+        self.kaslr = kaslr.verify_slide(kernel, self.read_kva, value, source, idt_base)
+
+    # ------------------------------------------------------------ address spaces
+    def _image_range(self) -> tuple[int, int]:
+        start = self.symbols.get("_text")
+        end = self.symbols.get("_end")
+        lo = (start.address if start else START_KERNEL_MAP) + self.slide
+        hi = end.address + self.slide if end else START_KERNEL_MAP + DEFAULT_IMAGE_SIZE
+        return lo & MASK64, hi & MASK64
+
+    def _read_u64_gpa(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.reader.read(gpa, 8))[0]
+
+    def _find_phys_base(self) -> int:
+        """phys_base, read from guest memory.
+
+        The kernel keeps it in the variable `phys_base`, whose physical address itself
+        depends on phys_base. Try the values it has when the image was not moved
+        physically (0 without a slide, -slide with one) and keep one the variable
+        confirms; else walk the page tables to it.
+        """
+        sym = self.symbols.get("phys_base")
+        guesses = [0] if self.slide == 0 else [(-self.slide) & MASK64, 0]
+        if sym is None:
+            return guesses[0]
+        va = (sym.address + self.slide) & MASK64
+        for guess in guesses:
+            try:
+                if self._read_u64_gpa((va - START_KERNEL_MAP + guess) & MASK64) == guess:
+                    return guess
+            except VmmError:
+                continue
+        if self.cr3 is not None:
+            return self._read_u64_gpa(translate.walk(self.reader, self.cr3, va, self.la57))
+        raise TranslationError(
+            f"cannot find phys_base: the kernel image is not where its link address puts it "
+            f"(slide {self.slide:#x}); pass cr3= so the page tables can be walked")
+
+    def _find_page_offset_base(self) -> int:
+        default = translate.DEFAULT_PAGE_OFFSET_5L if self.la57 else translate.DEFAULT_PAGE_OFFSET_4L
+        sym = self.symbols.get("page_offset_base")
+        if sym is None:
+            return default
+        value = struct.unpack("<Q", self.read_kva(sym.address + self.slide, 8))[0]
+        return value or default  # 0 before the kernel set it: still the default
+
+    def kva_to_gpa(self, kva: int) -> int:
+        """Guest-physical address of kernel virtual address kva."""
+        kva &= MASK64
+        lo, hi = self._image
+        if lo <= kva < hi:
+            return (kva - START_KERNEL_MAP + self.phys_base) & MASK64
+        span = translate.DIRECT_MAP_SIZE_5L if self.la57 else translate.DIRECT_MAP_SIZE_4L
+        if self.page_offset_base <= kva < self.page_offset_base + span:
+            return kva - self.page_offset_base
+        if self.cr3 is None:
+            raise TranslationError(f"{kva:#x} is neither in the kernel image nor in the direct "
+                                   f"map; translating it needs cr3 for a page-table walk")
+        return translate.walk(self.reader, self.cr3, kva, self.la57)
+
+    def read_kva(self, kva: int, n: int) -> bytes:
+        """n bytes at kernel virtual address kva (split at pages when page-walked)."""
+        kva &= MASK64
+        lo, hi = self._image
+        if lo <= kva and kva + n <= hi:
+            return self.reader.read(self.kva_to_gpa(kva), n)
+        out = bytearray()
+        while n > 0:
+            chunk = min(n, 0x1000 - (kva & 0xFFF))
+            out += self.reader.read(self.kva_to_gpa(kva), chunk)
+            kva, n = kva + chunk, n - chunk
+        return bytes(out)
+
+    # ------------------------------------------------------------ per-CPU
+    def nr_cpu_ids(self) -> int:
+        sym = self.symbols.get("nr_cpu_ids")
+        if sym is None:
+            return 1  # a !SMP kernel
+        return struct.unpack("<I", self.read_kva(sym.address + self.slide, 4))[0]
+
+    def possible_cpus(self) -> list[int]:
+        n = self.nr_cpu_ids()
+        if n > 8192:
+            raise TranslationError(f"nr_cpu_ids reads {n}: not a plausible CPU count "
+                                   f"(wrong slide or kernel?)")
+        mask_sym = self.symbols.get("__cpu_possible_mask")
+        if mask_sym is None:
+            return list(range(n))
+        raw = self.read_kva(mask_sym.address + self.slide, (n + 63) // 64 * 8)
+        bits = int.from_bytes(raw, "little")
+        return [c for c in range(n) if bits >> c & 1]
+
+    def per_cpu_offset(self, cpu: int) -> int:
+        if cpu < 0:
+            raise TargetError(f"cpu {cpu} is negative")
+        sym = self.symbols.get("__per_cpu_offset")
+        if sym is None:
+            if cpu == 0:
+                return 0  # !SMP: the per-CPU section is the only copy
+            raise KernelFeatureMissing("kernel has no __per_cpu_offset (not SMP?)")
+        n = self.nr_cpu_ids()
+        if cpu >= n:
+            raise TargetError(f"cpu {cpu} does not exist: nr_cpu_ids is {n}")
+        return struct.unpack("<Q", self.read_kva(sym.address + self.slide + 8 * cpu, 8))[0]
+
+    def per_cpu_address(self, name: str, cpu: int, path: str | None = None,
+                        type: str | None = None) -> int:
+        return self.address_of(name, path, cpu=cpu, type=type)
+
+    # ------------------------------------------------------------ symbols and fields
+    def symbol_address(self, name: str) -> int:
+        """Runtime address of a non-per-CPU symbol (link address + slide)."""
+        return (self.symbols.address(name) + self.slide) & MASK64
+
+    def _base(self, name: str, cpu: int | None) -> int:
+        sym = self.symbols.lookup(name)
+        if not sym.percpu:
+            if cpu is not None:
+                raise TargetError(f"{name} is not a per-CPU variable; cpu={cpu} makes no sense")
+            return (sym.address + self.slide) & MASK64
+        if cpu is None:
+            raise TargetError(f"{name} is a per-CPU variable: say which cpu")
+        # Relative style: the value is an offset and KASLR does not move it.
+        base = sym.address if sym.address < KERNEL_SPACE else sym.address + self.slide
+        return (base + self.per_cpu_offset(cpu)) & MASK64
+
+    def _var_type(self, name: str, type: str | None) -> Type | None:
+        if type is not None:
+            return self.kernel.btf.type(type)
+        return self.kernel.var_type(name)
+
+    def resolve(self, name: str, path: str | None = None, cpu: int | None = None,
+                type: str | None = None) -> tuple[int, Field | None]:
+        """(kva, field) of name[.path]; field is None without a path and without BTF."""
+        base = self._base(name, cpu)
+        vtype = self._var_type(name, type) if (path or self.kernel.has_btf) else None
+        if not path:
+            if vtype is None:
+                return base, None
+            return base, Field(0, self.kernel.btf.sizeof(vtype), vtype)
+        if vtype is None:
+            raise FieldPathError(f"type of {name} unknown (not in BTF as a variable): "
+                                 f"pass type='struct ...'")
+        f = self.kernel.btf.field(vtype, path)
+        return (base + f.offset) & MASK64, f
+
+    def address_of(self, name: str, path: str | None = None, cpu: int | None = None,
+                   type: str | None = None) -> int:
+        return self.resolve(name, path, cpu, type)[0]
+
+    def read(self, name: str, path: str | None = None, cpu: int | None = None,
+             type: str | None = None) -> int | bytes:
+        """Value of name[.path]: an int for 1/2/4/8-byte integers, enums, pointers and
+        bitfields; bytes otherwise."""
+        kva, f = self.resolve(name, path, cpu, type)
+        if f is None:
+            sym = self.symbols.lookup(name)
+            if sym.size in (1, 2, 4, 8):
+                return int.from_bytes(self.read_kva(kva, sym.size), "little")
+            if sym.size:
+                return self.read_kva(kva, sym.size)
+            raise KernelFeatureMissing(f"size of {name} unknown (no BTF type, no symbol size): "
+                                       f"read it with read_kva")
+        raw = self.read_kva(kva, f.size)
+        return self.decode(raw, f)
+
+    def decode(self, raw: bytes, f: Field) -> int | bytes:
+        t = self.kernel.btf.resolve(f.type)
+        if f.bit_size:
+            v = (int.from_bytes(raw, "little") >> f.bit_offset) & ((1 << f.bit_size) - 1)
+            if t.signed and v >> (f.bit_size - 1):
+                v -= 1 << f.bit_size
+            return v
+        if t.kind in (INT, ENUM, ENUM64, PTR) and len(raw) in (1, 2, 4, 8):
+            return int.from_bytes(raw, "little", signed=t.signed)
+        return raw

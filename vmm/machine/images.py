@@ -64,6 +64,7 @@ class ElfKernel:
     entry: int  # physical address of the 64-bit entry
     segments: list[LoadSegment]
     pvh_entry: int | None = None  # XEN_ELFNOTE_PHYS32_ENTRY, when the kernel has one
+    is_linux: bool = False  # has the "Linux" ELF notes every vmlinux carries
 
     @property
     def start(self) -> int:
@@ -117,6 +118,14 @@ def detect_kernel_format(data: bytes) -> str:
     )
 
 
+def detect_image_kind(data: bytes) -> str | None:
+    """"elf", "bzimage" or None (anything else, e.g. a System.map); needs the first 4 KiB."""
+    try:
+        return detect_kernel_format(data)
+    except ImageError:
+        return None
+
+
 def parse_elf_kernel(data: bytes) -> ElfKernel:
     """Parse a 64-bit x86 vmlinux-style ELF: PT_LOAD segments by p_paddr, entry, PVH note."""
     if len(data) < _ELF64_EHDR.size:
@@ -141,6 +150,7 @@ def parse_elf_kernel(data: bytes) -> ElfKernel:
     segments: list[LoadSegment] = []
     vaddr_ranges: list[tuple[int, int, int]] = []  # (vaddr, memsz, paddr)
     pvh_entry = None
+    note_names: set[bytes] = set()
     for i in range(e_phnum):
         p_type, _pflags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = \
             _ELF64_PHDR.unpack_from(data, e_phoff + i * e_phentsize)
@@ -149,7 +159,10 @@ def parse_elf_kernel(data: bytes) -> ElfKernel:
         if p_offset + p_filesz > len(data):
             raise ImageError(f"kernel ELF truncated: segment {i} data runs past the end of the file")
         if p_type == PT_NOTE:
-            pvh_entry = _find_pvh_entry(data[p_offset:p_offset + p_filesz]) or pvh_entry
+            for name, ntype, desc in _notes(data[p_offset:p_offset + p_filesz]):
+                note_names.add(name)
+                if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and len(desc) in (4, 8):
+                    pvh_entry = int.from_bytes(desc, "little")
             continue
         if p_filesz > p_memsz:
             raise ImageError(f"kernel ELF segment {i} has file size > memory size")
@@ -169,11 +182,13 @@ def parse_elf_kernel(data: bytes) -> ElfKernel:
                 break
         else:
             raise ImageError(f"kernel ELF entry {e_entry:#x} is in no loadable segment")
-    return ElfKernel(entry=entry, segments=segments, pvh_entry=pvh_entry)
+    return ElfKernel(entry=entry, segments=segments, pvh_entry=pvh_entry,
+                     is_linux=b"Linux" in note_names)
 
 
-def _find_pvh_entry(notes: bytes) -> int | None:
-    """XEN_ELFNOTE_PHYS32_ENTRY's value from a PT_NOTE segment, if present."""
+def _notes(notes: bytes) -> list[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of each ELF note in a PT_NOTE segment."""
+    out = []
     pos = 0
     while pos + 12 <= len(notes):
         namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
@@ -183,10 +198,9 @@ def _find_pvh_entry(notes: bytes) -> int | None:
         if next_pos > len(notes):
             raise ImageError("kernel ELF note segment truncated")
         name = notes[name_start:name_start + namesz].rstrip(b"\0")
-        if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and descsz in (4, 8):
-            return int.from_bytes(notes[desc_start:desc_start + descsz], "little")
+        out.append((name, ntype, notes[desc_start:desc_start + descsz]))
         pos = next_pos
-    return None
+    return out
 
 
 def _align4(n: int) -> int:

@@ -1,0 +1,219 @@
+"""Boot vCPU state for the Linux 64-bit boot protocol, CPUID and boot MSRs.
+
+The boot vCPU starts in long mode as boot.rst's "64-bit boot protocol" asks: paging on
+with an identity map covering the kernel, zero page and command line; CS a 64-bit code
+segment and DS/ES/SS a flat data segment (__BOOT_CS 0x10 and __BOOT_DS 0x18 as in the
+kernel's own boot GDT); RSI = the zero page; interrupts off. Application processors stay
+in KVM's INIT-wait state until the guest starts them with INIT/SIPI.
+
+The pure parts (GDT bytes, register values, CPUID rewriting) take plain data and are
+unit-tested; `setup_boot_vcpu`/`setup_vcpu_cpuid` apply them through vmm.kvm.Vcpu.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vmm.errors import KvmIoctlError
+from vmm.machine import layout as L
+from vmm.machine.tables import Topology
+
+BOOT_CS = 0x10
+BOOT_DS = 0x18
+BOOT_TSS = 0x20
+
+CR0_PE = 1 << 0
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+BOOT_CR0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG
+BOOT_CR4 = CR4_PAE
+BOOT_EFER = EFER_LME | EFER_LMA
+RFLAGS_RESERVED = 0x2  # bit 1 always reads as 1; IF clear
+
+# Segment descriptor access types
+SEG_TYPE_CODE_XR_ACCESSED = 0xB
+SEG_TYPE_DATA_RW_ACCESSED = 0x3
+SEG_TYPE_TSS_BUSY = 0xB
+
+# MSRs set at boot (the values Firecracker documents for its boot vCPU: facts only).
+MSR_IA32_TSC = 0x10
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+MSR_KERNEL_GS_BASE = 0xC0000102
+MISC_ENABLE_FAST_STRING = 1 << 0
+MTRR_ENABLE = 1 << 11
+MTRR_TYPE_WRBACK = 6
+
+BOOT_MSRS: dict[int, int] = {
+    MSR_IA32_SYSENTER_CS: 0,
+    MSR_IA32_SYSENTER_ESP: 0,
+    MSR_IA32_SYSENTER_EIP: 0,
+    MSR_STAR: 0,
+    MSR_CSTAR: 0,
+    MSR_KERNEL_GS_BASE: 0,
+    MSR_SYSCALL_MASK: 0,
+    MSR_LSTAR: 0,
+    MSR_IA32_TSC: 0,
+    MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING,
+    MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRBACK,  # all memory write-back by default
+}
+
+FPU_CONTROL_WORD = 0x37F  # x87 default after FNINIT
+MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked
+
+
+# --- GDT ---------------------------------------------------------------------------------------
+def gdt_entry(flags: int, base: int, limit: int) -> int:
+    """An 8-byte segment descriptor from packed flags (the 0xAF9B style), base and limit."""
+    return (((base & 0xFF000000) << 32) | ((flags & 0xF0FF) << 40) | ((limit & 0xF0000) << 32)
+            | ((base & 0x00FFFFFF) << 16) | (limit & 0xFFFF))
+
+
+GDT_FLAGS_CODE64 = 0xA09B  # G, L, P, DPL0, S, code execute/read accessed
+GDT_FLAGS_DATA = 0xC093  # G, D/B, P, DPL0, S, data read/write accessed
+GDT_FLAGS_TSS = 0x008B  # P, 64-bit TSS (busy)
+TSS_LIMIT = 0x67
+
+
+def gdt_bytes() -> bytes:
+    """null, null, __BOOT_CS, __BOOT_DS, then a 16-byte TSS descriptor at 0x20 (KVM wants a
+    usable TR in long mode; the kernel loads its own GDT and TSS before it needs one)."""
+    entries = [0, 0, gdt_entry(GDT_FLAGS_CODE64, 0, 0xFFFFF), gdt_entry(GDT_FLAGS_DATA, 0, 0xFFFFF),
+               gdt_entry(GDT_FLAGS_TSS, 0, TSS_LIMIT), 0]
+    return b"".join(struct.pack("<Q", e) for e in entries)
+
+
+def _segment(seg, selector: int, seg_type: int, *, code: bool = False, system: bool = False,
+             limit: int = 0xFFFFFFFF, granular: bool = True) -> None:
+    seg.base = 0
+    seg.limit = limit
+    seg.selector = selector
+    seg.type = seg_type
+    seg.present = 1
+    seg.dpl = 0
+    seg.db = 0 if code or system else 1
+    seg.s = 0 if system else 1
+    seg.l = 1 if code else 0
+    seg.g = 1 if granular else 0
+    seg.avl = 0
+    seg.unusable = 0
+
+
+def configure_sregs(sregs) -> None:
+    """Long mode with the identity map, segments from the boot GDT (a cffi kvm_sregs)."""
+    _segment(sregs.cs, BOOT_CS, SEG_TYPE_CODE_XR_ACCESSED, code=True)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _segment(seg, BOOT_DS, SEG_TYPE_DATA_RW_ACCESSED)
+    _segment(sregs.tr, BOOT_TSS, SEG_TYPE_TSS_BUSY, system=True, limit=TSS_LIMIT, granular=False)
+    sregs.gdt.base = L.GDT_START
+    sregs.gdt.limit = len(gdt_bytes()) - 1
+    sregs.idt.base = L.IDT_START
+    sregs.idt.limit = 7  # one empty gate: any exception before the kernel's IDT is fatal
+    sregs.cr0 = BOOT_CR0
+    sregs.cr3 = L.PML4_START
+    sregs.cr4 = BOOT_CR4
+    sregs.efer = BOOT_EFER
+
+
+def configure_regs(regs, entry: int, zero_page: int = L.ZERO_PAGE_START) -> None:
+    regs.rflags = RFLAGS_RESERVED
+    regs.rip = entry
+    regs.rsi = zero_page
+    regs.rsp = L.BOOT_STACK_TOP
+    regs.rbp = L.BOOT_STACK_TOP
+
+
+# --- CPUID -----------------------------------------------------------------------------------
+def cpuid_entries_for_vcpu(entries: list[dict], index: int, topology: Topology) -> list[dict]:
+    """Rewrite the host-supported CPUID list for vCPU `index`: its APIC id in leaf 1 and
+    in the x2APIC topology leaves 0xB/0x1F, and the topology's level widths there."""
+    apic_id = topology.apic_id(index)
+    smt_bits, core_bits = topology.thread_bits, topology.core_bits
+    out = []
+    for e in entries:
+        e = dict(e)
+        fn, sub = e["function"], e["index"]
+        if fn == 1:
+            logical = 1 << (smt_bits + core_bits)
+            e["ebx"] = (e["ebx"] & 0x0000FFFF) | (min(logical, 0xFF) << 16) | (apic_id << 24)
+            if topology.cpus > 1:
+                e["edx"] |= 1 << 28  # HTT: the package has several logical processors
+        elif fn == 4:
+            e["eax"] = (e["eax"] & 0x03FFFFFF) | ((((1 << core_bits) - 1) & 0x3F) << 26)
+        elif fn in (0xB, 0x1F):
+            if sub == 0:
+                e["eax"], e["ebx"], e["ecx"] = smt_bits, topology.threads, (1 << 8) | sub
+            elif sub == 1:
+                e["eax"], e["ebx"] = smt_bits + core_bits, topology.threads * topology.cores
+                e["ecx"] = (2 << 8) | sub
+            else:
+                e["eax"], e["ebx"], e["ecx"] = 0, 0, sub
+            e["edx"] = apic_id
+        out.append(e)
+    return out
+
+
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def cpuid_to_list(cpuid) -> list[dict]:
+    return [{f: getattr(cpuid.entries[i], f) for f in _CPUID_FIELDS} for i in range(cpuid.nent)]
+
+
+def cpuid_from_list(entries: list[dict]):
+    from vmm.kvm.native import native
+
+    ffi, _ = native()
+    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+    for i, e in enumerate(entries):
+        for f in _CPUID_FIELDS:
+            setattr(cpuid.entries[i], f, e[f])
+    return cpuid
+
+
+# --- applying it ------------------------------------------------------------------------------
+def setup_vcpu_cpuid(vcpu, supported: list[dict], topology: Topology) -> None:
+    vcpu.set_cpuid2(cpuid_from_list(cpuid_entries_for_vcpu(supported, vcpu.index, topology)))
+
+
+def set_boot_msrs(vcpu) -> list[int]:
+    """Sets BOOT_MSRS; returns the indices KVM refused (a host may not expose all of them)."""
+    try:
+        vcpu.set_msrs(BOOT_MSRS)
+        return []
+    except KvmIoctlError:
+        refused = []
+        for index, value in BOOT_MSRS.items():
+            try:
+                vcpu.set_msrs({index: value})
+            except KvmIoctlError:
+                refused.append(index)
+        return refused
+
+
+def setup_fpu(vcpu) -> None:
+    fpu = vcpu.get_fpu()
+    fpu.fcw = FPU_CONTROL_WORD
+    fpu.mxcsr = MXCSR_DEFAULT
+    vcpu.set_fpu(fpu)
+
+
+def setup_boot_vcpu(vcpu, entry: int) -> None:
+    """Registers of the boot vCPU: long mode at `entry` with RSI = the zero page."""
+    sregs = vcpu.get_sregs()
+    configure_sregs(sregs)
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    configure_regs(regs, entry)
+    vcpu.set_regs(regs)

@@ -144,7 +144,7 @@ def parse_path(path: str) -> list[str | int]:
         if not m or m.end() == pos:
             raise FieldPathError(f"bad field path {path!r} at character {pos}: {path[pos:]!r}")
         if m.group(2):
-            if out and not m.group(1):
+            if out and not m.group(1) and out[-1] != "->":
                 raise FieldPathError(f"bad field path {path!r}: missing '.' before {m.group(2)!r}")
             out.append(m.group(2))
         elif m.group(3):

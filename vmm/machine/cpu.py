@@ -20,7 +20,10 @@ from vmm.machine.tables import Topology
 
 BOOT_CS = 0x10
 BOOT_DS = 0x18
-BOOT_TSS = 0x20
+# TR is loaded from KVM's segment cache only (no TSS descriptor in the GDT: the GDT ends
+# at 0x520 where the IDT begins). VM entry checks the cached TR (present, busy 64-bit TSS),
+# not the GDT; the kernel loads its own GDT and TSS long before it could reload TR.
+BOOT_TSS = 0x0
 
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4
@@ -82,15 +85,12 @@ def gdt_entry(flags: int, base: int, limit: int) -> int:
 
 GDT_FLAGS_CODE64 = 0xA09B  # G, L, P, DPL0, S, code execute/read accessed
 GDT_FLAGS_DATA = 0xC093  # G, D/B, P, DPL0, S, data read/write accessed
-GDT_FLAGS_TSS = 0x008B  # P, 64-bit TSS (busy)
 TSS_LIMIT = 0x67
 
 
 def gdt_bytes() -> bytes:
-    """null, null, __BOOT_CS, __BOOT_DS, then a 16-byte TSS descriptor at 0x20 (KVM wants a
-    usable TR in long mode; the kernel loads its own GDT and TSS before it needs one)."""
-    entries = [0, 0, gdt_entry(GDT_FLAGS_CODE64, 0, 0xFFFFF), gdt_entry(GDT_FLAGS_DATA, 0, 0xFFFFF),
-               gdt_entry(GDT_FLAGS_TSS, 0, TSS_LIMIT), 0]
+    """null, null, __BOOT_CS (0x10), __BOOT_DS (0x18): 32 bytes, [0x500, 0x520)."""
+    entries = [0, 0, gdt_entry(GDT_FLAGS_CODE64, 0, 0xFFFFF), gdt_entry(GDT_FLAGS_DATA, 0, 0xFFFFF)]
     return b"".join(struct.pack("<Q", e) for e in entries)
 
 

@@ -41,13 +41,17 @@ class Kvm:
             ) from None
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror} (errno {e.errno})") from None
-        self.api_version = ioctl_int(self.fd, "KVM_GET_API_VERSION", 0)
-        if self.api_version != KVM_API_VERSION:
+        try:
+            self.api_version = ioctl_int(self.fd, "KVM_GET_API_VERSION", 0, path)
+            if self.api_version != KVM_API_VERSION:
+                raise KvmUnavailable(
+                    f"{path} speaks KVM API {self.api_version}, this VMM needs {KVM_API_VERSION}"
+                )
+            self.vcpu_mmap_size = ioctl_int(self.fd, "KVM_GET_VCPU_MMAP_SIZE", 0, path)
+        except BaseException:
             os.close(self.fd)
-            raise KvmUnavailable(
-                f"{path} speaks KVM API {self.api_version}, this VMM needs {KVM_API_VERSION}"
-            )
-        self.vcpu_mmap_size = ioctl_int(self.fd, "KVM_GET_VCPU_MMAP_SIZE", 0)
+            self.fd = -1
+            raise
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -65,20 +69,26 @@ class Kvm:
         return ioctl_int(self.fd, "KVM_CHECK_EXTENSION", cap)
 
     @staticmethod
-    def capability_number(cap_name: str) -> int:
-        """"KVM_CAP_IRQCHIP" or "IRQCHIP" -> its number; CapabilityMissing when unknown."""
+    def capability_number(cap) -> int:
+        """"KVM_CAP_IRQCHIP", "IRQCHIP" or a number -> the number; CapabilityMissing
+        when the name is unknown."""
+        if isinstance(cap, int):
+            return cap
         _, lib = native()
-        name = cap_name if cap_name.startswith("KVM_CAP_") else "KVM_CAP_" + cap_name
+        name = cap if cap.startswith("KVM_CAP_") else "KVM_CAP_" + cap
         try:
             return getattr(lib, name)
         except AttributeError:
-            raise CapabilityMissing(f"unknown KVM capability name {cap_name!r}") from None
+            raise CapabilityMissing(f"unknown KVM capability name {cap!r}") from None
 
-    def require(self, cap_name: str) -> int:
+    def require(self, cap) -> int:
         """The capability's value; CapabilityMissing naming it when the host lacks it."""
-        value = self.check_extension(self.capability_number(cap_name))
+        value = self.check_extension(self.capability_number(cap))
         if value <= 0:
-            name = cap_name if cap_name.startswith("KVM_CAP_") else "KVM_CAP_" + cap_name
+            if isinstance(cap, int):
+                name = f"KVM capability {cap}"
+            else:
+                name = cap if cap.startswith("KVM_CAP_") else "KVM_CAP_" + cap
             raise CapabilityMissing(f"host KVM lacks {name} (needed by this VMM)")
         return value
 

@@ -1,0 +1,90 @@
+"""Kernel.load combinations, the on-disk cache, and the CLI text helpers."""
+
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import kfixture  # noqa: E402
+
+from vmm.errors import ImageError, KernelFeatureMissing  # noqa: E402
+from vmm.kernel import Kernel, format_btf, format_symbols  # noqa: E402
+from vmm.kernel import cache  # noqa: E402
+
+pytestmark = pytest.mark.skipif(kfixture.missing_tools() is not None,
+                                reason=f"fixture build: {kfixture.missing_tools()}")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_load_vmlinux():
+    k = Kernel.load(vmlinux=kfixture.linked())
+    assert k.has_btf and k.build_id
+    assert k.symbol("int3_selftest") == 0xFFFFFFFF8100002D
+    assert k.is_percpu("runqueues_fx") and not k.is_percpu("global_outer")
+    assert k.enum("GREEN") == 5
+    assert k.percpu_style == "absolute"
+    assert k.var_type("runqueues_fx").name == "rq_fx"
+    assert k.btf.offsetof("struct rq_fx", "scx.flags") == 16
+
+
+def test_load_from_bytes_and_system_map(tmp_path):
+    elf = kfixture.linked()
+    smap = tmp_path / "System.map"
+    smap.write_text("ffffffff81000000 T _text\nffffffff82000000 D jiffies\n")
+    k = Kernel.load(system_map=smap, btf=Kernel.load(vmlinux=elf).btf.data)
+    assert k.symbol("jiffies") == 0xFFFFFFFF82000000 and k.has_btf
+    k2 = Kernel.load(vmlinux=elf.read_bytes())
+    assert k2.symbol("_start") == Kernel.load(vmlinux=elf).symbol("_start")
+
+
+def test_no_btf(tmp_path):
+    smap = tmp_path / "System.map"
+    smap.write_text("ffffffff81000000 T _text\n")
+    k = Kernel.load(system_map=smap)
+    assert not k.has_btf
+    with pytest.raises(KernelFeatureMissing, match="BTF"):
+        k.btf
+
+
+def test_load_needs_something():
+    with pytest.raises(ImageError):
+        Kernel.load()
+
+
+def test_cache_written_keyed_by_build_id_and_reused():
+    elf = kfixture.linked()
+    k = Kernel.load(vmlinux=elf)
+    entry = cache.entry_path(f"elf-{k.build_id}-symtab")
+    assert entry.exists()
+    # A cache hit serves the pickled table: prove it by planting a marker symbol.
+    version, key, value = pickle.loads(entry.read_bytes())
+    value.append(("from_cache", 1 << 63, 0, "T", ".text", False))
+    entry.write_bytes(pickle.dumps((version, key, value)))
+    assert Kernel.load(vmlinux=elf).symbol("from_cache") == 1 << 63
+
+
+def test_corrupt_cache_is_ignored_and_rewritten():
+    elf = kfixture.linked()
+    k = Kernel.load(vmlinux=elf)
+    entry = cache.entry_path(f"elf-{k.build_id}-symtab")
+    entry.write_bytes(b"garbage")
+    k2 = Kernel.load(vmlinux=elf)
+    assert k2.symbol("_start") == k.symbol("_start")
+    assert pickle.loads(entry.read_bytes())[1] == f"elf-{k.build_id}-symtab"
+
+
+def test_format_helpers():
+    k = Kernel.load(vmlinux=kfixture.linked())
+    assert "runqueues_fx" in format_symbols(k, "runqueues_fx")
+    assert "per-CPU" in format_symbols(k, "runqueues_fx")
+    assert "build id" in format_symbols(k)
+    assert "offset 16" in format_btf(k, "struct rq_fx", "scx.flags")
+    assert "GREEN = 5" in format_btf(k, "GREEN")
+    assert "struct outer {" in format_btf(k, "outer")
+    assert "bits 3..7" in format_btf(k, "bits", "y")

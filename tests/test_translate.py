@@ -1,0 +1,90 @@
+"""Page-table walks (4- and 5-level; 1 GiB, 2 MiB, 4 KiB pages) over in-process memory."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+from kfixture import FakeMemory  # noqa: E402
+
+from vmm.errors import TranslationError  # noqa: E402
+from vmm.kernel.translate import PTE_PRESENT, PTE_PS, is_canonical, walk  # noqa: E402
+
+P, PS = PTE_PRESENT | 2, PTE_PRESENT | 2 | PTE_PS
+NX = 1 << 63
+
+
+class Tables:
+    """Builds page tables in FakeMemory, allocating table pages from 0x100000 up."""
+
+    def __init__(self, la57=False):
+        self.mem = FakeMemory()
+        self.la57 = la57
+        self.next = 0x100000
+        self.root = self.alloc()
+
+    def alloc(self):
+        page = self.next
+        self.next += 0x1000
+        self.mem.write(page, bytes(0x1000))
+        return page
+
+    def map(self, va, pa, level_size):
+        shifts = ([48] if self.la57 else []) + [39, 30, 21, 12]
+        stop = {1 << 30: 30, 1 << 21: 21, 1 << 12: 12}[level_size]
+        table = self.root
+        for shift in shifts:
+            slot = table + ((va >> shift) & 0x1FF) * 8
+            if shift == stop:
+                self.mem.write_u64(slot, pa | (PS if shift > 12 else P) | NX)
+                return
+            entry = int.from_bytes(self.mem.read(slot, 8), "little")
+            if not entry & 1:
+                entry = self.alloc() | P
+                self.mem.write_u64(slot, entry)
+            table = entry & 0x000FFFFFFFFFF000
+
+
+@pytest.mark.parametrize("la57", [False, True])
+def test_page_sizes(la57):
+    t = Tables(la57)
+    t.map(0xFFFFC90000000000, 0x40000000, 1 << 30)
+    t.map(0xFFFFFFFFC0200000, 0x00600000, 1 << 21)
+    t.map(0xFFFFFFFFC0401000, 0x00789000, 1 << 12)
+    cr3 = t.root | 0x5  # PCID bits in CR3 are ignored
+    assert walk(t.mem, cr3, 0xFFFFC90000000000 + 0x1234567, la57) == 0x40000000 + 0x1234567
+    assert walk(t.mem, cr3, 0xFFFFFFFFC0200000 + 0x1ABCD, la57) == 0x600000 + 0x1ABCD
+    assert walk(t.mem, cr3, 0xFFFFFFFFC0401FFF, la57) == 0x789FFF
+
+
+def test_five_level_uses_bits_above_47():
+    t = Tables(la57=True)
+    va = 0xFF11000000000000  # 5-level direct map base: canonical only with LA57
+    t.map(va, 0x200000, 1 << 21)
+    assert walk(t.mem, t.root, va + 5, la57=True) == 0x200005
+    with pytest.raises(TranslationError, match="canonical"):
+        walk(t.mem, t.root, va, la57=False)
+
+
+def test_not_present_names_level_and_address():
+    t = Tables()
+    t.map(0xFFFFFFFFC0200000, 0x600000, 1 << 21)
+    with pytest.raises(TranslationError) as e:
+        walk(t.mem, t.root, 0xFFFFFFFFC0400000)
+    assert "PD entry" in str(e.value) and "0xffffffffc0400000" in str(e.value)
+    with pytest.raises(TranslationError, match="PML4"):
+        walk(t.mem, t.root, 0xFFFF888000000000)
+
+
+def test_table_outside_memory():
+    t = Tables()
+    t.mem.write_u64(t.root + 511 * 8, 0x7FFF0000 | P)  # PDPT page never backed
+    with pytest.raises(TranslationError, match="outside guest memory"):
+        walk(t.mem, t.root, 0xFFFFFFFF81000000)
+
+
+def test_canonical():
+    assert is_canonical(0xFFFF800000000000) and is_canonical(0x7FFFFFFFFFFF)
+    assert not is_canonical(0x800000000000)
+    assert is_canonical(0xFF00000000000000, la57=True)

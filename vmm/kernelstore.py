@@ -418,6 +418,7 @@ def fetch_debian(
             return None
 
         files |= _deb_members(deb, want, out)
+        deb.unlink()  # 350 MB; the two files we wanted are extracted
         if "System.map" in files and not _is_placeholder_system_map(files["System.map"]):
             system_map = files["System.map"]
         vmlinux = files.get("vmlinux.dbg")

@@ -55,7 +55,8 @@ def check_banner(kernel, read_kva, slide: int) -> bool | None:
     sym = kernel.symbols.get("linux_banner")
     if sym is None or kernel.elf is None:
         return None
-    expected = kernel.elf.read_va(sym.address, 48)
+    n = sym.size if 0 < sym.size < 48 else 48
+    expected = kernel.elf.read_va(sym.address, n)
     if not expected:
         return None
     try:

@@ -229,8 +229,10 @@ def parse_bzimage(data: bytes) -> BzImage:
             f"bzImage truncated: {setup_sects} setup sectors put the protected-mode code at "
             f"{protected_mode_offset:#x}, past the end of the {len(data)}-byte file"
         )
+    # syssize counts 16-byte paragraphs; the build tool rounds up (and older ones left 4
+    # bytes for a CRC), so allow that much slack before calling the file truncated.
     syssize_bytes = field_("syssize") * 16
-    if protected_mode_offset + syssize_bytes > len(data):
+    if protected_mode_offset + syssize_bytes > len(data) + 15 + 4:
         raise ImageError(
             f"bzImage truncated: syssize says {syssize_bytes} bytes of protected-mode code, "
             f"the file has {len(data) - protected_mode_offset}"

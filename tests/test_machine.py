@@ -1,0 +1,234 @@
+"""The Machine on real KVM with our test guests (kernels/guests)."""
+
+import gzip
+import os
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from vmm.errors import ConfigError, ImageError, VmmError
+from vmm.machine import Machine, layout as L
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST = REPO / "kernels" / "guests" / "out" / "guest.elf"
+REC_MAGIC = 0xA5000000
+REC_BOOT, REC_READY = 1, 2
+
+
+def _kvm_usable():
+    try:
+        from vmm.kvm import Kvm
+
+        Kvm().close()
+        return None
+    except Exception as e:  # noqa: BLE001 - any reason means: skip
+        return str(e)
+
+
+@pytest.fixture(scope="module")
+def guest():
+    why = _kvm_usable()
+    if why:
+        pytest.skip(f"KVM not usable: {why}")
+    if not GUEST.exists():
+        try:
+            subprocess.run(["make", "-C", str(GUEST.parents[1])], check=True, capture_output=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            pytest.skip(f"test guests not built and `make -C kernels/guests` failed: {e}")
+    if not GUEST.exists():
+        pytest.skip("test guests not built (make -C kernels/guests)")
+    return GUEST
+
+
+def records(reports):
+    """Split the report stream into (vcpu, type, payload) records, per vCPU."""
+    streams, out = {}, []
+    for vcpu, word in reports:
+        streams.setdefault(vcpu, []).append(word)
+    for vcpu, words in streams.items():
+        i = 0
+        while i < len(words):
+            header = words[i]
+            assert header & 0xFF000000 == REC_MAGIC, hex(header)
+            length = header & 0xFF
+            out.append((vcpu, (header >> 8) & 0xFF, words[i + 1:i + 1 + length]))
+            i += 1 + length
+    return out
+
+
+def run(kernel, cmdline, **kw):
+    kw.setdefault("timeout", 30)
+    with Machine(kernel, cmdline=cmdline, **kw) as m:
+        result = m.wait()
+    return m, result
+
+
+def test_hello_console_and_exit_code(guest):
+    m, r = run(guest, "mode=hello exit=3")
+    assert (r.reason, r.exit_code) == ("exit-code", 3)
+    assert m.console_text() == ("vmm-guest: hello\nvmm-guest: boot protocol linux\n"
+                                "vmm-guest: cmdline: mode=hello exit=3\n")
+    assert r.console_tail.endswith("cmdline: mode=hello exit=3\n")
+    (boot,) = [p for _, t, p in records(m.reports) if t == REC_BOOT]
+    assert boot == [0, 1, 3, 0]  # linux boot protocol, 1 cpu, ring 3, mode hello
+
+
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_every_vcpu_comes_up(guest, cpus):
+    m, r = run(guest, f"mode=loop cpus={cpus} loop=2", cpus=cpus)
+    assert (r.reason, r.exit_code) == ("exit-code", 0), m.console_text()
+    ready = sorted({vcpu for vcpu, t, _ in records(m.reports) if t == REC_READY})
+    assert ready == list(range(cpus))
+    assert f"{cpus} cpus up" in m.console_text()
+
+
+def test_reset(guest):
+    _, r = run(guest, "mode=reset")
+    assert (r.reason, r.exit_code) == ("reset", 0)
+
+
+def test_triple_fault_is_shutdown(guest):
+    _, r = run(guest, "mode=triple")
+    assert (r.reason, r.exit_code) == ("shutdown", 255)
+
+
+def test_bad_instruction(guest):
+    from vmm.kvm import is_pvm_host
+
+    _, r = run(guest, "mode=badinsn")
+    if is_pvm_host():
+        assert (r.reason, r.exit_code) == ("internal-error", 255)
+        assert "RIP 0xffffffff81" in r.detail and "bytes 0f ae" in r.detail  # xsave
+        assert "boot_main+" in r.detail  # nearest symbol from the guest's .symtab
+    else:  # hardware: xsave with CR4.OSXSAVE clear is #UD, which the guest reports
+        assert (r.reason, r.exit_code) == ("exit-code", 0x7F)
+
+
+def test_timeout(guest):
+    _, r = run(guest, "mode=loop", timeout=0.5)
+    assert (r.reason, r.exit_code) == ("timeout", 255)
+
+
+def test_unknown_port_is_counted_not_fatal(guest):
+    m, r = run(guest, "mode=outloop n=5 port=0x80 exit=9")
+    assert (r.reason, r.exit_code) == ("exit-code", 9)
+    assert m.unhandled_io.get(0x80) == 5
+
+
+def test_boot_structures_in_guest_memory(guest):
+    m = Machine(guest, cpus=2, memory="256M", cmdline="mode=hello", initrd=b"x" * 10000)
+    try:
+        m.build()
+        from vmm.machine.bootparams import BootParams
+
+        zp = BootParams(m.memory.read(L.ZERO_PAGE_START, 4096))
+        assert zp["cmd_line_ptr"] == L.CMDLINE_START
+        assert m.memory.read(L.CMDLINE_START, 11) == b"mode=hello\0"
+        assert (zp["ramdisk_image"], zp["ramdisk_size"]) == m.initrd_range
+        assert m.memory.read(zp["ramdisk_image"], 4) == b"xxxx"
+        assert zp.e820() == L.e820_map(256 << 20)
+        assert zp["acpi_rsdp_addr"] == L.RSDP_START and m.memory.read(L.RSDP_START, 8) == b"RSD PTR "
+        assert m.memory.read(L.MPTABLE_START, 4) == b"_MP_"
+        assert m.vcpus[0].get_regs().rip == m.entry and m.vcpus[0].get_regs().rsi == L.ZERO_PAGE_START
+    finally:
+        m.stop()
+
+
+def test_freeze_captures_every_vcpu(guest):
+    with Machine(guest, cpus=2, cmdline="mode=loop cpus=2", timeout=60) as m:
+        m.wait_for_console("2 cpus up", timeout=30)
+        with m.freeze(timeout=10) as snap:
+            assert len(snap.vcpus) == 2 and all(v is not None and v.cr3 for v in snap.vcpus)
+            assert m.running
+        r = m.stop()
+    assert r.reason == "stopped" and r.exit_code == 0
+
+
+def test_wait_for_console_raises_when_the_vm_ends(guest):
+    from vmm.errors import GuestBootError
+
+    with Machine(guest, cmdline="mode=hello") as m:
+        with pytest.raises(GuestBootError, match="never matched"):
+            m.wait_for_console("no such text", timeout=10)
+
+
+def test_bzimage_wrapping_our_guest_boots(guest):
+    import test_images
+
+    bz = test_images.make_bzimage(test_images.compress("gzip", guest.read_bytes()))
+    m, r = run(bz, "mode=hello exit=5")
+    assert (r.reason, r.exit_code) == ("exit-code", 5) and "vmm-guest: hello" in m.console_text()
+
+
+def test_boot_via_decompressor_enters_at_load_plus_0x200(guest):
+    """A stub bzImage whose '64-bit entry' checks RSI points at a zero page holding the
+    image's setup header, then writes 42 to the exit port."""
+    import test_images
+
+    stub = bytes.fromhex("8b860202000" "0" "3d48647253" "7505" "b02a" "e6f4" "f4" "b001" "e6f4" "f4")
+    base = bytearray(test_images.make_bzimage(b"\x1f\x8b" + b"\0" * 64))
+    pm_offset = (base[0x1F1] + 1) * 512
+    image = bytes(base[:pm_offset]) + b"\x90" * 0x200 + stub + b"\0" * 64
+    image = bytearray(image)
+    struct.pack_into("<I", image, 0x1F4, (len(image) - pm_offset + 15) // 16)
+    struct.pack_into("<I", image, 0x248, 0x200)
+    struct.pack_into("<I", image, 0x24C, len(stub))
+    _, r = run(bytes(image), "", boot_via_decompressor=True)
+    assert (r.reason, r.exit_code) == ("exit-code", 42)
+
+
+def test_build_errors_name_the_step(tmp_path):
+    bad = tmp_path / "kernel"
+    bad.write_bytes(b"\x7fELF" + b"\0" * 100)
+    why = _kvm_usable()
+    if why:
+        pytest.skip(f"KVM not usable: {why}")
+    m = Machine(bad)
+    with pytest.raises(ImageError, match="step load_kernel") as info:
+        m.start()
+    assert info.value.build_step == "load_kernel"
+    assert not m.running
+
+
+@pytest.mark.parametrize("kw", [dict(cpus=0), dict(cpus=255), dict(cpus="2"), dict(memory="lots"),
+                                dict(memory="16M"), dict(timeout=-1), dict(topology="2s2c1t"),
+                                dict(cmdline=5), dict(console=42)])
+def test_bad_options_are_config_errors(kw):
+    with pytest.raises(ConfigError):
+        Machine("kernel", **kw)
+
+
+def test_too_long_cmdline(guest):
+    m = Machine(guest, cmdline="x" * 70000)
+    with pytest.raises(ConfigError, match="step write_boot_params"):
+        m.start()
+
+
+def test_panic_line_ends_the_vm_as_panic():
+    m = Machine("unused-kernel")
+    m._console_sink(b"[    1.0] Kernel panic - not sync")
+    m._console_sink(b"ing: VFS: Unable to mount root fs\n[ 1.1] ---[ end")
+    assert m.exit.reason == "panic" and m.exit.exit_code == 255
+    assert m.exit.detail == "Kernel panic - not syncing: VFS: Unable to mount root fs"
+
+
+def test_console_sink_receives_output(guest):
+    chunks = []
+    run(guest, "mode=hello", console=chunks.append)
+    assert b"".join(chunks).startswith(b"vmm-guest: hello\n")
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fifty_machines_leak_nothing(guest):
+    run(guest, "mode=hello")  # warm up lazily created things (cffi, symbol tables)
+    fds, threads = _open_fds(), threading.active_count()
+    for i in range(50):
+        _, r = run(guest, f"mode=hello exit={i}", cpus=1 + i % 2)
+        assert r.exit_code == i
+    assert _open_fds() == fds and threading.active_count() == threads

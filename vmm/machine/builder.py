@@ -225,19 +225,25 @@ class Machine:
 
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._console_changed:
-            while True:
+        flushed = False
+        while True:
+            with self._console_changed:
                 match = regex.search(self._console.decode("utf-8", "replace"), start)
                 if match:
                     return match
-                if self._done.is_set() and (self.pump is None or not self.pump.is_alive()):
+                if flushed:
                     why = f"the VM ended ({self._exit})" if self._exit else "the VM is not running"
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     why = f"{timeout:g} s passed"
                     break
-                self._console_changed.wait(0.25 if left is None else min(left, 0.25))
+                if not self._done.is_set():
+                    self._console_changed.wait(0.25 if left is None else min(left, 0.25))
+                    continue
+            # The VM ended: stop the pump after its final drain, then look once more.
+            self._teardown()
+            flushed = True
         tail = "\n".join(self._console.decode("utf-8", "replace").splitlines()[-30:])
         raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
 

@@ -122,6 +122,7 @@ struct work_params {
 	u32 ring;          /* 0 or 3 */
 	u64 loops;         /* iterations per CPU, 0 = until CMD_STOP */
 	u64 tick;          /* iterations per tick, a power of two */
+	u64 hot_every;     /* ticks between two hot_word bits of one CPU */
 	u32 exit_code;     /* exit code when loop=N finishes */
 };
 extern struct work_params work_params;

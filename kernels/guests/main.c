@@ -123,6 +123,9 @@ __attribute__((noreturn)) void boot_main(u32 protocol, unsigned long info)
 		guest_exit(EXIT_BAD_CMDLINE);
 	}
 	work_params.tick = tick;
+	work_params.hot_every = cmdline_u64("hot_every", 4);
+	if (!work_params.hot_every)
+		work_params.hot_every = 1;
 
 	cpu_tables_init(work_params.nr_cpus);
 	cpu_load_tables(0);

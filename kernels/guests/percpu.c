@@ -17,6 +17,8 @@ struct rq runqueues DEFINE_PER_CPU_SECTION = {
 };
 
 unsigned long __per_cpu_offset[NR_CPUS];
+/* Like Linux: physical minus link-time load address; the image is never moved. */
+unsigned long phys_base;
 unsigned int nr_cpu_ids = 1;
 volatile unsigned long jiffies;
 enum scx_rq_flags scx_rq_initial_flags = SCX_RQ_INITIAL_FLAGS;

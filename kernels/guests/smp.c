@@ -12,8 +12,8 @@
 #define ICR_BUSY (1u << 12)
 #define ICR_INIT 0x00004500u		/* INIT, level assert */
 #define ICR_STARTUP 0x00004600u		/* start-up IPI, vector in bits 0..7 */
-/* Spin iterations to wait for an AP (~10 s emulated, well under 1 s native). */
-#define AP_WAIT_SPINS 20000000u
+/* Spin iterations to wait for an AP (a few seconds emulated, well under 1 s native). */
+#define AP_WAIT_SPINS 3000000u
 
 /* Parameter block at the end of the trampoline (head.S ap_tramp_params). */
 struct tramp_params {

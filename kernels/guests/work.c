@@ -156,7 +156,8 @@ static __attribute__((noreturn)) void work_loop(u64 cpu_arg)
 			rq->nr_switches++;
 			if (cpu == 0)
 				WRITE_ONCE(jiffies, jiffies + 1);
-			set_next_hot_bit(cpu, rq);
+			if (rq->nr_switches % work_params.hot_every == 0)
+				set_next_hot_bit(cpu, rq);
 			u32 cmd = READ_ONCE(guest_command);
 			if (cmd != rq->cmd_seen && handle_command(cpu, rq, cmd)) {
 				exit_code = (cmd >> 8) & 0xff;

@@ -167,6 +167,7 @@ class Btf:
         self._cache: dict[int, Type] = {}
         self._enum_index: dict[int, tuple[int, int]] | None = None
         self._all_names: list[str] | None = None
+        self._by_type_name: dict[str, Type] = {}  # type() answers: lookups repeat a lot
 
     # ---------------------------------------------------------------- loading
     def _parse_header(self) -> None:
@@ -360,6 +361,14 @@ class Btf:
         Without a kind prefix a struct wins over a union, typedef, enum, then
         anything else; a full definition wins over a forward declaration.
         """
+        hit = self._by_type_name.get(name)
+        if hit is not None:
+            return hit
+        t = self._lookup_type(name)
+        self._by_type_name[name] = t
+        return t
+
+    def _lookup_type(self, name: str) -> Type:
         name = " ".join(name.split())
         want: tuple[int, ...] | None = None
         for prefix, kinds in (("struct ", (STRUCT,)), ("union ", (UNION,)),

@@ -12,6 +12,7 @@ only whether &var moves with the KASLR slide (absolute) or not (relative).
 from __future__ import annotations
 
 import bisect
+from operator import itemgetter
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -38,6 +39,7 @@ class SymbolTable:
     def __init__(self, symbols: Iterable[Symbol]):
         self._by_name: dict[str, Symbol] = {}
         self._dups: dict[str, list[Symbol]] = {}
+        symbols = list(symbols)
         for s in symbols:
             prev = self._by_name.get(s.name)
             if prev is None:
@@ -50,14 +52,11 @@ class SymbolTable:
         self._mark_percpu_range()
         # Sorted kernel-space addresses for nearest(); per-CPU offsets (small values)
         # are not addresses and stay out.
-        ordered = sorted((s for s in self._all() if s.address >= KERNEL_SPACE and s.type not in "aA"),
-                         key=lambda s: (s.address, not s.is_global, s.name))
+        # (Ties at one address are settled in nearest(), so sort by address alone.)
+        ordered = [s for s in symbols if s[1] >= KERNEL_SPACE and s[3] not in "aA"]
+        ordered.sort(key=itemgetter(1))
         self._sorted = ordered
         self._addrs = [s.address for s in ordered]
-
-    def _all(self) -> Iterator[Symbol]:
-        for name, s in self._by_name.items():
-            yield from self._dups.get(name, [s])
 
     def _mark_percpu_range(self) -> None:
         # With only a System.map there are no sections: per-CPU symbols are those in

@@ -172,6 +172,7 @@ struct kvm_run {
 struct vmm_vm {
     int vm_fd;
     uint32_t freeze_gen, thaw_gen, parked, stop, live;
+    uint64_t thaw_ns;
     uint32_t serial_fast;
     uint64_t serial_head, serial_tail, serial_dropped;
     int nvcpus;
@@ -190,7 +191,7 @@ struct vmm_vcpu {
     uint32_t msr_index[3];
     uint64_t msr_value[3];
     int nmsrs_captured;
-    uint64_t exits, fast_exits;
+    uint64_t resumed_ns, exits, fast_exits;
     ...;
 };
 

@@ -341,6 +341,7 @@ static int handle_freeze(struct vmm_vcpu *v, uint32_t gen)
             break;
         futex_wait(&vm->thaw_gen, t, NULL); /* EINTR (a kick) / EAGAIN: re-check */
     }
+    v->resumed_ns = now_ns();
     STORE(&v->parked_gen, 0);
     STORE(&v->activity, VMM_ACT_RUNNING);
     return LOAD(&vm->stop) ? 1 : 0;
@@ -399,6 +400,7 @@ int vmm_freeze_wait(struct vmm_vm *vm, int expected, int64_t timeout_ns)
 void vmm_thaw(struct vmm_vm *vm)
 {
     STORE(&vm->parked, 0);
+    vm->thaw_ns = now_ns();
     STORE(&vm->thaw_gen, LOAD(&vm->freeze_gen));
     futex_wake(&vm->thaw_gen, INT_MAX);
 }

@@ -36,6 +36,7 @@ struct vmm_vm {
     uint32_t parked;     /* count of park events (futex word the coordinator sleeps on) */
     uint32_t stop;       /* nonzero: every loop returns VMM_RUN_STOPPED */
     uint32_t live;       /* vCPU threads registered (inside a run session) */
+    uint64_t thaw_ns;    /* CLOCK_MONOTONIC of the last vmm_thaw (benchmarks) */
 
     /* COM1 fast path. */
     uint32_t serial_fast;    /* set by the Python 16550 when DLAB=0 and IER.THRI=0 */
@@ -78,6 +79,7 @@ struct vmm_vcpu {
     uint64_t msr_value[VMM_SNAPSHOT_MSRS];
     int nmsrs_captured;
 
+    uint64_t resumed_ns;  /* CLOCK_MONOTONIC when it last left a freeze (benchmarks) */
     uint64_t exits;       /* KVM_RUN returns (all) */
     uint64_t fast_exits;  /* exits handled in C */
 };

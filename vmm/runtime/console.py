@@ -8,11 +8,15 @@ one call and hands the bytes to `sink(bytes)`.
 from __future__ import annotations
 
 import threading
+import time
 
 from vmm.kvm.native import native
 
 _DRAIN_CHUNK = 65536
 _WAKE_INTERVAL_NS = 200_000_000  # re-check the stop flag this often even when idle
+# After a wake-up, let output accumulate briefly: one drain per burst instead of a
+# futex wake and a context switch per byte (which would slow the printing vCPU).
+_BATCH_DELAY_S = 0.002
 
 
 class ConsolePump(threading.Thread):
@@ -48,7 +52,8 @@ class ConsolePump(threading.Thread):
     def run(self) -> None:
         _, lib = native()
         while not self._stopping:
-            lib.vmm_serial_wait(self.vm_native, _WAKE_INTERVAL_NS)
+            if lib.vmm_serial_wait(self.vm_native, _WAKE_INTERVAL_NS) and not self._stopping:
+                time.sleep(_BATCH_DELAY_S)
             data = self.drain()
             if data:
                 self.sink(data)

@@ -138,3 +138,17 @@ def test_symbols_match_nm_sample(kernel, vmlinux):
             assert (s.address, s.type) == (int(addr, 16), letter), name
             seen += 1
     assert seen > 1000
+
+
+def test_distro_bzimage_with_system_map(kernel, vmlinux):
+    """The distro path: vmlinuz (BTF, no .symtab) + the -dbg System.map."""
+    vmlinuz = sorted(fetch_debug.cache_dir().glob("*/vmlinuz*"))
+    smap = fetch_debug.system_map_for(vmlinux)
+    if not vmlinuz or smap is None:
+        pytest.skip("no cached Debian vmlinuz (vmm.kernelstore fetch_debian) or System.map")
+    k = Kernel.load(bzimage=vmlinuz[-1], system_map=smap)
+    if k.build_id != kernel.build_id:
+        pytest.skip(f"cached vmlinuz is another build ({k.build_id} vs {kernel.build_id})")
+    assert k.enum("SCX_RQ_CLK_VALID") == 32
+    assert k.btf.field("struct rq", "scx.flags") == kernel.btf.field("struct rq", "scx.flags")
+    assert k.is_percpu("runqueues") and k.symbol("runqueues") == kernel.symbol("runqueues")

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from vmm.errors import TranslationError, VmmError
+from vmm.errors import KvmIoctlError, VmmError
 
 # Options appended, in this order, unless the command line already sets the same key.
 PVM_CMDLINE_OPTIONS = (
@@ -52,7 +52,7 @@ CLEARCPUID_MAX = 127
 KVM_INTERNAL_ERROR_EMULATION = 1
 BP_VECTOR = 3
 GP_VECTOR = 13
-MXCSR_VALID_MASK = 0xFFFF  # bits 16..31 reserved: loading them raises #GP(0)
+MXCSR_DEFAULT_MASK = 0xFFBF  # when the CPU reports none (FXSAVE's MXCSR_MASK = 0)
 MAX_INSTRUCTION = 15
 CR0_PG = 1 << 31
 CR4_LA57 = 1 << 12
@@ -332,6 +332,54 @@ def read_code(memory, sregs, rip: int, n: int = MAX_INSTRUCTION) -> bytes:
 # --------------------------------------------------------------------------------------
 # The assists
 # --------------------------------------------------------------------------------------
+# MXCSR goes through KVM_GET_XSAVE/KVM_SET_XSAVE: KVM_GET_FPU/KVM_SET_FPU have an
+# mxcsr field but KVM ignores it in both directions (measured here: reads 0, writes
+# are dropped), so the legacy FXSAVE area of the XSAVE buffer is the only way in.
+# The Vcpu wrapper has no xsave methods (yet): plain fcntl.ioctl on its fd.
+KVM_GET_XSAVE = 0x9000AEA4  # _IOR(KVMIO, 0xa4, struct kvm_xsave), 4096 bytes
+KVM_SET_XSAVE = 0x5000AEA5  # _IOW(KVMIO, 0xa5, struct kvm_xsave)
+XSAVE_SIZE = 4096
+XSAVE_MXCSR = 24  # offsets in the legacy (FXSAVE) region
+XSAVE_MXCSR_MASK = 28
+XSAVE_XSTATE_BV = 512
+XFEATURE_SSE = 1 << 1  # KVM takes MXCSR from the buffer only when FP or SSE is set
+
+
+def _get_xsave(vcpu) -> bytearray:
+    import fcntl
+
+    buf = bytearray(XSAVE_SIZE)
+    try:
+        fcntl.ioctl(vcpu.fd, KVM_GET_XSAVE, buf, True)
+    except OSError as e:
+        raise KvmIoctlError("KVM_GET_XSAVE", e.errno or 0, f"vCPU {getattr(vcpu, 'index', '?')}") from None
+    return buf
+
+
+def _set_xsave(vcpu, buf: bytearray) -> None:
+    import fcntl
+
+    try:
+        fcntl.ioctl(vcpu.fd, KVM_SET_XSAVE, buf, True)
+    except OSError as e:
+        raise KvmIoctlError("KVM_SET_XSAVE", e.errno or 0, f"vCPU {getattr(vcpu, 'index', '?')}") from None
+
+
+def get_mxcsr(vcpu) -> tuple[int, int]:
+    """(MXCSR, MXCSR_MASK) of a vCPU that is not running."""
+    buf = _get_xsave(vcpu)
+    mxcsr, mask = struct.unpack_from("<II", buf, XSAVE_MXCSR)
+    return mxcsr, mask or MXCSR_DEFAULT_MASK
+
+
+def set_mxcsr(vcpu, value: int) -> None:
+    buf = _get_xsave(vcpu)
+    struct.pack_into("<I", buf, XSAVE_MXCSR, value)
+    (xstate_bv,) = struct.unpack_from("<Q", buf, XSAVE_XSTATE_BV)
+    struct.pack_into("<Q", buf, XSAVE_XSTATE_BV, xstate_bv | XFEATURE_SSE)
+    _set_xsave(vcpu, buf)
+
+
 def _inject_exception(vcpu, vector: int, error_code: int | None = None) -> None:
     events = vcpu.get_vcpu_events()
     events.exception.injected = 1
@@ -357,8 +405,8 @@ def assist_internal_error(vcpu, memory) -> bool:
 
     Called on KVM_EXIT_INTERNAL_ERROR.  Handles suberror 1 (emulation failure) at:
     ``int3`` (RIP += 1, inject #BP, exactly what the CPU does for the trap) and
-    ``ldmxcsr``/``stmxcsr`` (MXCSR via KVM_GET_FPU/KVM_SET_FPU, RIP past the
-    instruction).  Anything else, or an operand that cannot be translated (a real
+    ``ldmxcsr``/``stmxcsr`` (MXCSR via KVM_GET_XSAVE/KVM_SET_XSAVE, RIP past the
+    instruction; reserved bits in a loaded value inject #GP(0) like the CPU).  Anything else, or an operand that cannot be translated (a real
     CPU would raise #PF there): False, and the caller reports the failure.
     """
     if not _is_emulation_failure(vcpu):
@@ -384,18 +432,17 @@ def assist_internal_error(vcpu, memory) -> bool:
     next_rip = (regs.rip + insn.length) & MASK64
     addr = effective_address(insn.operand, regs, next_rip, sregs.fs.base, sregs.gs.base)
     try:
-        fpu = vcpu.get_fpu()
+        mxcsr, valid_mask = get_mxcsr(vcpu)
         if insn.store:
-            write_virtual(memory, sregs, addr, struct.pack("<I", fpu.mxcsr & MASK32))
+            write_virtual(memory, sregs, addr, struct.pack("<I", mxcsr))
         else:
             (value,) = struct.unpack("<I", read_virtual(memory, sregs, addr, 4))
-            if value & ~MXCSR_VALID_MASK:
+            if value & ~valid_mask:
                 _inject_exception(vcpu, GP_VECTOR, 0)  # what the CPU does: RIP stays
-                assist_counts["ldmxcsr#GP"] += 1
+                assist_counts[f"{insn.mnemonic}#GP"] += 1
                 return True
-            fpu.mxcsr = value
-            vcpu.set_fpu(fpu)
-    except (TranslationError, VmmError):
+            set_mxcsr(vcpu, value)
+    except VmmError:  # TranslationError, GuestMemoryError, KvmIoctlError
         return False
     regs.rip = next_rip
     vcpu.set_regs(regs)

@@ -135,9 +135,18 @@ class VcpuThread(threading.Thread):
                 self._finish("error", f"vCPU {index}: unexpected {exit_reason_name(reason)}")
                 return
 
+    _SCALAR = {1: "uint8_t *", 2: "uint16_t *", 4: "uint32_t *"}
+
     def _port_io(self, ffi, lib, run, index: int) -> None:
         io = run.io
         size, count, port = io.size, io.count, io.port
+        if count == 1:  # the common case, kept short: it is on every port exit's path
+            ptr = ffi.cast(self._SCALAR[size], ffi.cast("uint8_t *", run) + io.data_offset)
+            if io.direction == lib.KVM_EXIT_IO_OUT:
+                self.handler.io_out(index, port, size, ptr[0])
+            else:
+                ptr[0] = self.handler.io_in(index, port, size) & ((1 << (8 * size)) - 1)
+            return
         # rep ins/outs: `count` items of `size` bytes at data_offset in the run page.
         data = ffi.buffer(ffi.cast("uint8_t *", run) + io.data_offset, size * count)
         if io.direction == lib.KVM_EXIT_IO_OUT:

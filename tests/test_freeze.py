@@ -254,3 +254,32 @@ def test_guest_clock_is_restored_at_thaw():
         coord.thaw()
         clock, _ = g.vm.get_clock()
         assert clock - snap.clock < 250_000_000  # the 300 ms frozen did not pass for the guest
+
+
+def test_drain_completes_a_pending_port_in_before_capture():
+    # `in %dx,%al; 1: jmp 1b`: the vCPU is in the Python handler for the IN when the
+    # freeze comes; the drain KVM_RUN must deliver the value to AL and step RIP past the
+    # IN before the registers are captured.
+    code = bytes.fromhex("ecebfe")
+    release = threading.Event()
+    entered = threading.Event()
+
+    class SlowIn(RecordingHandler):
+        def io_in(self, i, port, size):
+            entered.set()
+            release.wait(10)
+            return 0x5A
+
+    with TinyVm(code, ncpus=1) as g:
+        g.start(SlowIn())
+        assert entered.wait(5)
+        coord = FreezeCoordinator(g.vm, g.vcpus)
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("snap", coord.freeze(timeout=10)))
+        t.start()
+        time.sleep(0.1)
+        release.set()
+        t.join(10)
+        with result["snap"] as snap:
+            assert snap.vcpus[0].regs.rax & 0xFF == 0x5A
+            assert snap.vcpus[0].rip == GUEST_CODE + 1

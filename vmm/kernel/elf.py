@@ -175,8 +175,12 @@ class ElfImage:
                 letter = "W" if letter != "?" else "w"
             elif bind != STB_LOCAL:
                 letter = letter.upper()
-            out.append(Symbol(name, value, size, letter, sec_name,
-                              percpu is not None and sec_name == PERCPU_SECTION))
+            # A linker-script symbol can carry the per-CPU section index without being
+            # a per-CPU variable (__per_cpu_load is the template's load address).
+            is_percpu = (percpu is not None and sec_name == PERCPU_SECTION
+                         and percpu.addr <= value <= percpu.addr + percpu.size
+                         and name != "__per_cpu_load")
+            out.append(Symbol(name, value, size, letter, sec_name, is_percpu))
         return out
 
     def percpu_section(self) -> Section | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from vmm.errors import ImageError, KernelFeatureMissing, SymbolNotFound
+from vmm.errors import ImageError, KernelFeatureMissing, SymbolNotFound, TypeNotFound
 from vmm.kernel import cache
 from vmm.kernel.btf import VAR, Btf, Type
 from vmm.kernel.elf import ElfImage
@@ -19,6 +19,11 @@ from vmm.kernel.symbols import Symbol, SymbolTable
 from vmm.kernel.sysmap import parse_system_map
 
 PathOrBytes = str | os.PathLike | bytes
+
+# Types of well-known kernel variables, for when BTF has no VAR record for them.
+KNOWN_VAR_TYPES = {"runqueues": "struct rq", "init_uts_ns": "struct uts_namespace",
+                   "init_task": "struct task_struct", "jiffies": "long unsigned int",
+                   "jiffies_64": "u64", "nr_cpu_ids": "unsigned int"}
 
 
 class Kernel:
@@ -109,6 +114,17 @@ class Kernel:
         for tid in self._btf._ids_named(name):
             if self._btf.kind_of(tid) == VAR:
                 return self._btf.get(self._btf.get(tid).ref)
+        # pahole does not always emit the VAR (e.g. a section-relative per-CPU layout
+        # it did not recognise): fall back to the type every kernel gives these.
+        known = KNOWN_VAR_TYPES.get(name)
+        if known:
+            try:
+                t = self._btf.type(known)
+            except TypeNotFound:
+                return None
+            sym = self.symbols.get(name)
+            if sym is None or not sym.size or sym.size == self._btf.sizeof(t):
+                return t
         return None
 
     def attach(self, reader, cr3: int | None = None, kaslr_slide: int | None = None,

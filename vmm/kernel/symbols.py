@@ -67,7 +67,7 @@ class SymbolTable:
             return
         lo, hi = start.address, end.address
         for name, s in list(self._by_name.items()):
-            if lo <= s.address < hi and name not in ("__per_cpu_start",):
+            if lo <= s.address < hi and name != "__per_cpu_load":
                 self._by_name[name] = s._replace(percpu=True)
 
     # ---------------------------------------------------------------- lookup

@@ -57,10 +57,14 @@ def test_load_needs_something():
         Kernel.load()
 
 
+def symtab_entry(k):
+    return cache.entry_path(f"elf-{k.build_id}-symtab-{k.elf.section('.symtab').size}")
+
+
 def test_cache_written_keyed_by_build_id_and_reused():
     elf = kfixture.linked()
     k = Kernel.load(vmlinux=elf)
-    entry = cache.entry_path(f"elf-{k.build_id}-symtab")
+    entry = symtab_entry(k)
     assert entry.exists()
     # A cache hit serves the pickled table: prove it by planting a marker symbol.
     version, key, value = pickle.loads(entry.read_bytes())
@@ -72,11 +76,11 @@ def test_cache_written_keyed_by_build_id_and_reused():
 def test_corrupt_cache_is_ignored_and_rewritten():
     elf = kfixture.linked()
     k = Kernel.load(vmlinux=elf)
-    entry = cache.entry_path(f"elf-{k.build_id}-symtab")
+    entry = symtab_entry(k)
     entry.write_bytes(b"garbage")
     k2 = Kernel.load(vmlinux=elf)
     assert k2.symbol("_start") == k.symbol("_start")
-    assert pickle.loads(entry.read_bytes())[1] == f"elf-{k.build_id}-symtab"
+    assert pickle.loads(entry.read_bytes())[1] == symtab_entry(k).stem
 
 
 def test_format_helpers():
@@ -88,3 +92,34 @@ def test_format_helpers():
     assert "GREEN = 5" in format_btf(k, "GREEN")
     assert "struct outer {" in format_btf(k, "outer")
     assert "bits 3..7" in format_btf(k, "bits", "y")
+
+
+def test_load_bzimage_with_system_map(tmp_path):
+    """The distro path: BTF from the vmlinux inside a bzImage, symbols from System.map."""
+    images = pytest.importorskip("vmm.machine.images")
+    from test_images import compress, make_bzimage
+
+    elf = kfixture.linked()
+    stripped = tmp_path / "vmlinux"
+    import subprocess
+
+    subprocess.run(["strip", "-o", str(stripped), str(elf)], check=True)  # no .symtab, like Debian's
+    bz = make_bzimage(compress("gzip", stripped.read_bytes()))
+    assert images.extract_vmlinux(bz) == stripped.read_bytes()
+    smap = tmp_path / "System.map"
+    nm = subprocess.run(["nm", "-n", str(elf)], capture_output=True, text=True, check=True).stdout
+    smap.write_text(nm)
+    k = Kernel.load(bzimage=bz, system_map=smap)
+    assert k.has_btf and k.build_id == Kernel.load(vmlinux=elf).build_id
+    assert k.symbol("runqueues_fx") == Kernel.load(vmlinux=elf).symbol("runqueues_fx")
+    assert k.is_percpu("runqueues_fx") and not k.is_percpu("global_outer")
+    assert k.btf.offsetof("struct rq_fx", "scx.flags") == 16
+
+
+def test_cache_entry_of_wrong_shape_is_recomputed():
+    elf = kfixture.linked()
+    k = Kernel.load(vmlinux=elf)
+    entry = symtab_entry(k)
+    version, key, _ = pickle.loads(entry.read_bytes())
+    entry.write_bytes(pickle.dumps((version, key, [("too", "short")])))
+    assert Kernel.load(vmlinux=elf).symbol("_start") == k.symbol("_start")

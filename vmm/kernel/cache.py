@@ -61,11 +61,13 @@ def store(key: str, value) -> None:
         pass
 
 
-def cached(key: str | None, compute: Callable[[], T]) -> T:
+def cached(key: str | None, compute: Callable[[], T],
+           valid: Callable[[object], bool] = lambda v: True) -> T:
+    """compute(), or its stored result for key; an entry failing `valid` is recomputed."""
     if key is None:
         return compute()
     hit = load(key)
-    if hit is not None:
+    if hit is not None and valid(hit):
         return hit
     value = compute()
     store(key, value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,11 +110,20 @@ def _extract(d: Path, deb: Path) -> Path:
     if "vmlinux" not in members:
         raise KernelStoreError(f"{deb.name} holds no usr/lib/debug/lib/modules/*/vmlinux")
     ver = members["vmlinux"][1]
-    paths = " ".join(f"'{m[0]}'" for m in members.values())
-    _run("extract vmlinux", ["sh", "-c",
-         f"dpkg-deb --fsys-tarfile '{deb}' | tar -x -C '{d}' {paths}"])
+    paths = [m[0] for m in members.values()]
+    try:
+        dpkg = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+        tar = subprocess.run(["tar", "-x", "-C", str(d), *paths], stdin=dpkg.stdout,
+                             capture_output=True, text=True, timeout=1800)
+        dpkg.stdout.close()
+        dpkg.wait(timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelStoreError(f"extract vmlinux from {deb.name}: {e}") from None
+    if tar.returncode or dpkg.returncode:
+        raise KernelStoreError(f"extract vmlinux from {deb.name} failed: {tar.stderr[-2000:]}")
     for kind, (member, _) in members.items():
         (d / member.lstrip("./")).rename(d / f"{kind}-{ver}")
+    shutil.rmtree(d / "usr", ignore_errors=True)
     final = d / f"vmlinux-{ver}"
     deb.unlink()  # the vmlinux is all we keep
     return final

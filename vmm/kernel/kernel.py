@@ -62,16 +62,20 @@ class Kernel:
         btf_data = None
         if elf is not None:
             build_id = elf.build_id()
-            key = f"elf-{build_id}" if build_id else (elf.content_hash() if elf.path else None)
-            syms = cache.cached(key and f"{key}-symtab", lambda: _plain(elf.symbols()))
-            syms = [Symbol._make(s) for s in syms]
+            symtab = elf.section(".symtab")
+            if symtab is not None:
+                # A stripped copy shares the build id: key on the table's size too.
+                key = f"elf-{build_id}" if build_id else (elf.content_hash() if elf.path else None)
+                key = key and f"{key}-symtab-{symtab.size}"
+                syms = [Symbol._make(s) for s in cache.cached(
+                    key, lambda: _plain(elf.symbols()), _plain_symbols)]
             btf_data = elf.btf()
         if not syms and system_map is not None:
             text = _read(system_map, "System.map")
             key = "sysmap-" + hashlib.sha256(text).hexdigest()[:40]
             where = system_map if not isinstance(system_map, bytes) else "System.map"
             syms = [Symbol._make(s) for s in cache.cached(
-                key, lambda: _plain(parse_system_map(text, what=str(where))))]
+                key, lambda: _plain(parse_system_map(text, what=str(where))), _plain_symbols)]
             sources.append(_describe("System.map", system_map))
         if btf is not None:
             btf_data = _read(btf, "BTF")
@@ -142,6 +146,12 @@ class Kernel:
 
 def _plain(symbols: list[Symbol]) -> list[tuple]:
     return [tuple(s) for s in symbols]
+
+
+def _plain_symbols(value) -> bool:
+    """Does a cache entry look like _plain() output (same field count as Symbol)?"""
+    return isinstance(value, list) and all(
+        isinstance(s, tuple) and len(s) == len(Symbol._fields) for s in value[:1000])
 
 
 def _read(src: PathOrBytes, what: str) -> bytes:

@@ -87,3 +87,25 @@ def test_idt_cross_check():
     assert kaslr.check_idt(syms, SLIDE, 0xFFFFFFFF82000000 + SLIDE) is None
     assert "IDT base" in kaslr.check_idt(syms, SLIDE, 0xFFFFFFFF82000000)
     assert kaslr.slide_from_lstar(syms, 0xFFFFFFFF81000080 + SLIDE) == SLIDE
+
+
+def test_physically_moved_image_found_through_page_tables():
+    """Loaded 32 MiB above its link address and not slid virtually: neither phys_base
+    guess holds, so phys_base itself is read through the guest's page tables."""
+    from test_translate import Tables
+
+    moved = 0x2000000
+    t = Tables()
+    k, _ = booted(0, 0)
+    kfixture.load_image(t.mem, kfixture.linked(), phys_base=moved)
+    pb = k.symbol("phys_base")
+    pb_gpa = pb - 0xFFFFFFFF80000000 + moved
+    t.mem.write_u64(pb_gpa, moved)
+    t.map(pb & ~0x1FFFFF, (pb_gpa & ~0x1FFFFF), 1 << 21)
+    with pytest.raises(TranslationError, match="cr3"):
+        k.attach(t.mem)
+    live = k.attach(t.mem, cr3=t.root)
+    assert live.phys_base == moved
+    assert live.kva_to_gpa(k.symbol("_text")) == 0x1000000 + moved
+    assert live.read("nr_cpu_ids") == 4
+    assert live.kaslr.checks == ("linux_banner",)

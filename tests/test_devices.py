@@ -54,3 +54,18 @@ def test_mmio_bus_unknown_reads_all_ones():
     assert bus.read(0xD0000000, 4) == 0xFFFFFFFF
     bus.write(0xD0000000, 8, 1)
     assert bus.unhandled[0xD0000000] == 2
+
+
+def test_acpi_pm_registers_and_poweroff():
+    from vmm.machine.devices.acpi_pm import AcpiPm
+
+    sleeps = []
+    pm = AcpiPm(0x400, 0x404, sleep=sleeps.append)
+    assert pm.io_in(0x404, 2) & 1  # SCI_EN: already in ACPI mode
+    pm.io_out(0x402, 2, 0x0120)
+    assert pm.io_in(0x402, 2) == 0x0120 and pm.io_in(0x400, 4) == 0x01200000
+    pm.status = 0x8001
+    pm.io_out(0x400, 2, 0x0001)  # write 1 to clear
+    assert pm.io_in(0x400, 2) == 0x8000
+    pm.io_out(0x404, 2, (5 << 10) | (1 << 13))
+    assert sleeps == [5] and not pm.io_in(0x404, 2) & (1 << 13)

@@ -83,7 +83,12 @@ def test_acpi_tables(cpus):
     assert not flags & T.FADT_HW_REDUCED_ACPI
     dsdt32, x_dsdt = struct.unpack_from("<I", fadt, 40)[0], struct.unpack_from("<Q", fadt, 140)[0]
     assert dsdt32 == x_dsdt
-    assert read_table(blob, x_dsdt)[0] == b"DSDT"
+    sig, dsdt = read_table(blob, x_dsdt)
+    assert sig == b"DSDT" and dsdt[36:] == T.AML_S5
+    assert struct.unpack_from("<II", fadt, 56)[0] == L.ACPI_PM1_EVT_PORT
+    assert struct.unpack_from("<I", fadt, 64)[0] == L.ACPI_PM1_CNT_PORT and fadt[88:90] == b"\x04\x02"
+    assert struct.unpack_from("<BBBBQ", fadt, 148) == (1, 32, 0, 0, L.ACPI_PM1_EVT_PORT)
+    assert struct.unpack_from("<BBBBQ", fadt, 172) == (1, 16, 0, 0, L.ACPI_PM1_CNT_PORT)
     facs_addr = struct.unpack_from("<I", fadt, 36)[0]
     assert facs_addr % 64 == 0 and blob[facs_addr - L.ACPI_START:][:4] == b"FACS"
     assert struct.unpack_from("<BBBBQ", fadt, 116) == (1, 8, 0, 1, 0x64) and fadt[128] == 0xFE

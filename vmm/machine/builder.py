@@ -7,6 +7,7 @@ step's name in front of its message (and in `error.build_step`).
 
 Why a VM ended is always known: `wait()` returns a VmExit whose reason is one of
 "exit-code", "reset", "shutdown", "timeout", "internal-error", "panic", "stopped".
+"stopped" (exit code 0) is the host's stop() or the guest's ACPI power-off (S5).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vmm.machine import images
 from vmm.machine import layout as L
 from vmm.machine import tables
 from vmm.machine.devices import ExitPort, I8042, MmioBus, PortBus, ReportPort, Serial16550
+from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
 
 # The default command line for real Linux kernels:
 #   console=ttyS0  the console on our COM1 16550
@@ -458,6 +460,16 @@ class Machine:
         self.port_bus.register(L.EXIT_PORT, 1, ExitPort(
             on_exit=lambda code: self._finish("exit-code", code, f"the guest wrote {code} to the exit port")))
         self.port_bus.register(L.REPORT_PORT, 4, self.report_port)
+        if self.acpi:
+            pm = AcpiPm(L.ACPI_PM1_EVT_PORT, L.ACPI_PM1_CNT_PORT, sleep=self._acpi_sleep)
+            self.port_bus.register(L.ACPI_PM1_EVT_PORT, PM1_EVT_LEN, pm)
+            self.port_bus.register(L.ACPI_PM1_CNT_PORT, PM1_CNT_LEN, pm)
+
+    def _acpi_sleep(self, sleep_type: int) -> None:
+        if sleep_type == SLP_TYP_S5:
+            self._finish("stopped", 0, "the guest powered off (ACPI S5)")
+        else:
+            self.notes.append(f"the guest asked for ACPI sleep type {sleep_type}; ignored")
 
     # `start` is both the public method and the last build step, whose body is _start.
     def _start(self) -> None:

@@ -64,6 +64,8 @@ I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 EXIT_PORT = 0xF4  # QEMU isa-debug-exit's port
 REPORT_PORT = 0x600
+ACPI_PM1_EVT_PORT = 0x400  # PM1a_EVT_BLK (4 bytes); QEMU's 0x600 is our report port
+ACPI_PM1_CNT_PORT = 0x404  # PM1a_CNT_BLK (2 bytes)
 
 # --- limits ----------------------------------------------------------------------------
 MIN_MEMORY = 32 * MiB  # kernel at 16 MiB plus room for it to run

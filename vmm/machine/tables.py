@@ -197,8 +197,9 @@ def madt(apic_ids: list[int]) -> bytes:
 
 
 def fadt(dsdt_addr: int, facs_addr: int, hw_reduced: bool = False) -> bytes:
-    """A minimal FADT: no PM register blocks (no SMI command port: the OS finds the
-    system already in ACPI mode), the 8042 present, reset through port 0x64 value 0xFE."""
+    """A minimal FADT: only the PM1a event and control blocks ACPICA requires (see
+    devices/acpi_pm.py; no SMI command port: PM1_CNT.SCI_EN says ACPI mode is on), the
+    8042 present, reset through port 0x64 value 0xFE."""
     body = bytearray(FADT_SIZE - ACPI_HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values) -> None:
@@ -207,6 +208,12 @@ def fadt(dsdt_addr: int, facs_addr: int, hw_reduced: bool = False) -> bytes:
     put(36, "I", 0 if hw_reduced else facs_addr)  # FIRMWARE_CTRL
     put(40, "I", dsdt_addr)  # DSDT
     put(46, "H", 0 if hw_reduced else SCI_IRQ)  # SCI_INT
+    if not hw_reduced:
+        put(56, "I", L.ACPI_PM1_EVT_PORT)  # PM1a_EVT_BLK
+        put(64, "I", L.ACPI_PM1_CNT_PORT)  # PM1a_CNT_BLK
+        put(88, "BB", 4, 2)  # PM1_EVT_LEN, PM1_CNT_LEN
+        put(148, "BBBBQ", GAS_SYSTEM_IO, 32, 0, 0, L.ACPI_PM1_EVT_PORT)  # X_PM1a_EVT_BLK
+        put(172, "BBBBQ", GAS_SYSTEM_IO, 16, 0, 0, L.ACPI_PM1_CNT_PORT)  # X_PM1a_CNT_BLK
     put(109, "H", IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
     flags = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP
     put(112, "I", flags | (FADT_HW_REDUCED_ACPI if hw_reduced else 0))
@@ -222,9 +229,15 @@ def facs() -> bytes:
     return struct.pack("<4sIIIIIQB31x", b"FACS", FACS_SIZE, 0, 0, 0, 0, 0, 2)
 
 
+# AML: Name (_S5, Package () { 5, 5, 0, 0 }): soft-off is PM1_CNT.SLP_TYP 5.
+#   NameOp 08, "_S5_", PackageOp 12, PkgLength 08, NumElements 04,
+#   BytePrefix 0a 05, BytePrefix 0a 05, ZeroOp 00, ZeroOp 00
+AML_S5 = bytes.fromhex("085f53355f1208040a050a050000")
+
+
 def dsdt() -> bytes:
-    """A DSDT with no AML: the OS wants one to exist; our machine has no ACPI devices."""
-    return sdt(b"DSDT", 2, b"")
+    """The DSDT: no devices, only \\_S5 so that the guest's poweroff reaches us."""
+    return sdt(b"DSDT", 2, AML_S5)
 
 
 def acpi_tables(apic_ids: list[int], base: int = L.ACPI_START,

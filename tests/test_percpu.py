@@ -103,3 +103,19 @@ def test_outside_image_and_direct_map_needs_cr3():
     live = k.attach(mem)
     with pytest.raises(TranslationError, match="cr3"):
         live.kva_to_gpa(0xFFFFC90000000000)
+
+
+def test_reads_follow_pointers_with_arrow():
+    k, mem = booted("absolute")
+    live = k.attach(mem)
+    outer = live.address_of("global_outer", type="struct outer")
+    target = outer + k.btf.offsetof("struct outer", "arr[1]")
+    mem.write_u64(live.kva_to_gpa(outer + k.btf.offsetof("struct outer", "ptr")), target)
+    mem.write(live.kva_to_gpa(target + 4), b"\x7b")  # arr[1].b
+    assert live.read("global_outer", "ptr->b", type="struct outer") == 0x7B
+    assert live.address_of("global_outer", "ptr->a", type="struct outer") == target
+    with pytest.raises(FieldPathError, match="not a pointer"):
+        live.read("global_outer", "first->a", type="struct outer")
+    mem.write_u64(live.kva_to_gpa(outer + k.btf.offsetof("struct outer", "ptr")), 0)
+    with pytest.raises(TargetError, match="NULL"):
+        live.read("global_outer", "ptr->b", type="struct outer")

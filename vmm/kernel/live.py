@@ -5,6 +5,7 @@ Needs only a reader with `read(gpa, n) -> bytes` (GuestMemory, or bytes in tests
     live = kernel.attach(machine.memory, cr3=snap.vcpus[0].sregs.cr3,
                          lstar=snap.vcpus[0].msrs[MSR_LSTAR])
     live.read("runqueues", "scx.flags", cpu=1)      # -> int
+    live.read("runqueues", "curr->pid", cpu=0)      # '->' follows a pointer in guest memory
     live.address_of("jiffies"), live.kva_to_gpa(kva)
 """
 
@@ -178,8 +179,26 @@ class LiveKernel:
         if vtype is None:
             raise FieldPathError(f"type of {name} unknown (not in BTF as a variable): "
                                  f"pass type='struct ...'")
-        f = self.kernel.btf.field(vtype, path)
-        return (base + f.offset) & MASK64, f
+        btf = self.kernel.btf
+        first, *derefs = path.split("->")
+        f = btf.field(vtype, first) if first.strip() else Field(0, btf.sizeof(vtype), vtype)
+        kva = (base + f.offset) & MASK64
+        walked = f"{name}.{first}" if first.strip() else name
+        # "a.ptr->b.c": read the pointer a.ptr from guest memory, go on from its target.
+        for seg in derefs:
+            ptr_type = btf.resolve(f.type)
+            if ptr_type.kind != PTR:
+                raise FieldPathError(f"{walked} is {btf.type_name(ptr_type)}, not a pointer: "
+                                     f"cannot follow '->'")
+            if not seg.strip():
+                raise FieldPathError(f"nothing after '->' in {path!r}")
+            target = struct.unpack("<Q", self.read_kva(kva, 8))[0]
+            if target == 0:
+                raise TargetError(f"{walked} is NULL: cannot follow '->{seg}'")
+            f = btf.field(btf.get(ptr_type.ref), seg)
+            kva = (target + f.offset) & MASK64
+            walked += f"->{seg}"
+        return kva, f
 
     def address_of(self, name: str, path: str | None = None, cpu: int | None = None,
                    type: str | None = None) -> int:

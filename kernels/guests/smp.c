@@ -12,8 +12,13 @@
 #define ICR_BUSY (1u << 12)
 #define ICR_INIT 0x00004500u		/* INIT, level assert */
 #define ICR_STARTUP 0x00004600u		/* start-up IPI, vector in bits 0..7 */
-/* Spin iterations to wait for an AP (a few seconds emulated, well under 1 s native). */
-#define AP_WAIT_SPINS 3000000u
+/*
+ * How long to wait for an AP: at least AP_WAIT_SPINS polls AND AP_WAIT_TSC cycles. Spins
+ * alone would be ~35 s under PVM's ring-0 emulation for a useful native bound; the TSC
+ * alone needs a calibration we do not have. Together: ~3 s emulated, ~1 s native.
+ */
+#define AP_WAIT_SPINS 300000u
+#define AP_WAIT_TSC 2000000000ull
 
 /* Parameter block at the end of the trampoline (head.S ap_tramp_params). */
 struct tramp_params {
@@ -44,6 +49,13 @@ static void send_ipi(u32 apic_id, u32 icr)
 	*lapic(APIC_ICR_LO) = icr;
 	for (u32 i = 0; i < 100000 && (*lapic(APIC_ICR_LO) & ICR_BUSY); i++)
 		cpu_relax();
+}
+
+static u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
 }
 
 static unsigned long virt_to_phys(const void *p)
@@ -80,10 +92,12 @@ void smp_boot_aps(u32 nr_cpus)
 		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		send_ipi(cpu, ICR_INIT);
 		send_ipi(cpu, ICR_STARTUP | (AP_TRAMPOLINE_PHYS >> 12));
-		u32 i;
-		for (i = 0; i < AP_WAIT_SPINS && READ_ONCE(ap_started) < cpu; i++) {
+		u64 t0 = rdtsc();
+		for (u32 i = 0; READ_ONCE(ap_started) < cpu; i++) {
 			if (i == 1000)	/* the second SIPI of the MP spec, if still needed */
 				send_ipi(cpu, ICR_STARTUP | (AP_TRAMPOLINE_PHYS >> 12));
+			if (i >= AP_WAIT_SPINS && rdtsc() - t0 >= AP_WAIT_TSC)
+				break;
 			cpu_relax();
 		}
 		if (READ_ONCE(ap_started) < cpu) {

@@ -88,6 +88,10 @@ def test_format_helpers():
     assert "runqueues_fx" in format_symbols(k, "runqueues_fx")
     assert "per-CPU" in format_symbols(k, "runqueues_fx")
     assert "build id" in format_symbols(k)
+    assert format_symbols(k, "runqueues_*").count("\n") == 0
+    assert "pcpu_counter_fx" in format_symbols(k, "*_fx")
+    assert format_symbols(k, "0xffffffff8100004e").endswith("_start+0x2")
+    assert "no symbol matches" in format_symbols(k, "zz*")
     assert "offset 16" in format_btf(k, "struct rq_fx", "scx.flags")
     assert "GREEN = 5" in format_btf(k, "GREEN")
     assert "struct outer {" in format_btf(k, "outer")

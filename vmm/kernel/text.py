@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from vmm.kernel.btf import ENUM, ENUM64
+
+MAX_LISTED = 200
 
 
 def format_symbols(kernel, name: str | None = None) -> str:
-    """One symbol ('addr type name size section [per-CPU]'), or a summary of the table."""
+    """One symbol ('addr type name size section [per-CPU]'), every match of a glob
+    ('scx_*'), the symbol an address ('0xffffffff81000123') falls in, or without a
+    name a summary of the table."""
     syms = kernel.symbols
     if name is None:
         lines = [f"kernel: {', '.join(kernel.sources) or '?'}",
@@ -15,13 +21,28 @@ def format_symbols(kernel, name: str | None = None) -> str:
                  f"per-CPU style: {syms.percpu_style or 'unknown'}",
                  f"BTF: {f'{len(kernel.btf) - 1} types' if kernel.has_btf else 'none'}"]
         return "\n".join(lines)
-    out = []
-    for s in syms.duplicates(name):
-        extra = " per-CPU" if s.percpu else ""
-        size = f" size={s.size:#x}" if s.size else ""
-        sec = f" [{s.section}]" if s.section else ""
-        out.append(f"{s.address:016x} {s.type} {s.name}{size}{sec}{extra}")
-    return "\n".join(out)
+    if name.lower().startswith("0x"):  # an address: which symbol is it in?
+        try:
+            addr = int(name, 16)
+        except ValueError:
+            pass
+        else:
+            return f"{addr:016x} {syms.format_address(addr)}"
+    if any(c in name for c in "*?["):  # a glob: list the matches, address order
+        matches = sorted((s for s in syms if fnmatch.fnmatchcase(s.name, name)),
+                         key=lambda s: (s.address, s.name))
+        lines = [_symbol_line(s) for s in matches[:MAX_LISTED]]
+        if len(matches) > MAX_LISTED:
+            lines.append(f"... {len(matches) - MAX_LISTED} more")
+        return "\n".join(lines) if lines else f"no symbol matches {name!r}"
+    return "\n".join(_symbol_line(s) for s in syms.duplicates(name))
+
+
+def _symbol_line(s) -> str:
+    extra = " per-CPU" if s.percpu else ""
+    size = f" size={s.size:#x}" if s.size else ""
+    sec = f" [{s.section}]" if s.section else ""
+    return f"{s.address:016x} {s.type} {s.name}{size}{sec}{extra}"
 
 
 def format_btf(kernel, type_name: str, field: str | None = None) -> str:

@@ -506,13 +506,18 @@ class Machine:
         self.mmio_bus.write(addr, size, value, vcpu_index)
 
     def on_internal_error(self, vcpu) -> bool:
-        if self.pvm_assists and _is_pvm_host():
-            pvm = _pvm_module()
-            if pvm is not None and pvm.assist_internal_error(vcpu, self.memory):
-                return True
+        pvm = _pvm_module() if _is_pvm_host() else None
+        if pvm is not None and self.pvm_assists and pvm.assist_internal_error(vcpu, self.memory):
+            return True
         from vmm.machine.diagnose import describe_vcpu
 
-        self._internal_error_detail[vcpu.index] = describe_vcpu(vcpu, self.memory, self._symbolize)
+        detail = describe_vcpu(vcpu, self.memory, self._symbolize)
+        if pvm is not None:
+            try:  # names the instruction and the command-line option that avoids it
+                detail = pvm.describe_failure(vcpu, self.memory, self._symbolize)
+            except VmmError:
+                pass
+        self._internal_error_detail[vcpu.index] = detail
         return False
 
     def on_stop(self, vcpu_index: int, reason: str, detail: str) -> None:

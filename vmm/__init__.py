@@ -1,0 +1,18 @@
+"""vmm: a KVM micro-VMM for testing Linux kernels and sched_ext schedulers.
+
+    from vmm import Machine, KernelTarget, KernelValue, Op
+    with Machine(kernel="build:7.3", cpus=2) as m:
+        m.wait_for_console("Run /init as init process", timeout=900)
+        print(m.inject_scx_clock().describe())
+
+The layers, bottom up: ffi (C core) -> vmm.kvm -> vmm.machine -> vmm.runtime ->
+vmm.kernel -> vmm.ops -> vmm.session / vmm.cli / vmm.pytest_plugin.
+"""
+
+from .errors import VmmError
+from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult, OrU32, U32, U64
+from .session import Machine, ScxInjection
+
+__all__ = ["Bytes", "KernelTarget", "KernelValue", "Machine", "Op", "OpResult", "OrU32",
+           "ScxInjection", "U32", "U64", "VmmError"]
+__version__ = "0.1.0"

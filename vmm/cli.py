@@ -172,7 +172,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
         art = kernelstore.build_kernel(args.version)
     elif action == "list":
         arts = kernelstore.list_kernels()
-        _emit(args, [a.as_dict() for a in arts],
+        _emit(args, [a.to_json() for a in arts],
               "\n".join(a.describe() for a in arts) or "no kernels cached "
               "(try: vmm kernel build 7.3, or vmm kernel fetch)")
         return EXIT_OK
@@ -181,7 +181,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     else:
         print("vmm kernel: say fetch, build, list or path (see vmm kernel --help)", file=sys.stderr)
         return EXIT_USAGE
-    _emit(args, art.as_dict(), art.describe())
+    _emit(args, art.to_json(), art.describe())
     return EXIT_OK
 
 

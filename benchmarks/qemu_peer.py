@@ -1,0 +1,121 @@
+"""QEMU as the peer in side-by-side benchmarks, on the same guest ELF as ours.
+
+- ``exit_cost_us``: per port-write exit cost, from two runs of the guest's ``outloop``
+  mode with different write counts (the difference cancels boot and teardown).
+- ``qmp_stop_cont``: QMP ``stop`` and ``stop``+``cont`` round trips on a running guest.
+
+Both need ``qemu-system-x86_64`` (Debian package qemu-system-x86); they return None
+when it is missing so the caller can say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Optional
+
+QEMU = "qemu-system-x86_64"
+
+
+def qemu_available() -> bool:
+    return shutil.which(QEMU) is not None
+
+
+def _base_cmd(kernel: str, cmdline: str, cpus: int = 1, memory_mb: int = 256) -> list[str]:
+    return [QEMU, "-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", str(memory_mb),
+            "-smp", str(cpus), "-nographic", "-no-reboot", "-display", "none",
+            "-serial", "null", "-monitor", "none", "-nodefaults",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-kernel", kernel, "-append", cmdline]
+
+
+def run_qemu(kernel: str, cmdline: str, cpus: int = 1, timeout: float = 300) -> float:
+    """Wall seconds from exec to exit for one guest run."""
+    started = time.perf_counter()
+    subprocess.run(_base_cmd(kernel, cmdline, cpus), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=timeout, check=False)
+    return time.perf_counter() - started
+
+
+def exit_cost_us(kernel: str, cmdline_fmt: str, n_small: int, n_large: int,
+                 repeats: int = 3) -> Optional[float]:
+    """Microseconds per exit: (t(n_large) - t(n_small)) / (n_large - n_small), best of
+    ``repeats`` for each length. ``cmdline_fmt`` has ``{n}`` for the write count."""
+    if not qemu_available():
+        return None
+    small = min(run_qemu(kernel, cmdline_fmt.format(n=n_small)) for _ in range(repeats))
+    large = min(run_qemu(kernel, cmdline_fmt.format(n=n_large)) for _ in range(repeats))
+    return (large - small) / (n_large - n_small) * 1e6
+
+
+class Qmp:
+    """A minimal QMP client over a unix socket (greeting, capabilities, commands)."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rwb", buffering=0)
+        self._read_reply()  # greeting
+        self.command("qmp_capabilities")
+
+    def _read_reply(self) -> dict:
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("QMP socket closed")
+            msg = json.loads(line)
+            if "event" not in msg:  # skip STOP/RESUME events
+                return msg
+
+    def command(self, name: str) -> dict:
+        self.file.write(json.dumps({"execute": name}).encode() + b"\n")
+        reply = self._read_reply()
+        if "error" in reply:
+            raise RuntimeError(f"QMP {name}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def qmp_stop_cont(kernel: str, cmdline: str, cpus: int, rounds: int = 200,
+                  settle: float = 2.0) -> Optional[dict]:
+    """Latencies (seconds) of QMP stop and of stop+cont, on a guest left running."""
+    if not qemu_available():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "qmp.sock")
+        cmd = _base_cmd(kernel, cmdline, cpus) + ["-qmp", f"unix:{sock},server=on,wait=off"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            qmp = Qmp(sock)
+            time.sleep(settle)  # let the guest boot into its loop
+            stops, rounds_t = [], []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                qmp.command("stop")
+                t1 = time.perf_counter()
+                qmp.command("cont")
+                t2 = time.perf_counter()
+                stops.append(t1 - t0)
+                rounds_t.append(t2 - t0)
+            qmp.close()
+            return {"stop": stops, "stop_cont": rounds_t}
+        finally:
+            proc.kill()
+            proc.wait()

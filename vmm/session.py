@@ -1,0 +1,350 @@
+"""The top of the stack: a Machine that knows its kernel, and the CLI's main job.
+
+``vmm.Machine`` = the machine builder (boot, devices, vCPU threads, freeze) plus the
+kernel introspection (symbols, BTF) and the ops, so a kernel developer writes::
+
+    with vmm.Machine(kernel="build:7.3", cpus=2) as m:
+        m.wait_for_console("Run /init as init process", timeout=900)
+        print(m.read("jiffies"), m.read("runqueues", "scx.flags", cpu=1))
+        m.inject_scx_clock()          # one cold batch over every possible CPU
+
+Data flows one way: load -> build -> run -> freeze -> resolve -> apply -> thaw.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from .errors import GuestBootError, KernelFeatureMissing, TargetError, VmmError
+from .kvm.kvm import MSR_LSTAR
+from .machine import builder
+from .ops import KernelTarget, KernelValue, Op, OpResult, apply_op, scx_clock_batch
+from .ops.targets import Location
+
+# What a real Linux kernel prints when it hands over to user space.
+INIT_MARKER = r"Run /init as init process|Run .* as init process"
+
+
+def _is_spec(kernel: Any) -> bool:
+    """'debian', 'build', 'build:7.3' name store kernels; anything else is a path."""
+    if not isinstance(kernel, str) or os.path.exists(kernel):
+        return False
+    return kernel.split(":")[0].split("+")[0] in ("debian", "build")
+
+
+class LiveResolver:
+    """KernelTarget resolution over the introspection live view (vmm.kernel.live)."""
+
+    def __init__(self, live: Any):
+        self.live = live
+        self.btf = live.kernel.btf if live.kernel.has_btf else None
+
+    def _to_gpa(self, kva: int, size: Optional[int], what: str) -> int:
+        gpa = self.live.kva_to_gpa(kva)
+        if size and size > 1:
+            # Physically contiguous? (Always in the image and direct maps; a page-walked
+            # object may straddle two unrelated pages.)
+            last = self.live.kva_to_gpa(kva + size - 1)
+            if last != gpa + size - 1:
+                raise TargetError(f"{what} at kva {kva:#x} spans physically discontiguous "
+                                  f"pages ({gpa:#x} .. {last:#x})")
+        return gpa
+
+    def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int]) -> Location:
+        kva, f = self.live.resolve(name, path, cpu)
+        what = name + (f"[cpu {cpu}]" if cpu is not None else "") + (f".{path}" if path else "")
+        type_name = None
+        if f is not None:
+            size = f.size
+            if self.btf is not None:
+                type_name = self.btf.type_name(f.type)
+        else:
+            sym = self.live.symbols.lookup(name)
+            size = sym.size or None
+        gpa = self._to_gpa(kva, size, what)
+        return Location(gpa, size, f"{what} ({type_name or '?'}, {size} bytes at kva {kva:#x})",
+                        kva=kva, type_name=type_name,
+                        bit_size=(f.bit_size or None) if f is not None else None)
+
+    def locate_kva(self, kva: int, size: Optional[int]) -> Location:
+        gpa = self._to_gpa(kva, size, f"kva {kva:#x}")
+        return Location(gpa, size, f"kva {kva:#x}", kva=kva)
+
+    def locate_gpa(self, gpa: int, size: Optional[int]) -> Location:
+        return Location(gpa, size, f"gpa {gpa:#x}")
+
+
+class Machine(builder.Machine):
+    """A VM running one kernel, with that kernel's symbols and types at hand.
+
+    ``kernel`` is a vmlinux ELF or bzImage path, a directory holding them, or a store
+    spec ("build:7.3", "debian"; see vmm.kernelstore). ``vmlinux`` / ``system_map``
+    override where symbols and BTF come from (default: the kernel's own files).
+    """
+
+    def __init__(self, kernel: Any, *, vmlinux: Any = None, system_map: Any = None,
+                 initrd: Any = None, **options: Any):
+        self.artifacts = None
+        boot = kernel
+        if _is_spec(kernel):
+            from . import kernelstore
+            self.artifacts = kernelstore.resolve_kernel(kernel)
+            boot = str(self.artifacts.boot_image)
+            vmlinux = vmlinux or self.artifacts.vmlinux
+            system_map = system_map or self.artifacts.system_map
+        super().__init__(boot, initrd=initrd, **options)
+        self._vmlinux_path = vmlinux
+        self._system_map_path = system_map
+        self._introspection = None
+        self._last_snapshot = None
+        self._default_initrd = initrd is None
+
+    # --- introspection -------------------------------------------------------------
+    @property
+    def vmlinux(self) -> Any:
+        """The kernel's symbols and BTF (vmm.kernel.Kernel), loaded on first use."""
+        if self._introspection is None:
+            from .kernel import Kernel
+            source = self._vmlinux_path or self.kernel
+            with open(source, "rb") as f:
+                is_elf = f.read(4) == b"\x7fELF"
+            if is_elf:
+                self._introspection = Kernel.load(vmlinux=source, system_map=self._system_map_path)
+            else:
+                self._introspection = Kernel.load(bzimage=source, system_map=self._system_map_path)
+        return self._introspection
+
+    def load_initrd(self) -> None:
+        # Real Linux with no initrd given gets our spinning init: the one user space a
+        # PVM host can run (it cannot make system calls there) and harmless elsewhere.
+        if self.initrd is None and self._default_initrd and self.is_linux:
+            from .machine.initramfs import build_initramfs
+            self.initrd = str(build_initramfs(init="spin"))
+        super().load_initrd()
+
+    def live(self, snapshot: Any = None) -> Any:
+        """The kernel applied to this guest's memory; registers from ``snapshot`` (a
+        freeze) give CR3 for page walks and LSTAR for the KASLR slide."""
+        snap = snapshot or self._last_snapshot
+        kwargs: dict = {}
+        if snap is not None:
+            v0 = next((v for v in snap.vcpus if v is not None and not v.error), None)
+            if v0 is not None:
+                kwargs = {"cr3": v0.sregs.cr3, "cr4": v0.sregs.cr4,
+                          "idt_base": v0.sregs.idt.base}
+                lstar = v0.msrs.get(MSR_LSTAR)
+                if lstar:
+                    kwargs["lstar"] = lstar
+        return self.vmlinux.attach(self.memory, **kwargs)
+
+    def freeze(self, timeout: float = 30.0):
+        snap = super().freeze(timeout)
+        self._last_snapshot = snap
+        return snap
+
+    # --- ops -------------------------------------------------------------------------
+    def apply(self, op: Op, freeze_timeout: float = 30.0) -> OpResult:
+        """Run an Op batch (see vmm.ops): a cold batch is one freeze rendezvous."""
+        if op.action == "write":
+            self.dirty = True
+        return apply_op(op, self.memory, lambda snap: LiveResolver(self.live(snap)),
+                        lambda: self.freeze(freeze_timeout))
+
+    @staticmethod
+    def _target(target: Any, path: Optional[str], cpu: Optional[int]) -> KernelTarget:
+        if isinstance(target, KernelTarget):
+            return target
+        if cpu is not None:
+            return KernelTarget.per_cpu(target, cpu, path)
+        return KernelTarget.field(target, path) if path else KernelTarget.symbol(target)
+
+    def read(self, target: Any, path: Optional[str] = None, cpu: Optional[int] = None,
+             hot: bool = False) -> Any:
+        """One value: an int for u32/u64 targets, bytes otherwise. Cold (frozen) by
+        default; ``hot=True`` reads the running guest."""
+        t = self._target(target, path, cpu)
+        op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
+        value = self.apply(op).values[0]
+        return getattr(value, "value", None) if not hasattr(value, "data") else value.data
+
+    def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
+              cpu: Optional[int] = None, hot: bool = False) -> OpResult:
+        t = self._target(target, path, cpu)
+        op = Op.WriteKernelHot([(t, value)]) if hot else Op.WriteKernelCold([(t, value)])
+        return self.apply(op)
+
+    def possible_cpus(self) -> list[int]:
+        with self.freeze() as snap:
+            return self.live(snap).possible_cpus()
+
+    def inject_scx_clock(self, clock: Optional[int] = None,
+                         cpus: Optional[Iterable[int]] = None) -> "ScxInjection":
+        """The mission in one call: one cold batch that, for every possible CPU, writes
+        ``rq->scx.clock`` then ORs ``SCX_RQ_CLK_VALID`` into ``rq->scx.flags``; then a
+        cold read-back of both fields on every CPU."""
+        mask_check = scx_clock_batch  # refuses kernels without the flag, before freezing
+        with self.freeze() as snap:
+            live = self.live(snap)
+            cpu_list = list(cpus) if cpus is not None else live.possible_cpus()
+            if clock is None:
+                # The guest's own notion of now where there is one, so time stays monotonic.
+                clock = snap.clock if snap.clock else time.monotonic_ns()
+            batch = mask_check(self.vmlinux, cpu_list, clock)
+            before = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
+            written = self.apply(Op.WriteKernelCold(batch))
+            after = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
+        mask = batch[1][1].mask
+        rows = []
+        for i, cpu in enumerate(cpu_list):
+            rows.append(ScxCpuRow(
+                cpu=cpu,
+                clock_before=before.values[2 * i].value, clock_after=after.values[2 * i].value,
+                flags_before=before.values[2 * i + 1].value,
+                flags_after=after.values[2 * i + 1].value,
+                clock_addr=written.entries[2 * i].location.gpa,
+                flags_addr=written.entries[2 * i + 1].location.gpa))
+        return ScxInjection(clock=clock, mask=mask, rows=rows,
+                            freeze_latency_us=snap.latency_ns / 1000,
+                            apply_us=written.apply_seconds * 1e6)
+
+
+@dataclass
+class ScxCpuRow:
+    cpu: int
+    clock_before: int
+    clock_after: int
+    flags_before: int
+    flags_after: int
+    clock_addr: int
+    flags_addr: int
+
+    def ok(self, clock: int, mask: int) -> bool:
+        return self.clock_after == clock and self.flags_after == self.flags_before | mask
+
+
+@dataclass
+class ScxInjection:
+    clock: int
+    mask: int
+    rows: list[ScxCpuRow]
+    freeze_latency_us: float
+    apply_us: float
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok(self.clock, self.mask) for r in self.rows)
+
+    def describe(self) -> str:
+        lines = [f"injected SCX_RQ_CLK_VALID ({self.mask:#x}) with scx.clock = {self.clock} on "
+                 f"{len(self.rows)} CPU(s) in one cold batch (freeze {self.freeze_latency_us:.0f} us, "
+                 f"apply {self.apply_us:.0f} us)",
+                 f"{'cpu':>4} {'scx.clock before':>20} {'after':>20} {'scx.flags before':>17} "
+                 f"{'after':>10}  gpa(clock/flags)"]
+        for r in self.rows:
+            lines.append(f"{r.cpu:>4} {r.clock_before:>20} {r.clock_after:>20} "
+                         f"{r.flags_before:>#17x} {r.flags_after:>#10x}  "
+                         f"{r.clock_addr:#x}/{r.flags_addr:#x}"
+                         + ("" if r.ok(self.clock, self.mask) else "  MISMATCH"))
+        lines.append("read back: " + ("every CPU has the written clock and only the flag bit "
+                                      "added" if self.ok else "MISMATCH"))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"clock": self.clock, "mask": self.mask, "ok": self.ok,
+                "freeze_latency_us": self.freeze_latency_us, "apply_us": self.apply_us,
+                "cpus": [r.__dict__ for r in self.rows]}
+
+
+@dataclass
+class SessionReport:
+    """What the CLI's run/inject did, for printing or --json."""
+
+    kernel: str
+    cmdline: str
+    exit: Any = None
+    boot_seconds: Optional[float] = None
+    injection: Optional[ScxInjection] = None
+    extra: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def exit_status(self) -> int:
+        if self.error:
+            return 255
+        if self.injection is not None and not self.injection.ok:
+            return 1
+        if self.exit is None:
+            return 0
+        if self.exit.reason == "exit-code":
+            return self.exit.exit_code
+        return 0 if self.exit.reason in ("reset", "stopped") else 255
+
+    def describe(self) -> str:
+        out = [f"vmm: kernel {self.kernel}", f"vmm: cmdline {self.cmdline}"]
+        if self.boot_seconds is not None:
+            out.append(f"vmm: reached the boot marker in {self.boot_seconds:.2f} s")
+        if self.injection is not None:
+            out.append(self.injection.describe())
+        for k, v in self.extra.items():
+            out.append(f"vmm: {k}: {v}")
+        if self.error:
+            out.append(f"vmm: error: {self.error}")
+        if self.exit is not None:
+            out.append(f"vmm: {self.exit}")
+        return "\n".join(out)
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.kernel, "cmdline": self.cmdline, "boot_seconds": self.boot_seconds,
+                "injection": self.injection.as_dict() if self.injection else None,
+                "exit": None if self.exit is None else {
+                    "reason": self.exit.reason, "exit_code": self.exit.exit_code,
+                    "detail": self.exit.detail},
+                "exit_status": self.exit_status, "extra": self.extra, "error": self.error}
+
+
+def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optional[str] = None,
+                initrd: Optional[str] = None, timeout: Optional[float] = None,
+                inject_scx: bool = False, wait_for: Optional[str] = None,
+                stream: Any = None) -> SessionReport:
+    """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop."""
+    m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
+                console=stream, timeout=timeout)
+    report = SessionReport(kernel=str(kernel), cmdline="")
+    try:
+        m.start()
+        report.cmdline = m.cmdline
+        if not inject_scx:
+            report.exit = m.wait()
+            return report
+        marker = wait_for or (INIT_MARKER if m.is_linux else r"cpus up")
+        t0 = time.monotonic()
+        try:
+            m.wait_for_console(marker, timeout=timeout)
+        except VmmError as exc:
+            raise GuestBootError(f"the guest did not print {marker!r}: {exc}\n"
+                                 f"last console lines:\n{m.console_tail(20)}") from exc
+        report.boot_seconds = time.monotonic() - (m.started_at or t0)
+        report.injection = m.inject_scx_clock()
+        jiffies0 = _try_read(m, "jiffies")
+        time.sleep(0.5)
+        jiffies1 = _try_read(m, "jiffies")
+        if jiffies0 is not None and jiffies1 is not None:
+            report.extra["jiffies after thaw"] = f"{jiffies0} -> {jiffies1} (guest runs on)"
+        report.exit = m.stop()
+    except (KernelFeatureMissing, GuestBootError, VmmError) as exc:
+        report.error = str(exc)
+        report.exit = m.stop()
+    finally:
+        m.stop()
+    return report
+
+
+def _try_read(m: Machine, name: str) -> Optional[int]:
+    try:
+        return m.read(name, hot=True)
+    except VmmError:
+        return None

@@ -232,3 +232,19 @@ def test_fifty_machines_leak_nothing(guest):
         _, r = run(guest, f"mode=hello exit={i}", cpus=1 + i % 2)
         assert r.exit_code == i
     assert _open_fds() == fds and threading.active_count() == threads
+
+
+def test_ram_above_the_gap(guest):
+    m = Machine(guest, memory="5G", cmdline="mode=hello")
+    try:
+        m.build()
+        from vmm.machine.bootparams import BootParams
+
+        assert [(g, s) for g, s, _ in m.memory.regions] == L.ram_regions(5 << 30)
+        zp = BootParams(m.memory.read(L.ZERO_PAGE_START, 4096))
+        assert zp.e820()[-1] == (4 << 30, 2 << 30, L.E820_RAM)
+        m.memory.write_u64((5 << 30) + (1 << 30) - 8, 7)  # last byte of RAM, above 4 GiB
+    finally:
+        m.stop()
+    r = Machine(guest, memory="5G", cmdline="mode=hello exit=4", timeout=30).run()
+    assert (r.reason, r.exit_code) == ("exit-code", 4)

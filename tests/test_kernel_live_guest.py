@@ -49,7 +49,8 @@ def test_frozen_guest_runqueues(guests, style, tmp_path, monkeypatch):
         m.wait_for_console("2 cpus up", timeout=30)
         with m.freeze(timeout=10) as snap:
             v = snap.vcpus[0]
-            live = k.attach(m.memory, cr3=v.cr3, lstar=v.msrs.get(MSR_LSTAR), cr4=v.sregs.cr4)
+            live = k.attach(m.memory, cr3=v.cr3, lstar=v.msrs.get(MSR_LSTAR), cr4=v.sregs.cr4,
+                            idt_base=v.sregs.idt.base)  # as vmm.session passes them
             assert live.slide == 0 and live.phys_base == 0
             assert live.possible_cpus() == [0, 1]
             for cpu in (0, 1):

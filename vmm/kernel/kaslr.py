@@ -2,7 +2,8 @@
 
 Primary source: MSR_LSTAR holds the runtime address of entry_SYSCALL_64 once the
 kernel has run syscall_init(); slide = LSTAR - link address. It is cross-checked
-with what is available: the IDT base from the vCPU's sregs against idt_table, and
+with what is available: the IDT base from the vCPU's sregs against idt_table (when
+the IDT lies in the image map; see check_idt), and
 the bytes of `linux_banner` read from guest memory at the slid address against the
 vmlinux file. With nokaslr (or a kernel booted as an ELF, never relocated) it is 0.
 """
@@ -37,13 +38,30 @@ def slide_from_lstar(symbols, lstar: int) -> int:
     return slide
 
 
-def check_idt(symbols, slide: int, idt_base: int) -> str | None:
-    """None when the IDT base agrees (or cannot be checked), else a description."""
-    idt = symbols.get("idt_table")
-    if idt is None or not idt_base:
+IDT_SYMBOLS = ("idt_table", "bringup_idt_table")  # runtime IDT; early-boot IDT
+IMAGE_MAP_START = 0xFFFFFFFF80000000
+
+
+def check_idt(symbols, slide: int, idt_base: int) -> str | None | bool:
+    """True when the IDT base is an IDT symbol moved by `slide`; None when it cannot
+    tell; else a description of the disagreement.
+
+    A booted x86-64 kernel loads its IDT through the read-only cpu_entry_area alias
+    (0xfffffe0000000000) and early boot uses the VMM's own table: only an IDT base
+    inside the kernel image map says anything about the slide.
+    """
+    if not idt_base or not IMAGE_MAP_START <= idt_base < IMAGE_MAP_START + MAX_SLIDE * 2:
         return None
-    if (idt.address + slide) & MASK64 != idt_base:
-        return f"IDT base {idt_base:#x} != idt_table {idt.address:#x} + slide {slide:#x}"
+    for name in IDT_SYMBOLS:
+        sym = symbols.get(name)
+        if sym is None:
+            continue
+        if (sym.address + slide) & MASK64 == idt_base:
+            return True
+        implied = (idt_base - sym.address) & MASK64
+        if implied < MAX_SLIDE and implied % SLIDE_ALIGN == 0:
+            return (f"IDT base {idt_base:#x} is {name} ({sym.address:#x}) moved by "
+                    f"{implied:#x}, not by {slide:#x}")
     return None
 
 
@@ -79,12 +97,11 @@ def verify_slide(kernel, read_kva, value: int, source: str, idt_base=None) -> Sl
     """Cross-check a slide; TranslationError when a second source disagrees."""
     symbols = kernel.symbols
     checks: list[str] = []
-    if idt_base:
-        problem = check_idt(symbols, value, idt_base)
-        if problem:
-            raise TranslationError(f"KASLR slide {value:#x} (from {source}) disagrees: {problem}")
-        if "idt_table" in symbols:
-            checks.append("idt")
+    idt = check_idt(symbols, value, idt_base) if idt_base else None
+    if isinstance(idt, str):
+        raise TranslationError(f"KASLR slide {value:#x} (from {source}) disagrees: {idt}")
+    if idt:
+        checks.append("idt")
     banner = check_banner(kernel, read_kva, value)
     if banner is False:
         raise TranslationError(

@@ -240,3 +240,131 @@ def test_qemu_pc_machine(built):
     assert "8 cpus up (ring 3)" in out and "hot_word 0xffff," in out
     rc, out = qemu(built / "guest.elf", "mode=reset", machine="pc")  # -no-reboot: exits 0
     assert rc == 0 and out.endswith("vmm-guest: reset\n"), out
+
+
+# ----------------------------------------------------------------------------- our VMM
+# The guest's run-time protocol (README: work loop, guest_command, records) on our own
+# VMM, through the Linux 64-bit entry. Addresses come from the ELF and BTF only, so these
+# tests do not depend on vmm.kernel.
+REC_MAGIC = 0xA5000000
+REC_OBS, REC_SUMMARY, REC_HOT, REC_UTS = 3, 4, 5, 7
+CMD_UTS, CMD_STOP = 1, 3
+
+
+def records(reports):
+    """(vcpu, type, payload) for every record, from the per-vCPU report streams."""
+    streams, out = {}, []
+    for vcpu, word in reports:
+        streams.setdefault(vcpu, []).append(word)
+    for vcpu, words in streams.items():
+        i = 0
+        while i < len(words):
+            assert words[i] & 0xFF000000 == REC_MAGIC, hex(words[i])
+            n = words[i] & 0xFF
+            out.append((vcpu, (words[i] >> 8) & 0xFF, words[i + 1:i + 1 + n]))
+            i += 1 + n
+    return out
+
+
+class GuestAddresses:
+    """Guest-physical addresses of the guest's variables, from its ELF symbols and BTF."""
+
+    def __init__(self, guest, memory):
+        self.guest, self.memory = guest, memory
+        self.rq = member_offsets(pahole(guest.path, "rq"))
+        self.scx = member_offsets(pahole(guest.path, "scx_rq"))
+
+    @staticmethod
+    def gpa(va):
+        return va - START_KERNEL_MAP  # image mapping; phys_base is 0
+
+    def global_(self, name):
+        return self.gpa(self.guest.sym(name)["st_value"])
+
+    def rq_field(self, cpu, field):
+        """&runqueues + __per_cpu_offset[cpu] + offset of field ('scx.flags' style)."""
+        offset = self.memory.read_u64(self.global_("__per_cpu_offset") + 8 * cpu)
+        va = (self.guest.sym("runqueues")["st_value"] + offset) & (2**64 - 1)
+        if field.startswith("scx."):
+            return self.gpa(va + self.rq["scx"][0] + self.scx[field[4:]][0])
+        return self.gpa(va + self.rq[field][0])
+
+
+def wait_until(predicate, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def vmm_machine():
+    try:
+        from vmm.kvm import Kvm
+        from vmm.machine import Machine
+
+        Kvm().close()
+    except Exception as e:  # noqa: BLE001 - any reason means: skip
+        pytest.skip(f"our VMM cannot run here: {e}")
+    return Machine
+
+
+@kvm
+@pytest.mark.parametrize("ring", [3, 0])
+def test_vmm_clock_observation_across_a_freeze(built, vmm_machine, ring):
+    """The freeze-test pattern: clock + OR CLK_VALID (+ probe) in one frozen batch."""
+    with open(built / "guest.elf", "rb") as f:
+        guest = Guest(built / "guest.elf", ELFFile(f), "absolute")
+        with vmm_machine(guest.path, cpus=2, cmdline=f"mode=loop cpus=2 ring={ring}", timeout=120) as m:
+            m.wait_for_console("2 cpus up", timeout=60)
+            at = GuestAddresses(guest, m.memory)
+            with m.freeze(timeout=10):
+                for cpu in range(2):
+                    m.memory.write_u64(at.rq_field(cpu, "scx.clock"), 0x5EED0000 + cpu)
+                    m.memory.fetch_or_u32(at.rq_field(cpu, "scx.flags"), 0x20)
+                m.memory.write(at.global_("misaligned_probe") + 1, b"\x22" * 8)
+            wait_until(lambda: all(m.memory.read_u32(at.rq_field(c, "obs_events")) for c in range(2)))
+            wait_until(lambda: all(m.memory.read_u64(at.rq_field(c, "probe_last")) == 0x22 * 0x0101010101010101
+                                   for c in range(2)))
+            for cpu in range(2):  # guest memory is gone once the VM ends: read it now
+                assert m.memory.read_u64(at.rq_field(cpu, "obs_clock")) == 0x5EED0000 + cpu
+                assert m.memory.read_u32(at.rq_field(cpu, "obs_flags")) == 0x29
+                assert m.memory.read_u32(at.rq_field(cpu, "scx.nr_immed")) == 0xA5A5A5A5
+                assert m.memory.read_u64(at.rq_field(cpu, "obs_inconsistent")) == 0
+                assert m.memory.read_u64(at.rq_field(cpu, "torn_reads")) == 0
+            m.memory.write_u32(at.global_("guest_command"), CMD_STOP | 5 << 8)
+            result = m.wait(60)
+    assert (result.reason, result.exit_code) == ("exit-code", 5), m.console_text()
+    recs = records(m.reports)
+    obs = {v: p for v, t, p in recs if t == REC_OBS}
+    assert {v: (p[0], p[1], p[2] | p[3] << 32) for v, p in obs.items()} == {
+        0: (0, 0x29, 0x5EED0000), 1: (1, 0x29, 0x5EED0001)}
+    summaries = [p for _, t, p in recs if t == REC_SUMMARY]
+    assert len(summaries) == 2 and all(p[4] == 0 and p[5] == 0 for p in summaries)
+
+
+@kvm
+def test_vmm_hot_word_and_commands(built, vmm_machine):
+    with open(built / "guest.elf", "rb") as f:
+        guest = Guest(built / "guest.elf", ELFFile(f), "absolute")
+        with vmm_machine(guest.path, cpus=2, cmdline="mode=loop cpus=2 hot_every=1", timeout=60) as m:
+            m.wait_for_console("2 cpus up", timeout=30)
+            at = GuestAddresses(guest, m.memory)
+            hot = at.global_("hot_word")
+            for bit in range(16, 32):  # the host's bits, while the guest sets its own
+                m.memory.fetch_or_u32(hot, 1 << bit)
+            wait_until(lambda: m.memory.read_u32(hot) & 0xFFFF == 0xFFFF)
+            m.memory.write_u32(at.global_("guest_command"), CMD_UTS)
+            m.wait_for_console("vmm-guest: nodename vmm-guest", timeout=30)
+            wait_until(lambda: m.memory.read_u32(at.global_("guest_command_ack")) == CMD_UTS)
+            m.memory.write_u32(at.global_("guest_command"), CMD_STOP | 7 << 8)
+            result = m.wait(30)
+    assert (result.reason, result.exit_code) == ("exit-code", 7)
+    assert "done, 2 cpus stopped, hot_word 0xffffffff, exit 7" in m.console_text()
+    recs = records(m.reports)
+    (uts,) = [p for _, t, p in recs if t == REC_UTS]
+    assert uts[0] == 9 and struct.pack("<17I", *uts[1:])[:9] == b"vmm-guest"
+    assert sorted(v for v, t, _ in recs if t == REC_HOT) == [0, 1]
+    assert [p[6] for _, t, p in recs if t == REC_SUMMARY] == [0xFFFFFFFF] * 2

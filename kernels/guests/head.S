@@ -24,6 +24,7 @@
 startup_64:
 	cli
 	cld
+	leaq boot_stack_top(%rip), %rsp	/* physical: identity-mapped in both tables */
 	xorl %edi, %edi			/* boot_protocol 0: Linux, RSI = zero page */
 	jmp common_64
 
@@ -34,6 +35,7 @@ pvh_start32:
 	cli
 	cld
 	movl %ebx, %esi
+	movl $pa(boot_stack_top), %esp	/* PVH gives no stack; lretq below needs one */
 	lgdt pa(gdt_desc_phys)
 	movl $BOOT_DS, %eax
 	movl %eax, %ds

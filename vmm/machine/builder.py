@@ -147,9 +147,15 @@ class Machine:
 
     def build(self) -> "Machine":
         """Every build step but `start`, in order."""
+        if self.vm is not None or self._torn_down:
+            raise VmmError("this Machine was already built; build a new one")
         t0 = time.monotonic()
-        for step in BUILD_STEPS[:-1]:
-            self._run_step(step)
+        try:
+            for step in BUILD_STEPS[:-1]:
+                self._run_step(step)
+        except BaseException:
+            self._teardown()  # a half-built machine holds fds and RAM: free them now
+            raise
         self.build_seconds = time.monotonic() - t0
         return self
 
@@ -251,8 +257,8 @@ class Machine:
 
     def feed_console(self, data: bytes) -> None:
         """Bytes typed into COM1 (the guest reads them from RBR)."""
-        if self.serial is None:
-            raise VmmError("the machine has no serial port yet (not built)")
+        if self.serial is None or self._torn_down:
+            raise VmmError("the machine's serial port is gone (not built, or the VM ended)")
         self.serial.feed(data)
 
     def describe_state(self) -> str:

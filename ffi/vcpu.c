@@ -332,8 +332,13 @@ static int handle_freeze(struct vmm_vcpu *v, uint32_t gen)
     capture_snapshot(v, gen);
     STORE(&v->activity, VMM_ACT_PARKED);
     STORE(&v->parked_gen, gen);
-    __atomic_add_fetch(&vm->parked, 1, __ATOMIC_SEQ_CST);
-    futex_wake(&vm->parked, INT_MAX);
+    /* Only the parker that completes the count wakes the coordinator: with more vCPU
+     * threads than host cores, each needless wake-up steals time from vCPUs that still
+     * have to get to their park. (The coordinator re-counts per vCPU, so a stale or early
+     * wake-up is harmless; a missing one is not possible: see vmm_freeze_wait.) */
+    uint32_t n = __atomic_add_fetch(&vm->parked, 1, __ATOMIC_SEQ_CST);
+    if (n >= LOAD(&vm->wake_target))
+        futex_wake(&vm->parked, INT_MAX);
 
     for (;;) {
         uint32_t t = LOAD(&vm->thaw_gen);
@@ -382,6 +387,10 @@ int vmm_freeze_wait(struct vmm_vm *vm, int expected, int64_t timeout_ns)
 {
     uint32_t gen = LOAD(&vm->freeze_gen);
     uint64_t deadline = now_ns() + (uint64_t)timeout_ns;
+    /* `parked` counts park events since the last thaw, so it is >= the per-vCPU count
+     * when the last one parks. Threads that end always wake us (live drops). */
+    int live0 = (int)LOAD(&vm->live);
+    STORE(&vm->wake_target, (uint32_t)(expected < live0 ? expected : live0));
     for (;;) {
         uint32_t seen = LOAD(&vm->parked);
         int c = vmm_parked_count(vm, gen);

@@ -34,6 +34,7 @@ struct vmm_vm {
     uint32_t freeze_gen; /* bumped by each freeze request */
     uint32_t thaw_gen;   /* == freeze_gen once that freeze is thawed */
     uint32_t parked;     /* count of park events (futex word the coordinator sleeps on) */
+    uint32_t wake_target; /* parkers wake the coordinator from this count on */
     uint32_t stop;       /* nonzero: every loop returns VMM_RUN_STOPPED */
     uint32_t live;       /* vCPU threads registered (inside a run session) */
     uint64_t thaw_ns;    /* CLOCK_MONOTONIC of the last vmm_thaw (benchmarks) */

@@ -73,14 +73,15 @@ class TinyVm:
     """A VM with `ncpus` vCPUs all running `code` (real mode, or ring 3 with user=True)."""
 
     def __init__(self, code: bytes, ncpus: int = 1, user: bool = False, mem_size: int = 2 << 20,
-                 port: int = 0x80):
+                 port: int = 0x80, irqchip: bool = True):
         from vmm.kvm import GuestMemory, Kvm
 
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        self.vm.create_irqchip()
+        if irqchip:
+            self.vm.create_irqchip()
         self.mem = GuestMemory(mem_size)
         self.mem.register(self.vm)
         self.mem.write(GUEST_CODE, code)
@@ -94,7 +95,7 @@ class TinyVm:
                 self._setup_user(v, i)
             else:
                 self._setup_real(v, i, port)
-            if i > 0:
+            if i > 0 and irqchip:
                 from vmm.kvm.native import native
 
                 v.set_mp_state(native()[1].KVM_MP_STATE_RUNNABLE)  # APs would wait for SIPI

@@ -142,3 +142,27 @@ def test_console_pump_sleeps_without_data():
         pump.start()
         assert wait_until(lambda: thread_syscall_number(pump.native_id) == 202, timeout=5)  # futex
         pump.stop()
+
+
+def test_hlt_without_irqchip_reaches_python():
+    # `cli; hlt` exits to user space only without the in-kernel irqchip.
+    from test_kvm_guests import CLI_HLT
+
+    class CountHlt(RecordingHandler):
+        hlts = 0
+
+        def on_hlt(self, i):
+            self.hlts += 1
+            return self.hlts < 3  # re-enter twice, then stop
+
+    with TinyVm(CLI_HLT, irqchip=False) as g:
+        h = CountHlt()
+        g.start(h)
+        assert h.stopped.wait(10)
+        assert h.hlts == 3 and h.stops[0][0] == "hlt"
+
+    with TinyVm(CLI_HLT, irqchip=False) as g:  # a handler without on_hlt: the vCPU stops
+        h = RecordingHandler()
+        g.start(h)
+        assert h.stopped.wait(10)
+        assert h.stops[0][0] == "hlt"

@@ -127,3 +127,13 @@ def test_cache_entry_of_wrong_shape_is_recomputed():
     version, key, _ = pickle.loads(entry.read_bytes())
     entry.write_bytes(pickle.dumps((version, key, [("too", "short")])))
     assert Kernel.load(vmlinux=elf).symbol("_start") == k.symbol("_start")
+
+
+def test_no_file_descriptor_kept_open():
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    k = Kernel.load(vmlinux=kfixture.linked())
+    k.btf.field("struct outer", "first")
+    k.elf.read_va(k.symbol("linux_banner"), 8)
+    assert len(os.listdir("/proc/self/fd")) == before

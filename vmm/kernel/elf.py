@@ -36,6 +36,7 @@ class Section:
     size: int
     type: int
     flags: int
+    link: int = 0
 
 
 def _elftools():
@@ -53,48 +54,57 @@ class ElfImage:
     """
 
     def __init__(self, source: str | os.PathLike | bytes):
+        # No file descriptor stays open between calls: a Kernel lives as long as a
+        # session and must not leak one; reads reopen the file (cheap next to parsing).
         if isinstance(source, (bytes, bytearray, memoryview)):
             self.path = None
-            self._fh: BinaryIO = io.BytesIO(bytes(source))
+            self._data: bytes | None = bytes(source)
         else:
             self.path = os.fspath(source)
+            self._data = None
+        with self._open() as fh:
+            fh.seek(0, io.SEEK_END)
+            self.file_size = fh.tell()
+            fh.seek(0)
+            magic = fh.read(4)
+            if magic != b"\x7fELF":
+                raise ImageError(f"{self._what()} is not an ELF file (magic {magic!r})")
+            ELFFile, ELFError = _elftools()
             try:
-                self._fh = open(self.path, "rb")
-            except OSError as e:
-                raise ImageError(f"cannot open ELF {self.path}: {e.strerror}") from None
-        self._fh.seek(0, io.SEEK_END)
-        self.file_size = self._fh.tell()
-        self._fh.seek(0)
-        magic = self._fh.read(4)
-        if magic != b"\x7fELF":
-            raise ImageError(f"{self._what()} is not an ELF file (magic {magic!r})")
-        ELFFile, ELFError = _elftools()
-        try:
-            self._elf = ELFFile(self._fh)
-            if self._elf.elfclass != 64 or not self._elf.little_endian:
-                raise ImageError(f"{self._what()} is not a little-endian ELF64 file")
-            self.sections = [self._section(i, s) for i, s in enumerate(self._elf.iter_sections())]
-        except ImageError:
-            raise
-        except (ELFError, Exception) as e:  # pyelftools raises assorted errors on garbage
-            raise ImageError(f"{self._what()}: corrupt ELF headers: {type(e).__name__}: {e}") from None
+                elf = ELFFile(fh)
+                if elf.elfclass != 64 or not elf.little_endian:
+                    raise ImageError(f"{self._what()} is not a little-endian ELF64 file")
+                self.sections = [self._section(i, s) for i, s in enumerate(elf.iter_sections())]
+            except ImageError:
+                raise
+            except (ELFError, Exception) as e:  # pyelftools raises assorted errors on garbage
+                raise ImageError(f"{self._what()}: corrupt ELF headers: {type(e).__name__}: {e}") from None
         self._by_name = {}
         for s in self.sections:
             self._by_name.setdefault(s.name, s)
+
+    def _open(self) -> BinaryIO:
+        if self._data is not None:
+            return io.BytesIO(self._data)
+        try:
+            return open(self.path, "rb")
+        except OSError as e:
+            raise ImageError(f"cannot open ELF {self.path}: {e.strerror}") from None
 
     def _what(self) -> str:
         return self.path or "ELF image"
 
     def _section(self, index: int, s) -> Section:
         h = s.header
-        sec = Section(index, s.name, h.sh_addr, h.sh_offset, h.sh_size, _sh_type(h.sh_type), h.sh_flags)
+        sec = Section(index, s.name, h.sh_addr, h.sh_offset, h.sh_size, _sh_type(h.sh_type),
+                      h.sh_flags, h.sh_link)
         if sec.type != SHT_NOBITS and sec.offset + sec.size > self.file_size:
             raise ImageError(f"{self._what()}: section {sec.name!r} [{sec.offset:#x}, +{sec.size:#x}) "
                              f"runs past the end of the file ({self.file_size:#x} bytes)")
         return sec
 
     def close(self) -> None:
-        self._fh.close()
+        """Nothing to release (kept for callers that close what they open)."""
 
     def section(self, name: str) -> Section | None:
         return self._by_name.get(name)
@@ -102,8 +112,9 @@ class ElfImage:
     def section_data(self, sec: Section) -> bytes:
         if sec.type == SHT_NOBITS:
             return b""
-        self._fh.seek(sec.offset)
-        data = self._fh.read(sec.size)
+        with self._open() as fh:
+            fh.seek(sec.offset)
+            data = fh.read(sec.size)
         if len(data) != sec.size:
             raise ImageError(f"{self._what()}: section {sec.name!r} truncated")
         return data
@@ -126,17 +137,18 @@ class ElfImage:
     def content_hash(self) -> str:
         """sha256 of the file, the cache key when there is no build id."""
         h = hashlib.sha256()
-        self._fh.seek(0)
-        for chunk in iter(lambda: self._fh.read(1 << 20), b""):
-            h.update(chunk)
+        with self._open() as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
         return "sha256-" + h.hexdigest()[:40]
 
     def read_va(self, va: int, n: int) -> bytes | None:
         """n bytes of the file's contents at link-time virtual address va, if there."""
         for s in self.sections:
             if s.flags & SHF_ALLOC and s.type != SHT_NOBITS and s.addr <= va and va + n <= s.addr + s.size:
-                self._fh.seek(s.offset + va - s.addr)
-                return self._fh.read(n)
+                with self._open() as fh:
+                    fh.seek(s.offset + va - s.addr)
+                    return fh.read(n)
         return None
 
     def symbols(self) -> list[Symbol]:
@@ -144,10 +156,7 @@ class ElfImage:
         symtab = self.section(".symtab")
         if symtab is None:
             return []
-        try:
-            link = self._elf.get_section_by_name(".symtab").header.sh_link
-        except Exception as e:
-            raise ImageError(f"{self._what()}: .symtab header unreadable: {e}") from None
+        link = symtab.link
         if not 0 <= link < len(self.sections):
             raise ImageError(f"{self._what()}: .symtab links to missing string table {link}")
         strtab = self.section_data(self.sections[link])

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
-import pytest
-
 from test_kvm_guests import COUNT, HELLO, RecordingHandler, TinyVm, pytestmark, wait_until  # noqa: F401
 
 # Assembled with GNU as (.code16, linked at 0x1000).

@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass, field
 
 from vmm.errors import FreezeTimeout, KvmIoctlError, VmmError
-from vmm.kvm.kvm import MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR
 from vmm.kvm.native import native
 
 SYS_FUTEX = 202  # x86-64

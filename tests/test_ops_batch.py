@@ -30,7 +30,7 @@ class TableResolver:
         ("packed", None, "bits"): (0x4000, 4, "u32:3"),
     }
 
-    def locate_symbol(self, name, path, cpu):
+    def locate_symbol(self, name, path, cpu, type=None):
         try:
             gpa, size, typ = self.table[(name, cpu, path)]
         except KeyError:

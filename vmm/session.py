@@ -54,8 +54,25 @@ class LiveResolver:
                                   f"pages ({gpa:#x} .. {last:#x})")
         return gpa
 
-    def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int]) -> Location:
-        kva, f = self.live.resolve(name, path, cpu)
+    def _guess_type(self, name: str) -> Optional[str]:
+        """BTF names the types of per-CPU variables only; for another global whose
+        ``struct <name>`` exists with exactly the symbol's ELF size, that is its type."""
+        if self.btf is None or self.live.kernel.var_type(name) is not None:
+            return None
+        sym = self.live.symbols.get(name)
+        for candidate in (f"struct {name}", f"union {name}"):
+            try:
+                t = self.btf.type(candidate)
+            except VmmError:
+                continue
+            if sym is not None and sym.size and self.btf.sizeof(t) == sym.size:
+                return candidate
+        return None
+
+    def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int],
+                      type: Optional[str] = None) -> Location:
+        type = type or self._guess_type(name)
+        kva, f = self.live.resolve(name, path, cpu, type)
         what = name + (f"[cpu {cpu}]" if cpu is not None else "") + (f".{path}" if path else "")
         type_name = None
         if f is not None:
@@ -155,25 +172,28 @@ class Machine(builder.Machine):
                         lambda: self.freeze(freeze_timeout))
 
     @staticmethod
-    def _target(target: Any, path: Optional[str], cpu: Optional[int]) -> KernelTarget:
+    def _target(target: Any, path: Optional[str], cpu: Optional[int],
+                type: Optional[str]) -> KernelTarget:
         if isinstance(target, KernelTarget):
             return target
         if cpu is not None:
-            return KernelTarget.per_cpu(target, cpu, path)
-        return KernelTarget.field(target, path) if path else KernelTarget.symbol(target)
+            return KernelTarget.per_cpu(target, cpu, path, type)
+        if path:
+            return KernelTarget.field(target, path, type)
+        return KernelTarget.symbol(target, type=type)
 
     def read(self, target: Any, path: Optional[str] = None, cpu: Optional[int] = None,
-             hot: bool = False) -> Any:
+             hot: bool = False, type: Optional[str] = None) -> Any:
         """One value: an int for u32/u64 targets, bytes otherwise. Cold (frozen) by
         default; ``hot=True`` reads the running guest."""
-        t = self._target(target, path, cpu)
+        t = self._target(target, path, cpu, type)
         op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
         value = self.apply(op).values[0]
         return getattr(value, "value", None) if not hasattr(value, "data") else value.data
 
     def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
-              cpu: Optional[int] = None, hot: bool = False) -> OpResult:
-        t = self._target(target, path, cpu)
+              cpu: Optional[int] = None, hot: bool = False, type: Optional[str] = None) -> OpResult:
+        t = self._target(target, path, cpu, type)
         op = Op.WriteKernelHot([(t, value)]) if hot else Op.WriteKernelCold([(t, value)])
         return self.apply(op)
 

@@ -35,7 +35,8 @@ class Location:
 class Resolver(Protocol):
     """What resolution needs from the live kernel view (vmm.kernel's attach())."""
 
-    def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int]) -> Location: ...
+    def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int],
+                      type: Optional[str] = None) -> Location: ...
 
     def locate_kva(self, kva: int, size: Optional[int]) -> Location: ...
 
@@ -51,19 +52,23 @@ class KernelTarget:
         raise NotImplementedError
 
     @staticmethod
-    def symbol(name: str, size: Optional[int] = None) -> "Symbol":
+    def symbol(name: str, size: Optional[int] = None, type: Optional[str] = None) -> "Symbol":
         """The whole object a symbol names (``jiffies``)."""
-        return Symbol(name, size)
+        return Symbol(name, size, type)
 
     @staticmethod
-    def field(name: str, path: str) -> "Field":
-        """A BTF field of a global: ``KernelTarget.field("init_uts_ns", "name.nodename")``."""
-        return Field(name, path)
+    def field(name: str, path: str, type: Optional[str] = None) -> "Field":
+        """A BTF field of a global: ``KernelTarget.field("init_uts_ns", "name.nodename")``.
+
+        BTF describes the types of per-CPU variables only (pahole's default), so for
+        other globals the type is looked up by name or given: ``type="struct foo"``."""
+        return Field(name, path, type)
 
     @staticmethod
-    def per_cpu(name: str, cpu: int, path: Optional[str] = None) -> "PerCpu":
+    def per_cpu(name: str, cpu: int, path: Optional[str] = None,
+                type: Optional[str] = None) -> "PerCpu":
         """CPU ``cpu``'s copy of a per-CPU variable, or a field in it (``scx.flags``)."""
-        return PerCpu(name, cpu, path)
+        return PerCpu(name, cpu, path, type)
 
     @staticmethod
     def kva(address: int, size: Optional[int] = None) -> "Kva":
@@ -85,6 +90,7 @@ def _check_size(size: Optional[int]) -> None:
 class Symbol(KernelTarget):
     name: str
     size: Optional[int] = None
+    type: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -92,7 +98,7 @@ class Symbol(KernelTarget):
         _check_size(self.size)
 
     def resolve(self, resolver: Resolver) -> Location:
-        loc = resolver.locate_symbol(self.name, None, None)
+        loc = resolver.locate_symbol(self.name, None, None, self.type)
         if self.size is not None:
             loc = Location(loc.gpa, self.size, loc.description, loc.kva, loc.type_name)
         return loc
@@ -105,13 +111,14 @@ class Symbol(KernelTarget):
 class Field(KernelTarget):
     name: str
     path: str
+    type: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.path:
             raise TargetError("a field target needs a symbol and a field path")
 
     def resolve(self, resolver: Resolver) -> Location:
-        return resolver.locate_symbol(self.name, self.path, None)
+        return resolver.locate_symbol(self.name, self.path, None, self.type)
 
     def __str__(self) -> str:
         return f"{self.name}.{self.path}"
@@ -122,6 +129,7 @@ class PerCpu(KernelTarget):
     name: str
     cpu: int
     path: Optional[str] = None
+    type: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -130,7 +138,7 @@ class PerCpu(KernelTarget):
             raise TargetError(f"cpu must be a non-negative int, not {self.cpu!r}")
 
     def resolve(self, resolver: Resolver) -> Location:
-        return resolver.locate_symbol(self.name, self.path, self.cpu)
+        return resolver.locate_symbol(self.name, self.path, self.cpu, self.type)
 
     def __str__(self) -> str:
         return f"per_cpu({self.name}, {self.cpu})" + (f".{self.path}" if self.path else "")

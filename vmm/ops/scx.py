@@ -34,14 +34,15 @@ def clk_valid_mask(kernel: Any) -> int:
         raise KernelFeatureMissing(f"this kernel has no sched_ext ({exc}); "
                                    "build it with CONFIG_SCHED_CLASS_EXT=y") from exc
     try:
-        mask = kernel.enum(CLK_VALID)
+        # BTF may mark the enum signed; the flag word is a u32 either way.
+        mask = kernel.enum(CLK_VALID) & 0xFFFFFFFF
         kernel.btf.field(rq_type, CLOCK_PATH)
     except (SymbolNotFound, TypeNotFound, FieldPathError, KeyError) as exc:
         raise KernelFeatureMissing(
             f"this kernel's sched_ext has no {CLK_VALID} / scx_rq.clock (added in Linux "
             f"6.14): {exc}") from exc
-    if mask <= 0 or mask >= 1 << 32:
-        raise KernelFeatureMissing(f"{CLK_VALID} = {mask:#x} is not a u32 flag bit")
+    if mask == 0 or mask & (mask - 1):
+        raise KernelFeatureMissing(f"{CLK_VALID} = {mask:#x} is not a single u32 flag bit")
     return mask
 
 

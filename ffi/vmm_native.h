@@ -49,6 +49,14 @@ struct vmm_vm {
     uint64_t serial_dropped; /* bytes lost because the ring was full */
     uint8_t serial_ring[VMM_SERIAL_RING_SIZE];
 
+    /* Unclaimed ports. With port_filter on, a port exit to a port no device claimed
+     * (bit clear in port_claimed) is completed here like an empty ISA bus: reads give
+     * all-ones, writes are dropped, and each access is counted in port_misses. Off by
+     * default: then every non-fast exit goes to Python. */
+    uint32_t port_filter;
+    uint8_t port_claimed[65536 / 8];
+    uint32_t port_misses[65536];
+
     int nvcpus;
     struct vmm_vcpu *vcpus[VMM_MAX_VCPUS];
 };
@@ -107,6 +115,9 @@ long vmm_ioctl(int fd, unsigned long request, void *arg);
 long vmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int vmm_install_kick_handler(void);
 struct vmm_vm *vmm_vm_new(int vm_fd);
+void vmm_claim_ports(struct vmm_vm *vm, uint32_t start, uint32_t count);
+void vmm_set_port_filter(struct vmm_vm *vm, int on);
+uint32_t vmm_port_misses(struct vmm_vm *vm, uint32_t port);
 void vmm_vm_free(struct vmm_vm *vm);
 struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_size, int *err);
 void vmm_vcpu_free(struct vmm_vcpu *v);

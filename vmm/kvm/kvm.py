@@ -182,6 +182,18 @@ class Vm:
     def set_serial_fast(self, enabled: bool) -> None:
         native()[1].vmm_serial_set_fast(self.native, 1 if enabled else 0)
 
+    # Unclaimed ports (see struct vmm_vm.port_filter): the machine claims its devices'
+    # ranges, then lets C complete accesses to every other port like an empty ISA bus.
+    def claim_ports(self, start: int, count: int) -> None:
+        native()[1].vmm_claim_ports(self.native, start, count)
+
+    def set_port_filter(self, enabled: bool) -> None:
+        native()[1].vmm_set_port_filter(self.native, 1 if enabled else 0)
+
+    def port_misses(self, port: int) -> int:
+        """Accesses to an unclaimed port that C completed."""
+        return native()[1].vmm_port_misses(self.native, port)
+
     def close(self) -> None:
         """Closes vCPUs and the VM. vCPU threads must have ended (runtime joins them);
         if any is still inside the C loop the control block is leaked, not freed."""

@@ -5,6 +5,7 @@ import os
 import shutil
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +186,13 @@ def test_check_init_runs(cache):
 def test_gzip_is_what_the_kernel_expects():
     data = ir.create_initramfs([ir.file("init", b"x")])
     assert gzip.decompress(data)[:6] == b"070701"
+
+
+def test_busybox_initramfs(cache):
+    busybox = shutil.which("busybox")
+    if busybox is None or not ir._is_static(Path(busybox)):
+        pytest.skip("busybox-static not installed")
+    parsed = {e.path: e for e in ir.parse_newc(ir.build_initramfs("busybox").read_bytes())}
+    assert parsed["init"].data.startswith(b"#!/bin/busybox sh")
+    assert parsed["bin/sh"].data == b"busybox" and stat.S_ISLNK(parsed["bin/sh"].mode)
+    assert len(parsed["bin/busybox"].data) > 100_000

@@ -141,7 +141,7 @@ def cmd_btf(args: argparse.Namespace) -> int:
             f = k.btf.field(args.type, args.field)
             print(json.dumps({"type": args.type, "field": args.field, "offset": f.offset,
                               "size": f.size, "bit_offset": f.bit_offset,
-                              "bit_size": f.bit_size, "field_type": str(f.type_name)}))
+                              "bit_size": f.bit_size, "field_type": k.btf.type_name(f.type)}))
         else:
             print(json.dumps({"type": args.type, "size": k.btf.sizeof(args.type)}))
         return EXIT_OK

@@ -334,8 +334,8 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
                 console=stream, timeout=timeout)
     report = SessionReport(kernel=str(kernel), cmdline="")
+    m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
     try:
-        m.start()
         report.cmdline = m.cmdline
         if not inject_scx:
             report.exit = m.wait()

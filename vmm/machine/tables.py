@@ -198,8 +198,8 @@ def madt(apic_ids: list[int]) -> bytes:
 
 def fadt(dsdt_addr: int, facs_addr: int, hw_reduced: bool = False) -> bytes:
     """A minimal FADT: only the PM1a event and control blocks ACPICA requires (see
-    devices/acpi_pm.py; no SMI command port: PM1_CNT.SCI_EN says ACPI mode is on), the
-    8042 present, reset through port 0x64 value 0xFE."""
+    devices/acpi_pm.py; no SMI command port: PM1_CNT.SCI_EN says ACPI mode is on), no
+    keyboard controller, reset through port 0x64 value 0xFE."""
     body = bytearray(FADT_SIZE - ACPI_HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values) -> None:
@@ -214,7 +214,9 @@ def fadt(dsdt_addr: int, facs_addr: int, hw_reduced: bool = False) -> bytes:
         put(88, "BB", 4, 2)  # PM1_EVT_LEN, PM1_CNT_LEN
         put(148, "BBBBQ", GAS_SYSTEM_IO, 32, 0, 0, L.ACPI_PM1_EVT_PORT)  # X_PM1a_EVT_BLK
         put(172, "BBBBQ", GAS_SYSTEM_IO, 16, 0, 0, L.ACPI_PM1_CNT_PORT)  # X_PM1a_CNT_BLK
-    put(109, "H", IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
+    # No 8042 flag: our i8042 only implements the reset line, so an ACPI kernel should not
+    # probe for a keyboard controller ("reboot=k" still writes 0xFE to port 0x64).
+    put(109, "H", IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
     flags = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP
     put(112, "I", flags | (FADT_HW_REDUCED_ACPI if hw_reduced else 0))
     put(116, "BBBBQ", GAS_SYSTEM_IO, 8, 0, 1, L.I8042_COMMAND_PORT)  # RESET_REG

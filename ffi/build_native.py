@@ -223,6 +223,7 @@ void vmm_serial_set_fast(struct vmm_vm *vm, int on);
 void vmm_claim_ports(struct vmm_vm *vm, uint32_t start, uint32_t count);
 void vmm_set_port_filter(struct vmm_vm *vm, int on);
 uint32_t vmm_port_misses(struct vmm_vm *vm, uint32_t port);
+size_t vmm_port_misses_all(struct vmm_vm *vm, uint32_t *ports, uint32_t *counts, size_t max);
 void vmm_serial_push(struct vmm_vm *vm, const uint8_t *data, uint32_t n);
 size_t vmm_serial_drain(struct vmm_vm *vm, uint8_t *buf, size_t n);
 size_t vmm_serial_pending(struct vmm_vm *vm);

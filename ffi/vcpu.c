@@ -278,6 +278,20 @@ uint32_t vmm_port_misses(struct vmm_vm *vm, uint32_t port)
     return port < 65536 ? LOAD(&vm->port_misses[port]) : 0;
 }
 
+/* The nonzero miss counters, for reports: fills up to max (port, count) pairs. */
+size_t vmm_port_misses_all(struct vmm_vm *vm, uint32_t *ports, uint32_t *counts, size_t max)
+{
+    size_t n = 0;
+    for (uint32_t p = 0; p < 65536 && n < max; p++) {
+        uint32_t c = LOAD(&vm->port_misses[p]);
+        if (c) {
+            ports[n] = p;
+            counts[n++] = c;
+        }
+    }
+    return n;
+}
+
 /* An exit to a port nobody claimed, completed without Python. 1 if handled. */
 static int io_unclaimed(struct vmm_vcpu *v)
 {

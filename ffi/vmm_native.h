@@ -118,6 +118,7 @@ struct vmm_vm *vmm_vm_new(int vm_fd);
 void vmm_claim_ports(struct vmm_vm *vm, uint32_t start, uint32_t count);
 void vmm_set_port_filter(struct vmm_vm *vm, int on);
 uint32_t vmm_port_misses(struct vmm_vm *vm, uint32_t port);
+size_t vmm_port_misses_all(struct vmm_vm *vm, uint32_t *ports, uint32_t *counts, size_t max);
 void vmm_vm_free(struct vmm_vm *vm);
 struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_size, int *err);
 void vmm_vcpu_free(struct vmm_vcpu *v);

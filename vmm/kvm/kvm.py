@@ -190,9 +190,12 @@ class Vm:
     def set_port_filter(self, enabled: bool) -> None:
         native()[1].vmm_set_port_filter(self.native, 1 if enabled else 0)
 
-    def port_misses(self, port: int) -> int:
-        """Accesses to an unclaimed port that C completed."""
-        return native()[1].vmm_port_misses(self.native, port)
+    def port_misses(self) -> dict[int, int]:
+        """{port: accesses} to unclaimed ports that C completed."""
+        ffi, lib = native()
+        ports, counts = ffi.new("uint32_t[65536]"), ffi.new("uint32_t[65536]")
+        n = lib.vmm_port_misses_all(self.native, ports, counts, 65536)
+        return {ports[i]: counts[i] for i in range(n)}
 
     def close(self) -> None:
         """Closes vCPUs and the VM. vCPU threads must have ended (runtime joins them);

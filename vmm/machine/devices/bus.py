@@ -42,6 +42,10 @@ class _RangeBus:
         self._starts.insert(i, start)
         self._ranges.insert(i, (start, end, device, wants_vcpu))
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """(start, length) of every registered device range."""
+        return [(start, end - start) for start, end, _, _ in self._ranges]
+
     def find(self, addr: int):
         i = bisect.bisect(self._starts, addr) - 1
         if i >= 0:

@@ -221,6 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VmmError as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `vmm btf ... | head`
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"vmm: interrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
         return 130

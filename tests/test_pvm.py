@@ -32,6 +32,8 @@ def test_cmdline_keeps_init_arguments_last():
     line = pvm.pvm_cmdline("console=ttyS0 -- version cmdline")
     assert line.endswith(" -- version cmdline")
     assert "noxsave" in line.split(" -- ")[0]
+    assert pvm.pvm_cmdline("-- x").endswith(" -- x") and pvm.pvm_cmdline("-- x").startswith("noxsave")
+    assert pvm.pvm_cmdline("").startswith("noxsave ")
 
 
 def test_clearcpuid_fits_the_kernel_buffer_most_important_first():

@@ -93,16 +93,14 @@ def pvm_cmdline(base: str) -> str:
     (``mitigations=auto`` in ``base`` wins over ours).  Words after ``--`` belong to
     init, so ours go before it.
     """
-    head, sep, tail = base.partition(" -- ")
-    if not sep and base.strip() == "--":
-        head, sep, tail = "", " -- ", ""
-    tokens = head.split()
-    keys = {_option_key(t) for t in tokens}
+    tokens = base.split()
+    cut = tokens.index("--") if "--" in tokens else len(tokens)
+    head, init_args = tokens[:cut], tokens[cut:]
+    keys = {_option_key(t) for t in head}
     extra = [opt for opt in PVM_CMDLINE_OPTIONS if _option_key(opt) not in keys]
     if "clearcpuid" not in keys:
         extra.append("clearcpuid=" + clearcpuid_value())
-    result = " ".join(tokens + extra)
-    return f"{result}{sep}{tail}" if sep else result
+    return " ".join(head + extra + init_args)
 
 
 # --------------------------------------------------------------------------------------

@@ -196,3 +196,19 @@ def test_busybox_initramfs(cache):
     assert parsed["init"].data.startswith(b"#!/bin/busybox sh")
     assert parsed["bin/sh"].data == b"busybox" and stat.S_ISLNK(parsed["bin/sh"].mode)
     assert len(parsed["bin/busybox"].data) > 100_000
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(0, 300), st.binary(min_size=1, max_size=8))
+def test_parse_garbage_and_mutations_only_raise_image_error(blob, pos, patch):
+    good = ir.write_newc([ir.file("a/b", b"xyz"), ir.symlink("l", "a/b")])
+    mutated = good[:pos] + patch + good[pos + len(patch):]
+    for data in (blob, mutated, b"070701" + blob):
+        try:
+            ir.parse_newc(data)
+        except ImageError:
+            pass

@@ -209,3 +209,24 @@ def test_identify(hexbytes, name, hint):
         assert got_hint is None
     else:
         assert hint in got_hint
+
+
+# --- robustness ---------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PREFIXES = st.lists(st.sampled_from([0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x67, 0x40, 0x41, 0x48, 0x4F]), max_size=4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(prefix=PREFIXES, tail=st.binary(max_size=14))
+def test_decoder_never_raises_and_stays_in_bounds(prefix, tail):
+    code = bytes(prefix) + b"\x0f\xae" + tail
+    for blob in (code, tail):
+        insn = decode_mxcsr(blob)
+        if insn is not None:
+            assert 3 <= insn.length <= min(len(blob), 15)
+            assert insn.operand.scale in (1, 2, 4, 8)
+            effective_address(insn.operand, REGS, 0)
+        what, hint = pvm.identify(blob)
+        assert isinstance(what, str)

@@ -404,8 +404,9 @@ def assist_internal_error(vcpu, memory) -> bool:
     Called on KVM_EXIT_INTERNAL_ERROR.  Handles suberror 1 (emulation failure) at:
     ``int3`` (RIP += 1, inject #BP, exactly what the CPU does for the trap) and
     ``ldmxcsr``/``stmxcsr`` (MXCSR via KVM_GET_XSAVE/KVM_SET_XSAVE, RIP past the
-    instruction; reserved bits in a loaded value inject #GP(0) like the CPU).  Anything else, or an operand that cannot be translated (a real
-    CPU would raise #PF there): False, and the caller reports the failure.
+    instruction; reserved bits in a loaded value inject #GP(0) like the CPU).
+    Anything else, or an operand that cannot be translated (a real CPU would raise
+    #PF there): False, and the caller reports the failure.
     """
     if not _is_emulation_failure(vcpu):
         return False

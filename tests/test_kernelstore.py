@@ -236,3 +236,15 @@ def test_fetch_debian_real(tmp_path, monkeypatch):
     assert art.system_map is None  # the placeholder is not reported as a System.map
     assert ks.fetch_debian(progress=lambda line: None) == art  # cached
 
+
+
+def test_prune_keeps_artifacts(store):
+    art = _cached_entry(store, "build", "7.3-eeeeeeeeeeee", "7.3.4")
+    src = store / "build" / "7.3-eeeeeeeeeeee" / "src" / "linux-source-7.3"
+    src.mkdir(parents=True)
+    (src / "Makefile").write_text("x")
+    unfinished = store / "build" / "6.12-ffffffffffff" / "src"
+    unfinished.mkdir(parents=True)  # no manifest: a build in progress, left alone
+    assert ks.prune_sources() == 1
+    assert not src.exists() and unfinished.exists()
+    assert ks.list_kernels() == [art]

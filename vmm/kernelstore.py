@@ -721,8 +721,22 @@ def resolve_kernel(spec: str | os.PathLike) -> KernelArtifacts:
     )
 
 
+def prune_sources() -> int:
+    """Delete the source/object trees of finished builds (~2 GB each); returns how many.
+
+    The artifacts stay usable; a later ``build_kernel(force=True)`` unpacks again
+    (from the cached .deb) and rebuilds from scratch.
+    """
+    pruned = 0
+    for d in sorted((cache_root() / "build").glob("*")):
+        if (d / "src").is_dir() and _read_manifest(d) is not None:
+            shutil.rmtree(d / "src")
+            pruned += 1
+    return pruned
+
+
 # --------------------------------------------------------------------------------------
-# CLI: python -m vmm.kernelstore fetch-debian|build [VERSION]|list|path SPEC
+# CLI: python -m vmm.kernelstore fetch-debian|build [VERSION]|list|path SPEC|prune
 # --------------------------------------------------------------------------------------
 def main(argv: Iterable[str] | None = None) -> int:
     import argparse
@@ -741,6 +755,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     pa.add_argument("spec")
     pa.add_argument("--field", choices=["boot_image", "bzimage", "vmlinux", "system_map", "config"],
                     default="boot_image")  # fmt: skip
+    sub.add_parser("prune", help="delete the source trees of finished builds (keeps the kernels)")
     args = p.parse_args(list(argv) if argv is not None else None)
     try:
         if args.cmd == "fetch-debian":
@@ -753,6 +768,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                 print(f"no kernels in {cache_root()}")
             for art in kernels:
                 print(art.describe())
+        elif args.cmd == "prune":
+            print(f"pruned {prune_sources()} source trees under {cache_root() / 'build'}")
         elif args.cmd == "path":
             art = resolve_kernel(args.spec)
             value = getattr(art, args.field)

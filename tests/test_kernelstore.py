@@ -248,3 +248,28 @@ def test_prune_keeps_artifacts(store):
     assert ks.prune_sources() == 1
     assert not src.exists() and unfinished.exists()
     assert ks.list_kernels() == [art]
+
+
+def test_store_lock_serialises_fetches_and_builds(store):
+    import threading
+
+    messages, order = [], []
+
+    def second():
+        with ks._store_lock(messages.append):
+            order.append("second")
+
+    with ks._store_lock(lambda line: None):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and order == []  # waiting for us
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "second"]
+    assert "busy" in messages[0]
+    # a cached kernel is returned without taking the lock
+    name = f"7.3-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
+    art = _cached_entry(store, "build", name, "7.3.4")
+    with ks._store_lock(lambda line: None):
+        assert ks.build_kernel("7.3") == art

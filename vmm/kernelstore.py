@@ -29,7 +29,9 @@ Layout under ``cache_root()`` (``$VMM_CACHE_DIR/kernels``, default ``~/.cache/vm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -143,6 +145,21 @@ def cache_root() -> Path:
     base = os.environ.get("VMM_CACHE_DIR")
     root = Path(base).expanduser() if base else Path.home() / ".cache" / "vmm"
     return root / "kernels"
+
+
+@contextlib.contextmanager
+def _store_lock(progress: Progress):
+    """One fetch/build at a time per store: two test processes asking for the same
+    kernel must not build into the same directory or share apt's lists at once."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"kernel store {root} is busy (another fetch or build); waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _write_manifest(directory: Path, artifacts: KernelArtifacts, **extra) -> None:
@@ -377,6 +394,11 @@ def fetch_debian(
     ``with_debug`` adds the -dbg package (~350 MB) for the real System.map and the
     full vmlinux (symbols, DWARF, BTF); only those two files are extracted.
     """
+    with _store_lock(progress):
+        return _fetch_debian(with_debug, abi, progress)
+
+
+def _fetch_debian(with_debug: bool, abi: str | None, progress: Progress) -> KernelArtifacts:
     root = cache_root()
     apt = PrivateApt(root, progress)
     abi = abi or _newest_debian_abi(apt)  # e.g. 7.3.4+deb13-cloud-amd64
@@ -539,6 +561,15 @@ def build_kernel(
     if cached and not force:
         return cached
     _check_build_tools()
+    with _store_lock(progress):
+        cached = _read_manifest(out)  # another process may have built it meanwhile
+        if cached and not force:
+            return cached
+        return _build_into(out, version, fragment, jobs, force, progress)
+
+
+def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force: bool,
+                progress: Progress) -> KernelArtifacts:  # fmt: skip
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "build.log"

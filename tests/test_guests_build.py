@@ -15,6 +15,7 @@ import pytest
 
 elftools = pytest.importorskip("elftools", reason="pyelftools not installed")
 from elftools.elf.elffile import ELFFile  # noqa: E402
+from guest_abi import records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GUESTS = REPO / "kernels" / "guests"
@@ -246,24 +247,8 @@ def test_qemu_pc_machine(built):
 # The guest's run-time protocol (README: work loop, guest_command, records) on our own
 # VMM, through the Linux 64-bit entry. Addresses come from the ELF and BTF only, so these
 # tests do not depend on vmm.kernel.
-REC_MAGIC = 0xA5000000
 REC_OBS, REC_SUMMARY, REC_HOT, REC_UTS = 3, 4, 5, 7
 CMD_UTS, CMD_STOP = 1, 3
-
-
-def records(reports):
-    """(vcpu, type, payload) for every record, from the per-vCPU report streams."""
-    streams, out = {}, []
-    for vcpu, word in reports:
-        streams.setdefault(vcpu, []).append(word)
-    for vcpu, words in streams.items():
-        i = 0
-        while i < len(words):
-            assert words[i] & 0xFF000000 == REC_MAGIC, hex(words[i])
-            n = words[i] & 0xFF
-            out.append((vcpu, (words[i] >> 8) & 0xFF, words[i + 1:i + 1 + n]))
-            i += 1 + n
-    return out
 
 
 class GuestAddresses:

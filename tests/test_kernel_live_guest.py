@@ -1,11 +1,11 @@
 """The live view against a real running guest on KVM: our test guests
 (kernels/guests) in both per-CPU styles, frozen, read through GuestMemory."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from guest_abi import require_guests
 from vmm.kernel import Kernel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,26 +13,9 @@ OUT = REPO / "kernels" / "guests" / "out"
 GUESTS = {"absolute": OUT / "guest.elf", "relative": OUT / "guest-percpu0.elf"}
 
 
-def _kvm_problem():
-    try:
-        from vmm.kvm import Kvm
-
-        Kvm().close()
-        return None
-    except Exception as e:  # noqa: BLE001 - any reason means: skip
-        return str(e)
-
-
 @pytest.fixture(scope="module")
 def guests():
-    why = _kvm_problem()
-    if why:
-        pytest.skip(f"KVM not usable: {why}")
-    if not all(p.exists() for p in GUESTS.values()):
-        try:
-            subprocess.run(["make", "-C", str(OUT.parent)], check=True, capture_output=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            pytest.skip(f"test guests not built and `make -C kernels/guests` failed: {e}")
+    require_guests(*GUESTS.values())
     return GUESTS
 
 

@@ -1,62 +1,25 @@
 """The Machine on real KVM with our test guests (kernels/guests)."""
 
-import gzip
 import os
 import struct
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from vmm.errors import ConfigError, ImageError, VmmError
+from vmm.errors import ConfigError, ImageError
+from guest_abi import kvm_problem, records, require_guests
 from vmm.machine import Machine, layout as L
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST = REPO / "kernels" / "guests" / "out" / "guest.elf"
-REC_MAGIC = 0xA5000000
 REC_BOOT, REC_READY = 1, 2
-
-
-def _kvm_usable():
-    try:
-        from vmm.kvm import Kvm
-
-        Kvm().close()
-        return None
-    except Exception as e:  # noqa: BLE001 - any reason means: skip
-        return str(e)
 
 
 @pytest.fixture(scope="module")
 def guest():
-    why = _kvm_usable()
-    if why:
-        pytest.skip(f"KVM not usable: {why}")
-    if not GUEST.exists():
-        try:
-            subprocess.run(["make", "-C", str(GUEST.parents[1])], check=True, capture_output=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            pytest.skip(f"test guests not built and `make -C kernels/guests` failed: {e}")
-    if not GUEST.exists():
-        pytest.skip("test guests not built (make -C kernels/guests)")
+    require_guests(GUEST)
     return GUEST
-
-
-def records(reports):
-    """Split the report stream into (vcpu, type, payload) records, per vCPU."""
-    streams, out = {}, []
-    for vcpu, word in reports:
-        streams.setdefault(vcpu, []).append(word)
-    for vcpu, words in streams.items():
-        i = 0
-        while i < len(words):
-            header = words[i]
-            assert header & 0xFF000000 == REC_MAGIC, hex(header)
-            length = header & 0xFF
-            out.append((vcpu, (header >> 8) & 0xFF, words[i + 1:i + 1 + length]))
-            i += 1 + length
-    return out
 
 
 def run(kernel, cmdline, **kw):
@@ -183,7 +146,7 @@ def test_boot_via_decompressor_enters_at_load_plus_0x200(guest):
 def test_build_errors_name_the_step(tmp_path):
     bad = tmp_path / "kernel"
     bad.write_bytes(b"\x7fELF" + b"\0" * 100)
-    why = _kvm_usable()
+    why = kvm_problem()
     if why:
         pytest.skip(f"KVM not usable: {why}")
     m = Machine(bad)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .errors import GuestBootError, KernelFeatureMissing, TargetError, VmmError

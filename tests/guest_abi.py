@@ -1,0 +1,55 @@
+"""Shared by the tests that boot our test guests: their report-port record format
+(kernels/guests/README.md) and the "is KVM usable / are the guests built" checks."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_DIR = REPO / "kernels" / "guests"
+REC_MAGIC = 0xA5000000
+
+
+def records(reports):
+    """(vcpu, type, payload) for every record, from the per-vCPU report streams.
+
+    Each record is a header word ``0xa5000000 | type << 8 | len`` and ``len`` words."""
+    streams, out = {}, []
+    for vcpu, word in reports:
+        streams.setdefault(vcpu, []).append(word)
+    for vcpu, words in streams.items():
+        i = 0
+        while i < len(words):
+            header = words[i]
+            assert header & 0xFF000000 == REC_MAGIC, hex(header)
+            length = header & 0xFF
+            out.append((vcpu, (header >> 8) & 0xFF, words[i + 1:i + 1 + length]))
+            i += 1 + length
+    return out
+
+
+def kvm_problem():
+    """None when /dev/kvm can be opened, else why not."""
+    try:
+        from vmm.kvm import Kvm
+
+        Kvm().close()
+        return None
+    except Exception as e:  # noqa: BLE001 - any reason means: skip
+        return str(e)
+
+
+def require_guests(*paths):
+    """Skip unless KVM works; build the guests when they are missing."""
+    why = kvm_problem()
+    if why:
+        pytest.skip(f"KVM not usable: {why}")
+    if not all(Path(p).exists() for p in paths):
+        try:
+            subprocess.run(["make", "-C", str(GUEST_DIR)], check=True, capture_output=True,
+                           timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            pytest.skip(f"test guests not built and `make -C kernels/guests` failed: {e}")
+    if not all(Path(p).exists() for p in paths):
+        pytest.skip("test guests not built (make -C kernels/guests)")

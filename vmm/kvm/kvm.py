@@ -259,6 +259,20 @@ class Vcpu:
     def set_fpu(self, fpu) -> None:
         self._set("KVM_SET_FPU", fpu)
 
+    def get_xsave(self) -> bytearray:
+        """The 4 KiB XSAVE area (KVM_GET_XSAVE); its legacy FXSAVE region holds MXCSR,
+        which KVM_GET_FPU/KVM_SET_FPU ignore."""
+        ffi, _ = native()
+        return bytearray(ffi.buffer(self._get("struct kvm_xsave *", "KVM_GET_XSAVE").region))
+
+    def set_xsave(self, data: bytes) -> None:
+        ffi, _ = native()
+        xsave = ffi.new("struct kvm_xsave *")
+        if len(data) != ffi.sizeof(xsave.region):
+            raise ValueError(f"XSAVE area is {ffi.sizeof(xsave.region)} bytes, not {len(data)}")
+        ffi.memmove(xsave.region, bytes(data), len(data))
+        self._set("KVM_SET_XSAVE", xsave)
+
     def get_vcpu_events(self):
         return self._get("struct kvm_vcpu_events *", "KVM_GET_VCPU_EVENTS")
 

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from vmm.errors import KvmIoctlError, VmmError
+from vmm.errors import VmmError
 
 # Options appended, in this order, unless the command line already sets the same key.
 PVM_CMDLINE_OPTIONS = (
@@ -330,52 +330,28 @@ def read_code(memory, sregs, rip: int, n: int = MAX_INSTRUCTION) -> bytes:
 # --------------------------------------------------------------------------------------
 # The assists
 # --------------------------------------------------------------------------------------
-# MXCSR goes through KVM_GET_XSAVE/KVM_SET_XSAVE: KVM_GET_FPU/KVM_SET_FPU have an
-# mxcsr field but KVM ignores it in both directions (measured here: reads 0, writes
-# are dropped), so the legacy FXSAVE area of the XSAVE buffer is the only way in.
-# The Vcpu wrapper has no xsave methods (yet): plain fcntl.ioctl on its fd.
-KVM_GET_XSAVE = 0x9000AEA4  # _IOR(KVMIO, 0xa4, struct kvm_xsave), 4096 bytes
-KVM_SET_XSAVE = 0x5000AEA5  # _IOW(KVMIO, 0xa5, struct kvm_xsave)
-XSAVE_SIZE = 4096
+# MXCSR goes through KVM_GET_XSAVE/KVM_SET_XSAVE (Vcpu.get_xsave/set_xsave):
+# KVM_GET_FPU/KVM_SET_FPU ignore the mxcsr field (it reads 0 and writes are dropped),
+# so the legacy FXSAVE area of the XSAVE buffer is the only way in.
 XSAVE_MXCSR = 24  # offsets in the legacy (FXSAVE) region
 XSAVE_MXCSR_MASK = 28
 XSAVE_XSTATE_BV = 512
 XFEATURE_SSE = 1 << 1  # KVM takes MXCSR from the buffer only when FP or SSE is set
 
 
-def _get_xsave(vcpu) -> bytearray:
-    import fcntl
-
-    buf = bytearray(XSAVE_SIZE)
-    try:
-        fcntl.ioctl(vcpu.fd, KVM_GET_XSAVE, buf, True)
-    except OSError as e:
-        raise KvmIoctlError("KVM_GET_XSAVE", e.errno or 0, f"vCPU {getattr(vcpu, 'index', '?')}") from None
-    return buf
-
-
-def _set_xsave(vcpu, buf: bytearray) -> None:
-    import fcntl
-
-    try:
-        fcntl.ioctl(vcpu.fd, KVM_SET_XSAVE, buf, True)
-    except OSError as e:
-        raise KvmIoctlError("KVM_SET_XSAVE", e.errno or 0, f"vCPU {getattr(vcpu, 'index', '?')}") from None
-
-
 def get_mxcsr(vcpu) -> tuple[int, int]:
     """(MXCSR, MXCSR_MASK) of a vCPU that is not running."""
-    buf = _get_xsave(vcpu)
+    buf = vcpu.get_xsave()
     mxcsr, mask = struct.unpack_from("<II", buf, XSAVE_MXCSR)
     return mxcsr, mask or MXCSR_DEFAULT_MASK
 
 
 def set_mxcsr(vcpu, value: int) -> None:
-    buf = _get_xsave(vcpu)
+    buf = vcpu.get_xsave()
     struct.pack_into("<I", buf, XSAVE_MXCSR, value)
     (xstate_bv,) = struct.unpack_from("<Q", buf, XSAVE_XSTATE_BV)
     struct.pack_into("<Q", buf, XSAVE_XSTATE_BV, xstate_bv | XFEATURE_SSE)
-    _set_xsave(vcpu, buf)
+    vcpu.set_xsave(buf)
 
 
 def _inject_exception(vcpu, vector: int, error_code: int | None = None) -> None:

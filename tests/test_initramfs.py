@@ -183,6 +183,26 @@ def test_check_init_runs(cache):
     assert "vmm-check-init: done status=2" in out
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+def test_check_init_waits_for_the_host_to_set_the_hostname(cache):
+    """wait-hostname polls /proc/sys/kernel/hostname until it is no longer "(none)":
+    here a sibling process changes it in the same UTS namespace after 0.3 s (in a VM,
+    the host writes init_uts_ns.name.nodename while the guest is frozen)."""
+    if not _unshare_works():
+        pytest.skip("unprivileged user+pid namespaces (unshare) not available")
+    binary = ir.build_init_program("check")
+    # (the hostname tool refuses "(none)", the kernel's default: write it directly)
+    script = ("printf '(none)' > /proc/sys/kernel/hostname; "
+              "(sleep 0.3; printf vmm-frozen > /proc/sys/kernel/hostname) & "
+              f"exec {binary} wait-hostname sys/kernel/hostname")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount",
+                           "--uts", "sh", "-c", script], capture_output=True, timeout=30)
+    out = proc.stdout.decode()
+    assert "waiting for the host to set the hostname" in out, out
+    assert out.index("waiting") < out.index("== /proc/sys/kernel/hostname")
+    assert "vmm-frozen" in out and "vmm-check-init: done status=0" in out
+
+
 def test_gzip_is_what_the_kernel_expects():
     data = ir.create_initramfs([ir.file("init", b"x")])
     assert gzip.decompress(data)[:6] == b"070701"

@@ -4,6 +4,9 @@
  * 2. mounts /proc and prints each file named on its command line (kernel
  *    command line words after "--"; a bare name means /proc/<name>), or
  *    /proc/version when none is named,
+ *    The word "wait-hostname" instead waits (up to 60 s) until the hostname is
+ *    no longer "(none)": the host writes init_uts_ns.name.nodename while the VM
+ *    is frozen, and this proves the guest sees it,
  * 3. prints "vmm-check-init: done status=<n>" (n = number of files that could
  *    not be read), writes n to the exit port 0xf4 when ioperm() works
  *    (CONFIG_X86_IOPL_IOPERM), and powers off with reboot(POWER_OFF).
@@ -94,6 +97,38 @@ static int print_file(const char *name)
 	return got < 0 ? -1 : 0;
 }
 
+static int hostname_set(void)
+{
+	char data[80];
+	long fd = sys3(SYS_open, (long)"/proc/sys/kernel/hostname", O_RDONLY, 0);
+	long got;
+
+	if (fd < 0)
+		return 0;
+	got = sys3(SYS_read, fd, (long)data, sizeof(data));
+	sys3(SYS_close, fd, 0, 0);
+	return got > 0 && !(got == 7 && starts_with(data, "(none)\n"));
+}
+
+static int wait_hostname(void)
+{
+	struct { long sec, nsec; } tick = {0, 10 * 1000 * 1000};
+
+	put("vmm-check-init: waiting for the host to set the hostname\n");
+	for (int i = 0; i < 6000; i++) {
+		if (hostname_set())
+			return 0;
+		sys3(SYS_nanosleep, (long)&tick, 0, 0);
+	}
+	put("vmm-check-init: the hostname never changed\n");
+	return -1;
+}
+
+static int str_eq(const char *a, const char *b)
+{
+	return starts_with(a, b) && str_len(a) == str_len(b);
+}
+
 void init_main(long *sp)
 {
 	long argc = sp[0];
@@ -110,7 +145,7 @@ void init_main(long *sp)
 	if (argc <= 1)
 		failures += print_file("version") != 0;
 	for (long i = 1; i < argc; i++)
-		failures += print_file(argv[i]) != 0;
+		failures += (str_eq(argv[i], "wait-hostname") ? wait_hostname() : print_file(argv[i])) != 0;
 
 	put("vmm-check-init: done status=");
 	put_uint(failures);

@@ -13,6 +13,7 @@ typedef long ssize_t;
 #define SYS_write 1
 #define SYS_open 2
 #define SYS_close 3
+#define SYS_nanosleep 35
 #define SYS_exit 60
 #define SYS_mount 165
 #define SYS_reboot 169

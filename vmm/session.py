@@ -21,7 +21,8 @@ from typing import Any, Iterable, Optional
 from .errors import GuestBootError, KernelFeatureMissing, TargetError, VmmError
 from .kvm.kvm import MSR_LSTAR
 from .machine import builder
-from .ops import KernelTarget, KernelValue, Op, OpResult, apply_op, scx_clock_batch
+from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
+                  scx_clock_batch)
 from .ops.targets import Location
 
 # What a real Linux kernel prints when it hands over to user space.
@@ -188,7 +189,7 @@ class Machine(builder.Machine):
         t = self._target(target, path, cpu, type)
         op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
         value = self.apply(op).values[0]
-        return getattr(value, "value", None) if not hasattr(value, "data") else value.data
+        return value.data if isinstance(value, Bytes) else value.value
 
     def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
               cpu: Optional[int] = None, hot: bool = False, type: Optional[str] = None) -> OpResult:
@@ -205,14 +206,14 @@ class Machine(builder.Machine):
         """The mission in one call: one cold batch that, for every possible CPU, writes
         ``rq->scx.clock`` then ORs ``SCX_RQ_CLK_VALID`` into ``rq->scx.flags``; then a
         cold read-back of both fields on every CPU."""
-        mask_check = scx_clock_batch  # refuses kernels without the flag, before freezing
+        clk_valid_mask(self.vmlinux)  # refuses a kernel without the flag before freezing
         with self.freeze() as snap:
             live = self.live(snap)
             cpu_list = list(cpus) if cpus is not None else live.possible_cpus()
             if clock is None:
                 # The guest's own notion of now where there is one, so time stays monotonic.
                 clock = snap.clock if snap.clock else time.monotonic_ns()
-            batch = mask_check(self.vmlinux, cpu_list, clock)
+            batch = scx_clock_batch(self.vmlinux, cpu_list, clock)
             before = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
             written = self.apply(Op.WriteKernelCold(batch))
             after = self.apply(Op.ReadKernelCold([t for t, _ in batch]))

@@ -126,6 +126,14 @@ class Machine(builder.Machine):
         """The kernel's symbols and BTF (vmm.kernel.Kernel), loaded on first use."""
         if self._introspection is None:
             from .kernel import Kernel
+            art = self.artifacts
+            if art is not None and art.name.startswith("debian-") and art.system_map is None:
+                # Debian's vmlinuz has BTF but no symbol table: the symbols are in the
+                # -dbg package, fetched (once, ~350 MB) only when they are needed.
+                from . import kernelstore
+                self.artifacts = kernelstore.fetch_debian(with_debug=True)
+                self._vmlinux_path = self.artifacts.vmlinux
+                self._system_map_path = self.artifacts.system_map
             source = self._vmlinux_path or self.kernel
             with open(source, "rb") as f:
                 is_elf = f.read(4) == b"\x7fELF"

@@ -81,16 +81,28 @@ void vmm_copy_from(void *dst, uintptr_t src, size_t n) { memcpy(dst, (const void
 void vmm_release_fence(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
 /* Guest RAM: anonymous, private, not counted against overcommit. 0 + *err on failure. */
+#define HUGE_2M (2ul << 20)
+
+/* Guest RAM: anonymous, MAP_NORESERVE, 2 MiB aligned and marked MADV_HUGEPAGE (best
+ * effort, as QEMU does), so the guest's 2 MiB pages can be backed by host huge pages:
+ * fewer host TLB misses and, on shadow-paging hosts (PVM), fewer page-table walks. */
 uintptr_t vmm_map_guest_ram(size_t size, int *err)
 {
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    size_t span = size + HUGE_2M;
+    uint8_t *p = mmap(NULL, span, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
         *err = errno;
         return 0;
     }
+    uint8_t *base = (uint8_t *)(((uintptr_t)p + HUGE_2M - 1) & ~(HUGE_2M - 1));
+    if (base > p)
+        munmap(p, (size_t)(base - p));
+    if (base + size < p + span)
+        munmap(base + size, (size_t)(p + span - (base + size)));
+    madvise(base, size, MADV_HUGEPAGE);
     *err = 0;
-    return (uintptr_t)p;
+    return (uintptr_t)base;
 }
 
 int vmm_unmap(uintptr_t addr, size_t size)

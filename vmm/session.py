@@ -37,11 +37,17 @@ def _is_spec(kernel: Any) -> bool:
 
 
 class LiveResolver:
-    """KernelTarget resolution over the introspection live view (vmm.kernel.live)."""
+    """KernelTarget resolution over the introspection live view (vmm.kernel.live).
+
+    One resolver serves one batch (one rendezvous for a cold batch), so a target named
+    twice resolves once: nothing it depends on (per-CPU offsets, page tables) moves
+    while every vCPU is parked, and a hot batch resolves all its entries before writing.
+    """
 
     def __init__(self, live: Any):
         self.live = live
         self.btf = live.kernel.btf if live.kernel.has_btf else None
+        self._memo: dict = {}
 
     def _to_gpa(self, kva: int, size: Optional[int], what: str) -> int:
         gpa = self.live.kva_to_gpa(kva)
@@ -71,6 +77,13 @@ class LiveResolver:
 
     def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int],
                       type: Optional[str] = None) -> Location:
+        key = (name, path, cpu, type)
+        if key not in self._memo:
+            self._memo[key] = self._locate_symbol(name, path, cpu, type)
+        return self._memo[key]
+
+    def _locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int],
+                       type: Optional[str]) -> Location:
         type = type or self._guess_type(name)
         kva, f = self.live.resolve(name, path, cpu, type)
         what = name + (f"[cpu {cpu}]" if cpu is not None else "") + (f".{path}" if path else "")

@@ -393,13 +393,11 @@ static int handle_freeze(struct vmm_vcpu *v, uint32_t gen)
     return LOAD(&vm->stop) ? 1 : 0;
 }
 
-/* Coordinator: start a freeze. Returns the new generation. */
-uint32_t vmm_freeze_request(struct vmm_vm *vm)
+/* Makes every vCPU leave KVM_RUN: immediate_exit (so one about to enter returns at
+ * once) then a signal (for one already inside). The caller has published why
+ * (freeze_gen or stop) before this, with a full fence. */
+static void interrupt_all(struct vmm_vm *vm)
 {
-    uint32_t gen = __atomic_add_fetch(&vm->freeze_gen, 1, __ATOMIC_SEQ_CST);
-    if (gen == 0) /* 0 means "not parked" in parked_gen: skip it on wrap */
-        gen = __atomic_add_fetch(&vm->freeze_gen, 1, __ATOMIC_SEQ_CST);
-    FENCE();
     int n = LOAD(&vm->nvcpus);
     for (int i = 0; i < n; i++)
         if (vm->vcpus[i])
@@ -408,6 +406,16 @@ uint32_t vmm_freeze_request(struct vmm_vm *vm)
     for (int i = 0; i < n; i++)
         if (vm->vcpus[i])
             kick(vm->vcpus[i]);
+}
+
+/* Coordinator: start a freeze. Returns the new generation. */
+uint32_t vmm_freeze_request(struct vmm_vm *vm)
+{
+    uint32_t gen = __atomic_add_fetch(&vm->freeze_gen, 1, __ATOMIC_SEQ_CST);
+    if (gen == 0) /* 0 means "not parked" in parked_gen: skip it on wrap */
+        gen = __atomic_add_fetch(&vm->freeze_gen, 1, __ATOMIC_SEQ_CST);
+    FENCE();
+    interrupt_all(vm);
     return gen;
 }
 
@@ -460,15 +468,8 @@ void vmm_request_stop(struct vmm_vm *vm)
 {
     STORE(&vm->stop, 1);
     FENCE();
-    int n = LOAD(&vm->nvcpus);
-    for (int i = 0; i < n; i++)
-        if (vm->vcpus[i])
-            vm->vcpus[i]->run->immediate_exit = 1;
-    FENCE();
-    futex_wake(&vm->thaw_gen, INT_MAX);
-    for (int i = 0; i < n; i++)
-        if (vm->vcpus[i])
-            kick(vm->vcpus[i]);
+    futex_wake(&vm->thaw_gen, INT_MAX); /* parked ones wake, see stop, return */
+    interrupt_all(vm);
 }
 
 /* ---------------------------------------------------------------- run loop */

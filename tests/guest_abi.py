@@ -30,13 +30,17 @@ def records(reports):
 
 
 def kvm_problem():
-    """None when /dev/kvm can be opened, else why not."""
-    try:
-        from vmm.kvm import Kvm
+    """None when /dev/kvm can be opened, else why not (a missing facility: skip).
 
+    Any other failure (a broken KVM, a missing capability) is raised, so that the
+    tests fail instead of hiding it behind a skip."""
+    from vmm.errors import KvmPermissionError, KvmUnavailable
+    from vmm.kvm import Kvm
+
+    try:
         Kvm().close()
         return None
-    except Exception as e:  # noqa: BLE001 - any reason means: skip
+    except (KvmUnavailable, KvmPermissionError) as e:
         return str(e)
 
 

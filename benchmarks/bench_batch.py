@@ -14,6 +14,7 @@ Linux's embedded first chunk) and `Machine.apply(Op.WriteKernelCold(batch))` run
 Printed per case (min and median over the repeats, microseconds):
   frozen    freeze request -> thaw (C clock: stamped just before the coordinator's
             freeze() is called, FreezeCoordinator's vmm_thaw stamps vm.native.thaw_ns)
+  park      of which the rendezvous itself: request -> every vCPU parked
   inside    OpResult.apply_seconds: resolve/validate/apply inside the rendezvous
   total     Machine.apply end to end (pre-freeze resolution included)
 It measures through Machine.apply only, so the same script measures an older tree
@@ -89,12 +90,13 @@ def run_case(guest, name, possible, make_batch, repeats, profile=False):
                              "rebuild the guest (make guests)")
         batch = make_batch(cpus, mask)
         window = FrozenWindow(m)
-        frozen, inside, total = [], [], []
+        frozen, park, inside, total = [], [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             result = m.apply(Op.WriteKernelCold(batch))
             total.append((time.perf_counter() - t0) * 1e6)
             frozen.append(window.last_us())
+            park.append(m.coordinator.snapshot.latency_ns / 1e3)
             inside.append(result.apply_seconds * 1e6)
         if profile:
             import cProfile
@@ -112,11 +114,12 @@ def run_case(guest, name, possible, make_batch, repeats, profile=False):
         m.stop()
 
     def fmt(v):
-        return f"{min(v):8.0f} {statistics.median(v):8.0f}"
+        return f"{min(v):7.0f} {statistics.median(v):7.0f}"
 
-    print(f"{name:20} {len(batch):6d} | frozen {fmt(frozen)} | inside {fmt(inside)} | "
-          f"total {fmt(total)}", flush=True)
-    return {"frozen": frozen, "inside": inside, "total": total, "entries": len(batch)}
+    print(f"{name:19} {len(batch):5d} | {fmt(frozen)} | {fmt(park)} | {fmt(inside)} | "
+          f"{fmt(total)}", flush=True)
+    return {"frozen": frozen, "park": park, "inside": inside, "total": total,
+            "entries": len(batch)}
 
 
 CASES = {
@@ -132,12 +135,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--guest", default=GUEST)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--profile", action="store_true", help="cProfile one more apply per case")
+    ap.add_argument("--python-apply", action="store_true",
+                    help="apply the staged plan entry by entry in Python, not in one C call")
     args = ap.parse_args(argv)
     if not os.path.exists(args.guest):
         sys.exit("build the test guest first: make guests")
-    print(f"cold batch frozen window, {args.repeats} repeats; min and median in microseconds")
-    print(f"{'case':20} {'entries':>6} | {'frozen min':>13} {'p50':>3} | {'inside min':>13} "
-          f"{'p50':>3} | {'total min':>12} {'p50':>3}")
+    if args.python_apply:
+        from vmm.ops import plan
+        plan.USE_NATIVE = False
+    print(f"cold batch (Machine.apply(Op.WriteKernelCold)), {args.repeats} repeats, guest "
+          f"{os.path.relpath(args.guest)}; microseconds, min and median")
+    print(f"{'case':19} {'entries':>5} | {'frozen':>15} | {'park':>15} | {'inside':>15} | "
+          f"{'total':>15}")
     out = {}
     for key in args.cases.split(","):
         name, possible, make = CASES[key]

@@ -161,6 +161,17 @@ class LiveKernel:
             raise TargetError(f"cpu {cpu} does not exist: nr_cpu_ids is {n}")
         return struct.unpack("<Q", self.read_kva(sym.address + self.slide + 8 * cpu, 8))[0]
 
+    def per_cpu_offsets(self) -> list[int]:
+        """``__per_cpu_offset[0 .. nr_cpu_ids)`` in one read ([0] on a !SMP kernel)."""
+        sym = self.symbols.get("__per_cpu_offset")
+        if sym is None:
+            return [0]
+        n = self.nr_cpu_ids()
+        if n > 8192:
+            raise TranslationError(f"nr_cpu_ids reads {n}: not a plausible CPU count "
+                                   f"(wrong slide or kernel?)")
+        return list(struct.unpack(f"<{n}Q", self.read_kva(sym.address + self.slide, 8 * n)))
+
     def per_cpu_address(self, name: str, cpu: int, path: str | None = None,
                         type: str | None = None) -> int:
         return self.address_of(name, path, cpu=cpu, type=type)

@@ -14,6 +14,11 @@ Rules (../shared/seed, followed to the letter):
 - Better than the reference harness: every entry is resolved and validated before the
   first write. A bad entry fails the whole batch with :class:`BatchError` naming its
   index, and guest memory is left untouched.
+- A cold batch keeps the guest frozen only for what must happen frozen: targets are
+  staged (resolved, width-checked) before the freeze as far as the running guest allows
+  (vmm/ops/resolve.py), the freeze re-checks staging's boot-time assumptions, finishes
+  page-walked targets and applies the packed plan in one C call (vmm/ops/plan.py);
+  results are built after the thaw.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Prints:
   2. port-OUT exit round trip (mode=outloop, ring 0), ours vs QEMU, and the ratio;
   3. freeze latency (request -> every vCPU parked) p50/p99 and freeze+thaw round trip
      for 1, 2, 4, 8 vCPUs, ring 3 and ring 0 guests;
-  4. time to resolve and apply a 2x1024-entry cold batch;
+  4. the frozen window of cold batches: the mission batch on 2 and 1024 possible CPUs,
+     2x1024 entries on 2 CPUs (bench_batch.py);
   5. QEMU's QMP stop and stop+cont round trip on the same guest, and the ratio.
 Figures depend on the host: on a PVM host guest ring 0 is emulated (see README).
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import qemu_peer  # noqa: E402
-from vmm import KernelTarget as T, KernelValue as V, Machine, Op  # noqa: E402
+from vmm import Machine  # noqa: E402
 from vmm.kvm import is_pvm_host  # noqa: E402
 
 GUEST = os.path.join(ROOT, "kernels/guests/out/guest.elf")
@@ -96,24 +97,11 @@ def freeze_figures(cycles: int, cpu_counts, rings) -> dict:
     return results
 
 
-def batch_figures(entries_per_cpu: int = 1024) -> None:
-    m = boot_loop(2, 3)
-    try:
-        batch = []
-        for i in range(entries_per_cpu):
-            for cpu in (0, 1):
-                batch.append((T.per_cpu("runqueues", cpu, "scx.clock"), V.u64(i)))
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            result = m.apply(Op.WriteKernelCold(batch))
-            times.append((time.perf_counter() - t0, result.apply_seconds))
-    finally:
-        m.stop()
-    total, inside = min(times)
-    print(f"cold batch of {len(batch)} entries (2 CPUs x {entries_per_cpu}): "
-          f"{total * 1e3:.1f} ms end to end, {inside * 1e3:.1f} ms resolve+validate+apply "
-          f"while frozen ({inside / len(batch) * 1e6:.1f} us/entry)")
+def batch_figures(repeats: int) -> None:
+    """Cold batches: the frozen window at 2 and 1024 possible CPUs (bench_batch.py)."""
+    import bench_batch
+
+    bench_batch.main(["--repeats", str(repeats)])
 
 
 def qmp_figures(rounds: int, cpu_counts, rings, ours: dict) -> None:
@@ -149,7 +137,7 @@ def main(argv=None) -> None:
     cycles = 200 if args.quick else 1000
     cpu_counts = (1, 2, 4, 8)
     ours = freeze_figures(cycles, cpu_counts, (3, 0))
-    batch_figures()
+    batch_figures(3 if args.quick else 7)
     qmp_figures(50 if args.quick else 200, (1, 2), (3,), ours)
 
 

@@ -235,6 +235,16 @@ size_t vmm_serial_pending(struct vmm_vm *vm);
 size_t vmm_serial_wait(struct vmm_vm *vm, int64_t timeout_ns);
 void vmm_serial_wake(struct vmm_vm *vm);
 
+/* ffi/plan.c, ffi/plan.h: a packed batch plan applied in one call (vmm/ops/plan.py) */
+#define VMM_PLAN_STORE ...
+#define VMM_PLAN_OR ...
+#define VMM_PLAN_ATOMIC_OR ...
+#define VMM_PLAN_COPY ...
+#define VMM_PLAN_LOAD ...
+#define VMM_PLAN_LOAD_BYTES ...
+struct vmm_plan_entry { uintptr_t host; uint64_t value; uint64_t before; uint32_t width; uint32_t kind; };
+size_t vmm_plan_apply(struct vmm_plan_entry *entries, size_t n);
+
 uint32_t vmm_freeze_request(struct vmm_vm *vm);
 int vmm_parked_count(struct vmm_vm *vm, uint32_t gen);
 int vmm_freeze_wait(struct vmm_vm *vm, int expected, int64_t timeout_ns);
@@ -249,7 +259,7 @@ ffibuilder.cdef(CDEF)
 # the script below changes into it.
 ffibuilder.set_source(
     "vmm._native",
-    '#include <linux/kvm.h>\n#include "vmm_native.h"\n',
+    '#include <linux/kvm.h>\n#include "vmm_native.h"\n#include "plan.h"\n',
     sources=sorted(str(p.relative_to(ROOT)) for p in HERE.glob("*.c")),
     include_dirs=["ffi"],
     extra_compile_args=["-O2", "-Wall", "-std=gnu11"],

@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from .errors import GuestBootError, KernelFeatureMissing, TargetError, VmmError
+from .errors import GuestBootError, KernelFeatureMissing, VmmError
 from .kvm.kvm import MSR_LSTAR
 from .machine import builder
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
-from .ops.targets import Location
+from .ops.resolve import LiveResolver
 
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
@@ -34,78 +34,6 @@ def _is_spec(kernel: Any) -> bool:
     if not isinstance(kernel, str) or os.path.exists(kernel):
         return False
     return kernel.split(":")[0].split("+")[0] in ("debian", "build")
-
-
-class LiveResolver:
-    """KernelTarget resolution over the introspection live view (vmm.kernel.live).
-
-    One resolver serves one batch (one rendezvous for a cold batch), so a target named
-    twice resolves once: nothing it depends on (per-CPU offsets, page tables) moves
-    while every vCPU is parked, and a hot batch resolves all its entries before writing.
-    """
-
-    def __init__(self, live: Any):
-        self.live = live
-        self.btf = live.kernel.btf if live.kernel.has_btf else None
-        self._memo: dict = {}
-
-    def _to_gpa(self, kva: int, size: Optional[int], what: str) -> int:
-        gpa = self.live.kva_to_gpa(kva)
-        if size and size > 1:
-            # Physically contiguous? (Always in the image and direct maps; a page-walked
-            # object may straddle two unrelated pages.)
-            last = self.live.kva_to_gpa(kva + size - 1)
-            if last != gpa + size - 1:
-                raise TargetError(f"{what} at kva {kva:#x} spans physically discontiguous "
-                                  f"pages ({gpa:#x} .. {last:#x})")
-        return gpa
-
-    def _guess_type(self, name: str) -> Optional[str]:
-        """BTF names the types of per-CPU variables only; for another global whose
-        ``struct <name>`` exists with exactly the symbol's ELF size, that is its type."""
-        if self.btf is None or self.live.kernel.var_type(name) is not None:
-            return None
-        sym = self.live.symbols.get(name)
-        for candidate in (f"struct {name}", f"union {name}"):
-            try:
-                t = self.btf.type(candidate)
-            except VmmError:
-                continue
-            if sym is not None and sym.size and self.btf.sizeof(t) == sym.size:
-                return candidate
-        return None
-
-    def locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int],
-                      type: Optional[str] = None) -> Location:
-        key = (name, path, cpu, type)
-        if key not in self._memo:
-            self._memo[key] = self._locate_symbol(name, path, cpu, type)
-        return self._memo[key]
-
-    def _locate_symbol(self, name: str, path: Optional[str], cpu: Optional[int],
-                       type: Optional[str]) -> Location:
-        type = type or self._guess_type(name)
-        kva, f = self.live.resolve(name, path, cpu, type)
-        what = name + (f"[cpu {cpu}]" if cpu is not None else "") + (f".{path}" if path else "")
-        type_name = None
-        if f is not None:
-            size = f.size
-            if self.btf is not None:
-                type_name = self.btf.type_name(f.type)
-        else:
-            sym = self.live.symbols.lookup(name)
-            size = sym.size or None
-        gpa = self._to_gpa(kva, size, what)
-        return Location(gpa, size, f"{what} ({type_name or '?'}, {size} bytes at kva {kva:#x})",
-                        kva=kva, type_name=type_name,
-                        bit_size=(f.bit_size or None) if f is not None else None)
-
-    def locate_kva(self, kva: int, size: Optional[int]) -> Location:
-        gpa = self._to_gpa(kva, size, f"kva {kva:#x}")
-        return Location(gpa, size, f"kva {kva:#x}", kva=kva)
-
-    def locate_gpa(self, gpa: int, size: Optional[int]) -> Location:
-        return Location(gpa, size, f"gpa {gpa:#x}")
 
 
 class Machine(builder.Machine):

@@ -102,7 +102,7 @@ void smp_boot_aps(u32 nr_cpus);
 /* work.c */
 struct work_params;
 __attribute__((noreturn)) void cpu_work_start(u32 cpu);
-void percpu_setup(u32 nr_cpus);
+void percpu_setup(u32 nr_cpus, u32 nr_possible);
 
 /* main.c */
 extern u32 boot_protocol;

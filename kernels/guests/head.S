@@ -280,7 +280,9 @@ gdt_desc_phys:
  * Page tables, U/S set everywhere (ring 3 shares all data with ring 0):
  *   identity map of the first 4 GiB (2 MiB pages; the 3-4 GiB MMIO gap uncached),
  *   0xffffffff80000000 -> physical 0 (1 GiB, so the image at 16 MiB is at
- *   0xffffffff81000000), sharing the first identity page directory.
+ *   0xffffffff81000000), sharing the first identity page directory, and
+ *   PAGE_OFFSET (0xffff888000000000, PML4 slot 273) -> physical 0: a direct map of the
+ *   first 4 GiB like Linux's (it holds the per-CPU areas of possible-only CPUs).
  */
 #define PTE_TABLE 0x7	/* present, writable, user */
 #define PDE_2M 0x87	/* present, writable, user, 2 MiB page */
@@ -290,7 +292,9 @@ gdt_desc_phys:
 	.globl early_pml4
 early_pml4:
 	.quad pa(ident_pdpt) + PTE_TABLE
-	.fill 510, 8, 0
+	.fill 272, 8, 0
+	.quad pa(ident_pdpt) + PTE_TABLE	/* slot 273: PAGE_OFFSET, the direct map */
+	.fill 237, 8, 0
 	.quad pa(high_pdpt) + PTE_TABLE
 ident_pdpt:
 	.quad pa(ident_pd) + PTE_TABLE

@@ -7,7 +7,8 @@
 #define KERNEL_VA_BASE   (START_KERNEL_MAP + PHYS_LOAD_ADDR)  /* 0xffffffff81000000 */
 
 #define MAX_CPUS 8          /* CPUs the guest can start (cpus=N, N <= MAX_CPUS) */
-#define NR_CPUS 64          /* size of __per_cpu_offset[] like CONFIG_NR_CPUS=64 */
+#define NR_CPUS 1024        /* size of __per_cpu_offset[] like CONFIG_NR_CPUS=1024; possible=N <= this */
+#define PAGE_OFFSET 0xffff888000000000 /* direct map of physical 0-4 GiB, like Linux's default page_offset_base */
 
 #define AP_TRAMPOLINE_PHYS 0x6000   /* real-mode AP entry page (SIPI vector 0x06) */
 #define LAPIC_BASE 0xfee00000

@@ -114,6 +114,12 @@ __attribute__((noreturn)) void boot_main(u32 protocol, unsigned long info)
 		guest_exit(EXIT_BAD_CMDLINE);
 	}
 	work_params.nr_cpus = mode == MODE_LOOP ? (u32)cpus : 1;
+	u64 possible = cmdline_u64("possible", work_params.nr_cpus);
+	if (possible < work_params.nr_cpus || possible > NR_CPUS) {
+		printf_serial("vmm-guest: possible=%d: must be %d..%d\n", possible,
+			      (u64)work_params.nr_cpus, (u64)NR_CPUS);
+		guest_exit(EXIT_BAD_CMDLINE);
+	}
 	work_params.ring = parse_ring();
 	work_params.loops = cmdline_u64("loop", 0);
 	work_params.exit_code = (u32)cmdline_u64("exit", 0) & 0xff;
@@ -159,7 +165,7 @@ __attribute__((noreturn)) void boot_main(u32 protocol, unsigned long info)
 		break;
 	}
 
-	percpu_setup(work_params.nr_cpus);
+	percpu_setup(work_params.nr_cpus, (u32)possible);
 	if (work_params.nr_cpus > 1)
 		smp_boot_aps(work_params.nr_cpus);
 	cpu_work_start(0);

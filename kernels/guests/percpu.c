@@ -44,9 +44,9 @@ volatile u32 guest_done;
 volatile u32 guest_command;
 volatile u32 guest_command_ack;
 
-extern char __per_cpu_load[], __per_cpu_start[], __per_cpu_end[];
+extern char __per_cpu_load[], __per_cpu_start[], __per_cpu_end[], _end[];
 
-/* Page-aligned areas, one per possible CPU; the template itself stays untouched. */
+/* Page-aligned areas, one per CPU the guest runs; the template itself stays untouched. */
 #define PERCPU_AREA_SIZE 4096
 static u8 percpu_areas[MAX_CPUS][PERCPU_AREA_SIZE] __attribute__((aligned(4096)));
 _Static_assert(sizeof(struct rq) <= PERCPU_AREA_SIZE, "per-CPU area too small");
@@ -54,20 +54,48 @@ _Static_assert(__builtin_offsetof(struct scx_rq, flags) % 8 == 0, "flags must st
 _Static_assert(__builtin_offsetof(struct scx_rq, nr_immed) ==
 	       __builtin_offsetof(struct scx_rq, flags) + 4, "nr_immed must follow flags");
 
-void percpu_setup(u32 nr_cpus)
+/*
+ * CPUs that are possible but never run (possible=N > cpus) get their areas in the
+ * direct map, like Linux's embedded first chunk: physical RAM right after the image
+ * (2 MiB aligned), reached through PAGE_OFFSET. Nobody clears it; each area gets the
+ * template copied, which is all the host reads or writes there.
+ */
+static u8 *spare_area(u32 c, u32 first_spare)
+{
+	unsigned long phys = ((unsigned long)_end - START_KERNEL_MAP + 0x1fffff) & ~0x1ffffful;
+	return (u8 *)(PAGE_OFFSET + phys + (unsigned long)(c - first_spare) * PERCPU_AREA_SIZE);
+}
+
+static void copy_template(u8 *dst, size_t size)
+{
+	/* Word copy: the template is 64-byte aligned and sized (struct rq); ring 0 may be
+	 * emulated, and possible=1024 copies it a thousand times. */
+	u64 *d = (u64 *)dst;
+	const u64 *s = (const u64 *)__per_cpu_load;
+	for (size_t i = 0; i < size / 8; i++)
+		d[i] = s[i];
+	memcpy(dst + size / 8 * 8, __per_cpu_load + size / 8 * 8, size % 8);
+}
+
+void percpu_setup(u32 nr_cpus, u32 nr_possible)
 {
 	size_t size = (size_t)(__per_cpu_end - __per_cpu_start);
 	if (size > PERCPU_AREA_SIZE) {
 		puts_serial("vmm-guest: .data..percpu larger than a per-CPU area\n");
 		guest_exit(EXIT_BAD_CMDLINE);
 	}
-	for (u32 c = 0; c < nr_cpus; c++) {
-		memcpy(percpu_areas[c], __per_cpu_load, size);
+	for (u32 c = 0; c < nr_possible; c++) {
+		u8 *area = c < nr_cpus ? percpu_areas[c] : spare_area(c, nr_cpus);
+		copy_template(area, size);
 		/* __per_cpu_start is 0 in the VA-0 (6.12) layout, the template VA otherwise. */
-		__per_cpu_offset[c] = (unsigned long)percpu_areas[c] - (unsigned long)__per_cpu_start;
+		__per_cpu_offset[c] = (unsigned long)area - (unsigned long)__per_cpu_start;
 		struct rq *rq = cpu_rq(c);
 		rq->cpu = (int)c;
 		rq->hot_next = c;
+		if (c >= nr_cpus)
+			rq->online = 0;
 	}
-	nr_cpu_ids = nr_cpus;
+	/* Written once here, before any AP starts, and never again (like Linux's
+	 * setup_per_cpu_areas()): the host may resolve per-CPU addresses ahead of a freeze. */
+	nr_cpu_ids = nr_possible;
 }

@@ -11,6 +11,7 @@ Needs only a reader with `read(gpa, n) -> bytes` (GuestMemory, or bytes in tests
 
 from __future__ import annotations
 
+import copy
 import struct
 
 from vmm.errors import (FieldPathError, KernelFeatureMissing, TargetError, TranslationError,
@@ -82,8 +83,11 @@ class LiveKernel:
         value = struct.unpack("<Q", self.read_kva(sym.address + self.slide, 8))[0]
         return value or default  # 0 before the kernel set it: still the default
 
-    def kva_to_gpa(self, kva: int) -> int:
-        """Guest-physical address of kernel virtual address kva."""
+    def linear_kva_to_gpa(self, kva: int) -> int | None:
+        """kva's guest-physical address through the kernel image map (va -
+        __START_KERNEL_map + phys_base) or the direct map (va - page_offset_base), which
+        only depend on values the kernel fixes at boot; None when kva is in neither
+        (vmalloc, per-CPU chunks, modules: a page walk, whose answer can change)."""
         kva &= MASK64
         lo, hi = self._image
         if lo <= kva < hi:
@@ -91,6 +95,22 @@ class LiveKernel:
         span = translate.DIRECT_MAP_SIZE_5L if self.la57 else translate.DIRECT_MAP_SIZE_4L
         if self.page_offset_base <= kva < self.page_offset_base + span:
             return kva - self.page_offset_base
+        return None
+
+    def view(self, reader, cr3=None) -> "LiveKernel":
+        """The same live view (slide, phys_base, page_offset_base kept) reading through
+        another reader and walking page tables from ``cr3`` (None: no page walks)."""
+        other = copy.copy(self)
+        other.reader = reader
+        other.cr3 = cr3
+        return other
+
+    def kva_to_gpa(self, kva: int) -> int:
+        """Guest-physical address of kernel virtual address kva."""
+        kva &= MASK64
+        gpa = self.linear_kva_to_gpa(kva)
+        if gpa is not None:
+            return gpa
         if self.cr3 is None:
             raise TranslationError(f"{kva:#x} is neither in the kernel image nor in the direct "
                                    f"map; translating it needs cr3 for a page-table walk")
@@ -140,6 +160,17 @@ class LiveKernel:
         if cpu >= n:
             raise TargetError(f"cpu {cpu} does not exist: nr_cpu_ids is {n}")
         return struct.unpack("<Q", self.read_kva(sym.address + self.slide + 8 * cpu, 8))[0]
+
+    def per_cpu_offsets(self) -> list[int]:
+        """``__per_cpu_offset[0 .. nr_cpu_ids)`` in one read ([0] on a !SMP kernel)."""
+        sym = self.symbols.get("__per_cpu_offset")
+        if sym is None:
+            return [0]
+        n = self.nr_cpu_ids()
+        if n > 8192:
+            raise TranslationError(f"nr_cpu_ids reads {n}: not a plausible CPU count "
+                                   f"(wrong slide or kernel?)")
+        return list(struct.unpack(f"<{n}Q", self.read_kva(sym.address + self.slide, 8 * n)))
 
     def per_cpu_address(self, name: str, cpu: int, path: str | None = None,
                         type: str | None = None) -> int:

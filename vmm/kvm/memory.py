@@ -152,3 +152,21 @@ class GuestMemory:
 
     def release_fence(self) -> None:
         native()[1].vmm_release_fence()
+
+    # -- packed plans (ffi/plan.c; built by vmm/ops/plan.py) ------------------------
+    @staticmethod
+    def plan_supported() -> bool:
+        """Whether the C core has vmm_plan_apply (a vmm._native built before it has not)."""
+        return hasattr(native()[1], "vmm_plan_apply")
+
+    def apply_plan(self, entries, n: int) -> None:
+        """Applies ``n`` packed entries (cffi ``struct vmm_plan_entry[]``) in order, in
+        one call. Their host addresses must come from this memory's host_address() for
+        the entry's full width, and the batch must be validated: nothing is checked
+        per entry here."""
+        if not self.regions:
+            raise GuestMemoryError("guest RAM is unmapped (the VM ended): plan not applied")
+        done = native()[1].vmm_plan_apply(entries, n)
+        if done != n:
+            raise GuestMemoryError(f"plan entry {done} has an unknown kind or width; "
+                                   f"entries 0..{done - 1} were applied")

@@ -14,12 +14,16 @@ Rules (../shared/seed, followed to the letter):
 - Better than the reference harness: every entry is resolved and validated before the
   first write. A bad entry fails the whole batch with :class:`BatchError` naming its
   index, and guest memory is left untouched.
+- A cold batch keeps the guest frozen only for what must happen frozen: targets are
+  staged (resolved, width-checked) before the freeze as far as the running guest allows
+  (vmm/ops/resolve.py), the freeze re-checks staging's boot-time assumptions, finishes
+  page-walked targets and applies the packed plan in one C call (vmm/ops/plan.py);
+  results are built after the thaw.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
@@ -102,6 +106,10 @@ class OpResult:
     op: Op
     entries: list[EntryResult] = field(default_factory=list)
     apply_seconds: float = 0.0  # resolve+validate+apply time inside the rendezvous
+    prepare_seconds: float = 0.0  # cold: staging (resolve + validate) before the freeze
+    frozen_seconds: float = 0.0  # cold: freeze request -> thaw returned
+    staged: bool = False  # cold: resolved before the freeze, the freeze only checked it
+    restaged: bool = False  # cold: staging's assumptions failed the check: redone frozen
 
     @property
     def values(self) -> list[KernelValue]:
@@ -109,9 +117,8 @@ class OpResult:
         return [e.after for e in self.entries]  # type: ignore[misc]
 
 
-def _check_write(index: int, target: KernelTarget, value: KernelValue, loc: Location,
-                 memory: Any, path: str) -> None:
-    """Everything that must hold before a single byte of the batch is written."""
+def _check_value(value: KernelValue, loc: Location) -> None:
+    """What the value and the resolved target's type say (no guest memory involved)."""
     if loc.bit_size is not None:
         raise TargetError(f"{loc.description} is a {loc.bit_size}-bit bitfield; "
                           "byte-granular writes would clobber its neighbours")
@@ -125,14 +132,34 @@ def _check_write(index: int, target: KernelTarget, value: KernelValue, loc: Loca
             raise TargetError(f"{type(value).__name__} is {width} bytes but "
                               f"{loc.description} is {loc.size} bytes"
                               + (f" ({loc.type_name})" if loc.type_name else ""))
+
+
+def _check_host(value: KernelValue, loc: Location, memory: Any, path: str) -> int:
+    """The target's guest-physical range is RAM (and aligned where it must be); its host
+    address."""
     try:
-        host = memory.host_address(loc.gpa, width)
+        host = memory.host_address(loc.gpa, value.width)
     except GuestMemoryError as exc:
         raise TargetError(f"{loc.description}: {exc}") from exc
     if path == HOT and isinstance(value, OrU32) and host % 4:
         raise TargetError(f"misaligned hot-path OrU32 target {loc.description} at host "
                           f"address {host:#x}: an atomic OR needs 4-byte alignment "
                           "(use WriteKernelCold, which is atomic by quiesce)")
+    return host
+
+
+def _check_write(index: int, target: KernelTarget, value: KernelValue, loc: Location,
+                 memory: Any, path: str) -> int:
+    """Everything that must hold before a single byte of the batch is written."""
+    _check_value(value, loc)
+    return _check_host(value, loc, memory, path)
+
+
+def _check_read(loc: Location, memory: Any) -> int:
+    try:
+        return memory.host_address(loc.gpa, loc.size)
+    except GuestMemoryError as exc:
+        raise TargetError(f"{loc.description}: {exc}") from exc
 
 
 def _store(memory: Any, loc: Location, value: KernelValue, path: str) -> tuple[KernelValue, KernelValue]:
@@ -193,26 +220,155 @@ def apply_op(op: Op, memory: Any, resolver_factory: Callable[[Any], Resolver],
     freeze snapshot; ``resolver_factory(snapshot_or_None)`` builds the resolver (a cold
     op resolves with the registers captured at the freeze, e.g. CR3 for page walks).
     """
+    if op.path == COLD:
+        return _apply_cold(op, memory, resolver_factory, freeze)
     result = OpResult(op)
-    hold = freeze() if op.path == COLD else nullcontext(None)
-    with hold as snapshot:
+    resolver = resolver_factory(None)
+    locations = resolve_all(op.entries, resolver, op.action)
+    if op.action == "read":
+        for target, loc in zip(op.entries, locations):
+            result.entries.append(EntryResult(target, loc, None, after=_read(memory, loc)))
+        return result
+    for i, ((target, value), loc) in enumerate(zip(op.entries, locations)):
+        try:
+            _check_write(i, target, value, loc, memory, op.path)
+        except VmmError as exc:
+            raise BatchError(i, exc) from exc
+    for (target, value), loc in zip(op.entries, locations):
+        before, after = _store(memory, loc, value, op.path)
+        result.entries.append(EntryResult(target, loc, value, before, after))
+    memory.release_fence()
+    return result
+
+
+# A cold entry's state between staging and the freeze.
+_FULL = None  # resolve the whole target inside the freeze
+
+
+def _stage(op: Op, resolver_factory: Callable[[Any], Resolver]) -> tuple[Any, list]:
+    """Before the freeze: resolve and validate what cannot change while the guest runs.
+
+    Returns (staged resolver or None, per entry a Location (``gpa`` None: page walk
+    left to the freeze) or _FULL). A target that cannot be right whatever the guest
+    does (unknown symbol, bad field path, a value of the wrong width) fails the batch
+    here, before any vCPU is parked."""
+    try:
+        stager = getattr(resolver_factory(None), "staged", None)
+        staged = stager() if stager is not None else None
+    except VmmError:
+        # E.g. no earlier freeze to give the KASLR slide: all of it inside the freeze.
+        staged = None
+    if staged is None:
+        return None, [_FULL] * len(op.entries)
+    from .resolve import Deferred
+
+    locations: list = []
+    for i, entry in enumerate(op.entries):
+        target = entry[0] if op.action == "write" else entry
+        try:
+            loc = target.resolve(staged)
+        except Deferred:
+            locations.append(_FULL)
+            continue
+        except VmmError as exc:
+            raise BatchError(i, exc) from exc
+        try:
+            if op.action == "read":
+                if loc.size is None:
+                    raise TargetError(f"{target}: its size is unknown; give size= to the target")
+            else:
+                _check_value(entry[1], loc)
+        except VmmError as exc:
+            raise BatchError(i, exc) from exc
+        locations.append(loc)
+    staged.seal()
+    return staged, locations
+
+
+def _apply_cold(op: Op, memory: Any, resolver_factory: Callable[[Any], Resolver],
+                freeze: Callable[[], ContextManager[Any]]) -> OpResult:
+    from .plan import Plan, native_available
+
+    result = OpResult(op)
+    t0 = time.perf_counter()
+    staged, locations = _stage(op, resolver_factory)
+    use_plan = native_available(memory)
+    plan = Plan(memory, len(op.entries)) if use_plan else None
+    writing = op.action == "write"
+    pending = []  # indices the freeze must finish
+    for i, loc in enumerate(locations):
+        if loc is _FULL or loc.gpa is None:
+            pending.append(i)
+            continue
+        try:
+            if writing:
+                host = _check_host(op.entries[i][1], loc, memory, COLD)
+            else:
+                host = _check_read(loc, memory)
+        except VmmError as exc:
+            raise BatchError(i, exc) from exc
+        if plan is not None:
+            if writing:
+                plan.set_write(i, host, op.entries[i][1])
+            else:
+                plan.set_read(i, host, loc.size)
+    result.prepare_seconds = time.perf_counter() - t0
+    requested = time.perf_counter()
+    with freeze() as snapshot:
         started = time.perf_counter()
-        resolver = resolver_factory(snapshot)
-        locations = resolve_all(op.entries, resolver, op.action)
-        if op.action == "read":
-            for target, loc in zip(op.entries, locations):
-                result.entries.append(EntryResult(target, loc, None, after=_read(memory, loc)))
+        inner = resolver_factory(snapshot) if op.entries else None
+        if staged is not None and not staged.still_valid(inner):
+            # What staging assumed changed (see vmm.ops.resolve): start over, frozen.
+            locations = [_FULL] * len(op.entries)
+            pending = list(range(len(op.entries)))
+            result.restaged = True
+        for i in pending:
+            entry = op.entries[i]
+            target = entry[0] if writing else entry
+            try:
+                loc = locations[i]
+                loc = target.resolve(inner) if loc is _FULL else inner.complete(loc)
+                if writing:
+                    _check_value(entry[1], loc)
+                    host = _check_host(entry[1], loc, memory, COLD)
+                else:
+                    if loc.size is None:
+                        raise TargetError(f"{target}: its size is unknown; give size= to the target")
+                    host = _check_read(loc, memory)
+            except VmmError as exc:
+                raise BatchError(i, exc) from exc
+            locations[i] = loc
+            if plan is not None:
+                if writing:
+                    plan.set_write(i, host, entry[1])
+                else:
+                    plan.set_read(i, host, loc.size)
+        if plan is not None:
+            plan.run()
+            outcome = None
+        elif writing:
+            outcome = [_store(memory, loc, value, COLD)
+                       for (_, value), loc in zip(op.entries, locations)]
         else:
+            outcome = [_read(memory, loc) for loc in locations]
+        result.apply_seconds = time.perf_counter() - started
+    result.frozen_seconds = time.perf_counter() - requested
+    result.staged = staged is not None and not result.restaged
+    # Results are built after the thaw: none of this needs the guest parked.
+    if plan is not None:
+        befores = plan.befores()
+        if writing:
             for i, ((target, value), loc) in enumerate(zip(op.entries, locations)):
-                try:
-                    _check_write(i, target, value, loc, memory, op.path)
-                except VmmError as exc:
-                    raise BatchError(i, exc) from exc
-            for (target, value), loc in zip(op.entries, locations):
-                before, after = _store(memory, loc, value, op.path)
+                before, after = plan.write_result(i, value, befores[i])
                 result.entries.append(EntryResult(target, loc, value, before, after))
-            if op.path == HOT:
-                memory.release_fence()
-        if op.path == COLD:
-            result.apply_seconds = time.perf_counter() - started
+        else:
+            for i, (target, loc) in enumerate(zip(op.entries, locations)):
+                result.entries.append(EntryResult(target, loc, None,
+                                                  after=plan.read_result(i, loc, befores[i])))
+    elif writing:
+        for ((target, value), loc), (before, after) in zip(zip(op.entries, locations), outcome):
+            result.entries.append(EntryResult(target, loc, value, before, after))
+    else:
+        for target, loc, value in zip(op.entries, locations, outcome):
+            result.entries.append(EntryResult(target, loc, None, after=value))
     return result

@@ -447,6 +447,14 @@ class Machine:
         for index in range(self.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
+            if index == 0:
+                # Paravirtual leaves and the TSC frequency, as QEMU gives a KVM guest.
+                from vmm.kvm.kvm import KVM_CAP_TSC_DEADLINE_TIMER
+
+                supported = cpu_setup.paravirt_cpuid(
+                    supported, tsc_khz=vcpu.get_tsc_khz(),
+                    tsc_deadline=self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0)
+                self.notes.append(cpu_setup.describe_paravirt(supported))
             cpu_setup.setup_vcpu_cpuid(vcpu, supported, self.topology)
             refused = cpu_setup.set_boot_msrs(vcpu)
             if refused and index == 0:

@@ -7,6 +7,7 @@ import pytest
 
 from vmm import kernelstore as ks
 from vmm.errors import ImageError, KernelStoreError
+from vmm.kvm.pvm import is_pvm_host
 
 
 @pytest.fixture
@@ -81,7 +82,12 @@ def test_resolve_path_to_files_and_directories(tmp_path):
     vm = fake_elf(tmp_path / "vmlinux")
     art = ks.resolve_kernel(tmp_path)
     assert art.vmlinux == vm and art.bzimage == bz
-    assert art.boot_image == vm  # the ELF boots without the guest-side decompressor
+    # PVM hosts boot the ELF (no emulated decompressor); hardware virtualization the
+    # bzImage, which relocates and randomizes itself.
+    assert art.boot_image_for(False) == vm and art.boot_image_for(True) == bz
+    assert art.boot_image == (vm if is_pvm_host() else bz)
+    only_elf = ks.KernelArtifacts("x", "1", None, vm, None, None)
+    assert only_elf.boot_image_for(True) == vm  # falls back to what there is
     assert ks.resolve_kernel(vm).vmlinux == vm
 
 

@@ -370,6 +370,10 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                                  f"last console lines:\n{m.console_tail(20)}") from exc
         report.boot_seconds = time.monotonic() - (m.started_at or t0)
         report.injection = m.inject_scx_clock()
+        try:  # where KASLR put the kernel (vmm.kernel.live.LiveKernel.describe_layout)
+            report.extra["kernel layout"] = m.live().describe_layout()
+        except VmmError as exc:
+            report.extra["kernel layout"] = f"not found: {exc}"
         jiffies0 = _try_read(m, "jiffies")
         time.sleep(0.5)
         jiffies1 = _try_read(m, "jiffies")

@@ -649,7 +649,7 @@ def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force
         if not path.exists():
             raise KernelStoreError(f"build finished but {path} is missing; see {log}")
         shutil.copy2(path, out / name)
-    kernelrelease = subprocess.run(make + ["-s", "kernelrelease"], cwd=tree, capture_output=True, text=True)
+    kernelrelease = subprocess.run(make + ["-s", "--no-print-directory", "kernelrelease"], cwd=tree, capture_output=True, text=True)
     art = KernelArtifacts(
         name=f"build-{version}-{out.name.split('-', 1)[1]}",
         version=kernelrelease.stdout.strip() or version,

@@ -1,6 +1,8 @@
 import struct
 from types import SimpleNamespace
 
+import pytest
+
 from vmm.machine import cpu
 from vmm.machine import layout as L
 from vmm.machine.tables import Topology
@@ -71,3 +73,91 @@ def test_cpuid_apic_ids_and_topology_leaves():
 def test_boot_msrs_include_fast_strings():
     assert cpu.BOOT_MSRS[cpu.MSR_IA32_MISC_ENABLE] & 1
     assert cpu.BOOT_MSRS[cpu.MSR_MTRR_DEF_TYPE] == 0x806
+
+
+# --- paravirtual CPUID (what QEMU gives a KVM guest) --------------------------------------------
+def kvm_supported(hypervisor_bit=False, invtsc=True, features=0x01007EFB | cpu.KVM_FEATURE_MSI_EXT_DEST_ID):
+    """A KVM_GET_SUPPORTED_CPUID list as an older host kernel reports it: no hypervisor
+    bit in leaf 1, the KVM leaves with KVM's own feature list."""
+    return [entry(0, eax=0x10), entry(1, eax=0xA10F11, ecx=0x00202000 | (cpu.CPUID_1_ECX_HYPERVISOR if hypervisor_bit else 0)),
+            entry(0x40000000, eax=0x40000001, ebx=0x4B4D564B, ecx=0x564B4D56, edx=0x4D),
+            entry(0x40000001, eax=features), entry(0x80000000, eax=0x80000008),
+            entry(0x80000007, edx=cpu.CPUID_APM_EDX_INVTSC if invtsc else 0)]
+
+
+def leaves(out):
+    return {(e["function"], e["index"]): e for e in out}
+
+
+def signature(e):
+    return struct.pack("<3I", e["ebx"], e["ecx"], e["edx"])
+
+
+def test_paravirt_cpuid_tells_the_guest_it_runs_on_kvm_with_kvm_clock():
+    supported = kvm_supported()
+    out = leaves(cpu.paravirt_cpuid(supported, tsc_khz=2596134, tsc_deadline=True))
+    leaf1 = out[(1, 0)]["ecx"]
+    assert leaf1 & cpu.CPUID_1_ECX_HYPERVISOR and leaf1 & cpu.CPUID_1_ECX_TSC_DEADLINE
+    assert leaf1 & 0x00202000 == 0x00202000  # KVM's own bits kept
+    assert signature(out[(0x40000000, 0)]) == b"KVMKVMKVM\0\0\0"
+    features = out[(0x40000001, 0)]["eax"]
+    assert features & cpu.KVM_FEATURE_CLOCKSOURCE2 and features & cpu.KVM_FEATURE_CLOCKSOURCE_STABLE_BIT
+    assert not features & cpu.KVM_FEATURES_NEEDING_VMM  # MSI ext dest id etc. need the VMM
+    assert features == 0x01007EFB  # everything else as KVM listed it
+    assert supported[1]["ecx"] == 0x00202000  # the input is not modified
+
+
+def test_paravirt_cpuid_timing_leaf_with_known_frequency_and_invariant_tsc():
+    out = leaves(cpu.paravirt_cpuid(kvm_supported(), tsc_khz=2596134))
+    assert out[(0x40000000, 0)]["eax"] == cpu.KVM_CPUID_TIMING  # max hypervisor leaf
+    timing = out[(cpu.KVM_CPUID_TIMING, 0)]
+    assert (timing["eax"], timing["ebx"]) == (2596134, 1_000_000)
+    assert out[(0x80000007, 0)]["edx"] & cpu.CPUID_APM_EDX_INVTSC
+    assert "TSC 2596134 kHz" in cpu.describe_paravirt(list(out.values()))
+    assert "kvm-clock" in cpu.describe_paravirt(list(out.values()))
+
+
+@pytest.mark.parametrize("tsc_khz, invtsc", [(None, True), (0, True), (2596134, False)])
+def test_paravirt_cpuid_no_timing_leaf_without_frequency_or_invariant_tsc(tsc_khz, invtsc):
+    out = leaves(cpu.paravirt_cpuid(kvm_supported(invtsc=invtsc), tsc_khz=tsc_khz))
+    assert (cpu.KVM_CPUID_TIMING, 0) not in out
+    assert out[(0x40000000, 0)]["eax"] == cpu.KVM_CPUID_FEATURES
+    assert not out[(1, 0)]["ecx"] & cpu.CPUID_1_ECX_TSC_DEADLINE  # not asked for
+
+
+def test_paravirt_cpuid_is_idempotent_and_adds_missing_kvm_leaves():
+    once = cpu.paravirt_cpuid(kvm_supported(hypervisor_bit=True), tsc_khz=1000000, tsc_deadline=True)
+    assert cpu.paravirt_cpuid(once, tsc_khz=1000000, tsc_deadline=True) == once
+    bare = [entry(0, eax=1), entry(1)]
+    out = leaves(cpu.paravirt_cpuid(bare, tsc_khz=1000000))
+    assert signature(out[(0x40000000, 0)]) == b"KVMKVMKVM\0\0\0"
+    assert out[(0x40000001, 0)]["eax"] == 0  # KVM listed no features: none offered
+    assert (cpu.KVM_CPUID_TIMING, 0) not in out  # no invariant TSC known
+
+
+def test_paravirt_cpuid_survives_the_per_vcpu_rewrite():
+    shared = cpu.paravirt_cpuid(kvm_supported(), tsc_khz=2596134, tsc_deadline=True)
+    out = leaves(cpu.cpuid_entries_for_vcpu(shared, 1, Topology(1, 2, 1)))
+    assert out[(1, 0)]["ecx"] & cpu.CPUID_1_ECX_HYPERVISOR and out[(1, 0)]["ebx"] >> 24 == 1
+    assert out[(cpu.KVM_CPUID_TIMING, 0)]["eax"] == 2596134
+
+
+@pytest.mark.kvm
+def test_machine_gives_every_vcpu_the_paravirt_leaves():
+    """On this host's KVM (not mocked): KVM_SET_CPUID2 takes the leaves on every vCPU and
+    the frequency in the timing leaf is KVM_GET_TSC_KHZ's."""
+    from guest_abi import GUEST_DIR, require_guests
+    from vmm.machine import Machine
+
+    guest = GUEST_DIR / "out" / "guest.elf"
+    require_guests(guest)
+    m = Machine(kernel=str(guest), cpus=2).build()
+    try:
+        khz = m.vcpus[0].get_tsc_khz()
+        assert khz is None or khz > 100_000
+        line = next(n for n in m.notes if n.startswith("paravirt CPUID"))
+        assert "kvm-clock" in line
+        if khz:
+            assert f"TSC {khz} kHz" in line or "no timing leaf" in line
+    finally:
+        m.stop()

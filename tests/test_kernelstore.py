@@ -7,6 +7,7 @@ import pytest
 
 from vmm import kernelstore as ks
 from vmm.errors import ImageError, KernelStoreError
+from vmm.kvm.pvm import is_pvm_host
 
 
 @pytest.fixture
@@ -50,7 +51,21 @@ def test_committed_fragment_has_the_sched_ext_essentials():
     for key in ("CONFIG_SCHED_CLASS_EXT", "CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_SYSCALL", "CONFIG_SMP",
                 "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_BLK_DEV_INITRD", "CONFIG_PVH", "CONFIG_KALLSYMS_ALL"):
         assert frag[key] == "y", key
-    assert frag["CONFIG_RANDOMIZE_BASE"] == "n"
+    for key in KASLR_OPTIONS:  # our users' kernels randomize: so does ours
+        assert frag[key] == "y", key
+
+
+KASLR_OPTIONS = ("CONFIG_RELOCATABLE", "CONFIG_RANDOMIZE_BASE", "CONFIG_RANDOMIZE_MEMORY")
+
+
+def test_built_kernel_config_kept_kaslr():
+    """olddefconfig kept the KASLR options of the fragment (checked on the built .config)."""
+    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
+    art = next((a for a in ks.list_kernels() if a.name == wanted), None)
+    if art is None or art.config is None:
+        pytest.skip(f"kernel {wanted} is not built: run `make kernel-build`")
+    config = ks.parse_config(art.config.read_text())
+    assert [k for k in KASLR_OPTIONS if config.get(k) != "y"] == []
 
 
 def test_fragment_hash_is_stable_and_content_based(tmp_path):
@@ -81,7 +96,12 @@ def test_resolve_path_to_files_and_directories(tmp_path):
     vm = fake_elf(tmp_path / "vmlinux")
     art = ks.resolve_kernel(tmp_path)
     assert art.vmlinux == vm and art.bzimage == bz
-    assert art.boot_image == vm  # the ELF boots without the guest-side decompressor
+    # PVM hosts boot the ELF (no emulated decompressor); hardware virtualization the
+    # bzImage, which relocates and randomizes itself.
+    assert art.boot_image_for(False) == vm and art.boot_image_for(True) == bz
+    assert art.boot_image == (vm if is_pvm_host() else bz)
+    only_elf = ks.KernelArtifacts("x", "1", None, vm, None, None)
+    assert only_elf.boot_image_for(True) == vm  # falls back to what there is
     assert ks.resolve_kernel(vm).vmlinux == vm
 
 

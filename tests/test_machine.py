@@ -122,8 +122,37 @@ def test_bzimage_wrapping_our_guest_boots(guest):
     import test_images
 
     bz = test_images.make_bzimage(test_images.compress("gzip", guest.read_bytes()))
-    m, r = run(bz, "mode=hello exit=5")
+    # Its "decompressor" is a stub: decompress on the host (the automatic choice on PVM).
+    m, r = run(bz, "mode=hello exit=5", boot_via_decompressor=False)
     assert (r.reason, r.exit_code) == ("exit-code", 5) and "vmm-guest: hello" in m.console_text()
+
+
+@pytest.mark.parametrize("pvm", [False, True])
+def test_plain_path_defaults_kaslr_and_decompressor_pvm_keeps_nokaslr(monkeypatch, pvm):
+    """Hardware virtualization: the default Linux command line keeps KASLR and a bzImage
+    boots through its own decompressor. PVM hosts: nokaslr, host-side decompression."""
+    from vmm.machine import builder
+
+    monkeypatch.setattr(builder, "_is_pvm_host", lambda: pvm)
+    assert "nokaslr" not in builder.DEFAULT_LINUX_CMDLINE.split()
+    m = Machine(kernel=b"unused")
+    m.is_linux = True
+    words = m.compose_cmdline().split()
+    assert words[:3] == ["console=ttyS0", "reboot=k", "panic=-1"]
+    assert ("nokaslr" in words) is pvm and ("noxsave" in words) is pvm
+    assert m.decompress_in_guest is (not pvm)
+    for explicit in (True, False):  # an explicit choice wins on either kind of host
+        assert Machine(kernel=b"unused", boot_via_decompressor=explicit).decompress_in_guest is explicit
+    user = Machine(kernel=b"unused", cmdline="console=ttyS0 nokaslr")  # still the user's to give
+    user.is_linux = True
+    assert user.compose_cmdline().split().count("nokaslr") == 1
+    m.is_linux = False
+    assert m.compose_cmdline() == ""  # our test guests get nothing added
+
+
+def test_boot_via_decompressor_must_be_none_or_bool():
+    with pytest.raises(ConfigError, match="boot_via_decompressor"):
+        Machine(kernel=b"unused", boot_via_decompressor="yes")
 
 
 def test_boot_via_decompressor_enters_at_load_plus_0x200(guest):

@@ -53,7 +53,14 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
                         "(Debian's prebuilt sched_ext kernel) or 'build[:VERSION]'")
     p.add_argument("--initrd", help="initramfs image (default for real Linux: our spin init)")
     p.add_argument("--cmdline", help="kernel command line (default for real Linux: "
-                                     "console=ttyS0 reboot=k panic=-1 nokaslr)")
+                                     "console=ttyS0 reboot=k panic=-1; KASLR stays on; PVM "
+                                     "hosts add their options and nokaslr)")
+    p.add_argument("--boot-via-decompressor", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="boot a bzImage through its own decompressor (it relocates and "
+                        "randomizes itself) or, with --no-boot-via-decompressor, decompress "
+                        "it on the host and boot the vmlinux where it was linked; default: "
+                        "automatic, the decompressor with VMX/SVM, the host on PVM hosts")
     p.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
     p.add_argument("--memory", type=parse_size, default=parse_size("512M"),
                    help="guest RAM, e.g. 512M, 2G (default 512M)")
@@ -191,7 +198,8 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
     report = run_session(
         kernel=args.kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
         initrd=args.initrd, timeout=args.timeout, inject_scx=inject,
-        wait_for=args.wait_for, stream=None if args.quiet or args.json else sys.stdout.buffer)
+        wait_for=args.wait_for, stream=None if args.quiet or args.json else sys.stdout.buffer,
+        boot_via_decompressor=args.boot_via_decompressor)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:

@@ -94,12 +94,23 @@ class KernelArtifacts:
 
     @property
     def boot_image(self) -> Path:
-        """The file to boot: the uncompressed vmlinux ELF when there is one.
+        """The file to boot on this host (see boot_image_for)."""
+        return self.boot_image_for(None)
 
-        Booting the ELF skips the bzImage's own decompressor, which is slow under
-        emulation and hits instructions PVM cannot emulate (BMI2 in zstd).
-        """
-        image = self.vmlinux or self.bzimage
+    def boot_image_for(self, via_decompressor: bool | None = None) -> Path:
+        """The file to boot. ``via_decompressor`` None = automatic: on a host with
+        hardware virtualization the bzImage, which decompresses, relocates and
+        randomizes itself (KASLR) as under QEMU; on a PVM host the uncompressed vmlinux,
+        since the guest's decompressor would run emulated (slow) and its zstd code uses
+        BMI2, which PVM cannot emulate. True/False prefer the bzImage/the vmlinux.
+        Either falls back to the other file when the preferred one is missing."""
+        if via_decompressor is None:
+            from vmm.kvm.pvm import is_pvm_host
+
+            via_decompressor = not is_pvm_host()
+        first, second = ((self.bzimage, self.vmlinux) if via_decompressor
+                         else (self.vmlinux, self.bzimage))
+        image = first or second
         if image is None:
             raise KernelStoreError(f"kernel {self.name!r} has neither a vmlinux nor a bzImage")
         return image
@@ -638,7 +649,7 @@ def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force
         if not path.exists():
             raise KernelStoreError(f"build finished but {path} is missing; see {log}")
         shutil.copy2(path, out / name)
-    kernelrelease = subprocess.run(make + ["-s", "kernelrelease"], cwd=tree, capture_output=True, text=True)
+    kernelrelease = subprocess.run(make + ["-s", "--no-print-directory", "kernelrelease"], cwd=tree, capture_output=True, text=True)
     art = KernelArtifacts(
         name=f"build-{version}-{out.name.split('-', 1)[1]}",
         version=kernelrelease.stdout.strip() or version,

@@ -51,7 +51,7 @@ class Machine(builder.Machine):
         if _is_spec(kernel):
             from . import kernelstore
             self.artifacts = kernelstore.resolve_kernel(kernel)
-            boot = str(self.artifacts.boot_image)
+            boot = str(self.artifacts.boot_image_for(options.get("boot_via_decompressor")))
             vmlinux = vmlinux or self.artifacts.vmlinux
             system_map = system_map or self.artifacts.system_map
         super().__init__(boot, initrd=initrd, **options)
@@ -278,10 +278,10 @@ class SessionReport:
 def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optional[str] = None,
                 initrd: Optional[str] = None, timeout: Optional[float] = None,
                 inject_scx: bool = False, wait_for: Optional[str] = None,
-                stream: Any = None) -> SessionReport:
+                stream: Any = None, boot_via_decompressor: Optional[bool] = None) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
-                console=stream, timeout=timeout)
+                console=stream, timeout=timeout, boot_via_decompressor=boot_via_decompressor)
     report = SessionReport(kernel=str(kernel), cmdline="")
     m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
     try:
@@ -298,6 +298,10 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                                  f"last console lines:\n{m.console_tail(20)}") from exc
         report.boot_seconds = time.monotonic() - (m.started_at or t0)
         report.injection = m.inject_scx_clock()
+        try:  # where KASLR put the kernel (vmm.kernel.live.LiveKernel.describe_layout)
+            report.extra["kernel layout"] = m.live().describe_layout()
+        except VmmError as exc:
+            report.extra["kernel layout"] = f"not found: {exc}"
         jiffies0 = _try_read(m, "jiffies")
         time.sleep(0.5)
         jiffies1 = _try_read(m, "jiffies")

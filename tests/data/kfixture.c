@@ -42,6 +42,11 @@ enum wide use_wide;
 unsigned long __per_cpu_offset[4];
 unsigned int nr_cpu_ids = 4;
 unsigned long phys_base;
+/* CONFIG_RANDOMIZE_MEMORY's variables, with their unrandomized values. */
+unsigned long page_offset_base = 0xffff888000000000UL;
+unsigned long vmalloc_base = 0xffffc90000000000UL;
+unsigned long vmemmap_base = 0xffffea0000000000UL;
+__attribute__((section(".data..percpu"))) unsigned long this_cpu_off;
 char linux_banner[] = "Linux version fixture (vmm tests)";
 
 void entry_SYSCALL_64(void) { }

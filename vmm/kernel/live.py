@@ -34,12 +34,39 @@ class LiveKernel:
         self.la57 = bool(cr4 is not None and cr4 & translate.CR4_LA57)
         value, source = kaslr.choose_slide(kernel, kaslr_slide, lstar)
         self.slide = value
-        self.phys_base = self._find_phys_base()
         self._image = self._image_range()
-        self.page_offset_base = self._find_page_offset_base()
+        # Until read from the image: the defaults, and no direct-map arithmetic.
+        self.page_offset_base, self.vmalloc_base, self.vmemmap_base = self._defaults()
+        self._direct_map_end = None
+        self.phys_base, phys_source = self._find_phys_base()
+        self.page_offset_base = self._read_base("page_offset_base", self._defaults()[0])
+        self.vmalloc_base = self._read_base("vmalloc_base", self._defaults()[1])
+        self.vmemmap_base = self._read_base("vmemmap_base", self._defaults()[2])
+        kaslr.check_bases(self.page_offset_base, self.vmalloc_base, self.vmemmap_base,
+                          self._defaults())
+        self._direct_map_end = self._find_direct_map_end()
         self.kaslr = kaslr.verify_slide(kernel, self.read_kva, value, source, idt_base)
+        checks = list(self.kaslr.checks)
+        if phys_source == "page walk":
+            checks.append("phys_base = page walk")
+        if self._check_direct_map():
+            checks.append("direct map = image map")
+        self.layout = kaslr.KernelLayout(
+            slide=value, slide_source=source, phys_base=self.phys_base,
+            phys_base_source=phys_source, image_gpa=self.kva_to_gpa(self._image[0]),
+            page_offset_base=self.page_offset_base,
+            vmalloc_base=self.vmalloc_base if "vmalloc_base" in self.symbols else None,
+            vmemmap_base=self.vmemmap_base if "vmemmap_base" in self.symbols else None,
+            defaults=self._defaults(), checks=tuple(checks))
 
     # ------------------------------------------------------------ address spaces
+    def _defaults(self) -> tuple[int, int, int]:
+        if self.la57:
+            return (translate.DEFAULT_PAGE_OFFSET_5L, translate.DEFAULT_VMALLOC_BASE_5L,
+                    translate.DEFAULT_VMEMMAP_BASE_5L)
+        return (translate.DEFAULT_PAGE_OFFSET_4L, translate.DEFAULT_VMALLOC_BASE_4L,
+                translate.DEFAULT_VMEMMAP_BASE_4L)
+
     def _image_range(self) -> tuple[int, int]:
         start = self.symbols.get("_text")
         end = self.symbols.get("_end")
@@ -50,38 +77,87 @@ class LiveKernel:
     def _read_u64_gpa(self, gpa: int) -> int:
         return struct.unpack("<Q", self.reader.read(gpa, 8))[0]
 
-    def _find_phys_base(self) -> int:
-        """phys_base, read from guest memory.
+    def _walk(self, kva: int) -> int:
+        return translate.walk_kernel(self.reader, self.cr3, kva, self.la57)
+
+    def _find_phys_base(self) -> tuple[int, str]:
+        """(phys_base, how it was found), read from guest memory.
 
         The kernel keeps it in the variable `phys_base`, whose physical address itself
-        depends on phys_base. Try the values it has when the image was not moved
-        physically (0 without a slide, -slide with one) and keep one the variable
-        confirms; else walk the page tables to it.
+        depends on phys_base. With CR3, walk the page tables to the variable and check
+        that its value is what the walk implies. Without (or when the walk fails: early
+        boot), try the values it has when the image was not moved physically (0 without
+        a slide, -slide with one) and keep one the variable confirms; linux_banner is
+        checked afterwards through the same translation.
         """
         sym = self.symbols.get("phys_base")
         guesses = [0] if self.slide == 0 else [(-self.slide) & MASK64, 0]
         if sym is None:
-            return guesses[0]
+            return guesses[0], "no phys_base symbol: image assumed at its link address"
         va = (sym.address + self.slide) & MASK64
+        walk_error = None
+        if self.cr3 is not None:
+            try:
+                gpa = self._walk(va)
+            except TranslationError as e:
+                walk_error = e
+            else:
+                value = self._read_u64_gpa(gpa)
+                kaslr.check_phys_base(value, va, gpa)
+                return value, "page walk"
         for guess in guesses:
             try:
                 if self._read_u64_gpa((va - START_KERNEL_MAP + guess) & MASK64) == guess:
-                    return guess
+                    return guess, "link address" if guess == (-self.slide) & MASK64 else "slide"
             except VmmError:
                 continue
-        if self.cr3 is not None:
-            return self._read_u64_gpa(translate.walk(self.reader, self.cr3, va, self.la57))
+        if walk_error is not None:
+            raise TranslationError(f"cannot find phys_base: the page walk to it failed "
+                                   f"({walk_error}) and the image is not at its link address")
         raise TranslationError(
             f"cannot find phys_base: the kernel image is not where its link address puts it "
             f"(slide {self.slide:#x}); pass cr3= so the page tables can be walked")
 
-    def _find_page_offset_base(self) -> int:
-        default = translate.DEFAULT_PAGE_OFFSET_5L if self.la57 else translate.DEFAULT_PAGE_OFFSET_4L
-        sym = self.symbols.get("page_offset_base")
+    def _read_base(self, name: str, default: int) -> int:
+        sym = self.symbols.get(name)
         if sym is None:
             return default
         value = struct.unpack("<Q", self.read_kva(sym.address + self.slide, 8))[0]
         return value or default  # 0 before the kernel set it: still the default
+
+    def _find_direct_map_end(self) -> int:
+        """End of the range translated by direct-map arithmetic: the architectural size,
+        cut at the next randomized region (with RANDOMIZE_MEMORY the direct map is only
+        as large as RAM plus padding, and vmalloc may follow within that size)."""
+        span = translate.DIRECT_MAP_SIZE_5L if self.la57 else translate.DIRECT_MAP_SIZE_4L
+        end = self.page_offset_base + span
+        for base in (self.vmalloc_base, self.vmemmap_base):
+            if self.page_offset_base < base < end:
+                end = base
+        return end
+
+    def _check_direct_map(self) -> bool:
+        """With CR3: the page of linux_banner (else _text) reached through the direct map
+        is the same guest-physical page the image map gives. False when it cannot tell;
+        TranslationError when the two disagree."""
+        if self.cr3 is None:
+            return False
+        sym = self.symbols.get("linux_banner") or self.symbols.get("_text")
+        if sym is None:
+            return False
+        kva = (sym.address + self.slide) & MASK64
+        try:
+            gpa = self.kva_to_gpa(kva)
+            walked_image = self._walk(kva)
+            walked_direct = self._walk(self.page_offset_base + gpa)
+        except (TranslationError, OverflowError):
+            return False
+        if walked_image != gpa or walked_direct != gpa:
+            raise TranslationError(
+                f"{sym.name} at kva {kva:#x}: image map arithmetic gives gpa {gpa:#x}, the page "
+                f"tables {walked_image:#x}, the direct map at page_offset_base "
+                f"{self.page_offset_base:#x} {walked_direct:#x}: the layout found is wrong")
+        return True
 
     def linear_kva_to_gpa(self, kva: int) -> int | None:
         """kva's guest-physical address through the kernel image map (va -
@@ -92,8 +168,8 @@ class LiveKernel:
         lo, hi = self._image
         if lo <= kva < hi:
             return (kva - START_KERNEL_MAP + self.phys_base) & MASK64
-        span = translate.DIRECT_MAP_SIZE_5L if self.la57 else translate.DIRECT_MAP_SIZE_4L
-        if self.page_offset_base <= kva < self.page_offset_base + span:
+        end = self._direct_map_end
+        if end is not None and self.page_offset_base <= kva < end:
             return kva - self.page_offset_base
         return None
 
@@ -114,7 +190,38 @@ class LiveKernel:
         if self.cr3 is None:
             raise TranslationError(f"{kva:#x} is neither in the kernel image nor in the direct "
                                    f"map; translating it needs cr3 for a page-table walk")
-        return translate.walk(self.reader, self.cr3, kva, self.la57)
+        return self._walk(kva)
+
+    def check_per_cpu(self, cpus=None) -> list[int]:
+        """Cross-checks per-CPU resolution: each CPU's own `this_cpu_off` (x86 keeps its
+        __per_cpu_offset there) read through our per-CPU address must equal
+        __per_cpu_offset[cpu]. Returns the CPUs checked ([] when the kernel has no
+        this_cpu_off); TranslationError naming the first that disagrees."""
+        sym = self.symbols.get("this_cpu_off")
+        if sym is None or not sym.percpu:
+            return []
+        cpus = list(self.possible_cpus() if cpus is None else cpus)
+        for cpu in cpus:
+            offset = self.per_cpu_offset(cpu)
+            kva = self._base("this_cpu_off", cpu)
+            own = struct.unpack("<Q", self.read_kva(kva, 8))[0]
+            if own != offset:
+                raise TranslationError(
+                    f"cpu {cpu}: this_cpu_off at kva {kva:#x} reads {own:#x}, but "
+                    f"__per_cpu_offset[{cpu}] is {offset:#x}: per-CPU addresses resolve wrong")
+        return cpus
+
+    def describe_layout(self, check_per_cpu: bool = True) -> str:
+        """The slide, phys_base and bases found, and what agreed with them."""
+        text = self.layout.describe()
+        if check_per_cpu:
+            try:
+                cpus = self.check_per_cpu()
+            except VmmError as e:
+                return f"{text}; per-CPU check FAILED: {e}"
+            if cpus:
+                text += f"; per-CPU offsets agree with this_cpu_off on {len(cpus)} CPU(s)"
+        return text
 
     def read_kva(self, kva: int, n: int) -> bytes:
         """n bytes at kernel virtual address kva (split at pages when page-walked)."""

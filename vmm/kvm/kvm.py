@@ -20,6 +20,12 @@ MSR_LSTAR = 0xC0000082
 MSR_GS_BASE = 0xC0000101
 MSR_KERNEL_GS_BASE = 0xC0000102
 
+# Not in the C core's cdef (ffi/build_native.py): called through its generic
+# vmm_ioctl_int with the number from <linux/kvm.h>.
+KVM_GET_TSC_KHZ = 0xAEA3  # _IO(KVMIO, 0xa3)
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_TSC_DEADLINE_TIMER = 72
+
 
 class Kvm:
     """An open /dev/kvm (system fd)."""
@@ -314,6 +320,15 @@ class Vcpu:
         if done < len(items):
             raise KvmIoctlError("KVM_SET_MSRS", errno.EINVAL,
                                 f"vCPU {self.index}: MSR {items[done][0]:#x} not writable")
+
+    def get_tsc_khz(self) -> int | None:
+        """KVM_GET_TSC_KHZ: the frequency of this vCPU's TSC in kHz; None when the host
+        cannot say (no such ioctl, or no stable TSC frequency known to KVM)."""
+        _, lib = native()
+        r = lib.vmm_ioctl_int(self.fd, KVM_GET_TSC_KHZ, 0)
+        if r in (-errno.ENOTTY, -errno.EINVAL, -errno.EIO):
+            return None
+        return check("KVM_GET_TSC_KHZ", r, f"vCPU {self.index}") or None
 
     def kvmclock_ctrl(self) -> bool:
         """Tells KVM the guest was paused (no soft-lockup warning). False when the guest

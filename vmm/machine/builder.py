@@ -32,8 +32,9 @@ from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, Ac
 #   console=ttyS0  the console on our COM1 16550
 #   reboot=k       reboot through the i8042 (0xFE to port 0x64), which ends the VM as "reset"
 #   panic=-1       reboot at once on panic instead of hanging (we also watch the console)
-#   nokaslr        symbols and BTF addresses from vmlinux apply as they are
-DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1 nokaslr"
+# KASLR stays on, as under QEMU: the introspection finds the slide and the randomized
+# bases (vmm.kernel.live). PVM hosts add nokaslr (vmm.machine.pvm.pvm_cmdline).
+DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 PANIC_MARKER = b"Kernel panic - not syncing"
 CONSOLE_TAIL_BYTES = 4096
 EXIT_CODE_CRASH = 255  # panic, shutdown, internal error, timeout (as the CLI reports them)
@@ -61,7 +62,7 @@ class Machine:
 
     def __init__(self, kernel, cpus: int = 1, memory: int | str = "512M", cmdline: str | None = None,
                  initrd=None, console=None, timeout: float | None = None,
-                 boot_via_decompressor: bool = False, topology=None, pvm_assists: bool = True,
+                 boot_via_decompressor: bool | None = None, topology=None, pvm_assists: bool = True,
                  acpi: bool = True):
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= L.MAX_CPUS:
             raise ConfigError(f"cpus must be an integer from 1 to {L.MAX_CPUS}, not {cpus!r}")
@@ -71,6 +72,9 @@ class Machine:
             raise ConfigError(f"cmdline must be a string, not {type(cmdline).__name__}")
         if kernel is None:
             raise ConfigError("a kernel image is needed (vmlinux ELF or bzImage)")
+        if boot_via_decompressor not in (None, True, False):
+            raise ConfigError(f"boot_via_decompressor must be None (automatic), True or False, "
+                              f"not {boot_via_decompressor!r}")
         self.kernel = kernel
         self.cpus = cpus
         self.memory_size = L.parse_memory_size(memory)
@@ -323,13 +327,13 @@ class Machine:
         if kind == "bzimage":
             self._bzimage = images.parse_bzimage(data)
             self.is_linux = True
-            if self.boot_via_decompressor:
+            if self.decompress_in_guest:
                 self._load_bzimage_protected_mode()
                 return
-            # Default: decompress on the host and boot the vmlinux inside. On PVM hosts the
-            # guest's own decompressor would run in emulated ring 0 (~5000x slower) and its
-            # zstd decoder uses BMI2, which the emulator cannot execute; with hardware
-            # virtualization decompressing on the host is no slower than in the guest.
+            # On PVM hosts (the automatic choice there) decompress on the host and boot the
+            # vmlinux inside: the guest's own decompressor would run in emulated ring 0
+            # (~5000x slower) and its zstd decoder uses BMI2, which the emulator cannot
+            # execute. The vmlinux then runs where it was linked: no KASLR.
             data = images.extract_vmlinux(data)
         self._elf = images.parse_elf_kernel(data)
         self.is_linux = self.is_linux or self._elf.is_linux
@@ -362,6 +366,15 @@ class Machine:
         self.entry = load + 0x200
         self.kernel_end = end
 
+    @property
+    def decompress_in_guest(self) -> bool:
+        """Whether a bzImage boots through its own decompressor: `boot_via_decompressor`
+        when given, else automatic: yes with hardware virtualization (the kernel relocates
+        and randomizes itself, as under QEMU), no on PVM hosts."""
+        if self.boot_via_decompressor is not None:
+            return self.boot_via_decompressor
+        return not _is_pvm_host()
+
     def load_initrd(self) -> None:
         if self.initrd is None:
             return
@@ -391,7 +404,7 @@ class Machine:
 
     def write_boot_params(self) -> None:
         zp = bp.BootParams()
-        if self._bzimage is not None and self.boot_via_decompressor:
+        if self._bzimage is not None and self.decompress_in_guest:
             zp.copy_setup_header(self._bzimage.data)
             max_cmdline = self._bzimage.cmdline_size
         else:
@@ -447,6 +460,14 @@ class Machine:
         for index in range(self.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
+            if index == 0:
+                # Paravirtual leaves and the TSC frequency, as QEMU gives a KVM guest.
+                from vmm.kvm.kvm import KVM_CAP_TSC_DEADLINE_TIMER
+
+                supported = cpu_setup.paravirt_cpuid(
+                    supported, tsc_khz=vcpu.get_tsc_khz(),
+                    tsc_deadline=self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0)
+                self.notes.append(cpu_setup.describe_paravirt(supported))
             cpu_setup.setup_vcpu_cpuid(vcpu, supported, self.topology)
             refused = cpu_setup.set_boot_msrs(vcpu)
             if refused and index == 0:

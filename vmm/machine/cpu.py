@@ -182,8 +182,96 @@ def cpuid_from_list(entries: list[dict]):
     return cpuid
 
 
+# --- paravirtual CPUID: what QEMU gives a KVM guest -------------------------------------------
+# KVM_GET_SUPPORTED_CPUID lists what KVM can do, not a finished guest CPUID: like QEMU,
+# the VMM adds what KVM supports without reporting it and keeps out what needs the VMM's
+# cooperation. Without the hypervisor bit Linux never looks for the KVM signature, so it
+# finds neither kvm-clock nor the TSC frequency ("Fast TSC calibration failed").
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24  # emulated by KVM's LAPIC (KVM_CAP_TSC_DEADLINE_TIMER)
+CPUID_1_ECX_HYPERVISOR = 1 << 31  # "running under a hypervisor": look at 0x40000000
+CPUID_APM_EDX_INVTSC = 1 << 8  # 0x80000007 EDX: invariant TSC
+KVM_CPUID_SIGNATURE = 0x40000000
+KVM_CPUID_FEATURES = 0x40000001
+KVM_CPUID_TIMING = 0x40000010  # the hypervisor timing leaf: EAX TSC kHz, EBX APIC bus kHz
+KVM_SIGNATURE = struct.unpack("<3I", b"KVMKVMKVM\0\0\0")  # EBX, ECX, EDX
+APIC_BUS_KHZ = 1_000_000  # KVM's local APIC timer counts at 1 GHz
+# KVM_CPUID_FEATURES EAX bits (Documentation/virt/kvm/x86/cpuid.rst).
+KVM_FEATURE_CLOCKSOURCE = 1 << 0
+KVM_FEATURE_CLOCKSOURCE2 = 1 << 3
+KVM_FEATURE_STEAL_TIME = 1 << 5
+KVM_FEATURE_PV_UNHALT = 1 << 7
+KVM_FEATURE_MSI_EXT_DEST_ID = 1 << 15  # needs the VMM's x2APIC API set-up (>255 APIC ids)
+KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16  # encrypted guests: hypercall exits to the VMM
+KVM_FEATURE_MIGRATION_CONTROL = 1 << 17  # encrypted guests' live migration
+KVM_FEATURE_CLOCKSOURCE_STABLE_BIT = 1 << 24
+# Features KVM may support that only work with the VMM's help, which this VMM does not give.
+KVM_FEATURES_NEEDING_VMM = (KVM_FEATURE_MSI_EXT_DEST_ID | KVM_FEATURE_HC_MAP_GPA_RANGE
+                            | KVM_FEATURE_MIGRATION_CONTROL)
+
+
+def _leaf(function: int, eax=0, ebx=0, ecx=0, edx=0) -> dict:
+    return {"function": function, "index": 0, "flags": 0, "eax": eax, "ebx": ebx, "ecx": ecx,
+            "edx": edx}
+
+
+def paravirt_cpuid(entries: list[dict], tsc_khz: int | None = None,
+                   tsc_deadline: bool = False) -> list[dict]:
+    """The guest CPUID for every vCPU (before the per-vCPU topology rewrite), from the
+    host-supported list, as QEMU composes it for a KVM guest:
+
+    - leaf 1 ECX: the hypervisor bit, and TSC-deadline when KVM emulates it
+      (`tsc_deadline`: KVM_CAP_TSC_DEADLINE_TIMER); KVM supports both without always
+      listing them;
+    - 0x40000000 "KVMKVMKVM" and 0x40000001 (kvm-clock: CLOCKSOURCE2, stable bit, PV
+      EOI/unhalt...), KVM's list minus the features that need the VMM's help;
+    - with the TSC frequency known (`tsc_khz` from KVM_GET_TSC_KHZ) and an invariant
+      TSC (0x80000007 EDX[8], kept as KVM reports it), the timing leaf 0x40000010
+      (EAX = TSC kHz, EBX = APIC bus kHz), as QEMU adds it with +invtsc.
+
+    The guest then finds kvm-clock, and its TSC frequency through it ("tsc: Detected
+    NNNN.NNN MHz processor") instead of calibrating against the PIT.
+    """
+    out = [dict(e) for e in entries]
+    by_fn = {e["function"]: e for e in out if e["index"] == 0}
+    if 1 in by_fn:
+        by_fn[1]["ecx"] |= CPUID_1_ECX_HYPERVISOR | (CPUID_1_ECX_TSC_DEADLINE if tsc_deadline else 0)
+    sig = by_fn.get(KVM_CPUID_SIGNATURE)
+    if sig is None:
+        sig = _leaf(KVM_CPUID_SIGNATURE)
+        out.append(sig)
+    sig["ebx"], sig["ecx"], sig["edx"] = KVM_SIGNATURE
+    features = by_fn.get(KVM_CPUID_FEATURES)
+    if features is None:  # KVM listed no paravirtual features: offer none
+        features = _leaf(KVM_CPUID_FEATURES)
+        out.append(features)
+    features["eax"] &= ~KVM_FEATURES_NEEDING_VMM
+    max_leaf = KVM_CPUID_FEATURES
+    apm = by_fn.get(0x80000007)
+    invtsc = apm is not None and bool(apm["edx"] & CPUID_APM_EDX_INVTSC)
+    out = [e for e in out if e["function"] != KVM_CPUID_TIMING]
+    if tsc_khz and invtsc:
+        out.append(_leaf(KVM_CPUID_TIMING, eax=tsc_khz, ebx=APIC_BUS_KHZ))
+        max_leaf = KVM_CPUID_TIMING
+    sig["eax"] = max_leaf
+    return out
+
+
+def describe_paravirt(entries: list[dict]) -> str:
+    """One line on what the guest is told about time (for Machine.notes)."""
+    by_fn = {e["function"]: e for e in entries if e["index"] == 0}
+    features = by_fn.get(KVM_CPUID_FEATURES, {}).get("eax", 0)
+    timing = by_fn.get(KVM_CPUID_TIMING)
+    names = [n for bit, n in ((KVM_FEATURE_CLOCKSOURCE2, "kvm-clock"),
+                              (KVM_FEATURE_CLOCKSOURCE_STABLE_BIT, "stable bit"),
+                              (KVM_FEATURE_STEAL_TIME, "steal time"),
+                              (KVM_FEATURE_PV_UNHALT, "PV unhalt")) if features & bit]
+    tsc = f"TSC {timing['eax']} kHz in 0x40000010" if timing else "no timing leaf"
+    return f"paravirt CPUID: KVM signature, {', '.join(names) or 'no features'}; {tsc}"
+
+
 # --- applying it ------------------------------------------------------------------------------
 def setup_vcpu_cpuid(vcpu, supported: list[dict], topology: Topology) -> None:
+    """`supported`: the list every vCPU shares (paravirt_cpuid's result)."""
     vcpu.set_cpuid2(cpuid_from_list(cpuid_entries_for_vcpu(supported, vcpu.index, topology)))
 
 

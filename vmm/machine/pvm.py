@@ -38,6 +38,7 @@ PVM_CMDLINE_OPTIONS = (
     "tsc=reliable",  # the emulated TSC watchdog would mark the TSC unstable
     "no_timer_check",  # the IO-APIC timer check fails when ticks arrive "late"
     "rcupdate.rcu_cpu_stall_suppress=1",  # emulated CPUs look stalled to RCU
+    "nokaslr",  # the vmlinux boots where it was linked (host-side decompression) anyway
 )
 # CPUID features to hide, most important first: the kernel keeps only the first 127
 # characters of clearcpuid= (a 128-byte buffer) and silently drops the rest.

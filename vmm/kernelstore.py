@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vmm.errors import ImageError, KernelStoreError
+from vmm.resources import shipped
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FRAGMENT = REPO_ROOT / "kernels" / "config" / "sched_ext.fragment"
+# The package's own copy when installed, the repository's file otherwise: the cache
+# key is the fragment's content, so both hit the same cached build.
+DEFAULT_FRAGMENT = shipped("kernels/config/sched_ext.fragment")
 DEFAULT_BUILD_VERSION = "7.3"
 DEBIAN_FLAVOUR = "cloud-amd64"
 # Suites reachable through the private sources list: trixie has linux-source-6.12,

@@ -119,6 +119,7 @@ class Machine(builder.Machine):
     def __init__(self, kernel: Any, *, vmlinux: Any = None, system_map: Any = None,
                  initrd: Any = None, **options: Any):
         self.artifacts = None
+        self.kernel_files = None
         boot = kernel
         if _is_spec(kernel):
             from . import kernelstore
@@ -126,6 +127,12 @@ class Machine(builder.Machine):
             boot = str(self.artifacts.boot_image)
             vmlinux = vmlinux or self.artifacts.vmlinux
             system_map = system_map or self.artifacts.system_map
+        elif isinstance(kernel, (str, os.PathLike)):
+            # A path: an image file or a directory (build tree, loose files); symbols
+            # and types come from the files found with it, not the stripped payload.
+            from .kernel.locate import locate
+            self.kernel_files = locate(kernel, vmlinux=vmlinux, system_map=system_map)
+            boot = str(self.kernel_files.boot)
         super().__init__(boot, initrd=initrd, **options)
         self._vmlinux_path = vmlinux
         self._system_map_path = system_map
@@ -144,9 +151,12 @@ class Machine(builder.Machine):
                 # Debian's vmlinuz has BTF but no symbol table: the symbols are in the
                 # -dbg package, fetched (once, ~350 MB) only when they are needed.
                 from . import kernelstore
-                self.artifacts = kernelstore.fetch_debian(with_debug=True)
+                self.artifacts = kernelstore.resolve_kernel("debian+dbg")
                 self._vmlinux_path = self.artifacts.vmlinux
                 self._system_map_path = self.artifacts.system_map
+            if self.kernel_files is not None:
+                self._introspection = self.kernel_files.load()
+                return self._introspection
             source = self._vmlinux_path or self.kernel
             with open(source, "rb") as f:
                 is_elf = f.read(4) == b"\x7fELF"
@@ -155,6 +165,19 @@ class Machine(builder.Machine):
             else:
                 self._introspection = Kernel.load(bzimage=source, system_map=self._system_map_path)
         return self._introspection
+
+    def _require_symbols(self) -> None:
+        """A kernel loaded without a symbol table: say so and what to pass, before any
+        lookup says "no kernel symbol named ..."."""
+        from .kernel.locate import require_symbols
+        require_symbols(self.vmlinux, self.kernel_files or self._vmlinux_path or self.kernel)
+
+    def introspection_sources(self) -> str:
+        """Which files the symbols and the types come from, in words."""
+        if self.kernel_files is not None:
+            return self.kernel_files.describe()
+        k = self.vmlinux
+        return ", ".join(k.sources) or "?"
 
     def load_initrd(self) -> None:
         # Real Linux with no initrd given gets our spinning init: the one user space a
@@ -228,6 +251,7 @@ class Machine(builder.Machine):
         ``rq->scx.clock`` then ORs ``SCX_RQ_CLK_VALID`` into ``rq->scx.flags``; then a
         cold read-back of both fields on every CPU."""
         clk_valid_mask(self.vmlinux)  # refuses a kernel without the flag before freezing
+        self._require_symbols()
         with self.freeze() as snap:
             live = self.live(snap)
             cpu_list = list(cpus) if cpus is not None else live.possible_cpus()
@@ -350,10 +374,11 @@ class SessionReport:
 def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optional[str] = None,
                 initrd: Optional[str] = None, timeout: Optional[float] = None,
                 inject_scx: bool = False, wait_for: Optional[str] = None,
-                stream: Any = None) -> SessionReport:
+                stream: Any = None, vmlinux: Optional[str] = None,
+                system_map: Optional[str] = None) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
-                console=stream, timeout=timeout)
+                console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map)
     report = SessionReport(kernel=str(kernel), cmdline="")
     m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
     try:
@@ -369,6 +394,7 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
             raise GuestBootError(f"the guest did not print {marker!r}: {exc}\n"
                                  f"last console lines:\n{m.console_tail(20)}") from exc
         report.boot_seconds = time.monotonic() - (m.started_at or t0)
+        report.extra["kernel files"] = m.introspection_sources()
         report.injection = m.inject_scx_clock()
         jiffies0 = _try_read(m, "jiffies")
         time.sleep(0.5)

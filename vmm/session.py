@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -228,12 +229,36 @@ class Machine(builder.Machine):
 
     def read(self, target: Any, path: Optional[str] = None, cpu: Optional[int] = None,
              hot: bool = False, type: Optional[str] = None) -> Any:
-        """One value: an int for u32/u64 targets, bytes otherwise. Cold (frozen) by
-        default; ``hot=True`` reads the running guest."""
+        """One value, decoded from its BTF type as ``vmm.kernel.live`` does: an int for
+        integers, bools, enums and pointers (signed per type; a bitfield as its own bits),
+        bytes otherwise. Cold (frozen) by default; ``hot=True`` reads the running guest."""
         t = self._target(target, path, cpu, type)
-        op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
-        value = self.apply(op).values[0]
+        hold = nullcontext(None) if hot else self.freeze()
+        with hold as snap:
+            op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
+            value = self.apply(op).values[0]
+            raw = value.data if isinstance(value, Bytes) else value.encode()
+            decoded = self._decode(t, raw, snap)
+        if decoded is not None:
+            return decoded
         return value.data if isinstance(value, Bytes) else value.value
+
+    def _decode(self, t: KernelTarget, raw: bytes, snap: Any) -> Any:
+        """The live view's decoding of ``raw`` for a symbol target whose BTF field is
+        known (same object, same size), else None (raw address targets, sized symbols,
+        globals BTF does not describe)."""
+        name = getattr(t, "name", None)
+        if name is None or getattr(t, "size", None) is not None:
+            return None
+        live = self.live(snap)
+        try:
+            _, f = live.resolve(name, getattr(t, "path", None), getattr(t, "cpu", None),
+                                getattr(t, "type", None))
+        except VmmError:
+            return None
+        if f is None or f.size != len(raw):
+            return None
+        return live.decode(raw, f)
 
     def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
               cpu: Optional[int] = None, hot: bool = False, type: Optional[str] = None) -> OpResult:

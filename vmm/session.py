@@ -14,6 +14,7 @@ Data flows one way: load -> build -> run -> freeze -> resolve -> apply -> thaw.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .machine import builder
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
 from .ops.targets import Location
+from .runtime.vcpu_thread import VcpuThread
 
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
@@ -109,6 +111,52 @@ class LiveResolver:
         return Location(gpa, size, f"gpa {gpa:#x}")
 
 
+class _TrackedMemory:
+    """``Machine.memory`` as users see it once the VM runs: every write through it
+    marks the machine dirty (the pytest plugin then does not reuse it). Writes the
+    machine makes itself (boot, PVM emulation on vCPU threads) do not."""
+
+    __slots__ = ("_raw", "_machine")
+
+    def __init__(self, raw: Any, machine: "Machine"):
+        self._raw = raw
+        self._machine = machine
+
+    def _mark(self) -> None:
+        if not isinstance(threading.current_thread(), VcpuThread):
+            self._machine.dirty = True
+
+    def write(self, gpa: int, data: Any) -> None:
+        self._mark()
+        self._raw.write(gpa, data)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u8(gpa, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u16(gpa, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u32(gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u64(gpa, value)
+
+    def fetch_or_u32(self, gpa: int, mask: int) -> int:
+        self._mark()
+        return self._raw.fetch_or_u32(gpa, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def __repr__(self) -> str:
+        return f"<tracked {self._raw!r}>"
+
+
 class Machine(builder.Machine):
     """A VM running one kernel, with that kernel's symbols and types at hand.
 
@@ -140,6 +188,25 @@ class Machine(builder.Machine):
         self._introspection = None
         self._last_snapshot = None
         self._default_initrd = initrd is None
+
+    # --- guest memory: every write after the start marks the machine dirty ----------
+    @property
+    def memory(self) -> Any:
+        raw = self.__dict__.get("_guest_memory")
+        if raw is None or self.started_at is None:
+            return raw
+        tracked = self.__dict__.get("_tracked_memory")
+        if tracked is None or tracked._raw is not raw:
+            tracked = self.__dict__["_tracked_memory"] = _TrackedMemory(raw, self)
+        return tracked
+
+    @memory.setter
+    def memory(self, value: Any) -> None:
+        self.__dict__["_guest_memory"] = value
+
+    def feed_console(self, data: bytes) -> None:
+        self.dirty = True  # input changes what the guest does next
+        super().feed_console(data)
 
     # --- introspection -------------------------------------------------------------
     @property
@@ -201,7 +268,7 @@ class Machine(builder.Machine):
                 lstar = v0.msrs.get(MSR_LSTAR)
                 if lstar:
                     kwargs["lstar"] = lstar
-        return self.vmlinux.attach(self.memory, **kwargs)
+        return self.vmlinux.attach(self.__dict__.get("_guest_memory"), **kwargs)
 
     def freeze(self, timeout: float = 30.0):
         snap = super().freeze(timeout)
@@ -213,7 +280,7 @@ class Machine(builder.Machine):
         """Run an Op batch (see vmm.ops): a cold batch is one freeze rendezvous."""
         if op.action == "write":
             self.dirty = True
-        return apply_op(op, self.memory, lambda snap: LiveResolver(self.live(snap)),
+        return apply_op(op, self.__dict__.get("_guest_memory"), lambda snap: LiveResolver(self.live(snap)),
                         lambda: self.freeze(freeze_timeout))
 
     @staticmethod

@@ -403,7 +403,17 @@ def fetch_debian(
 def _fetch_debian(with_debug: bool, abi: str | None, progress: Progress) -> KernelArtifacts:
     root = cache_root()
     apt = PrivateApt(root, progress)
-    abi = abi or _newest_debian_abi(apt)  # e.g. 7.3.4+deb13-cloud-amd64
+    if abi is None:
+        try:
+            abi = _newest_debian_abi(apt)  # e.g. 7.3.4+deb13-cloud-amd64
+        except KernelStoreError as e:
+            # Offline (or no apt): what the store already holds is the newest we can have.
+            for art in list_kernels():
+                if art.name.startswith("debian-") and (art.system_map is not None or not with_debug):
+                    progress(f"debian: cannot ask apt for the newest kernel ({str(e).splitlines()[0]}); "
+                             f"using the cached {art.name}")
+                    return art
+            raise
     out = root / "debian" / abi
     cached = _read_manifest(out)
     if cached and (not with_debug or cached.system_map is not None):

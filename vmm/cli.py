@@ -70,6 +70,10 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
                    help="guest RAM, e.g. 512M, 2G (default 512M)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds before the VM is stopped (reason: timeout)")
+    p.add_argument("--no-config-check", dest="config_check", action="store_false",
+                   help="boot even when the kernel's config (.config beside the image, in "
+                        "its build tree, /boot/config-*, or IKCONFIG) lacks what the run "
+                        "needs (serial console, initramfs, SMP, BTF, sched_ext)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,7 +236,7 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         kernel=kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
         initrd=args.initrd, timeout=args.timeout, inject_scx=inject,
         wait_for=args.wait_for, stream=None if args.quiet or args.json else sys.stdout.buffer,
-        vmlinux=args.vmlinux, system_map=args.system_map)
+        vmlinux=args.vmlinux, system_map=args.system_map, check_config=args.config_check)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:

@@ -166,8 +166,13 @@ class Machine(builder.Machine):
     """
 
     def __init__(self, kernel: Any, *, vmlinux: Any = None, system_map: Any = None,
-                 initrd: Any = None, **options: Any):
+                 initrd: Any = None, requires: Iterable[str] = (), check_config: bool = True,
+                 **options: Any):
         self.artifacts = None
+        # What the job needs of the kernel beyond booting (vmm.kernel.kconfig.NEEDS keys:
+        # "sched_ext", "btf"); checked against the kernel's config before the start.
+        self.requires = set(requires)
+        self.check_config = check_config
         self.kernel_files = None
         boot = kernel
         if _is_spec(kernel):
@@ -246,6 +251,44 @@ class Machine(builder.Machine):
             return self.kernel_files.describe()
         k = self.vmlinux
         return ", ".join(k.sources) or "?"
+
+    def build(self) -> "Machine":
+        result = super().build()
+        if self.check_config and self.is_linux:
+            try:
+                self._check_kernel_config()
+            except BaseException:
+                self._teardown()  # refused before any vCPU ran: free fds and RAM now
+                raise
+        return result if result is not None else self
+
+    def kernel_config(self) -> Any:
+        """The kernel's config (vmm.kernel.kconfig.KernelConfig) or None: the .config
+        found with the kernel (beside it, its build tree, /boot, the store), else the
+        IKCONFIG blob in the image."""
+        from .kernel.kconfig import find_config
+        files, art = self.kernel_files, self.artifacts
+        path = (files.config if files else None) or (art.config if art else None)
+        images = [files.vmlinux if files else None, art.vmlinux if art else None,
+                  self.kernel if isinstance(self.kernel, (str, os.PathLike)) else None]
+        return find_config(path, images)
+
+    def _check_kernel_config(self) -> None:
+        """Refuse, before any vCPU runs, a kernel whose config lacks what this run needs."""
+        needs = ["console"]
+        if self.initrd is not None:
+            needs.append("initramfs")
+        if self.cpus > 1:
+            needs.append("smp")
+        needs += sorted(self.requires)
+        config = self.kernel_config()
+        if config is None:
+            self.notes.append("kernel config: none found (no .config beside the image, "
+                              "no IKCONFIG): not checked")
+            return
+        config.check(needs)
+        self.notes.append(f"kernel config {config.source}: has what this run needs "
+                          f"({', '.join(needs)})")
 
     def load_initrd(self) -> None:
         # Real Linux with no initrd given gets our spinning init: the one user space a
@@ -467,10 +510,12 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                 initrd: Optional[str] = None, timeout: Optional[float] = None,
                 inject_scx: bool = False, wait_for: Optional[str] = None,
                 stream: Any = None, vmlinux: Optional[str] = None,
-                system_map: Optional[str] = None) -> SessionReport:
+                system_map: Optional[str] = None, check_config: bool = True) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
-                console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map)
+                console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
+                requires=("sched_ext", "btf") if inject_scx else (),
+                check_config=check_config)
     report = SessionReport(kernel=str(kernel), cmdline="")
     m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
     try:

@@ -828,52 +828,25 @@ def _is_bzimage(path: Path) -> bool:
 
 
 def _from_path(path: Path) -> KernelArtifacts:
+    """A kernel given by path: a store entry (manifest), else what vmm.kernel.locate
+    finds (a build tree, loose files, an image with its vmlinux/System.map/config)."""
     if not path.exists():
         raise KernelStoreError(f"kernel {str(path)!r}: no such file or directory")
-    if path.is_file():
-        try:
-            if _is_elf(path):
-                kind = "vmlinux"
-            elif _is_bzimage(path):
-                kind = "bzimage"
-            else:
-                raise ImageError(f"{path}: neither an ELF vmlinux nor a bzImage (no HdrS at 0x202)")
-        except OSError as e:
-            raise KernelStoreError(f"cannot read {path}: {e}") from e
-        d = path.parent
-        maps = [p for p in (d / "System.map", *sorted(d.glob("System.map-*"))) if p.is_file()]
-        configs = [p for p in (d / "config", d / ".config", *sorted(d.glob("config-*"))) if p.is_file()]
-        return KernelArtifacts(
-            name=path.name,
-            version="unknown",
-            bzimage=path if kind == "bzimage" else None,
-            vmlinux=path if kind == "vmlinux" else None,
-            system_map=maps[0] if maps else None,
-            config=configs[0] if configs else None,
-        )
-    # A directory: a store entry (manifest), a kernel build tree, or loose files.
-    cached = _read_manifest(path)
-    if cached:
-        return cached
+    if path.is_dir():
+        cached = _read_manifest(path)
+        if cached:
+            return cached
+    from vmm.kernel.locate import locate
 
-    def first(*names: str) -> Path | None:
-        for n in names:
-            for p in sorted(path.glob(n)):
-                if p.is_file():
-                    return p
-        return None
-
-    art = KernelArtifacts(
-        name=path.name,
+    files = locate(path)
+    return KernelArtifacts(
+        name=(files.tree or path).name,
         version="unknown",
-        bzimage=first("bzImage", "arch/x86/boot/bzImage", "vmlinuz", "vmlinuz-*"),
-        vmlinux=first("vmlinux", "vmlinux-*"),
-        system_map=first("System.map", "System.map-*"),
-        config=first("config", ".config", "config-*"),
+        bzimage=files.bzimage,
+        vmlinux=files.vmlinux,
+        system_map=files.system_map,
+        config=files.config,
     )
-    if art.bzimage is None and art.vmlinux is None:
-        raise KernelStoreError(f"directory {path} holds no bzImage, vmlinuz or vmlinux")
-    return art
 
 
 def resolve_kernel(spec: str | os.PathLike) -> KernelArtifacts:

@@ -198,7 +198,7 @@ def _from_dir(d: Path) -> KernelFiles:
                             system_map=_first(d, "System.map"), config=_first(d, ".config"))
         files.notes.append(f"kernel build tree {d}")
         return files
-    bz = _first(d, "bzImage", "vmlinuz", "vmlinuz-*")
+    bz = _first(d, "bzImage", "arch/x86/boot/bzImage", "vmlinuz", "vmlinuz-*")
     vml = _first(d, "vmlinux", "vmlinux-*")
     if vml is not None and not is_elf(vml):
         vml = None
@@ -275,7 +275,7 @@ def _real_system_map(path: Path) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    return head.count(b"\n") >= 10 or len(head) == 4096
+    return b"The real System.map" not in head
 
 
 def require_symbols(kernel, files_or_path) -> None:

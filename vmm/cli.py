@@ -269,13 +269,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VmmError as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `vmm btf ... | head`
+        sys.stderr.close()
+        return EXIT_OK
     except OSError as exc:  # a missing or unreadable file: one line, no traceback
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"vmm: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
-    except BrokenPipeError:  # e.g. `vmm btf ... | head`
-        sys.stderr.close()
-        return EXIT_OK
     except KeyboardInterrupt:
         print(f"vmm: interrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
         return 130

@@ -903,6 +903,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     b.add_argument("--fragment", default=str(DEFAULT_FRAGMENT))
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.add_argument("-j", "--jobs", type=int, default=None)
+    b.add_argument("--source", default=None, help="your own kernel tree (built out of tree)")
+    b.add_argument("--config", default=None, help="a full .config instead of tinyconfig")
     sub.add_parser("list", help="list kernels in the store")
     pa = sub.add_parser("path", help="print the boot image path of a kernel spec")
     pa.add_argument("spec")
@@ -914,7 +916,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.cmd == "fetch-debian":
             print(fetch_debian(with_debug=args.debug).describe())
         elif args.cmd == "build":
-            print(build_kernel(args.version, args.fragment, jobs=args.jobs, force=args.force).describe())
+            print(build_kernel(args.version, args.fragment, jobs=args.jobs, force=args.force,
+                               source=args.source, config=args.config).describe())
         elif args.cmd == "list":
             kernels = list_kernels()
             if not kernels:

@@ -9,7 +9,7 @@ KERNEL ?= build:7.3
 CPUS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: deps native guests demo test test-slow bench kernel-debian kernel-build clean
+.PHONY: deps native guests demo test test-slow bench kernel-debian kernel-build clean check-wheel
 
 deps:
 	./scripts/install-deps.sh
@@ -31,6 +31,11 @@ test-slow: deps guests
 
 bench: deps guests
 	$(PYTHON) benchmarks/run_all.py
+
+# A wheel in a fresh virtualenv outside the tree: README tour, init sources and
+# `vmm kernel build` from package data (scripts/check-wheel.sh).
+check-wheel: guests
+	PYTHON=$(PYTHON) ./scripts/check-wheel.sh
 
 kernel-debian:
 	$(MAKE) -C kernels kernel-debian

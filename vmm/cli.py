@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -19,6 +20,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CRASH = 255
+
+
+class UsageError(VmmError):
+    """A command line that cannot work as given (exit 2)."""
 
 EXAMPLES = """\
 examples:
@@ -48,9 +53,15 @@ def parse_size(text: str) -> int:
 
 
 def _add_machine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", required=True,
-                   help="vmlinux ELF, bzImage, a directory holding them, 'debian' "
-                        "(Debian's prebuilt sched_ext kernel) or 'build[:VERSION]'")
+    p.add_argument("--kernel", default=None,
+                   help="vmlinux ELF, bzImage, a directory holding them (a kernel build "
+                        "tree too), 'debian' (Debian's prebuilt sched_ext kernel) or "
+                        "'build[:VERSION]' (default: the build tree the current directory "
+                        "is in)")
+    p.add_argument("--vmlinux", help="vmlinux with symbols and BTF (default: found beside "
+                                     "the image, in its build tree or under /usr/lib/debug)")
+    p.add_argument("--system-map", help="System.map for the symbols (default: found beside "
+                                        "the image, in its build tree or in /boot)")
     p.add_argument("--initrd", help="initramfs image (default for real Linux: our spin init)")
     p.add_argument("--cmdline", help="kernel command line (default for real Linux: "
                                      "console=ttyS0 reboot=k panic=-1; KASLR stays on; PVM "
@@ -66,6 +77,10 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
                    help="guest RAM, e.g. 512M, 2G (default 512M)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds before the VM is stopped (reason: timeout)")
+    p.add_argument("--no-config-check", dest="config_check", action="store_false",
+                   help="boot even when the kernel's config (.config beside the image, in "
+                        "its build tree, /boot/config-*, or IKCONFIG) lacks what the run "
+                        "needs (serial console, initramfs, SMP, BTF, sched_ext)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,27 +109,45 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--quiet", action="store_true")
 
     sym = sub.add_parser("symbols", help="look up kernel symbols")
-    sym.add_argument("vmlinux", help="vmlinux ELF, bzImage or System.map")
+    sym.add_argument("vmlinux", help="vmlinux ELF, bzImage, System.map or a directory "
+                                     "holding them (a kernel build tree too)")
     sym.add_argument("name", nargs="?", help="symbol name (all symbols when omitted)")
-    sym.add_argument("--system-map", help="System.map to use with a bzImage")
+    sym.add_argument("--system-map", help="System.map to use with a bzImage or a vmlinux "
+                                          "without .symtab (default: the one beside it)")
     sym.add_argument("--json", action="store_true")
 
     btf = sub.add_parser("btf", help="print a BTF type layout or one field")
-    btf.add_argument("vmlinux", help="vmlinux ELF or bzImage with .BTF")
+    btf.add_argument("vmlinux", help="vmlinux ELF or bzImage with .BTF, or a directory "
+                                     "holding them")
     btf.add_argument("type", help="type name, e.g. 'struct rq'")
     btf.add_argument("field", nargs="?", help="dotted field path, e.g. scx.flags")
     btf.add_argument("--json", action="store_true")
 
     kern = sub.add_parser("kernel", help="fetch, build and list kernels under test")
     ksub = kern.add_subparsers(dest="kernel_command", metavar="ACTION")
-    ksub.add_parser("fetch", help="download Debian's prebuilt sched_ext kernel")
-    kb = ksub.add_parser("build", help="build a sched_ext kernel from Debian's linux-source")
+    kf = ksub.add_parser("fetch", help="download Debian's prebuilt sched_ext kernel")
+    kf.add_argument("--debug", action="store_true",
+                    help="also the -dbg package: full vmlinux and System.map (~350 MB)")
+    kb = ksub.add_parser("build", help="build a sched_ext kernel from Debian's linux-source, "
+                                       "or from your own tree (--source) or config (--config)")
     kb.add_argument("version", nargs="?", default="7.3")
+    kb.add_argument("--source", help="your kernel source tree (default: Debian's "
+                                     "linux-source-VERSION)")
+    kb.add_argument("--config", help="a full .config to start from (default: tinyconfig "
+                                     "plus the sched_ext fragment)")
+    kb.add_argument("--fragment", help="config fragment merged on top (default: the "
+                                       "sched_ext fragment shipped with vmm)")
+    kb.add_argument("--force", action="store_true", help="rebuild even when cached")
+    kb.add_argument("-j", "--jobs", type=int, default=None)
     ksub.add_parser("list", help="list cached kernels")
     kp = ksub.add_parser("path", help="print the artifacts a kernel spec resolves to")
     kp.add_argument("spec")
-    for p in (kern,):
-        p.add_argument("--json", action="store_true")
+    # Every subcommand takes its options after its own name (`vmm kernel list --json`);
+    # `vmm kernel --json list` keeps working.
+    kern.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    for p in (kf, kb, kp, ksub.choices["list"]):
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the result as JSON")
     return parser
 
 
@@ -126,9 +159,12 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_symbols(args: argparse.Namespace) -> int:
-    from .kernel import Kernel, format_symbols
+    from .kernel import format_symbols
+    from .kernel.locate import require_symbols
 
-    k = _load_kernel_for_cli(args.vmlinux, getattr(args, "system_map", None), Kernel)
+    k, files = _load_kernel_for_cli(args.vmlinux, getattr(args, "system_map", None))
+    if args.name:
+        require_symbols(k, files)
     if args.json:
         if args.name:
             print(json.dumps({"name": args.name, "address": hex(k.symbol(args.name))}))
@@ -140,9 +176,9 @@ def cmd_symbols(args: argparse.Namespace) -> int:
 
 
 def cmd_btf(args: argparse.Namespace) -> int:
-    from .kernel import Kernel, format_btf
+    from .kernel import format_btf
 
-    k = _load_kernel_for_cli(args.vmlinux, None, Kernel)
+    k, _ = _load_kernel_for_cli(args.vmlinux, None)
     if args.json:
         if args.field:
             f = k.btf.field(args.type, args.field)
@@ -156,17 +192,15 @@ def cmd_btf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_kernel_for_cli(path: str, system_map: Optional[str], Kernel: Any) -> Any:
-    from .machine.images import detect_image_kind
+def _load_kernel_for_cli(path: str, system_map: Optional[str]) -> Any:
+    """(Kernel, KernelFiles or the System.map path) for a file or directory."""
+    from .kernel import Kernel
+    from .kernel.locate import is_bzimage, is_elf, locate
 
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    kind = detect_image_kind(head)
-    if kind == "elf":
-        return Kernel.load(vmlinux=path, system_map=system_map)
-    if kind == "bzimage":
-        return Kernel.load(bzimage=path, system_map=system_map)
-    return Kernel.load(system_map=path)
+    if os.path.isfile(path) and not is_elf(path) and not is_bzimage(path):
+        return Kernel.load(system_map=path), path  # a System.map on its own
+    files = locate(path, system_map=system_map)
+    return files.load(), files
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
@@ -174,9 +208,10 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 
     action = args.kernel_command
     if action == "fetch":
-        art = kernelstore.fetch_debian()
+        art = kernelstore.fetch_debian(with_debug=args.debug)
     elif action == "build":
-        art = kernelstore.build_kernel(args.version)
+        art = kernelstore.build_kernel(args.version, args.fragment, force=args.force,
+                                       jobs=args.jobs, source=args.source, config=args.config)
     elif action == "list":
         arts = kernelstore.list_kernels()
         _emit(args, [a.to_json() for a in arts],
@@ -195,10 +230,20 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace, inject: bool) -> int:
     from .session import run_session
 
+    kernel = args.kernel
+    if kernel is None:
+        # In a kernel build tree, boot that tree's kernel (as virtme-ng does).
+        from .kernel.locate import find_build_tree
+        tree = find_build_tree(os.getcwd())
+        if tree is None:
+            raise UsageError("say which kernel: --kernel PATH|build[:VERSION]|debian "
+                             "(or run vmm inside a kernel build tree)")
+        kernel = str(tree)
     report = run_session(
-        kernel=args.kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
+        kernel=kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
         initrd=args.initrd, timeout=args.timeout, inject_scx=inject,
         wait_for=args.wait_for, stream=None if args.quiet or args.json else sys.stdout.buffer,
+        vmlinux=args.vmlinux, system_map=args.system_map, check_config=args.config_check,
         boot_via_decompressor=args.boot_via_decompressor)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
@@ -226,12 +271,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_kernel(args)
         if args.command in ("run", "inject"):
             return cmd_run(args, inject=args.command == "inject" or args.inject_scx)
+    except UsageError as exc:
+        print(f"vmm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except VmmError as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `vmm btf ... | head`
         sys.stderr.close()
         return EXIT_OK
+    except OSError as exc:  # a missing or unreadable file: one line, no traceback
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"vmm: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"vmm: interrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
         return 130

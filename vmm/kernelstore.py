@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vmm.errors import ImageError, KernelStoreError
+from vmm.resources import shipped
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FRAGMENT = REPO_ROOT / "kernels" / "config" / "sched_ext.fragment"
+# The package's own copy when installed, the repository's file otherwise: the cache
+# key is the fragment's content, so both hit the same cached build.
+DEFAULT_FRAGMENT = shipped("kernels/config/sched_ext.fragment")
 DEFAULT_BUILD_VERSION = "7.3"
 DEBIAN_FLAVOUR = "cloud-amd64"
 # Suites reachable through the private sources list: trixie has linux-source-6.12,
@@ -412,7 +414,17 @@ def fetch_debian(
 def _fetch_debian(with_debug: bool, abi: str | None, progress: Progress) -> KernelArtifacts:
     root = cache_root()
     apt = PrivateApt(root, progress)
-    abi = abi or _newest_debian_abi(apt)  # e.g. 7.3.4+deb13-cloud-amd64
+    if abi is None:
+        try:
+            abi = _newest_debian_abi(apt)  # e.g. 7.3.4+deb13-cloud-amd64
+        except KernelStoreError as e:
+            # Offline (or no apt): what the store already holds is the newest we can have.
+            for art in list_kernels():
+                if art.name.startswith("debian-") and (art.system_map is not None or not with_debug):
+                    progress(f"debian: cannot ask apt for the newest kernel ({str(e).splitlines()[0]}); "
+                             f"using the cached {art.name}")
+                    return art
+            raise
     out = root / "debian" / abi
     cached = _read_manifest(out)
     if cached and (not with_debug or cached.system_map is not None):
@@ -557,26 +569,163 @@ def _stream(cmd: list[str], cwd: Path, progress: Progress, t0: float, log: Path)
 
 def build_kernel(
     version: str = DEFAULT_BUILD_VERSION,
-    fragment: Path | str = DEFAULT_FRAGMENT,
+    fragment: Path | str | None = None,
     *,
     jobs: int | None = None,
     force: bool = False,
     progress: Progress = _stderr_progress,
+    source: Path | str | None = None,
+    config: Path | str | None = None,
 ) -> KernelArtifacts:
-    """Build ``linux-source-<version>`` with tinyconfig + ``fragment``; cached."""
-    if not re.fullmatch(r"\d+\.\d+", version):
+    """Build a kernel into the store; cached.
+
+    Default: Debian's ``linux-source-<version>`` with tinyconfig + ``fragment`` (the
+    sched_ext fragment shipped with vmm), keyed ``<version>-<fragment hash>``.
+    ``config``: start from that full .config instead of tinyconfig (the fragment is
+    still merged on top). ``source``: the developer's own tree instead of Debian's,
+    built out of tree (``make O=``) into the store so the tree itself is left alone;
+    ``make`` runs every time (it is incremental), the store entry is the result.
+    """
+    fragment = Path(fragment) if fragment else DEFAULT_FRAGMENT
+    if source is None and not re.fullmatch(r"\d+\.\d+", version):
         raise KernelStoreError(f"kernel version {version!r}: expected MAJOR.MINOR such as 7.3")
-    fragment = Path(fragment)
-    out = cache_root() / "build" / f"{version}-{fragment_hash(fragment)}"
-    cached = _read_manifest(out)
-    if cached and not force:
-        return cached
-    _check_build_tools()
-    with _store_lock(progress):
-        cached = _read_manifest(out)  # another process may have built it meanwhile
+    if source is None and config is None:
+        out = cache_root() / "build" / f"{version}-{fragment_hash(fragment)}"
+        cached = _read_manifest(out)
         if cached and not force:
             return cached
-        return _build_into(out, version, fragment, jobs, force, progress)
+        _check_build_tools()
+        with _store_lock(progress):
+            cached = _read_manifest(out)  # another process may have built it meanwhile
+            if cached and not force:
+                return cached
+            return _build_into(out, version, fragment, jobs, force, progress)
+    config_path = Path(config).expanduser() if config else None
+    if config_path is not None and not config_path.is_file():
+        raise KernelStoreError(f"config {config}: no such file")
+    h = hashlib.sha256()
+    h.update(_read_bytes(fragment, "config fragment"))
+    h.update(b"\0" + (_read_bytes(config_path, "config") if config_path else b"tinyconfig"))
+    if source is not None:
+        tree = Path(source).expanduser().resolve()
+        _check_source_tree(tree)
+        h.update(b"\0" + str(tree).encode())
+        out = cache_root() / "build" / f"src-{tree.name}-{h.hexdigest()[:12]}"
+    else:
+        tree = None
+        out = cache_root() / "build" / f"{version}-{h.hexdigest()[:12]}"
+        cached = _read_manifest(out)
+        if cached and not force:
+            return cached
+    _check_build_tools()
+    with _store_lock(progress):
+        if tree is None:
+            cached = _read_manifest(out)
+            if cached and not force:
+                return cached
+        return _build_custom(out, version, tree, config_path, fragment, jobs, force, progress)
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise KernelStoreError(f"cannot read {what} {path}: {e.strerror}") from e
+
+
+def _check_source_tree(tree: Path) -> None:
+    if not ((tree / "Kbuild").is_file() and (tree / "Kconfig").is_file()
+            and (tree / "Makefile").is_file()):
+        raise KernelStoreError(f"--source {tree}: not a Linux source tree (no Kbuild, Kconfig "
+                               f"and Makefile at its top)")
+    if (tree / ".config").exists() or (tree / "include" / "config").is_dir():
+        raise KernelStoreError(
+            f"--source {tree}: the tree has an in-tree build (.config): vmm builds out of tree "
+            f"(make O=) to leave your tree alone, which Kbuild refuses then. Boot your own "
+            f"build instead (vmm run --kernel {tree}), or run 'make mrproper' there first")
+
+
+def merge_fragment(config_text: str, fragment_text: str) -> str:
+    """``config_text`` with every option the fragment names set as the fragment says
+    (what scripts/kconfig/merge_config.sh -m does); olddefconfig resolves the rest."""
+    frag = parse_config(fragment_text)
+    kept = [line for line in config_text.splitlines()
+            if not ((m := re.match(r"^(?:# )?(CONFIG_[A-Za-z0-9_]+)[= ]", line.strip()))
+                    and m.group(1) in frag)]
+    for key, value in frag.items():
+        kept.append(f"# {key} is not set" if value == "n" else f"{key}={value}")
+    return "\n".join(kept) + "\n"
+
+
+def _build_custom(out: Path, version: str, tree: Path | None, config: Path | None,
+                  fragment: Path, jobs: int | None, force: bool,
+                  progress: Progress) -> KernelArtifacts:
+    """A build from the developer's tree and/or config; output under ``out/obj``."""
+    t0 = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "build.log"
+    provenance = None
+    if tree is None:  # Debian's source, unpacked once into this entry
+        src_root = out / "src"
+        tree = src_root / f"linux-source-{version}"
+        if not (tree / ".vmm-unpacked").exists():
+            apt = PrivateApt(cache_root(), progress)
+            deb, provenance = apt.download(f"linux-source-{version}")
+            progress(f"build: unpacking {deb.name}")
+            tarballs = _deb_members(deb, lambda n: n.rsplit("/", 1)[-1] if re.search(r"/linux-source-[\d.]+\.tar\.\w+$", n) else None, src_root)  # noqa: E501
+            if not tarballs:
+                raise KernelStoreError(f"{deb.name} holds no linux-source-*.tar.* tarball")
+            tarball = next(iter(tarballs.values()))
+            shutil.rmtree(tree, ignore_errors=True)
+            _stream(["tar", "-xf", str(tarball)], src_root, _quiet, t0, log)
+            tarball.unlink()
+            (tree / ".vmm-unpacked").write_text(json.dumps(provenance) + "\n")
+        else:
+            try:
+                provenance = json.loads((tree / ".vmm-unpacked").read_text())
+            except ValueError:
+                provenance = None
+    obj = out / "obj"
+    obj.mkdir(exist_ok=True)
+    make = ["make", "ARCH=x86_64", "-C", str(tree), f"O={obj}"]
+    frag_text = fragment.read_text()
+    frag_opts = parse_config(frag_text)
+    stamp = obj / ".vmm-configured"
+    if force or not stamp.exists():
+        t = time.monotonic()
+        if config is not None:
+            progress(f"build: starting from {config}")
+            shutil.copy(config, obj / ".config")
+        else:
+            _stream(make + ["tinyconfig"], tree, _quiet, t0, log)
+        (obj / ".config").write_text(merge_fragment((obj / ".config").read_text(), frag_text))
+        _stream(make + ["olddefconfig"], tree, _quiet, t0, log)
+        stamp.write_text(out.name + "\n")
+        progress(f"[{time.monotonic() - t0:6.0f}s] build: configure done in "
+                 f"{time.monotonic() - t:.1f} s")
+    mismatches = config_mismatches(frag_opts, parse_config((obj / ".config").read_text()))
+    for m in mismatches:
+        progress(f"build: WARNING fragment option not applied: {m}")
+    t = time.monotonic()
+    _stream(make + [f"-j{jobs or os.cpu_count() or 1}", "bzImage"], tree, progress, t0, log)
+    built = time.monotonic() - t
+    files = {"bzImage": obj / "arch" / "x86" / "boot" / "bzImage", "vmlinux": obj / "vmlinux",
+             "System.map": obj / "System.map", "config": obj / ".config"}
+    for name, path in files.items():
+        if not path.exists():
+            raise KernelStoreError(f"build finished but {path} is missing; see {log}")
+        shutil.copy2(path, out / name)
+    release = subprocess.run(make + ["-s", "kernelrelease"], cwd=tree, capture_output=True,
+                             text=True).stdout.strip()
+    art = KernelArtifacts(name=f"build-{out.name}", version=release or version,
+                          bzimage=out / "bzImage", vmlinux=out / "vmlinux",
+                          system_map=out / "System.map", config=out / "config")
+    _write_manifest(out, art, source="build", tree=str(tree), base_config=str(config or "tinyconfig"),
+                    fragment=str(fragment.resolve()), package=provenance,
+                    config_mismatches=mismatches, make_seconds=round(built, 1),
+                    seconds=round(time.monotonic() - t0, 1))  # fmt: skip
+    progress(f"build: {art.name} ready in {time.monotonic() - t0:.0f} s")
+    return art
 
 
 def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force: bool,
@@ -690,52 +839,25 @@ def _is_bzimage(path: Path) -> bool:
 
 
 def _from_path(path: Path) -> KernelArtifacts:
+    """A kernel given by path: a store entry (manifest), else what vmm.kernel.locate
+    finds (a build tree, loose files, an image with its vmlinux/System.map/config)."""
     if not path.exists():
         raise KernelStoreError(f"kernel {str(path)!r}: no such file or directory")
-    if path.is_file():
-        try:
-            if _is_elf(path):
-                kind = "vmlinux"
-            elif _is_bzimage(path):
-                kind = "bzimage"
-            else:
-                raise ImageError(f"{path}: neither an ELF vmlinux nor a bzImage (no HdrS at 0x202)")
-        except OSError as e:
-            raise KernelStoreError(f"cannot read {path}: {e}") from e
-        d = path.parent
-        maps = [p for p in (d / "System.map", *sorted(d.glob("System.map-*"))) if p.is_file()]
-        configs = [p for p in (d / "config", d / ".config", *sorted(d.glob("config-*"))) if p.is_file()]
-        return KernelArtifacts(
-            name=path.name,
-            version="unknown",
-            bzimage=path if kind == "bzimage" else None,
-            vmlinux=path if kind == "vmlinux" else None,
-            system_map=maps[0] if maps else None,
-            config=configs[0] if configs else None,
-        )
-    # A directory: a store entry (manifest), a kernel build tree, or loose files.
-    cached = _read_manifest(path)
-    if cached:
-        return cached
+    if path.is_dir():
+        cached = _read_manifest(path)
+        if cached:
+            return cached
+    from vmm.kernel.locate import locate
 
-    def first(*names: str) -> Path | None:
-        for n in names:
-            for p in sorted(path.glob(n)):
-                if p.is_file():
-                    return p
-        return None
-
-    art = KernelArtifacts(
-        name=path.name,
+    files = locate(path)
+    return KernelArtifacts(
+        name=(files.tree or path).name,
         version="unknown",
-        bzimage=first("bzImage", "arch/x86/boot/bzImage", "vmlinuz", "vmlinuz-*"),
-        vmlinux=first("vmlinux", "vmlinux-*"),
-        system_map=first("System.map", "System.map-*"),
-        config=first("config", ".config", "config-*"),
+        bzimage=files.bzimage,
+        vmlinux=files.vmlinux,
+        system_map=files.system_map,
+        config=files.config,
     )
-    if art.bzimage is None and art.vmlinux is None:
-        raise KernelStoreError(f"directory {path} holds no bzImage, vmlinuz or vmlinux")
-    return art
 
 
 def resolve_kernel(spec: str | os.PathLike) -> KernelArtifacts:
@@ -792,6 +914,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     b.add_argument("--fragment", default=str(DEFAULT_FRAGMENT))
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.add_argument("-j", "--jobs", type=int, default=None)
+    b.add_argument("--source", default=None, help="your own kernel tree (built out of tree)")
+    b.add_argument("--config", default=None, help="a full .config instead of tinyconfig")
     sub.add_parser("list", help="list kernels in the store")
     pa = sub.add_parser("path", help="print the boot image path of a kernel spec")
     pa.add_argument("spec")
@@ -803,7 +927,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.cmd == "fetch-debian":
             print(fetch_debian(with_debug=args.debug).describe())
         elif args.cmd == "build":
-            print(build_kernel(args.version, args.fragment, jobs=args.jobs, force=args.force).describe())
+            print(build_kernel(args.version, args.fragment, jobs=args.jobs, force=args.force,
+                               source=args.source, config=args.config).describe())
         elif args.cmd == "list":
             kernels = list_kernels()
             if not kernels:

@@ -4,9 +4,11 @@ Fixture ``vmm_machine``: a booted :class:`vmm.Machine` built from the
 ``@pytest.mark.vmm(cpus=2, memory="512M", cmdline=..., kernel=..., wait_for=...)``
 marker and the ``--vmm-kernel`` / ``--vmm-cpus`` / ``--vmm-memory`` options.
 
-Boots are reused: machines with the same options are shared across tests of a
-session, unless the test asks ``fresh=True`` or changed the guest (a write through
-the machine marks it dirty, and a dirty machine is stopped instead of reused).
+Boots are reused: machines with the same options (the boot marker ``wait_for``
+included, and for a kernel file its size and modification time) are shared across
+tests of a session, unless the test asks ``fresh=True`` or changed the guest: any
+write (``apply``/``write``, ``machine.memory.write*``, ``feed_console``) marks it dirty,
+and a dirty machine is stopped instead of reused.
 When a test fails, the console tail and why the VM ended are attached to its report.
 
 Parallel matrices: ``pytest -n auto`` (pytest-xdist) gives each worker its own
@@ -53,6 +55,20 @@ def _stop_quietly(machine: Any) -> None:
         pass
 
 
+def _pool_key(opts: dict, wait_for: Any) -> str:
+    """What makes two machines the same: every option, the boot marker waited for
+    (a machine booted without waiting is not one that reached a later marker), and for
+    a kernel given as a file, which file contents (a rebuilt kernel is another kernel)."""
+    import os
+
+    items = dict(opts, wait_for=wait_for)
+    kernel = opts.get("kernel")
+    if isinstance(kernel, (str, os.PathLike)) and os.path.exists(kernel):
+        st = os.stat(kernel)
+        items["kernel file"] = (os.path.realpath(kernel), st.st_size, st.st_mtime_ns)
+    return repr(sorted((str(k), repr(v)) for k, v in items.items()))
+
+
 def _options(request: pytest.FixtureRequest) -> dict:
     cfg = request.config
     opts: dict = {}
@@ -80,7 +96,7 @@ def vmm_machine(request: pytest.FixtureRequest) -> Iterator[Any]:
     fresh = bool(opts.pop("fresh", False))
     wait_for = opts.pop("wait_for", None)
     wait_timeout = opts.pop("wait_timeout", 60.0)
-    key = repr(sorted(opts.items()))
+    key = _pool_key(opts, wait_for)
     pool = request.config.stash[_POOL_KEY]
 
     machine = None if fresh else pool.pop(key, None)

@@ -14,7 +14,9 @@ Data flows one way: load -> build -> run -> freeze -> resolve -> apply -> thaw.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -24,6 +26,7 @@ from .machine import builder
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
 from .ops.resolve import LiveResolver
+from .runtime.vcpu_thread import VcpuThread
 
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
@@ -36,6 +39,52 @@ def _is_spec(kernel: Any) -> bool:
     return kernel.split(":")[0].split("+")[0] in ("debian", "build")
 
 
+class _TrackedMemory:
+    """``Machine.memory`` as users see it once the VM runs: every write through it
+    marks the machine dirty (the pytest plugin then does not reuse it). Writes the
+    machine makes itself (boot, PVM emulation on vCPU threads) do not."""
+
+    __slots__ = ("_raw", "_machine")
+
+    def __init__(self, raw: Any, machine: "Machine"):
+        self._raw = raw
+        self._machine = machine
+
+    def _mark(self) -> None:
+        if not isinstance(threading.current_thread(), VcpuThread):
+            self._machine.dirty = True
+
+    def write(self, gpa: int, data: Any) -> None:
+        self._mark()
+        self._raw.write(gpa, data)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u8(gpa, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u16(gpa, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u32(gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._mark()
+        self._raw.write_u64(gpa, value)
+
+    def fetch_or_u32(self, gpa: int, mask: int) -> int:
+        self._mark()
+        return self._raw.fetch_or_u32(gpa, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def __repr__(self) -> str:
+        return f"<tracked {self._raw!r}>"
+
+
 class Machine(builder.Machine):
     """A VM running one kernel, with that kernel's symbols and types at hand.
 
@@ -45,8 +94,14 @@ class Machine(builder.Machine):
     """
 
     def __init__(self, kernel: Any, *, vmlinux: Any = None, system_map: Any = None,
-                 initrd: Any = None, **options: Any):
+                 initrd: Any = None, requires: Iterable[str] = (), check_config: bool = True,
+                 **options: Any):
         self.artifacts = None
+        # What the job needs of the kernel beyond booting (vmm.kernel.kconfig.NEEDS keys:
+        # "sched_ext", "btf"); checked against the kernel's config before the start.
+        self.requires = set(requires)
+        self.check_config = check_config
+        self.kernel_files = None
         boot = kernel
         if _is_spec(kernel):
             from . import kernelstore
@@ -54,12 +109,37 @@ class Machine(builder.Machine):
             boot = str(self.artifacts.boot_image_for(options.get("boot_via_decompressor")))
             vmlinux = vmlinux or self.artifacts.vmlinux
             system_map = system_map or self.artifacts.system_map
+        elif isinstance(kernel, (str, os.PathLike)):
+            # A path: an image file or a directory (build tree, loose files); symbols
+            # and types come from the files found with it, not the stripped payload.
+            from .kernel.locate import locate
+            self.kernel_files = locate(kernel, vmlinux=vmlinux, system_map=system_map)
+            boot = str(self.kernel_files.boot)
         super().__init__(boot, initrd=initrd, **options)
         self._vmlinux_path = vmlinux
         self._system_map_path = system_map
         self._introspection = None
         self._last_snapshot = None
         self._default_initrd = initrd is None
+
+    # --- guest memory: every write after the start marks the machine dirty ----------
+    @property
+    def memory(self) -> Any:
+        raw = self.__dict__.get("_guest_memory")
+        if raw is None or self.started_at is None:
+            return raw
+        tracked = self.__dict__.get("_tracked_memory")
+        if tracked is None or tracked._raw is not raw:
+            tracked = self.__dict__["_tracked_memory"] = _TrackedMemory(raw, self)
+        return tracked
+
+    @memory.setter
+    def memory(self, value: Any) -> None:
+        self.__dict__["_guest_memory"] = value
+
+    def feed_console(self, data: bytes) -> None:
+        self.dirty = True  # input changes what the guest does next
+        super().feed_console(data)
 
     # --- introspection -------------------------------------------------------------
     @property
@@ -72,9 +152,12 @@ class Machine(builder.Machine):
                 # Debian's vmlinuz has BTF but no symbol table: the symbols are in the
                 # -dbg package, fetched (once, ~350 MB) only when they are needed.
                 from . import kernelstore
-                self.artifacts = kernelstore.fetch_debian(with_debug=True)
+                self.artifacts = kernelstore.resolve_kernel("debian+dbg")
                 self._vmlinux_path = self.artifacts.vmlinux
                 self._system_map_path = self.artifacts.system_map
+            if self.kernel_files is not None:
+                self._introspection = self.kernel_files.load()
+                return self._introspection
             source = self._vmlinux_path or self.kernel
             with open(source, "rb") as f:
                 is_elf = f.read(4) == b"\x7fELF"
@@ -83,6 +166,57 @@ class Machine(builder.Machine):
             else:
                 self._introspection = Kernel.load(bzimage=source, system_map=self._system_map_path)
         return self._introspection
+
+    def _require_symbols(self) -> None:
+        """A kernel loaded without a symbol table: say so and what to pass, before any
+        lookup says "no kernel symbol named ..."."""
+        from .kernel.locate import require_symbols
+        require_symbols(self.vmlinux, self.kernel_files or self._vmlinux_path or self.kernel)
+
+    def introspection_sources(self) -> str:
+        """Which files the symbols and the types come from, in words."""
+        if self.kernel_files is not None:
+            return self.kernel_files.describe()
+        k = self.vmlinux
+        return ", ".join(k.sources) or "?"
+
+    def build(self) -> "Machine":
+        result = super().build()
+        if self.check_config and self.is_linux:
+            try:
+                self._check_kernel_config()
+            except BaseException:
+                self._teardown()  # refused before any vCPU ran: free fds and RAM now
+                raise
+        return result if result is not None else self
+
+    def kernel_config(self) -> Any:
+        """The kernel's config (vmm.kernel.kconfig.KernelConfig) or None: the .config
+        found with the kernel (beside it, its build tree, /boot, the store), else the
+        IKCONFIG blob in the image."""
+        from .kernel.kconfig import find_config
+        files, art = self.kernel_files, self.artifacts
+        path = (files.config if files else None) or (art.config if art else None)
+        images = [files.vmlinux if files else None, art.vmlinux if art else None,
+                  self.kernel if isinstance(self.kernel, (str, os.PathLike)) else None]
+        return find_config(path, images)
+
+    def _check_kernel_config(self) -> None:
+        """Refuse, before any vCPU runs, a kernel whose config lacks what this run needs."""
+        needs = ["console"]
+        if self.initrd is not None:
+            needs.append("initramfs")
+        if self.cpus > 1:
+            needs.append("smp")
+        needs += sorted(self.requires)
+        config = self.kernel_config()
+        if config is None:
+            self.notes.append("kernel config: none found (no .config beside the image, "
+                              "no IKCONFIG): not checked")
+            return
+        config.check(needs)
+        self.notes.append(f"kernel config {config.source}: has what this run needs "
+                          f"({', '.join(needs)})")
 
     def load_initrd(self) -> None:
         # Real Linux with no initrd given gets our spinning init: the one user space a
@@ -105,7 +239,7 @@ class Machine(builder.Machine):
                 lstar = v0.msrs.get(MSR_LSTAR)
                 if lstar:
                     kwargs["lstar"] = lstar
-        return self.vmlinux.attach(self.memory, **kwargs)
+        return self.vmlinux.attach(self.__dict__.get("_guest_memory"), **kwargs)
 
     def freeze(self, timeout: float = 30.0):
         snap = super().freeze(timeout)
@@ -117,7 +251,7 @@ class Machine(builder.Machine):
         """Run an Op batch (see vmm.ops): a cold batch is one freeze rendezvous."""
         if op.action == "write":
             self.dirty = True
-        return apply_op(op, self.memory, lambda snap: LiveResolver(self.live(snap)),
+        return apply_op(op, self.__dict__.get("_guest_memory"), lambda snap: LiveResolver(self.live(snap)),
                         lambda: self.freeze(freeze_timeout))
 
     @staticmethod
@@ -133,12 +267,36 @@ class Machine(builder.Machine):
 
     def read(self, target: Any, path: Optional[str] = None, cpu: Optional[int] = None,
              hot: bool = False, type: Optional[str] = None) -> Any:
-        """One value: an int for u32/u64 targets, bytes otherwise. Cold (frozen) by
-        default; ``hot=True`` reads the running guest."""
+        """One value, decoded from its BTF type as ``vmm.kernel.live`` does: an int for
+        integers, bools, enums and pointers (signed per type; a bitfield as its own bits),
+        bytes otherwise. Cold (frozen) by default; ``hot=True`` reads the running guest."""
         t = self._target(target, path, cpu, type)
-        op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
-        value = self.apply(op).values[0]
+        hold = nullcontext(None) if hot else self.freeze()
+        with hold as snap:
+            op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
+            value = self.apply(op).values[0]
+            raw = value.data if isinstance(value, Bytes) else value.encode()
+            decoded = self._decode(t, raw, snap)
+        if decoded is not None:
+            return decoded
         return value.data if isinstance(value, Bytes) else value.value
+
+    def _decode(self, t: KernelTarget, raw: bytes, snap: Any) -> Any:
+        """The live view's decoding of ``raw`` for a symbol target whose BTF field is
+        known (same object, same size), else None (raw address targets, sized symbols,
+        globals BTF does not describe)."""
+        name = getattr(t, "name", None)
+        if name is None or getattr(t, "size", None) is not None:
+            return None
+        live = self.live(snap)
+        try:
+            _, f = live.resolve(name, getattr(t, "path", None), getattr(t, "cpu", None),
+                                getattr(t, "type", None))
+        except VmmError:
+            return None
+        if f is None or f.size != len(raw):
+            return None
+        return live.decode(raw, f)
 
     def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
               cpu: Optional[int] = None, hot: bool = False, type: Optional[str] = None) -> OpResult:
@@ -156,6 +314,7 @@ class Machine(builder.Machine):
         ``rq->scx.clock`` then ORs ``SCX_RQ_CLK_VALID`` into ``rq->scx.flags``; then a
         cold read-back of both fields on every CPU."""
         clk_valid_mask(self.vmlinux)  # refuses a kernel without the flag before freezing
+        self._require_symbols()
         with self.freeze() as snap:
             live = self.live(snap)
             cpu_list = list(cpus) if cpus is not None else live.possible_cpus()
@@ -278,10 +437,14 @@ class SessionReport:
 def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optional[str] = None,
                 initrd: Optional[str] = None, timeout: Optional[float] = None,
                 inject_scx: bool = False, wait_for: Optional[str] = None,
-                stream: Any = None, boot_via_decompressor: Optional[bool] = None) -> SessionReport:
+                stream: Any = None, vmlinux: Optional[str] = None,
+                system_map: Optional[str] = None, check_config: bool = True,
+                boot_via_decompressor: Optional[bool] = None) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
-                console=stream, timeout=timeout, boot_via_decompressor=boot_via_decompressor)
+                console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
+                requires=("sched_ext", "btf") if inject_scx else (),
+                check_config=check_config, boot_via_decompressor=boot_via_decompressor)
     report = SessionReport(kernel=str(kernel), cmdline="")
     m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
     try:
@@ -297,6 +460,7 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
             raise GuestBootError(f"the guest did not print {marker!r}: {exc}\n"
                                  f"last console lines:\n{m.console_tail(20)}") from exc
         report.boot_seconds = time.monotonic() - (m.started_at or t0)
+        report.extra["kernel files"] = m.introspection_sources()
         report.injection = m.inject_scx_clock()
         try:  # where KASLR put the kernel (vmm.kernel.live.LiveKernel.describe_layout)
             report.extra["kernel layout"] = m.live().describe_layout()

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Iterable, Union
 
 from vmm.errors import ImageError, VmmError
+from vmm.resources import shipped
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
 HEADER_SIZE = 110
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-INIT_SOURCES = REPO_ROOT / "kernels" / "init"
+INIT_SOURCES = shipped("kernels/init")  # package data when installed (vmm/resources.py)
 INIT_PROGRAMS = ("spin", "check")
 # Flags for our freestanding init programs: no libc, no PIE, static, small.
 INIT_CFLAGS = [

@@ -122,7 +122,24 @@ struct vmm_vm *vmm_vm_new(int vm_fd)
     return vm;
 }
 
-void vmm_vm_free(struct vmm_vm *vm) { free(vm); }
+/* Frees the control block and every vCPU block still in it (their kvm_run mappings
+ * too). Python attaches this to the block with ffi.gc, so it runs only when the last
+ * object that can reach the block (Vm, Vcpu, VcpuThread, FreezeCoordinator,
+ * ConsolePump) is gone: nothing can use a freed block. */
+void vmm_vm_free(struct vmm_vm *vm)
+{
+    if (!vm)
+        return;
+    for (int i = 0; i < vm->nvcpus; i++) {
+        struct vmm_vcpu *v = vm->vcpus[i];
+        if (v) {
+            vm->vcpus[i] = NULL;
+            munmap(v->run, v->run_size);
+            free(v);
+        }
+    }
+    free(vm);
+}
 
 /* Maps the vCPU's kvm_run page. NULL + *err (errno) on failure. */
 struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_size, int *err)
@@ -158,7 +175,8 @@ struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_s
     return v;
 }
 
-/* Only once its thread has ended (VcpuThread guarantees it). */
+/* Only once its thread has ended and nothing refers to it any more; the project
+ * lets vmm_vm_free do it instead. */
 void vmm_vcpu_free(struct vmm_vcpu *v)
 {
     struct vmm_vm *vm = v->vm;

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
-from vmm.errors import CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable
+from vmm.errors import (CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable,
+                        VmClosed)
 from vmm.kvm.native import check, ioctl, ioctl_int, native
 
 KVM_API_VERSION = 12
@@ -117,11 +119,27 @@ class Vm:
         ffi, lib = native()
         self.kvm = kvm
         self.fd = fd
-        self.native = lib.vmm_vm_new(fd)
-        if self.native == ffi.NULL:
+        raw = lib.vmm_vm_new(fd)
+        if raw == ffi.NULL:
             os.close(fd)
             raise KvmIoctlError("vmm_vm_new", errno.ENOMEM, "cannot allocate the VM control block")
+        # The C block (and the vCPU blocks and kvm_run pages it owns) is freed only when
+        # the last Python object holding this pointer is gone, never by close(): the
+        # freeze coordinator, console pump and vCPU threads keep it, so a thaw or a kick
+        # after stop() touches live memory (and does nothing) instead of freed memory.
+        self.native = ffi.gc(raw, lib.vmm_vm_free)
         self.vcpus: list[Vcpu] = []
+        # Held by close() and by whoever must not see the fds closed under it (the freeze
+        # coordinator's ioctls): close() waits for them, they see `closed` afterwards.
+        self.lock = threading.RLock()
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def require_open(self, what: str) -> None:
+        if self.fd < 0:
+            raise VmClosed(f"{what}: the VM was stopped and its resources freed")
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl_int(self.fd, "KVM_SET_TSS_ADDR", addr)
@@ -198,22 +216,21 @@ class Vm:
         return {ports[i]: counts[i] for i in range(n)}
 
     def close(self) -> None:
-        """Closes vCPUs and the VM. vCPU threads must have ended (runtime joins them);
-        if any is still inside the C loop the control block is leaked, not freed."""
-        if self.fd < 0:
-            return
-        _, lib = native()
-        threads_live = self.native.live > 0
-        if threads_live:
-            lib.vmm_request_stop(self.native)
-        for v in self.vcpus:
-            v.close(free_native=not threads_live)
-        self.vcpus.clear()
-        if not threads_live:
-            lib.vmm_vm_free(self.native)
-        self.native = None
-        os.close(self.fd)
-        self.fd = -1
+        """Closes vCPU fds and the VM fd. vCPU threads should have ended (runtime joins
+        them); a thread still inside the C loop keeps its vCPU fd open. The C control
+        blocks stay allocated while anything refers to them (see __init__); every
+        ioctl after close() raises (a closed fd), never touches freed memory."""
+        with self.lock:
+            if self.fd < 0:
+                return
+            _, lib = native()
+            lib.vmm_request_stop(self.native)  # a no-op when every loop has returned
+            threads_live = self.native.live > 0
+            for v in self.vcpus:
+                v.close(keep_fd=threads_live)
+            self.vcpus.clear()
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self):
         return self
@@ -229,8 +246,9 @@ class Vcpu:
         self.vm = vm
         self.index = index
         self.fd = fd
-        self.native = nat
+        self.native = nat  # owned by vm.native's block: alive as long as this Vcpu
         self.run = nat.run
+        self._vm_native = vm.native
 
     def _get(self, ctype: str, name: str):
         ffi, _ = native()
@@ -325,13 +343,10 @@ class Vcpu:
         check("KVM_KVMCLOCK_CTRL", r, f"vCPU {self.index}")
         return True
 
-    def close(self, free_native: bool = True) -> None:
-        if self.fd < 0:
+    def close(self, keep_fd: bool = False) -> None:
+        """Closes the vCPU fd (unless its thread still runs: keep_fd). The native block
+        and its kvm_run page are freed with the VM's block (Vm.__init__)."""
+        if self.fd < 0 or keep_fd:
             return
-        if free_native and self.native is not None:
-            native()[1].vmm_vcpu_free(self.native)
-            self.native = None
-            self.run = None
-            os.close(self.fd)
-            self.fd = -1
-        # else: the kvm_run mapping and fd stay with the still-running thread.
+        os.close(self.fd)
+        self.fd = -1

@@ -54,3 +54,65 @@ def test_value_refusals_are_vmm_errors(make, bad, err):
     assert isinstance(info.value, err)  # still a ValueError/TypeError for old callers
     name = {"u32": "U32", "u64": "U64", "or_u32": "OrU32", "bytes_": "Bytes"}[make.__name__]
     assert name in str(info.value)
+
+
+# -- cpio (newc) -------------------------------------------------------------------
+def _newc_header(namesize: bytes, filesize: bytes = b"00000000") -> bytes:
+    fields = [b"00000001", b"000081a4", b"00000000", b"00000000", b"00000001",
+              b"00000000", filesize, b"00000000", b"00000000", b"00000000", b"00000000",
+              namesize, b"00000000"]
+    return b"070701" + b"".join(fields)
+
+
+def _run_bounded(code: str, timeout: float = 20) -> None:
+    """Runs code in a subprocess with a 1 GiB address-space limit: a parser that loops
+    or balloons fails the test instead of taking the machine down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    prog = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30));"
+            f"sys.path.insert(0, {str(repo)!r});" + code)
+    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("namesize", [b"-000006E", b"+0000006", b"0000_006", b"00000000",
+                                      b"7fffffff"])
+def test_cpio_bad_name_size_is_refused_quickly(namesize):
+    archive = (_newc_header(namesize) + b"a\0\0\0") * 4
+    _run_bounded(f"""
+from vmm.errors import ImageError
+from vmm.machine.initramfs import parse_newc
+try:
+    parse_newc({archive!r})
+except ImageError as e:
+    assert 'offset 0' in str(e), e
+else:
+    raise SystemExit('accepted')
+""")
+
+
+def test_cpio_corrupt_gzip_is_image_error():
+    import gzip
+
+    from vmm.machine.initramfs import create_initramfs, file, parse_newc
+
+    blob = bytearray(create_initramfs([file("init", b"x" * 5000)]))
+    blob[30:40] = b"\xff" * 10
+    with pytest.raises(ImageError, match="gzip"):
+        parse_newc(bytes(blob))
+    with pytest.raises(ImageError, match="gzip"):
+        parse_newc(gzip.compress(b"x")[:-6])
+
+
+def test_cpio_gzip_bomb_is_bounded():
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)  # 64 MiB from ~64 KB
+    from vmm.machine.initramfs import parse_newc
+
+    with pytest.raises(ImageError, match="more than"):
+        parse_newc(bomb, max_size=16 << 20)

@@ -64,7 +64,7 @@ def _newc_header(namesize: bytes, filesize: bytes = b"00000000") -> bytes:
     return b"070701" + b"".join(fields)
 
 
-def _run_bounded(code: str, timeout: float = 20) -> None:
+def _run_bounded(code: str, timeout: float = 20, limit: int = 1 << 30) -> None:
     """Runs code in a subprocess with a 1 GiB address-space limit: a parser that loops
     or balloons fails the test instead of taking the machine down."""
     import subprocess
@@ -72,7 +72,7 @@ def _run_bounded(code: str, timeout: float = 20) -> None:
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    prog = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30));"
+    prog = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}));"
             f"sys.path.insert(0, {str(repo)!r});" + code)
     proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
                           timeout=timeout)
@@ -116,3 +116,39 @@ def test_cpio_gzip_bomb_is_bounded():
 
     with pytest.raises(ImageError, match="more than"):
         parse_newc(bomb, max_size=16 << 20)
+
+
+# -- bzImage payloads: decompression bounded by the image's own header ---------------
+def _bomb(kind: str, size: int) -> bytes:
+    import struct
+    import zlib
+
+    import zstandard
+
+    zeros = bytes(16 << 20)
+    if kind == "zstd":
+        c = zstandard.ZstdCompressor(level=1).compressobj()
+    else:
+        c = zlib.compressobj(1, zlib.DEFLATED, 31)
+    body = b"".join(c.compress(zeros) for _ in range(size // len(zeros))) + c.flush()
+    return body + struct.pack("<I", size & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_bzimage_decompression_bomb_is_bounded(kind, tmp_path):
+    from test_images import make_bzimage  # init_size 8 MiB
+
+    image = tmp_path / "bzImage"
+    image.write_bytes(make_bzimage(_bomb(kind, 768 << 20)))
+    # 768 MiB of output in a process limited to 768 MiB of address space: only a
+    # decompressor that stops at the header's bound (init_size) gets through.
+    _run_bounded(f"""
+from vmm.errors import ImageError
+from vmm.machine.images import extract_vmlinux
+try:
+    extract_vmlinux(open({str(image)!r}, 'rb').read())
+except ImageError as e:
+    assert 'more than' in str(e), e
+else:
+    raise SystemExit('accepted')
+""", limit=768 << 20, timeout=60)

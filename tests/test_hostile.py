@@ -152,3 +152,131 @@ except ImageError as e:
 else:
     raise SystemExit('accepted')
 """, limit=768 << 20, timeout=60)
+
+
+# -- BTF type graphs with cycles and blow-ups -----------------------------------------
+class BtfBuilder:
+    """A little-endian BTF blob from hand-written types (ids from 1)."""
+
+    def __init__(self):
+        self.strings = bytearray(b"\0")
+        self.types: list[bytes] = []
+
+    def name(self, s: str) -> int:
+        if not s:
+            return 0
+        off = len(self.strings)
+        self.strings += s.encode() + b"\0"
+        return off
+
+    def add(self, kind: int, name: str = "", vlen: int = 0, size_type: int = 0,
+            extra: bytes = b"") -> int:
+        import struct
+
+        self.types.append(struct.pack("<III", self.name(name), (kind << 24) | vlen, size_type)
+                          + extra)
+        return len(self.types)
+
+    def int_(self, name="int", size=4):
+        import struct
+
+        return self.add(1, name, 0, size, struct.pack("<I", size * 8))
+
+    def struct_(self, name, size, members):  # members: [(name, type_id, bit_offset)]
+        import struct
+
+        extra = b"".join(struct.pack("<III", self.name(n), t, o) for n, t, o in members)
+        return self.add(4, name, len(members), size, extra)
+
+    def array(self, elem, nelems, index=1):
+        import struct
+
+        return self.add(3, "", 0, 0, struct.pack("<III", elem, index, nelems))
+
+    def ptr(self, target):
+        return self.add(2, "", 0, target)
+
+    def proto(self, ret, params):
+        import struct
+
+        return self.add(13, "", len(params), ret,
+                        b"".join(struct.pack("<II", 0, p) for p in params))
+
+    def blob(self) -> bytes:
+        import struct
+
+        types = b"".join(self.types)
+        hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types),
+                          len(self.strings))
+        return hdr + types + bytes(self.strings)
+
+
+EXERCISE_BTF = """
+from vmm.errors import VmmError
+from vmm.kernel.btf import Btf
+btf = Btf({blob!r})
+refused = []
+for tid in range(1, len(btf)):
+    t = btf.get(tid)
+    for call in (lambda: btf.type_name(t), lambda: btf.format_type(t),
+                 lambda: btf.member_names(btf.resolve(t)), lambda: btf.sizeof(t),
+                 lambda: btf.field(t, "nosuch"), lambda: btf.field(t, "x")):
+        try:
+            call()
+        except VmmError as e:
+            refused.append(str(e))
+print(refused)
+want = {want!r}
+assert not want or any(want in r for r in refused), (want, refused)
+"""
+
+
+def _btf_case(builder: BtfBuilder, want: str = "") -> None:
+    _run_bounded(EXERCISE_BTF.format(blob=builder.blob(), want=want), timeout=30)
+
+
+def test_btf_struct_containing_itself_through_anonymous_members():
+    b = BtfBuilder()
+    i = b.int_()
+    s = b.struct_("loop", 8, [("x", i, 0), ("", 3, 32)])  # id 2: anon member -> id 3
+    b.struct_("", 8, [("", s, 0)])  # id 3: anon member -> id 2
+    _btf_case(b, want="type 2")
+
+
+def test_btf_array_of_itself():
+    b = BtfBuilder()
+    b.int_()
+    a = b.array(2, 4)  # id 2: element type is itself
+    b.struct_("holder", 16, [("x", a, 0)])
+    _btf_case(b, want="type 2")
+
+
+def test_btf_function_pointer_parameters_pointing_back():
+    b = BtfBuilder()
+    b.int_()
+    # id 2: proto(int)(p3, p3); id 3: pointer to id 2: a cycle through parameters
+    b.proto(1, [3, 3])
+    b.ptr(2)
+    b.struct_("ops", 8, [("x", 3, 0)])
+    _btf_case(b)
+
+
+def test_btf_exponential_dags_stay_linear():
+    b = BtfBuilder()
+    b.int_()
+    depth = 48
+    # protos: each has two parameters pointing to the next one (2**48 paths)
+    first = len(b.types) + 1
+    for k in range(depth):
+        b.proto(1, [first + 2 * k + 1, first + 2 * k + 1])  # id first+2k
+        b.ptr(first + 2 * k + 2 if k + 1 < depth else 1)  # id first+2k+1
+    # structs: each has two anonymous members of the next one
+    top = len(b.types) + 1
+    for k in range(depth):
+        nxt = top + k + 1
+        if k + 1 < depth:
+            b.struct_("", 8, [("", nxt, 0), ("", nxt, 0)])
+        else:
+            b.struct_("", 8, [("leaf", 1, 0)])
+    b.struct_("top", 8, [("", top, 0), ("fp", first + 1, 0)])
+    _btf_case(b)

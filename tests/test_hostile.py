@@ -280,3 +280,25 @@ def test_btf_exponential_dags_stay_linear():
             b.struct_("", 8, [("leaf", 1, 0)])
     b.struct_("top", 8, [("", top, 0), ("fp", first + 1, 0)])
     _btf_case(b)
+
+
+# -- /dev/kvm permission advice follows the device's actual mode ------------------------
+def test_kvm_permission_advice_for_root_only_device():
+    from vmm.kvm.kvm import permission_advice
+
+    text = permission_advice("/dev/kvm", mode=0o020600, uid=0, gid=0, group_name="root",
+                             my_groups=[1000], my_uid=1000)
+    assert "0600" in text and "root:root" in text
+    assert "usermod" not in text  # there is no group to join
+    assert "MODE=\"0660\"" in text or "chmod" in text
+
+
+def test_kvm_permission_advice_for_group_device():
+    from vmm.kvm.kvm import permission_advice
+
+    text = permission_advice("/dev/kvm", mode=0o020660, uid=0, gid=108, group_name="kvm",
+                             my_groups=[1000], my_uid=1000)
+    assert "usermod -aG kvm" in text
+    text = permission_advice("/dev/kvm", mode=0o020660, uid=0, gid=108, group_name="kvm",
+                             my_groups=[1000, 108], my_uid=1000)
+    assert "usermod" not in text and ("ACL" in text or "security" in text)

@@ -23,6 +23,53 @@ MSR_GS_BASE = 0xC0000101
 MSR_KERNEL_GS_BASE = 0xC0000102
 
 
+def permission_advice(path: str, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, group_name: str | None = None,
+                      my_groups=None, my_uid: int | None = None) -> str:
+    """What would let this user open `path`, from the device's actual owner and mode
+    (arguments default to os.stat and the current process; tests pass them)."""
+    import grp
+    import pwd
+    import stat as stat_
+
+    if mode is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "Run as root, or ask the host's administrator for access to it."
+        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+    if group_name is None:
+        try:
+            group_name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group_name = str(gid)
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = str(uid)
+    my_groups = set(os.getgroups() if my_groups is None else my_groups)
+    my_uid = os.getuid() if my_uid is None else my_uid
+    perms = stat_.S_IMODE(mode)
+    where = f"{path} is mode {perms:04o}, owned by {owner}:{group_name}"
+    rw = 0o6
+    if (perms >> 3) & rw == rw and gid != 0:
+        if gid in my_groups:
+            return (f"{where}; you are in group {group_name} already, so the mode allows it: "
+                    "an ACL, a security module (SELinux/AppArmor) or a container's device "
+                    "cgroup refuses it. Ask the host's administrator, or run as root")
+        return (f"{where}: join that group (sudo usermod -aG {group_name} $USER, then log "
+                "in again; `newgrp " + group_name + "` for this shell only) or run as root")
+    if perms & rw == rw or (uid == my_uid and (perms >> 6) & rw == rw):
+        return (f"{where}, which allows it: an ACL, a security module (SELinux/AppArmor) or "
+                "a container's device cgroup refuses it. Ask the host's administrator, or "
+                "run as root")
+    return (f"{where}: no group grants access, so joining one does not help. Run as root, "
+            "or give the device to a group: a udev rule such as "
+            '`KERNEL=="kvm", GROUP="kvm", MODE="0660"` in /etc/udev/rules.d/65-kvm.rules '
+            f"(then sudo udevadm trigger), or `sudo chgrp kvm {path} && sudo chmod 0660 "
+            f"{path}` until the next boot, then join that group")
+
+
 class Kvm:
     """An open /dev/kvm (system fd)."""
 
@@ -37,10 +84,8 @@ class Kvm:
                 "or run on a host/VM with nested virtualization"
             ) from None
         except PermissionError:
-            raise KvmPermissionError(
-                f"cannot open {path}: permission denied. Add your user to the group owning "
-                f"it (usually `kvm`: sudo usermod -aG kvm $USER, then log in again) or run as root"
-            ) from None
+            raise KvmPermissionError(f"cannot open {path}: permission denied. "
+                                     + permission_advice(path)) from None
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror} (errno {e.errno})") from None
         try:

@@ -22,7 +22,7 @@ ROUNDS = int(os.environ.get("VMM_TEARDOWN_ROUNDS", "4"))
 PRELUDE = textwrap.dedent(f"""
     import sys, threading, time
     sys.path.insert(0, {str(REPO)!r})
-    from vmm.machine import Machine
+    from vmm import Machine, KernelTarget as T, KernelValue as V
     from vmm.errors import VmmError
     GUEST = {str(GUEST)!r}
     def machine(cpus=1):
@@ -85,6 +85,9 @@ def test_stop_racing_hot_memory_access():
                             m.memory.read(0x100000, 1 << 20)
                         elif kind == "write":
                             m.memory.write(0x100000, bytes(1 << 20))
+                        elif kind == "session":
+                            m.write(T.gpa(0x200100), V.u32(1))
+                            m.write(T.symbol("jiffies"), V.u64(5))
                         else:
                             m.memory.write_u64(0x200000, 1)
                             m.memory.read_u32(0x200000)
@@ -93,7 +96,7 @@ def test_stop_racing_hot_memory_access():
                 except Exception as e:
                     errors.append(repr(e))
             threads = [threading.Thread(target=hammer, args=(k,))
-                       for k in ("read", "write", "scalar")]
+                       for k in ("read", "write", "scalar", "session")]
             for t in threads:
                 t.start()
             go.wait()
@@ -141,6 +144,42 @@ def test_stop_racing_freeze_thaw_and_console():
             for t in threads[:2]:
                 t.join(30)
                 assert not t.is_alive()
+        assert not errors, errors
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("cmdline", ["mode=outloop n=100000000 port=0x600 ring=0",
+                                     "mode=outloop n=100000000 port=0x3f8 ring=0",
+                                     "mode=outloop n=100000000 port=0x80 ring=0"])
+def test_stop_racing_vcpu_exits(cmdline):
+    """vCPUs in a storm of exits (to Python: report port, COM1 slow path; in C: an
+    unclaimed port) while another thread freezes, reads and drains the console."""
+    out = run_script(f"""
+        errors = []
+        for r in range({ROUNDS}):
+            m = Machine(GUEST, cmdline={cmdline!r}, memory="64M", console=None, timeout=60)
+            m.start()
+            stop = threading.Event()
+            def poke():
+                try:
+                    while not stop.is_set():
+                        with m.freeze(timeout=10):
+                            m.memory.read(0x1000000, 4096)
+                        m.console_text()
+                        len(m.reports)
+                except VmmError:
+                    return
+                except Exception as e:
+                    errors.append(repr(e))
+            t = threading.Thread(target=poke)
+            t.start()
+            time.sleep(0.01 * (r % 5))
+            m.stop()
+            stop.set()
+            t.join(30)
+            assert not t.is_alive()
         assert not errors, errors
         print("ok")
     """)

@@ -11,7 +11,7 @@ import os
 import threading
 
 from vmm.errors import (CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable,
-                        VmClosed)
+                        InvalidValue, VmClosed)
 from vmm.kvm.native import check, ioctl, ioctl_int, native
 
 KVM_API_VERSION = 12
@@ -326,13 +326,15 @@ class Vcpu:
         """The 4 KiB XSAVE area (KVM_GET_XSAVE); its legacy FXSAVE region holds MXCSR,
         which KVM_GET_FPU/KVM_SET_FPU ignore."""
         ffi, _ = native()
-        return bytearray(ffi.buffer(self._get("struct kvm_xsave *", "KVM_GET_XSAVE").region))
+        xsave = self._get("struct kvm_xsave *", "KVM_GET_XSAVE")  # owns the memory: keep it
+        return bytearray(ffi.buffer(xsave.region))  # while .region (a view into it) is copied
 
     def set_xsave(self, data: bytes) -> None:
         ffi, _ = native()
         xsave = ffi.new("struct kvm_xsave *")
         if len(data) != ffi.sizeof(xsave.region):
-            raise ValueError(f"XSAVE area is {ffi.sizeof(xsave.region)} bytes, not {len(data)}")
+            raise InvalidValue(f"set_xsave: the XSAVE area is {ffi.sizeof(xsave.region)} bytes, "
+                               f"not {len(data)}")
         ffi.memmove(xsave.region, bytes(data), len(data))
         self._set("KVM_SET_XSAVE", xsave)
 

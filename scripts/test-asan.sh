@@ -17,11 +17,22 @@ export VMM_NATIVE="$so"
 export LD_PRELOAD="$libasan"
 # Python itself leaks by design and is not instrumented: leak checking off; every other
 # report is fatal. UBSan reports are fatal too (-fno-sanitize-recover at build time).
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:halt_on_error=1:allow_user_segv_handler=1}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# Reports go to build/asan/report.* (pytest captures stderr, and an aborting process
+# would take the report with it) and are printed at the end.
+reports="$PWD/build/asan/report"
+rm -f "$reports".*
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:halt_on_error=1:allow_user_segv_handler=1:log_path=$reports}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$reports}
 export VMM_TEARDOWN_ROUNDS=${VMM_TEARDOWN_ROUNDS:-25}
 echo "C core under ASan+UBSan: $so"
 if [ $# -eq 0 ]; then
     set -- tests/
 fi
-exec "$PY" -m pytest -q -m "not slow" -p no:cacheprovider "$@"
+rc=0
+"$PY" -m pytest -q -rf -m "not slow" -p no:cacheprovider "$@" || rc=$?
+if compgen -G "$reports.*" > /dev/null; then
+    echo "=== sanitizer reports ==="
+    cat "$reports".*
+    rc=${rc/#0/1}
+fi
+exit "$rc"

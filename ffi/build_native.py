@@ -220,6 +220,7 @@ struct vmm_vm *vmm_vm_new(int vm_fd);
 void vmm_vm_free(struct vmm_vm *vm);
 struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_size, int *err);
 void vmm_vcpu_free(struct vmm_vcpu *v);
+void vmm_vcpu_release_run(struct vmm_vcpu *v);
 void vmm_vcpu_thread_enter(struct vmm_vcpu *v);
 void vmm_vcpu_thread_exit(struct vmm_vcpu *v);
 int vmm_vcpu_run(struct vmm_vcpu *v);

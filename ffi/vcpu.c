@@ -122,6 +122,19 @@ struct vmm_vm *vmm_vm_new(int vm_fd)
     return vm;
 }
 
+/* Unmaps the vCPU's kvm_run page once its thread has ended: the mapping holds a
+ * reference on the VM in the kernel, which otherwise outlives close() (with its
+ * kvm-nx-lpage-recovery thread) until the control block is freed. */
+void vmm_vcpu_release_run(struct vmm_vcpu *v)
+{
+    spin_lock(&v->kick_lock); /* against interrupt_all() in another thread */
+    struct kvm_run *run = v->run;
+    v->run = NULL;
+    spin_unlock(&v->kick_lock);
+    if (run)
+        munmap(run, v->run_size);
+}
+
 /* Frees the control block and every vCPU block still in it (their kvm_run mappings
  * too). Python attaches this to the block with ffi.gc, so it runs only when the last
  * object that can reach the block (Vm, Vcpu, VcpuThread, FreezeCoordinator,
@@ -134,7 +147,7 @@ void vmm_vm_free(struct vmm_vm *vm)
         struct vmm_vcpu *v = vm->vcpus[i];
         if (v) {
             vm->vcpus[i] = NULL;
-            munmap(v->run, v->run_size);
+            vmm_vcpu_release_run(v);
             free(v);
         }
     }
@@ -183,7 +196,7 @@ void vmm_vcpu_free(struct vmm_vcpu *v)
     for (int i = 0; i < vm->nvcpus; i++)
         if (vm->vcpus[i] == v)
             vm->vcpus[i] = NULL; /* slot stays, coordinator skips NULL */
-    munmap(v->run, v->run_size);
+    vmm_vcpu_release_run(v);
     free(v);
 }
 
@@ -417,9 +430,15 @@ static int handle_freeze(struct vmm_vcpu *v, uint32_t gen)
 static void interrupt_all(struct vmm_vm *vm)
 {
     int n = LOAD(&vm->nvcpus);
-    for (int i = 0; i < n; i++)
-        if (vm->vcpus[i])
-            vm->vcpus[i]->run->immediate_exit = 1;
+    for (int i = 0; i < n; i++) {
+        struct vmm_vcpu *v = vm->vcpus[i];
+        if (!v)
+            continue;
+        spin_lock(&v->kick_lock); /* vmm_vcpu_release_run may unmap run concurrently */
+        if (v->run)
+            v->run->immediate_exit = 1;
+        spin_unlock(&v->kick_lock);
+    }
     FENCE();
     for (int i = 0; i < n; i++)
         if (vm->vcpus[i])

@@ -391,9 +391,12 @@ class Vcpu:
         return True
 
     def close(self, keep_fd: bool = False) -> None:
-        """Closes the vCPU fd (unless its thread still runs: keep_fd). The native block
-        and its kvm_run page are freed with the VM's block (Vm.__init__)."""
+        """Closes the vCPU fd and unmaps its kvm_run page (unless its thread still runs:
+        keep_fd). The native block is freed with the VM's block (Vm.__init__)."""
         if self.fd < 0 or keep_fd:
             return
+        # The kvm_run mapping pins the VM in the kernel: drop it now, the block stays.
+        native()[1].vmm_vcpu_release_run(self.native)
+        self.run = None
         os.close(self.fd)
         self.fd = -1

@@ -30,9 +30,11 @@ if [ $# -eq 0 ]; then
 fi
 rc=0
 "$PY" -m pytest -q -rf -m "not slow" -p no:cacheprovider "$@" || rc=$?
-if compgen -G "$reports.*" > /dev/null; then
+# Only errors fail the job; ASan's warnings (a subprocess using makecontext) do not.
+errors=$(grep -l -E "ERROR: |runtime error:" "$reports".* 2>/dev/null || true)
+if [ -n "$errors" ]; then
     echo "=== sanitizer reports ==="
-    cat "$reports".*
-    rc=${rc/#0/1}
+    cat $errors
+    [ "$rc" -ne 0 ] || rc=1
 fi
 exit "$rc"

@@ -108,6 +108,7 @@ void vmm_copy_from(void *dst, uintptr_t src, size_t n);
 void vmm_release_fence(void);
 uintptr_t vmm_map_guest_ram(size_t size, int *err);
 int vmm_unmap(uintptr_t addr, size_t size);
+int vmm_discard_guest_ram(uintptr_t addr, size_t size);
 uint64_t vmm_now_ns(void);
 
 /* vcpu.c */

@@ -184,3 +184,24 @@ def test_stop_racing_vcpu_exits(cmdline):
         print("ok")
     """)
     assert out.strip().endswith("ok")
+
+
+def test_closed_memory_releases_ram_and_refuses():
+    """close() gives the RAM back at once (zero pages over it), keeps the addresses until
+    the object is gone, and every later access is a GuestMemoryClosed."""
+    from vmm.errors import GuestMemoryClosed
+    from vmm.kvm.memory import GuestMemory
+
+    def rss_mib():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 >> 20
+
+    m = GuestMemory(128 << 20)
+    for off in range(0, 128 << 20, 1 << 20):
+        m.write(off, b"x" * (1 << 20))
+    touched = rss_mib()
+    m.close()
+    assert rss_mib() < touched - 100
+    for call in (lambda: m.read(0, 8), lambda: m.write_u32(0, 1), lambda: m.read_u64(8),
+                 lambda: m.fetch_or_u32(0, 1), lambda: m.host_address(0)):
+        with pytest.raises(GuestMemoryClosed):
+            call()

@@ -4,15 +4,15 @@ Every access is bounds-checked against the RAM ranges before any byte moves, and
 through the C primitives so that an aligned u8/u16/u32/u64 access is exactly one
 load/store instruction (the guest may be reading it concurrently).
 
-Lifetime: each access registers itself (`_users`) before it computes a host address and
-leaves after the last byte moved; close() first makes new accesses refuse
-(GuestMemoryClosed), then waits for the ones in flight, then unmaps. So stop() racing a
-hot read/write in another thread ends that thread's loop with an error, never a fault.
+Lifetime: close() makes new accesses refuse (GuestMemoryClosed) and releases the RAM by
+mapping fresh zero pages over it (vmm_discard_guest_ram), keeping the addresses; they are
+unmapped when the GuestMemory object itself is gone, and every access runs inside one of
+its methods, holding it. So stop() racing a hot read/write in another thread ends that
+thread's loop with an error (or lets one in-flight copy land in the zero pages), never a
+fault, at no cost per access.
 """
 
 from __future__ import annotations
-
-import threading
 
 from vmm.errors import GuestMemoryClosed, GuestMemoryError, GuestOutOfMemory
 from vmm.kvm.native import native
@@ -47,9 +47,7 @@ class GuestMemory:
             )
         self.size = size
         self._base = base
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._users = 0
+        self._reserved = 0  # base of the discarded range still mapped (see close)
         if size <= MMIO_GAP_START:
             self.regions = [(0, size, base)]
         else:
@@ -63,33 +61,28 @@ class GuestMemory:
             vm.set_user_memory_region(slot, gpa, size, host)
 
     def close(self) -> None:
-        """Unmaps the RAM once no access is in flight; later accesses raise
-        GuestMemoryClosed. The vCPUs must have stopped (KVM still maps it otherwise)."""
-        with self._lock:
-            if not self._base:
-                return
-            base, self._base = self._base, 0
-            self.regions = []  # new accesses refuse from here on
-            while self._users:
-                self._idle.wait()
-        native()[1].vmm_unmap(base, self.size)
+        """Releases the RAM; later accesses raise GuestMemoryClosed. An access in flight
+        in another thread finishes in zero pages; the addresses are unmapped when this
+        object is gone (__del__). The vCPUs must have stopped (KVM maps it otherwise)."""
+        if not self._base:
+            return
+        base, self._base = self._base, 0
+        self.regions = []  # new accesses refuse from here on
+        if native()[1].vmm_discard_guest_ram(base, self.size) == 0:
+            self._reserved = base
+        # else: the RAM stays mapped (and leaks) rather than risk a fault
+
+    def __del__(self):
+        if getattr(self, "_reserved", 0):
+            try:
+                native()[1].vmm_unmap(self._reserved, self.size)
+            except Exception:  # interpreter shutdown
+                pass
+            self._reserved = 0
 
     @property
     def closed(self) -> bool:
         return not self._base
-
-    def _enter(self) -> None:
-        with self._lock:
-            if not self._base:
-                raise GuestMemoryClosed("guest memory is closed (released when the machine "
-                                        "stopped): nothing was read or written")
-            self._users += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if not self._users and not self._base:
-                self._idle.notify_all()
 
     def __enter__(self):
         return self
@@ -129,84 +122,61 @@ class GuestMemory:
     # -- bytes ------------------------------------------------------------------
     def read(self, gpa: int, n: int) -> bytes:
         ffi, lib = native()
-        self._enter()
-        try:
-            addr = self.host_address(gpa, n)
-            if n == 0:
-                return b""
-            buf = ffi.new("uint8_t[]", n)
-            lib.vmm_copy_from(buf, addr, n)
-        finally:
-            self._leave()
+        addr = self.host_address(gpa, n)
+        if n == 0:
+            return b""
+        buf = ffi.new("uint8_t[]", n)
+        lib.vmm_copy_from(buf, addr, n)
         return bytes(ffi.buffer(buf, n))
 
     def write(self, gpa: int, data) -> None:
         ffi, lib = native()
         data = bytes(data)
-        self._enter()
-        try:
-            addr = self.host_address(gpa, len(data))
-            if data:
-                lib.vmm_copy_to(addr, ffi.from_buffer(data), len(data))
-        finally:
-            self._leave()
+        addr = self.host_address(gpa, len(data))
+        if data:
+            lib.vmm_copy_to(addr, ffi.from_buffer(data), len(data))
 
     # -- width-exact scalars ----------------------------------------------------
     def _check_value(self, value: int, width: int) -> None:
         if not isinstance(value, int) or not 0 <= value <= _WIDTH_MAX[width]:
             raise GuestMemoryError(f"value {value!r} does not fit in u{8 * width}")
 
-    def _load(self, fn, gpa: int, width: int) -> int:
-        self._enter()
-        try:
-            return fn(self.host_address(gpa, width))
-        finally:
-            self._leave()
-
-    def _store(self, fn, gpa: int, width: int, value: int) -> None:
-        self._check_value(value, width)
-        self._enter()
-        try:
-            fn(self.host_address(gpa, width), value)
-        finally:
-            self._leave()
-
     def read_u8(self, gpa: int) -> int:
-        return self._load(native()[1].vmm_load_u8, gpa, 1)
+        return native()[1].vmm_load_u8(self.host_address(gpa, 1))
 
     def read_u16(self, gpa: int) -> int:
-        return self._load(native()[1].vmm_load_u16, gpa, 2)
+        return native()[1].vmm_load_u16(self.host_address(gpa, 2))
 
     def read_u32(self, gpa: int) -> int:
-        return self._load(native()[1].vmm_load_u32, gpa, 4)
+        return native()[1].vmm_load_u32(self.host_address(gpa, 4))
 
     def read_u64(self, gpa: int) -> int:
-        return self._load(native()[1].vmm_load_u64, gpa, 8)
+        return native()[1].vmm_load_u64(self.host_address(gpa, 8))
 
     def write_u8(self, gpa: int, value: int) -> None:
-        self._store(native()[1].vmm_store_u8, gpa, 1, value)
+        self._check_value(value, 1)
+        native()[1].vmm_store_u8(self.host_address(gpa, 1), value)
 
     def write_u16(self, gpa: int, value: int) -> None:
-        self._store(native()[1].vmm_store_u16, gpa, 2, value)
+        self._check_value(value, 2)
+        native()[1].vmm_store_u16(self.host_address(gpa, 2), value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        self._store(native()[1].vmm_store_u32, gpa, 4, value)
+        self._check_value(value, 4)
+        native()[1].vmm_store_u32(self.host_address(gpa, 4), value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        self._store(native()[1].vmm_store_u64, gpa, 8, value)
+        self._check_value(value, 8)
+        native()[1].vmm_store_u64(self.host_address(gpa, 8), value)
 
     def fetch_or_u32(self, gpa: int, mask: int) -> int:
         """Atomic OR (lock or); returns the old value. Needs 4-byte alignment: a
         misaligned OR cannot be made atomic against a running guest."""
         self._check_value(mask, 4)
-        self._enter()
-        try:
-            addr = self.host_address(gpa, 4)
-            if gpa % 4 or addr % 4:
-                raise GuestMemoryError(f"atomic fetch_or_u32 at {gpa:#x} needs 4-byte alignment")
-            return native()[1].vmm_fetch_or_u32(addr, mask)
-        finally:
-            self._leave()
+        addr = self.host_address(gpa, 4)
+        if gpa % 4 or addr % 4:
+            raise GuestMemoryError(f"atomic fetch_or_u32 at {gpa:#x} needs 4-byte alignment")
+        return native()[1].vmm_fetch_or_u32(addr, mask)
 
     def release_fence(self) -> None:
         native()[1].vmm_release_fence()

@@ -9,7 +9,7 @@ KERNEL ?= build:7.3
 CPUS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: deps native guests demo test test-slow bench kernel-debian kernel-build clean check-wheel
+.PHONY: deps native guests demo test test-slow bench kernel-debian kernel-build clean check-wheel fuzz test-asan
 
 deps:
 	./scripts/install-deps.sh
@@ -28,6 +28,18 @@ test: deps guests
 
 test-slow: deps guests
 	$(PYTHON) -m pytest -q -m slow -p no:cacheprovider $(PYTEST_ARGS) || [ $$? = 5 ]
+
+# Every parser of untrusted input, coverage-guided with atheris (fuzz/run.py), for a
+# bounded time; findings land in fuzz/findings/<target>/ and fail the run.
+FUZZ_SECONDS ?= 60
+fuzz:
+	$(PYTHON) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
+# The C core built with AddressSanitizer + UndefinedBehaviorSanitizer into build/asan
+# (the normal vmm/_native is untouched), then the default suite's KVM/runtime/memory
+# files and the stop/race stress test under it (see scripts/test-asan.sh).
+test-asan: guests
+	./scripts/test-asan.sh $(PYTEST_ARGS)
 
 bench: deps guests
 	$(PYTHON) benchmarks/run_all.py

@@ -110,6 +110,17 @@ int vmm_unmap(uintptr_t addr, size_t size)
     return munmap((void *)addr, size) ? -errno : 0;
 }
 
+/* Releases guest RAM without giving up its addresses: fresh zero pages replace it in
+ * one mmap(MAP_FIXED), so a copy still in flight in another thread lands in harmless
+ * memory instead of faulting. The range is unmapped for good (vmm_unmap) when the
+ * last Python reference to the GuestMemory is gone. */
+int vmm_discard_guest_ram(uintptr_t addr, size_t size)
+{
+    void *p = mmap((void *)addr, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    return p == MAP_FAILED ? -errno : 0;
+}
+
 uint64_t vmm_now_ns(void)
 {
     struct timespec ts;

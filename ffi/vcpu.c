@@ -122,7 +122,37 @@ struct vmm_vm *vmm_vm_new(int vm_fd)
     return vm;
 }
 
-void vmm_vm_free(struct vmm_vm *vm) { free(vm); }
+/* Unmaps the vCPU's kvm_run page once its thread has ended: the mapping holds a
+ * reference on the VM in the kernel, which otherwise outlives close() (with its
+ * kvm-nx-lpage-recovery thread) until the control block is freed. */
+void vmm_vcpu_release_run(struct vmm_vcpu *v)
+{
+    spin_lock(&v->kick_lock); /* against interrupt_all() in another thread */
+    struct kvm_run *run = v->run;
+    v->run = NULL;
+    spin_unlock(&v->kick_lock);
+    if (run)
+        munmap(run, v->run_size);
+}
+
+/* Frees the control block and every vCPU block still in it (their kvm_run mappings
+ * too). Python attaches this to the block with ffi.gc, so it runs only when the last
+ * object that can reach the block (Vm, Vcpu, VcpuThread, FreezeCoordinator,
+ * ConsolePump) is gone: nothing can use a freed block. */
+void vmm_vm_free(struct vmm_vm *vm)
+{
+    if (!vm)
+        return;
+    for (int i = 0; i < vm->nvcpus; i++) {
+        struct vmm_vcpu *v = vm->vcpus[i];
+        if (v) {
+            vm->vcpus[i] = NULL;
+            vmm_vcpu_release_run(v);
+            free(v);
+        }
+    }
+    free(vm);
+}
 
 /* Maps the vCPU's kvm_run page. NULL + *err (errno) on failure. */
 struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_size, int *err)
@@ -158,14 +188,15 @@ struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_s
     return v;
 }
 
-/* Only once its thread has ended (VcpuThread guarantees it). */
+/* Only once its thread has ended and nothing refers to it any more; the project
+ * lets vmm_vm_free do it instead. */
 void vmm_vcpu_free(struct vmm_vcpu *v)
 {
     struct vmm_vm *vm = v->vm;
     for (int i = 0; i < vm->nvcpus; i++)
         if (vm->vcpus[i] == v)
             vm->vcpus[i] = NULL; /* slot stays, coordinator skips NULL */
-    munmap(v->run, v->run_size);
+    vmm_vcpu_release_run(v);
     free(v);
 }
 
@@ -399,9 +430,15 @@ static int handle_freeze(struct vmm_vcpu *v, uint32_t gen)
 static void interrupt_all(struct vmm_vm *vm)
 {
     int n = LOAD(&vm->nvcpus);
-    for (int i = 0; i < n; i++)
-        if (vm->vcpus[i])
-            vm->vcpus[i]->run->immediate_exit = 1;
+    for (int i = 0; i < n; i++) {
+        struct vmm_vcpu *v = vm->vcpus[i];
+        if (!v)
+            continue;
+        spin_lock(&v->kick_lock); /* vmm_vcpu_release_run may unmap run concurrently */
+        if (v->run)
+            v->run->immediate_exit = 1;
+        spin_unlock(&v->kick_lock);
+    }
     FENCE();
     for (int i = 0; i < n; i++)
         if (vm->vcpus[i])

@@ -108,6 +108,7 @@ void vmm_copy_from(void *dst, uintptr_t src, size_t n);
 void vmm_release_fence(void);
 uintptr_t vmm_map_guest_ram(size_t size, int *err);
 int vmm_unmap(uintptr_t addr, size_t size);
+int vmm_discard_guest_ram(uintptr_t addr, size_t size);
 uint64_t vmm_now_ns(void);
 
 /* vcpu.c */
@@ -122,6 +123,7 @@ size_t vmm_port_misses_all(struct vmm_vm *vm, uint32_t *ports, uint32_t *counts,
 void vmm_vm_free(struct vmm_vm *vm);
 struct vmm_vcpu *vmm_vcpu_new(struct vmm_vm *vm, int fd, int index, size_t run_size, int *err);
 void vmm_vcpu_free(struct vmm_vcpu *v);
+void vmm_vcpu_release_run(struct vmm_vcpu *v);
 void vmm_vcpu_thread_enter(struct vmm_vcpu *v);
 void vmm_vcpu_thread_exit(struct vmm_vcpu *v);
 int vmm_vcpu_run(struct vmm_vcpu *v);

@@ -200,6 +200,11 @@ def freeze_thaw_cycles(cpus: int, cycles: int) -> None:
     latencies.sort()
     print(f"{cpus} vCPUs, {cycles} cycles: freeze p50 {latencies[len(latencies) // 2] / 1e3:.0f} us, "
           f"p99 {latencies[int(len(latencies) * 0.99)] / 1e3:.0f} us")
+    # An ended thread (or KVM's per-VM kernel thread) may take a moment to leave
+    # /proc/self/task after join() returned, longer under the sanitizers: poll briefly.
+    deadline = time.monotonic() + 5
+    while _threads_and_fds() != base and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _threads_and_fds() == base, "threads or fds leaked"
 
 

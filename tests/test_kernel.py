@@ -58,10 +58,10 @@ def test_load_needs_something():
 
 
 def symtab_entry(k):
-    return cache.entry_path(f"elf-{k.build_id}-symtab-{k.elf.section('.symtab').size}")
+    return cache.entry_path(cache.symtab_key(k.elf))
 
 
-def test_cache_written_keyed_by_build_id_and_reused():
+def test_cache_written_keyed_by_content_and_reused():
     elf = kfixture.linked()
     k = Kernel.load(vmlinux=elf)
     entry = symtab_entry(k)

@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
-from vmm._native import ffi, lib
+from vmm.kvm.native import native
+
+ffi, lib = native()
 
 WIDTHS = {
     2: (lib.vmm_load_u16, lib.vmm_store_u16),

@@ -17,6 +17,10 @@ class KvmPermissionError(VmmError):
     """/dev/kvm exists but this user may not open it."""
 
 
+class VmClosed(VmmError):
+    """The VM was stopped and its resources freed; nothing can run, freeze or thaw it."""
+
+
 class CapabilityMissing(VmmError):
     """The host KVM lacks a capability the VMM needs."""
 
@@ -38,6 +42,10 @@ class KvmIoctlError(VmmError):
 # --- guest memory -----------------------------------------------------------
 class GuestMemoryError(VmmError):
     """An access outside the guest's RAM (nothing was read or written)."""
+
+
+class GuestMemoryClosed(GuestMemoryError):
+    """Guest RAM was released (the machine was stopped); nothing was read or written."""
 
 
 class GuestOutOfMemory(VmmError):
@@ -80,6 +88,15 @@ class FreezeTimeout(VmmError):
 
 class TargetError(VmmError):
     """A KernelTarget could not be resolved or validated."""
+
+
+class InvalidValue(VmmError, ValueError):
+    """A value, address or size is out of range (names it and the range); also a
+    ValueError, so `except ValueError` keeps working."""
+
+
+class InvalidValueType(VmmError, TypeError):
+    """A value has the wrong Python type (names it); also a TypeError."""
 
 
 class BatchError(VmmError):

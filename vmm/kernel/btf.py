@@ -42,6 +42,20 @@ _ITEM_SIZE = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64
 INT_SIGNED, INT_CHAR, INT_BOOL = 1, 2, 4
 POINTER_SIZE = 8  # x86-64 only
 MAX_CHAIN = 64  # modifier/array nesting deeper than this is a cycle in corrupt BTF
+NAME_BUDGET = 512  # types one type_name() may visit before it abbreviates with "..."
+
+
+def _enter(stack: list[int], t, doing: str) -> None:
+    """Pushes t.id on a walk's stack; ImageError naming it when it is already there (the
+    type refers back to itself) or the walk is deeper than MAX_CHAIN."""
+    if t.id in stack:
+        path = " -> ".join(str(i) for i in stack[stack.index(t.id):] + [t.id])
+        raise ImageError(f"BTF type {t.id} ({t.kind_name} {t.name or '(anonymous)'}) refers "
+                         f"back to itself while {doing} (types {path}): a cycle, corrupt BTF")
+    if len(stack) >= MAX_CHAIN:
+        raise ImageError(f"BTF type {t.id}: nested more than {MAX_CHAIN} deep while {doing} "
+                         "(corrupt BTF?)")
+    stack.append(t.id)
 
 
 class Member(NamedTuple):
@@ -417,8 +431,11 @@ class Btf:
     def sizeof(self, t: Type | int | str, _depth: int = 0) -> int:
         if isinstance(t, str):
             t = self.type(t)
+        if isinstance(t, int):
+            t = self.get(t)
         if _depth > MAX_CHAIN:
-            raise ImageError("BTF type nesting is a cycle or too deep")
+            raise ImageError(f"BTF type {t.id} ({t.kind_name}): its size depends on itself "
+                             f"or on more than {MAX_CHAIN} nested types (a cycle: corrupt BTF)")
         t = self.resolve(t)
         if t.kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT, DATASEC):
             return t.size
@@ -490,11 +507,16 @@ class Btf:
 
     # ---------------------------------------------------------------- names
     def type_name(self, t: Type | int, _depth: int = 0) -> str:
-        """C-like spelling: 'struct rq', 'u64', 'struct task_struct *', 'int[4]'."""
+        """C-like spelling: 'struct rq', 'u64', 'struct task_struct *', 'int[4]'.
+
+        Cycle-safe and bounded: a type that refers back to itself (only corrupt BTF can)
+        is an ImageError naming it; a spelling that would visit more than NAME_BUDGET
+        types (a hostile graph of function pointers) is cut short with '...'."""
+        return self._type_name(t, [], [NAME_BUDGET])
+
+    def _type_name(self, t: Type | int, stack: list[int], budget: list[int]) -> str:
         if isinstance(t, int):
             t = self.get(t)
-        if _depth > MAX_CHAIN:
-            return "..."
         k = t.kind
         if k == 0:
             return "void"
@@ -504,62 +526,96 @@ class Btf:
             return f"enum {t.name}" if t.name else "enum {...}"
         if k == FWD:
             return f"{'union' if t.kind_flag else 'struct'} {t.name}"
-        if k == PTR:
-            target = self.get(t.ref)
-            if self.resolve(target).kind == FUNC_PROTO:
-                return self._proto_name(self.resolve(target), "(*)", _depth)
-            return self.type_name(target, _depth + 1) + " *"
-        if k in (CONST, VOLATILE, RESTRICT):
-            return f"{t.kind_name} {self.type_name(t.ref, _depth + 1)}"
-        if k == TYPE_TAG:
-            return self.type_name(t.ref, _depth + 1)
-        if k == ARRAY:
-            return f"{self.type_name(t.elem_type, _depth + 1)}[{t.nelems}]"
+        if k not in (PTR, CONST, VOLATILE, RESTRICT, TYPE_TAG, ARRAY, FUNC_PROTO):
+            return t.name or t.kind_name
+        budget[0] -= 1
+        if budget[0] < 0:
+            return "..."
         if k == FUNC_PROTO:
-            return self._proto_name(t, "", _depth)
-        return t.name or t.kind_name
+            return self._proto_name(t, "", 0, stack, budget)
+        _enter(stack, t, "naming it")
+        try:
+            if k == PTR:
+                target = self.get(t.ref)
+                if self.resolve(target).kind == FUNC_PROTO:
+                    return self._proto_name(self.resolve(target), "(*)", 0, stack, budget)
+                return self._type_name(target, stack, budget) + " *"
+            if k in (CONST, VOLATILE, RESTRICT):
+                return f"{t.kind_name} {self._type_name(t.ref, stack, budget)}"
+            if k == TYPE_TAG:
+                return self._type_name(t.ref, stack, budget)
+            return f"{self._type_name(t.elem_type, stack, budget)}[{t.nelems}]"  # ARRAY
+        finally:
+            stack.pop()
 
-    def _proto_name(self, t: Type, inner: str, depth: int) -> str:
-        args = ", ".join(self.type_name(p.type_id, depth + 1) if p.type_id else "..."
-                         for p in t.params) or "void"
-        return f"{self.type_name(t.ref, depth + 1)} {inner}({args})"
+    def _proto_name(self, t: Type, inner: str, depth: int = 0, stack: list[int] | None = None,
+                    budget: list[int] | None = None) -> str:
+        stack = [] if stack is None else stack
+        budget = [NAME_BUDGET] if budget is None else budget
+        _enter(stack, t, "naming it")
+        try:
+            args = ", ".join(self._type_name(p.type_id, stack, budget) if p.type_id else "..."
+                             for p in t.params) or "void"
+            return f"{self._type_name(t.ref, stack, budget)} {inner}({args})"
+        finally:
+            stack.pop()
 
     # ---------------------------------------------------------------- fields
     def find_member(self, t: Type, name: str) -> tuple[int, Member] | None:
         """Member `name` of struct/union t, looking inside anonymous members.
 
-        Returns (bit offset from the start of t, member) or None.
+        Returns (bit offset from the start of t, member) or None. Each anonymous type is
+        searched once per call (linear in the number of types); one that contains
+        itself is an ImageError naming it.
         """
-        return self._find_member(t, name, 0)
+        return self._find_member(t, name, [], set())
 
-    def _find_member(self, t: Type, name: str, depth: int) -> tuple[int, Member] | None:
-        if depth > MAX_CHAIN:
-            raise ImageError(f"BTF anonymous member nesting in type {t.id} is a cycle or too deep")
-        for m in t.members:
-            if m.name == name:
-                return m.bit_offset, m
-        for m in t.members:
-            if not m.name:
-                inner = self.resolve(m.type_id)
-                if inner.kind in (STRUCT, UNION):
-                    hit = self._find_member(inner, name, depth + 1)
-                    if hit is not None:
-                        return m.bit_offset + hit[0], hit[1]
-        return None
+    def _find_member(self, t: Type, name: str, stack: list[int],
+                     seen: set[int]) -> tuple[int, Member] | None:
+        _enter(stack, t, "looking for a member")
+        try:
+            for m in t.members:
+                if m.name == name:
+                    return m.bit_offset, m
+            for m in t.members:
+                if not m.name:
+                    inner = self.resolve(m.type_id)
+                    if inner.kind in (STRUCT, UNION):
+                        if inner.id in stack:
+                            _enter(stack, inner, "looking for a member")  # raises
+                        if inner.id in seen:
+                            continue
+                        seen.add(inner.id)
+                        hit = self._find_member(inner, name, stack, seen)
+                        if hit is not None:
+                            return m.bit_offset + hit[0], hit[1]
+            return None
+        finally:
+            stack.pop()
 
     def member_names(self, t: Type, _depth: int = 0) -> list[str]:
-        """Names reachable as one path component (anonymous members flattened)."""
+        """Names reachable as one path component (anonymous members flattened; each
+        anonymous type once; one that contains itself is an ImageError naming it)."""
         out: list[str] = []
-        if _depth > MAX_CHAIN:
-            return out
-        for m in t.members:
-            if m.name:
-                out.append(m.name)
-            else:
-                inner = self.resolve(m.type_id)
-                if inner.kind in (STRUCT, UNION):
-                    out.extend(self.member_names(inner, _depth + 1))
+        self._member_names(t, out, [], set())
         return out
+
+    def _member_names(self, t: Type, out: list[str], stack: list[int], seen: set[int]) -> None:
+        _enter(stack, t, "listing its members")
+        try:
+            for m in t.members:
+                if m.name:
+                    out.append(m.name)
+                else:
+                    inner = self.resolve(m.type_id)
+                    if inner.kind in (STRUCT, UNION):
+                        if inner.id in stack:
+                            _enter(stack, inner, "listing its members")  # raises
+                        if inner.id not in seen:
+                            seen.add(inner.id)
+                            self._member_names(inner, out, stack, seen)
+        finally:
+            stack.pop()
 
     def field(self, type_name: str | Type, path: str) -> Field:
         """Offset, size and bit position of `path` (e.g. 'scx.flags', 'cpus[3].x')."""

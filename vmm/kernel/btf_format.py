@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmm.kernel.btf import ARRAY, ENUM, ENUM64, FUNC_PROTO, PTR, STRUCT, UNION, Btf, Type
+from vmm.kernel.btf import ARRAY, ENUM, ENUM64, FUNC_PROTO, PTR, STRUCT, UNION, Btf, Type, _enter
 
 CACHELINE = 64
 
@@ -11,11 +11,13 @@ def _decl(btf: Btf, type_id: int, name: str) -> str:
     """C declaration of `name` with type `type_id` ('int a[4]', 'void (*fn)(int)')."""
     t = btf.get(type_id)
     dims = ""
+    seen: list[int] = []
     while t.kind == ARRAY:
+        _enter(seen, t, "printing an array")  # an array of itself: ImageError naming it
         dims += f"[{t.nelems}]"
         t = btf.get(t.elem_type)
     if t.kind == PTR and btf.resolve(t.ref).kind == FUNC_PROTO:
-        return btf._proto_name(btf.resolve(t.ref), f"(*{name}{dims})", 0)
+        return btf._proto_name(btf.resolve(t.ref), f"(*{name}{dims})")
     return f"{btf.type_name(t):<26} {name}{dims}"
 
 
@@ -34,7 +36,7 @@ def format_type(btf: Btf, type_name: str | Type) -> str:
         except Exception:
             return head
     lines = [f"{btf.type_name(r)} {{"]
-    _members(btf, r, 0, 1, lines)
+    _members(btf, r, 0, 1, lines, [], set())
     nmembers = len(r.members)
     lines.append(f"\n\t/* size: {r.size}, cachelines: {(r.size + CACHELINE - 1) // CACHELINE}, "
                  f"members: {nmembers} */")
@@ -42,7 +44,19 @@ def format_type(btf: Btf, type_name: str | Type) -> str:
     return "\n".join(lines)
 
 
-def _members(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str]) -> None:
+def _members(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str],
+             stack: list[int], seen: set[int]) -> None:
+    """Each anonymous type is expanded once (linear); one containing itself is an
+    ImageError naming it."""
+    _enter(stack, t, "printing its members")
+    try:
+        _members_of(btf, t, base_bits, depth, lines, stack, seen)
+    finally:
+        stack.pop()
+
+
+def _members_of(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str],
+                stack: list[int], seen: set[int]) -> None:
     ind = "\t" * depth
     next_free = base_bits  # end (in bits) of the previous member, for holes
     last_line = base_bits // 8 // CACHELINE
@@ -60,9 +74,14 @@ def _members(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str]) ->
         if depth == 1 and line != last_line and bits % (CACHELINE * 8) == 0:
             lines.append(f"{ind}/* --- cacheline {line} boundary ({line * CACHELINE} bytes) --- */")
         last_line = line
-        if not m.name and inner.kind in (STRUCT, UNION):
+        if not m.name and inner.kind in (STRUCT, UNION) and inner.id in stack:
+            _enter(stack, inner, "printing its members")  # raises: a cycle
+        if not m.name and inner.kind in (STRUCT, UNION) and inner.id in seen:
+            lines.append(f"{ind}{inner.kind_name} {{ /* type {inner.id}, shown above */ }};")
+        elif not m.name and inner.kind in (STRUCT, UNION):
+            seen.add(inner.id)
             lines.append(f"{ind}{inner.kind_name} {{")
-            _members(btf, inner, bits, depth + 1, lines)
+            _members(btf, inner, bits, depth + 1, lines, stack, seen)
             lines.append(f"{ind}}};{'':<30}/* {bits // 8:>5} {size:>5} */")
         elif m.bitfield_size:
             f = btf._bitfield(bits, m.bitfield_size, size, btf.get(m.type_id))

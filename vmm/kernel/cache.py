@@ -1,13 +1,20 @@
-"""On-disk cache of parsed introspection data, keyed by the kernel's build id.
+"""On-disk cache of parsed introspection data, keyed by the content it was parsed from.
 
 Parsing a distro vmlinux's .symtab takes about a second; the pickled result loads
 faster. Entries live under $VMM_CACHE_DIR/introspection (default ~/.cache/vmm).
+The key of a symbol table is a sha256 of the bytes it is parsed from (.symtab, its
+string table and the section headers, see symtab_key): a vmlinux patched in place
+keeps its build id and symbol count but gets a new key. Hashing those sections of a
+distro vmlinux (~10 MB) costs milliseconds; a hit is logged on the "vmm.kernel.cache"
+logger (INFO) with the entry's path.
 A corrupt or unreadable entry is ignored and rewritten; a cache that cannot be
 written (read-only home) only costs speed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import pickle
 import re
@@ -17,7 +24,23 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content keys (symtab_key)
+log = logging.getLogger("vmm.kernel.cache")
+
+
+def symtab_key(elf) -> str | None:
+    """Cache key of elf's symbol table: sha256 of .symtab, the string table it links to
+    and every section header (names, addresses, sizes: they decide each symbol's
+    section and per-CPU flag). None when there is no .symtab."""
+    symtab = elf.section(".symtab")
+    if symtab is None:
+        return None
+    h = hashlib.sha256()
+    h.update(repr(list(elf.sections)).encode())
+    h.update(elf.section_data(symtab))
+    if 0 <= symtab.link < len(elf.sections):
+        h.update(elf.section_data(elf.sections[symtab.link]))
+    return f"symtab-sha256-{h.hexdigest()[:48]}"
 
 
 def cache_root() -> Path:
@@ -68,6 +91,7 @@ def cached(key: str | None, compute: Callable[[], T],
         return compute()
     hit = load(key)
     if hit is not None and valid(hit):
+        log.info("using cached %s from %s", key, entry_path(key))
         return hit
     value = compute()
     store(key, value)

@@ -64,9 +64,9 @@ class Kernel:
             build_id = elf.build_id()
             symtab = elf.section(".symtab")
             if symtab is not None:
-                # A stripped copy shares the build id: key on the table's size too.
-                key = f"elf-{build_id}" if build_id else (elf.content_hash() if elf.path else None)
-                key = key and f"{key}-symtab-{symtab.size}"
+                # Keyed by the bytes the table is parsed from (a file patched in place
+                # keeps its build id and symbol count): see cache.symtab_key.
+                key = cache.symtab_key(elf)
                 syms = [Symbol._make(s) for s in cache.cached(
                     key, lambda: _plain(elf.symbols()), _plain_symbols)]
             btf_data = elf.btf()

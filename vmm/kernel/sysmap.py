@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 
 from vmm.errors import ImageError
 from vmm.kernel.symbols import Symbol
 
 MAX_LINE = 4096
+# Plain hex of at most 64 bits: int(x, 16) alone would also take "-", "+", "0x" and "_".
+_HEX64 = re.compile(rb"[0-9a-fA-F]{1,16}")
 
 
 def parse_system_map(source: str | os.PathLike | bytes, what: str | None = None) -> list[Symbol]:
@@ -40,12 +43,11 @@ def parse_system_map(source: str | os.PathLike | bytes, what: str | None = None)
                      "one is in the -dbg package)" if b"System.map" in line else "")
             raise ImageError(f"{what} line {lineno}: {text!r} is not 'address type name'{extra}")
         addr_s, typ, name = parts
-        try:
-            addr = int(addr_s, 16)
-        except ValueError:
-            raise ImageError(f"{what} line {lineno}: bad address {addr_s[:40]!r}") from None
-        if addr >= 1 << 64:
-            raise ImageError(f"{what} line {lineno}: address {addr_s[:40]!r} wider than 64 bits")
+        if not _HEX64.fullmatch(addr_s):
+            raise ImageError(f"{what} line {lineno}: bad address {addr_s[:40]!r}: expected 1 to 16 "
+                             "hex digits (an address of at most 64 bits, no sign, prefix or "
+                             "underscores)")
+        addr = int(addr_s, 16)
         out.append(Symbol(name.decode("utf-8", "replace"), addr, 0, typ.decode("ascii", "replace"), ""))
     if not out:
         raise ImageError(f"{what} holds no symbols")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
-from vmm.errors import CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable
+from vmm.errors import (CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable,
+                        InvalidValue, VmClosed)
 from vmm.kvm.native import check, ioctl, ioctl_int, native
 
 KVM_API_VERSION = 12
@@ -27,6 +29,53 @@ KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 
 
+def permission_advice(path: str, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, group_name: str | None = None,
+                      my_groups=None, my_uid: int | None = None) -> str:
+    """What would let this user open `path`, from the device's actual owner and mode
+    (arguments default to os.stat and the current process; tests pass them)."""
+    import grp
+    import pwd
+    import stat as stat_
+
+    if mode is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "Run as root, or ask the host's administrator for access to it."
+        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+    if group_name is None:
+        try:
+            group_name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group_name = str(gid)
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = str(uid)
+    my_groups = set(os.getgroups() if my_groups is None else my_groups)
+    my_uid = os.getuid() if my_uid is None else my_uid
+    perms = stat_.S_IMODE(mode)
+    where = f"{path} is mode {perms:04o}, owned by {owner}:{group_name}"
+    rw = 0o6
+    if (perms >> 3) & rw == rw and gid != 0:
+        if gid in my_groups:
+            return (f"{where}; you are in group {group_name} already, so the mode allows it: "
+                    "an ACL, a security module (SELinux/AppArmor) or a container's device "
+                    "cgroup refuses it. Ask the host's administrator, or run as root")
+        return (f"{where}: join that group (sudo usermod -aG {group_name} $USER, then log "
+                "in again; `newgrp " + group_name + "` for this shell only) or run as root")
+    if perms & rw == rw or (uid == my_uid and (perms >> 6) & rw == rw):
+        return (f"{where}, which allows it: an ACL, a security module (SELinux/AppArmor) or "
+                "a container's device cgroup refuses it. Ask the host's administrator, or "
+                "run as root")
+    return (f"{where}: no group grants access, so joining one does not help. Run as root, "
+            "or give the device to a group: a udev rule such as "
+            '`KERNEL=="kvm", GROUP="kvm", MODE="0660"` in /etc/udev/rules.d/65-kvm.rules '
+            f"(then sudo udevadm trigger), or `sudo chgrp kvm {path} && sudo chmod 0660 "
+            f"{path}` until the next boot, then join that group")
+
+
 class Kvm:
     """An open /dev/kvm (system fd)."""
 
@@ -41,10 +90,8 @@ class Kvm:
                 "or run on a host/VM with nested virtualization"
             ) from None
         except PermissionError:
-            raise KvmPermissionError(
-                f"cannot open {path}: permission denied. Add your user to the group owning "
-                f"it (usually `kvm`: sudo usermod -aG kvm $USER, then log in again) or run as root"
-            ) from None
+            raise KvmPermissionError(f"cannot open {path}: permission denied. "
+                                     + permission_advice(path)) from None
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror} (errno {e.errno})") from None
         try:
@@ -123,11 +170,27 @@ class Vm:
         ffi, lib = native()
         self.kvm = kvm
         self.fd = fd
-        self.native = lib.vmm_vm_new(fd)
-        if self.native == ffi.NULL:
+        raw = lib.vmm_vm_new(fd)
+        if raw == ffi.NULL:
             os.close(fd)
             raise KvmIoctlError("vmm_vm_new", errno.ENOMEM, "cannot allocate the VM control block")
+        # The C block (and the vCPU blocks and kvm_run pages it owns) is freed only when
+        # the last Python object holding this pointer is gone, never by close(): the
+        # freeze coordinator, console pump and vCPU threads keep it, so a thaw or a kick
+        # after stop() touches live memory (and does nothing) instead of freed memory.
+        self.native = ffi.gc(raw, lib.vmm_vm_free)
         self.vcpus: list[Vcpu] = []
+        # Held by close() and by whoever must not see the fds closed under it (the freeze
+        # coordinator's ioctls): close() waits for them, they see `closed` afterwards.
+        self.lock = threading.RLock()
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def require_open(self, what: str) -> None:
+        if self.fd < 0:
+            raise VmClosed(f"{what}: the VM was stopped and its resources freed")
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl_int(self.fd, "KVM_SET_TSS_ADDR", addr)
@@ -204,22 +267,21 @@ class Vm:
         return {ports[i]: counts[i] for i in range(n)}
 
     def close(self) -> None:
-        """Closes vCPUs and the VM. vCPU threads must have ended (runtime joins them);
-        if any is still inside the C loop the control block is leaked, not freed."""
-        if self.fd < 0:
-            return
-        _, lib = native()
-        threads_live = self.native.live > 0
-        if threads_live:
-            lib.vmm_request_stop(self.native)
-        for v in self.vcpus:
-            v.close(free_native=not threads_live)
-        self.vcpus.clear()
-        if not threads_live:
-            lib.vmm_vm_free(self.native)
-        self.native = None
-        os.close(self.fd)
-        self.fd = -1
+        """Closes vCPU fds and the VM fd. vCPU threads should have ended (runtime joins
+        them); a thread still inside the C loop keeps its vCPU fd open. The C control
+        blocks stay allocated while anything refers to them (see __init__); every
+        ioctl after close() raises (a closed fd), never touches freed memory."""
+        with self.lock:
+            if self.fd < 0:
+                return
+            _, lib = native()
+            lib.vmm_request_stop(self.native)  # a no-op when every loop has returned
+            threads_live = self.native.live > 0
+            for v in self.vcpus:
+                v.close(keep_fd=threads_live)
+            self.vcpus.clear()
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self):
         return self
@@ -235,8 +297,9 @@ class Vcpu:
         self.vm = vm
         self.index = index
         self.fd = fd
-        self.native = nat
+        self.native = nat  # owned by vm.native's block: alive as long as this Vcpu
         self.run = nat.run
+        self._vm_native = vm.native
 
     def _get(self, ctype: str, name: str):
         ffi, _ = native()
@@ -269,13 +332,15 @@ class Vcpu:
         """The 4 KiB XSAVE area (KVM_GET_XSAVE); its legacy FXSAVE region holds MXCSR,
         which KVM_GET_FPU/KVM_SET_FPU ignore."""
         ffi, _ = native()
-        return bytearray(ffi.buffer(self._get("struct kvm_xsave *", "KVM_GET_XSAVE").region))
+        xsave = self._get("struct kvm_xsave *", "KVM_GET_XSAVE")  # owns the memory: keep it
+        return bytearray(ffi.buffer(xsave.region))  # while .region (a view into it) is copied
 
     def set_xsave(self, data: bytes) -> None:
         ffi, _ = native()
         xsave = ffi.new("struct kvm_xsave *")
         if len(data) != ffi.sizeof(xsave.region):
-            raise ValueError(f"XSAVE area is {ffi.sizeof(xsave.region)} bytes, not {len(data)}")
+            raise InvalidValue(f"set_xsave: the XSAVE area is {ffi.sizeof(xsave.region)} bytes, "
+                               f"not {len(data)}")
         ffi.memmove(xsave.region, bytes(data), len(data))
         self._set("KVM_SET_XSAVE", xsave)
 
@@ -340,13 +405,13 @@ class Vcpu:
         check("KVM_KVMCLOCK_CTRL", r, f"vCPU {self.index}")
         return True
 
-    def close(self, free_native: bool = True) -> None:
-        if self.fd < 0:
+    def close(self, keep_fd: bool = False) -> None:
+        """Closes the vCPU fd and unmaps its kvm_run page (unless its thread still runs:
+        keep_fd). The native block is freed with the VM's block (Vm.__init__)."""
+        if self.fd < 0 or keep_fd:
             return
-        if free_native and self.native is not None:
-            native()[1].vmm_vcpu_free(self.native)
-            self.native = None
-            self.run = None
-            os.close(self.fd)
-            self.fd = -1
-        # else: the kvm_run mapping and fd stay with the still-running thread.
+        # The kvm_run mapping pins the VM in the kernel: drop it now, the block stays.
+        native()[1].vmm_vcpu_release_run(self.native)
+        self.run = None
+        os.close(self.fd)
+        self.fd = -1

@@ -3,11 +3,18 @@
 Every access is bounds-checked against the RAM ranges before any byte moves, and goes
 through the C primitives so that an aligned u8/u16/u32/u64 access is exactly one
 load/store instruction (the guest may be reading it concurrently).
+
+Lifetime: close() makes new accesses refuse (GuestMemoryClosed) and releases the RAM by
+mapping fresh zero pages over it (vmm_discard_guest_ram), keeping the addresses; they are
+unmapped when the GuestMemory object itself is gone, and every access runs inside one of
+its methods, holding it. So stop() racing a hot read/write in another thread ends that
+thread's loop with an error (or lets one in-flight copy land in the zero pages), never a
+fault, at no cost per access.
 """
 
 from __future__ import annotations
 
-from vmm.errors import GuestMemoryError, GuestOutOfMemory
+from vmm.errors import GuestMemoryClosed, GuestMemoryError, GuestOutOfMemory
 from vmm.kvm.native import native
 
 PAGE_SIZE = 0x1000
@@ -40,6 +47,7 @@ class GuestMemory:
             )
         self.size = size
         self._base = base
+        self._reserved = 0  # base of the discarded range still mapped (see close)
         if size <= MMIO_GAP_START:
             self.regions = [(0, size, base)]
         else:
@@ -53,11 +61,28 @@ class GuestMemory:
             vm.set_user_memory_region(slot, gpa, size, host)
 
     def close(self) -> None:
-        """Unmaps the RAM. Only after every vCPU has stopped."""
-        if self._base:
-            native()[1].vmm_unmap(self._base, self.size)
-            self._base = 0
-            self.regions = []
+        """Releases the RAM; later accesses raise GuestMemoryClosed. An access in flight
+        in another thread finishes in zero pages; the addresses are unmapped when this
+        object is gone (__del__). The vCPUs must have stopped (KVM maps it otherwise)."""
+        if not self._base:
+            return
+        base, self._base = self._base, 0
+        self.regions = []  # new accesses refuse from here on
+        if native()[1].vmm_discard_guest_ram(base, self.size) == 0:
+            self._reserved = base
+        # else: the RAM stays mapped (and leaks) rather than risk a fault
+
+    def __del__(self):
+        if getattr(self, "_reserved", 0):
+            try:
+                native()[1].vmm_unmap(self._reserved, self.size)
+            except Exception:  # interpreter shutdown
+                pass
+            self._reserved = 0
+
+    @property
+    def closed(self) -> bool:
+        return not self._base
 
     def __enter__(self):
         return self
@@ -86,6 +111,9 @@ class GuestMemory:
             for g, s, host in self.regions:
                 if g <= gpa and gpa + length <= g + s:
                     return host + (gpa - g)
+        if not self._base:
+            raise GuestMemoryClosed(f"guest-physical {gpa:#x}: guest memory is closed "
+                                    "(released when the machine stopped)")
         raise GuestMemoryError(
             f"guest-physical range {gpa:#x}+{length:#x} is not inside guest RAM "
             f"(RAM: {self._ranges_text()})"

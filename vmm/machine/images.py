@@ -268,30 +268,70 @@ def detect_compression(payload: bytes) -> str:
     raise ImageError(f"bzImage payload has an unknown compression format (first bytes {payload[:6].hex()})")
 
 
-def decompress_payload(payload: bytes) -> bytes:
-    """Decompress a bzImage payload, whichever of the kernel's formats it uses."""
+_CHUNK = 4 << 20  # decompressors stream in pieces this size: memory stays near the limit
+
+
+def output_limit(image: "BzImage") -> int:
+    """The most a bzImage's payload may decompress to. The payload is the kernel's ELF
+    plus its relocations, which fit in init_size (the memory the kernel needs while
+    booting; Debian's 7.3: 62.1 MB out of 63.1 MB init_size) and compress 3-7x (Debian's
+    zstd and our gzip build: 4.5x). Allow 25% + 16 MiB over init_size, 64x the
+    payload, never more than MAX_VMLINUX_SIZE: a hostile header cannot buy more."""
+    limit = min(MAX_VMLINUX_SIZE, max(64 * image.payload_length, 64 << 20))
+    if image.init_size:
+        limit = min(limit, image.init_size + image.init_size // 4 + (16 << 20))
+    return limit
+
+
+def _too_large(kind: str, limit: int) -> ImageError:
+    return ImageError(f"{kind} payload decompresses to more than {limit} bytes, more than its "
+                      "header allows (init_size): corrupt or hostile image")
+
+
+def _stream(kind: str, d, payload: bytes, limit: int, tail_attr: str | None) -> bytes:
+    """Runs a zlib/bz2/lzma decompressor object over payload in _CHUNK pieces, stopping
+    as soon as the output passes limit."""
+    out = bytearray()
+    data = payload
+    while not d.eof:
+        chunk = d.decompress(data, min(_CHUNK, limit + 1 - len(out)))
+        out += chunk
+        if len(out) > limit:
+            raise _too_large(kind, limit)
+        if tail_attr:  # zlib hands back the input it did not consume
+            data = getattr(d, tail_attr)
+            if not chunk and not data:
+                break
+        else:  # bz2/lzma keep unconsumed input inside
+            data = b""
+            if not chunk and d.needs_input:
+                break
+    if not d.eof:
+        raise ImageError(f"{kind} payload is truncated")
+    return bytes(out)
+
+
+def decompress_payload(payload: bytes, limit: int = MAX_VMLINUX_SIZE) -> bytes:
+    """Decompress a bzImage payload, whichever of the kernel's formats it uses, to at
+    most `limit` bytes (ImageError past it; memory stays near the limit)."""
     kind = detect_compression(payload)
     try:
         if kind == "none":
             out = payload
         elif kind == "gzip":
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out = d.decompress(payload, MAX_VMLINUX_SIZE)
-            if not d.eof:
-                raise ImageError("gzip payload is truncated or too large")
+            out = _stream(kind, zlib.decompressobj(16 + zlib.MAX_WBITS), payload, limit,
+                          "unconsumed_tail")
         elif kind == "zstd":
-            out = _zstd(payload)
+            out = _zstd(payload, limit)
         elif kind == "xz":
-            out = _lzma(payload, lzma.FORMAT_XZ)
+            out = _stream(kind, lzma.LZMADecompressor(format=lzma.FORMAT_XZ), payload, limit, None)
         elif kind == "lzma":
-            out = _lzma(payload, lzma.FORMAT_ALONE)
+            out = _stream(kind, lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), payload, limit,
+                          None)
         elif kind == "bzip2":
-            d = bz2.BZ2Decompressor()
-            out = d.decompress(payload, MAX_VMLINUX_SIZE)
-            if not d.eof:
-                raise ImageError("bzip2 payload is truncated or too large")
+            out = _stream(kind, bz2.BZ2Decompressor(), payload, limit, None)
         else:  # lz4
-            out = _lz4_legacy(payload)
+            out = _lz4_legacy(payload, limit)
     except ImageError:
         raise
     except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, MemoryError) as e:
@@ -301,25 +341,23 @@ def decompress_payload(payload: bytes) -> bytes:
     return out
 
 
-def _zstd(payload: bytes) -> bytes:
+def _zstd(payload: bytes, limit: int) -> bytes:
+    """zstd has no output limit per call: feed the input in 1 KiB pieces (one piece
+    expands to at most ~45 MB, zstd's RLE blocks) and stop once the output passes limit."""
     import zstandard
 
     d = zstandard.ZstdDecompressor().decompressobj()
-    out = d.decompress(payload)
-    if not d.eof:
-        raise ImageError("zstd payload is truncated")
-    return out
+    out = bytearray()
+    for pos in range(0, len(payload), 1024):
+        out += d.decompress(payload[pos:pos + 1024])
+        if len(out) > limit:
+            raise _too_large("zstd", limit)
+        if d.eof:
+            return bytes(out)
+    raise ImageError("zstd payload is truncated")
 
 
-def _lzma(payload: bytes, fmt: int) -> bytes:
-    d = lzma.LZMADecompressor(format=fmt)
-    out = d.decompress(payload, MAX_VMLINUX_SIZE)
-    if not d.eof:
-        raise ImageError(f"{'xz' if fmt == lzma.FORMAT_XZ else 'lzma'} payload is truncated or too large")
-    return out
-
-
-def _lz4_legacy(payload: bytes) -> bytes:
+def _lz4_legacy(payload: bytes, limit: int = MAX_VMLINUX_SIZE) -> bytes:
     import lz4.block
 
     pos = 4
@@ -338,8 +376,8 @@ def _lz4_legacy(payload: bytes) -> bytes:
         chunk = lz4.block.decompress(payload[pos:pos + size], uncompressed_size=_LZ4_LEGACY_BLOCK)
         pos += size
         total += len(chunk)
-        if total > MAX_VMLINUX_SIZE:
-            raise ImageError("lz4 payload decompresses to more than any kernel")
+        if total > limit:
+            raise _too_large("lz4", limit)
         chunks.append(chunk)
     if not chunks:
         raise ImageError("lz4 payload holds no blocks")
@@ -349,7 +387,7 @@ def _lz4_legacy(payload: bytes) -> bytes:
 def extract_vmlinux(bzimage: bytes) -> bytes:
     """The vmlinux ELF inside a bzImage (its payload, decompressed on the host)."""
     image = parse_bzimage(bzimage)
-    vmlinux = decompress_payload(image.payload)
+    vmlinux = decompress_payload(image.payload, output_limit(image))
     if vmlinux[:4] != ELF_MAGIC:
         raise ImageError(f"bzImage payload ({image.compression}) did not decompress to an ELF file")
     return vmlinux

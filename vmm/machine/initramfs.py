@@ -21,9 +21,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Union
@@ -220,34 +222,71 @@ def create_initramfs(source, compress: bool = True) -> bytes:
     return gzip.compress(archive, compresslevel=6, mtime=0) if compress else archive
 
 
-def parse_newc(archive: bytes) -> list[Entry]:
-    """Archive bytes (gzip or plain) -> entries, without the trailer.  For tests and tools."""
-    if archive[:2] == b"\x1f\x8b":
+MAX_INITRAMFS = 1 << 30  # parse_newc's default output limit for a compressed archive
+_HEX8 = re.compile(rb"[0-9a-fA-F]{8}")
+
+
+def gunzip_bounded(data: bytes, max_size: int, what: str = "initramfs") -> bytes:
+    """Every gzip member of data, decompressed in chunks; ImageError when the stream is
+    corrupt or the output would pass max_size bytes (memory stays near max_size)."""
+    out = bytearray()
+    rest = data
+    while rest:
+        d = zlib.decompressobj(wbits=31)
         try:
-            archive = gzip.decompress(archive)
-        except (OSError, EOFError) as e:
-            raise ImageError(f"initramfs: bad gzip stream: {e}") from e
+            while rest:
+                out += d.decompress(rest, max_size + 1 - len(out))
+                if len(out) > max_size:
+                    raise ImageError(f"{what}: gzip stream expands to more than {max_size} bytes; "
+                                     "refusing (corrupt or hostile archive?)")
+                rest = d.unconsumed_tail
+                if d.eof:
+                    break
+            if not d.eof:
+                raise ImageError(f"{what}: bad gzip stream: truncated after {len(out)} bytes")
+        except zlib.error as e:
+            raise ImageError(f"{what}: bad gzip stream: {e}") from None
+        rest = d.unused_data.lstrip(b"\0")  # members may follow, padded with zeros
+    return bytes(out)
+
+
+def parse_newc(archive: bytes, max_size: int = MAX_INITRAMFS) -> list[Entry]:
+    """Archive bytes (gzip or plain) -> entries, without the trailer.  For tests and tools.
+    A gzip archive may expand to at most max_size bytes."""
+    if archive[:2] == b"\x1f\x8b":
+        archive = gunzip_bounded(archive, max_size)
     entries = []
     off = 0
     while True:
         head = archive[off : off + HEADER_SIZE]
         if len(head) < HEADER_SIZE or head[:6] != NEWC_MAGIC:
             raise ImageError(f"initramfs: no newc header at offset {off}")
-        try:
-            f = [int(head[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
-        except ValueError as e:
-            raise ImageError(f"initramfs: bad hex in header at offset {off}") from e
+        raw = [head[6 + 8 * i : 14 + 8 * i] for i in range(13)]
+        for i, field in enumerate(raw):
+            if not _HEX8.fullmatch(field):  # int(x, 16) would take signs and underscores
+                raise ImageError(f"initramfs: header at offset {off}: field {_NEWC_FIELDS[i]} "
+                                 f"is {field!r}, not 8 hex digits")
+        f = [int(x, 16) for x in raw]
         mode, uid, gid, mtime, size, rmaj, rmin, namesize = f[1], f[2], f[3], f[5], f[6], f[9], f[10], f[11]
         name_start = off + HEADER_SIZE
+        if namesize == 0 or name_start + namesize > len(archive):
+            raise ImageError(f"initramfs: header at offset {off}: name size {namesize} "
+                             f"{'is zero' if not namesize else 'runs past the end'}")
         name = archive[name_start : name_start + namesize - 1].decode(errors="replace")
         data_start = name_start + namesize + (-(HEADER_SIZE + namesize) % 4)
         data = archive[data_start : data_start + size]
-        if len(data) != size or namesize == 0:
+        if len(data) != size:
             raise ImageError(f"initramfs: entry at offset {off} truncated")
         if name == TRAILER:
             return entries
         entries.append(Entry(name, data, mode, (rmaj, rmin), uid, gid, mtime))
-        off = data_start + size + (-size % 4)
+        nxt = data_start + size + (-size % 4)
+        assert nxt > off  # namesize >= 1: every step moves forward
+        off = nxt
+
+
+_NEWC_FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor",
+                "devminor", "rdevmajor", "rdevminor", "namesize", "check")
 
 
 # --------------------------------------------------------------------------------------

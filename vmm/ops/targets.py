@@ -144,12 +144,23 @@ class PerCpu(KernelTarget):
         return f"per_cpu({self.name}, {self.cpu})" + (f".{self.path}" if self.path else "")
 
 
+def _check_address(kind: str, address) -> None:
+    """Addresses are unsigned 64-bit: anything else would wrap silently when masked."""
+    if isinstance(address, bool) or not isinstance(address, int):
+        raise TargetError(f"{kind} address must be an int, not {type(address).__name__} "
+                          f"{address!r:.40}")
+    if not 0 <= address < 1 << 64:
+        raise TargetError(f"{kind} address {address:#x} is outside [0, 2**64): a 64-bit "
+                          "address cannot be negative or wider than 64 bits")
+
+
 @dataclass(frozen=True)
 class Kva(KernelTarget):
     address: int
     size: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _check_address("kva", self.address)
         _check_size(self.size)
 
     def resolve(self, resolver: Resolver) -> Location:
@@ -165,6 +176,7 @@ class Gpa(KernelTarget):
     size: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _check_address("gpa", self.address)
         _check_size(self.size)
 
     def resolve(self, resolver: Resolver) -> Location:

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vmm.errors import InvalidValue, InvalidValueType
+
 _U32_MAX = (1 << 32) - 1
 _U64_MAX = (1 << 64) - 1
 
@@ -67,12 +69,18 @@ class KernelValue:
     def bytes(data: "bytes | bytearray | memoryview") -> "Bytes":  # noqa: A003
         return Bytes(data)
 
+    @staticmethod
+    def bytes_(data: "bytes | bytearray | memoryview") -> "Bytes":
+        """The same as bytes() (the spelling docs/CONTRACTS.md uses)."""
+        return Bytes(data)
+
 
 def _check_int(name: str, value: int, maximum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} takes an int, not {type(value).__name__}")
+        raise InvalidValueType(f"{name} takes an int, not {type(value).__name__} {value!r:.40}")
     if not 0 <= value <= maximum:
-        raise ValueError(f"{name} value {value:#x} does not fit in {maximum.bit_length()} bits")
+        raise InvalidValue(f"{name} value {value:#x} is outside [0, {maximum:#x}]: it does not "
+                           f"fit in {maximum.bit_length()} unsigned bits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +128,10 @@ class Bytes(KernelValue):
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"Bytes takes bytes, not {type(self.data).__name__}")
+            raise InvalidValueType(f"Bytes takes bytes, not {type(self.data).__name__}")
         object.__setattr__(self, "data", bytes(self.data))
         if not self.data:
-            raise ValueError("Bytes payload is empty")
+            raise InvalidValue("Bytes payload is empty: give at least one byte")
 
     @property
     def width(self) -> int:
@@ -155,7 +163,7 @@ class OrU32(KernelValue):
         return True
 
     def encode(self) -> bytes:
-        raise TypeError("OrU32 is a read-modify-write: it has no fixed bytes to store")
+        raise InvalidValueType("OrU32 is a read-modify-write: it has no fixed bytes to store")
 
     def __repr__(self) -> str:
         return f"OrU32({self.mask:#x})"

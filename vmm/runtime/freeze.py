@@ -14,10 +14,21 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from vmm.errors import FreezeTimeout, KvmIoctlError, VmmError
+from vmm.errors import FreezeTimeout, KvmIoctlError, VmClosed, VmmError
 from vmm.kvm.native import native
 
 SYS_FUTEX = 202  # x86-64
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
 
 
 @dataclass
@@ -113,33 +124,49 @@ class FreezeCoordinator:
         self._lock = threading.RLock()
 
     # -- freeze -----------------------------------------------------------------
+    def _vm_lock(self):
+        # Vm.close() takes the same lock: while we hold it the fds stay open.
+        lock = getattr(self.vm, "lock", None)
+        return lock if lock is not None else _NO_LOCK
+
+    def _check_open(self, what: str) -> None:
+        if getattr(self.vm, "closed", False) or self.vm_native.stop:
+            raise VmClosed(f"{what}: the VM was stopped")
+
     def freeze(self, timeout: float = 30.0) -> FreezeSnapshot:
+        with self._lock, self._vm_lock():
+            return self._freeze(timeout)
+
+    def _freeze(self, timeout: float) -> FreezeSnapshot:
         ffi, lib = native()
-        with self._lock:
-            if self.depth > 0:
-                self.depth += 1
-                return self.snapshot
-            me = threading.get_native_id()
-            for v in self.vcpus:
-                if v.native.thread_registered and v.native.tid == me:
-                    raise VmmError(f"freeze() called from vCPU {v.index}'s own thread: "
-                                   "it cannot park while it waits for itself")
-            t0 = lib.vmm_now_ns()
-            gen = lib.vmm_freeze_request(self.vm_native)
-            lib.vmm_freeze_wait(self.vm_native, len(self.vcpus), int(timeout * 1e9))
-            latency = lib.vmm_now_ns() - t0
-            missing = [v for v in self.vcpus
-                       if v.native.parked_gen != gen and v.native.thread_registered]
-            if missing:
-                self._timeout(gen, missing, timeout)
-            self.depth = 1
-            self.generation = gen
-            clock = None
-            if self.save_clock:
-                clock = self._save_clock()
-            self.snapshot = FreezeSnapshot(gen, [self._capture(v, gen) for v in self.vcpus],
-                                           clock, latency, self)
+        self._check_open("freeze()")
+        if self.depth > 0:
+            self.depth += 1
             return self.snapshot
+        me = threading.get_native_id()
+        for v in self.vcpus:
+            if v.native.thread_registered and v.native.tid == me:
+                raise VmmError(f"freeze() called from vCPU {v.index}'s own thread: "
+                               "it cannot park while it waits for itself")
+        t0 = lib.vmm_now_ns()
+        gen = lib.vmm_freeze_request(self.vm_native)
+        lib.vmm_freeze_wait(self.vm_native, len(self.vcpus), int(timeout * 1e9))
+        latency = lib.vmm_now_ns() - t0
+        missing = [v for v in self.vcpus
+                   if v.native.parked_gen != gen and v.native.thread_registered]
+        if missing:
+            self._timeout(gen, missing, timeout)
+        if self.vm_native.stop:  # stop() raced the rendezvous: its threads ended
+            lib.vmm_thaw(self.vm_native)
+            raise VmClosed("freeze(): the VM was stopped while the vCPUs were parking")
+        self.depth = 1
+        self.generation = gen
+        clock = None
+        if self.save_clock:
+            clock = self._save_clock()
+        self.snapshot = FreezeSnapshot(gen, [self._capture(v, gen) for v in self.vcpus],
+                                       clock, latency, self)
+        return self.snapshot
 
     def _capture(self, v, gen: int) -> VcpuSnapshot | None:
         ffi, _ = native()
@@ -186,13 +213,17 @@ class FreezeCoordinator:
 
     # -- thaw -------------------------------------------------------------------
     def thaw(self) -> None:
+        """Releases the vCPUs (outermost thaw only). After stop() there is nothing to
+        release: the count drops and nothing else happens."""
         _, lib = native()
-        with self._lock:
+        with self._lock, self._vm_lock():
             if self.depth == 0:
                 raise VmmError("thaw() without a matching freeze()")
             self.depth -= 1
             if self.depth:
                 return
+            if getattr(self.vm, "closed", False):
+                return  # the control block lives on (ffi.gc) but nothing is parked in it
             snap = self.snapshot
             if snap is not None and snap.clock is not None:
                 try:
@@ -208,7 +239,8 @@ class FreezeCoordinator:
     def parked_tids(self) -> list[int]:
         """Thread ids of the vCPUs parked for the current freeze."""
         return [v.native.tid for v in self.vcpus
-                if self.depth and v.native.parked_gen == self.generation]
+                if self.depth and v.native is not None
+                and v.native.parked_gen == self.generation]
 
     def __enter__(self) -> FreezeSnapshot:
         return self.freeze()

@@ -16,7 +16,8 @@ The decoder and the page walk they use live in vmm.arch.x86 (decode, paging).
 README.md ("Hosts") says what a PVM host is.
 """
 
-from vmm.machine.pvm.assists import AssistVcpu, GuestMemoryAccess, assist_counts, assist_internal_error  # noqa: F401
+from vmm.machine.pvm.assists import AssistVcpu, GuestMemoryAccess  # noqa: F401
+from vmm.machine.pvm.assists import assist_counts, assist_internal_error  # noqa: F401
 from vmm.machine.pvm.cmdline import CLEARCPUID_FEATURES, CLEARCPUID_MAX, PVM_CMDLINE_OPTIONS  # noqa: F401
 from vmm.machine.pvm.cmdline import clearcpuid_value, pvm_cmdline  # noqa: F401
 from vmm.machine.pvm.diagnose import describe_failure, identify  # noqa: F401

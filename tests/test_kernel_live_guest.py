@@ -42,7 +42,7 @@ def test_frozen_guest_runqueues(guests, style, tmp_path, monkeypatch):
                 assert live.read("runqueues", "scx.flags", cpu=cpu) & initial == initial
                 kva = live.per_cpu_address("runqueues", cpu, "scx.flags")
                 # The image-map shortcut and the guest's own page tables agree.
-                from vmm.kernel.translate import walk
+                from vmm.arch.x86.paging import walk
 
                 assert walk(m.memory, v.cr3, kva) == live.kva_to_gpa(kva)
             assert live.read("init_uts_ns", "name.nodename", type="struct uts_namespace")[:9] == b"vmm-guest"

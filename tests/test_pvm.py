@@ -1,4 +1,5 @@
-"""PVM-host assists without a VM: command line, the ldmxcsr/stmxcsr decoder, identify()."""
+"""PVM-host assists without a VM: command line, the ldmxcsr/stmxcsr decoder (vmm.arch.x86.decode),
+identify()."""
 
 import shutil
 import subprocess
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from vmm.machine import pvm
-from vmm.machine.pvm import GPR_NAMES, MemOperand, decode_mxcsr, effective_address
+from vmm.arch.x86.decode import GPR_NAMES, MemOperand, decode_mxcsr, effective_address
 
 # --- command line -----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent / "data"))
 from kfixture import FakeMemory  # noqa: E402
 
 from vmm.errors import TranslationError  # noqa: E402
-from vmm.kernel.translate import PTE_PRESENT, PTE_PS, is_canonical, walk  # noqa: E402
+from vmm.arch.x86.paging import PTE_PRESENT, PTE_PS, is_canonical, walk  # noqa: E402
 
 P, PS = PTE_PRESENT | 2, PTE_PRESENT | 2 | PTE_PS
 NX = 1 << 63

@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from vmm.arch.x86.regs import MASK64
 from vmm.errors import TranslationError, VmmError
 
 SLIDE_ALIGN = 0x200000  # CONFIG_PHYSICAL_ALIGN: the decompressor moves the image in 2 MiB steps
 MAX_SLIDE = 1 << 30  # KERNEL_IMAGE_SIZE with KASLR
-MASK64 = (1 << 64) - 1
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 PUD_SIZE = 1 << 30  # kernel_randomize_memory() moves each region in 1 GiB steps
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import struct
 
+from vmm.arch.x86.regs import CR4_LA57, MASK64
 from vmm.errors import (FieldPathError, KernelFeatureMissing, TargetError, TranslationError,
                         VmmError)
 from vmm.kernel import kaslr, translate
 from vmm.kernel.btf import ENUM, ENUM64, INT, PTR, Field, Type
 from vmm.kernel.symbols import KERNEL_SPACE
-from vmm.kernel.translate import MASK64, START_KERNEL_MAP
+from vmm.kernel.translate import START_KERNEL_MAP
 
 DEFAULT_IMAGE_SIZE = 512 << 20  # KERNEL_IMAGE_SIZE without KASLR
 
@@ -31,7 +32,7 @@ class LiveKernel:
         self.symbols = kernel.symbols
         self.reader = reader
         self.cr3 = cr3
-        self.la57 = bool(cr4 is not None and cr4 & translate.CR4_LA57)
+        self.la57 = bool(cr4 is not None and cr4 & CR4_LA57)
         value, source = kaslr.choose_slide(kernel, kaslr_slide, lstar)
         self.slide = value
         self._image = self._image_range()

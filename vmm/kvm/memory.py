@@ -14,18 +14,11 @@ fault, at no cost per access.
 
 from __future__ import annotations
 
+from vmm.arch.x86.layout import MMIO_GAP_END, MMIO_GAP_START  # RAM moves above this gap
 from vmm.errors import GuestMemoryClosed, GuestMemoryError, GuestOutOfMemory
 from vmm.kvm.native import native
 
 PAGE_SIZE = 0x1000
-
-# The 32-bit MMIO gap: RAM that would overlap it moves above 4 GiB.
-# (Same values as vmm.machine.layout, the file that owns guest-physical addresses;
-# imported from there when it is available.)
-try:
-    from vmm.machine.layout import MMIO_GAP_END, MMIO_GAP_START
-except ImportError:  # pragma: no cover - layout is written in parallel
-    MMIO_GAP_START, MMIO_GAP_END = 0xC0000000, 0x100000000
 
 _WIDTH_MAX = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 

@@ -17,16 +17,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from vmm.errors import ConfigError, ImageError, VmmError
 from vmm.machine import bootparams as bp
 from vmm.machine import cpu as cpu_setup
 from vmm.machine import images
 from vmm.machine import layout as L
-from vmm.machine import tables
+from vmm.machine import pvm, tables
 from vmm.machine.devices import ExitPort, I8042, MmioBus, PortBus, ReportPort, Serial16550
 from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
+from vmm.machine.diagnose import describe_vcpu
 
 # The default command line for real Linux kernels:
 #   console=ttyS0  the console on our COM1 16550
@@ -397,9 +398,7 @@ class Machine:
         else:
             cmdline = DEFAULT_LINUX_CMDLINE if self.is_linux else ""
         if self.is_linux and self.pvm_assists and _is_pvm_host():
-            pvm = _pvm_module()
-            if pvm is not None:
-                cmdline = pvm.pvm_cmdline(cmdline)
+            cmdline = pvm.pvm_cmdline(cmdline)
         return cmdline
 
     def write_boot_params(self) -> None:
@@ -545,13 +544,11 @@ class Machine:
         self.mmio_bus.write(addr, size, value, vcpu_index)
 
     def on_internal_error(self, vcpu) -> bool:
-        pvm = _pvm_module() if _is_pvm_host() else None
-        if pvm is not None and self.pvm_assists and pvm.assist_internal_error(vcpu, self.memory):
+        on_pvm = _is_pvm_host()
+        if on_pvm and self.pvm_assists and pvm.assist_internal_error(vcpu, self.memory):
             return True
-        from vmm.machine.diagnose import describe_vcpu
-
         detail = describe_vcpu(vcpu, self.memory, self._symbolize)
-        if pvm is not None:
+        if on_pvm:
             try:  # names the instruction and the command-line option that avoids it
                 detail = pvm.describe_failure(vcpu, self.memory, self._symbolize)
             except VmmError:
@@ -691,12 +688,3 @@ def _is_pvm_host() -> bool:
     from vmm.kvm.pvm import is_pvm_host
 
     return is_pvm_host()
-
-
-def _pvm_module() -> Any | None:
-    """vmm.machine.pvm (written in parallel); None while it does not exist."""
-    try:
-        from vmm.machine import pvm
-    except ImportError:
-        return None
-    return pvm

@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import struct
 
+from vmm.arch.x86.regs import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME,
+                               MISC_ENABLE_FAST_STRING, MSR_CSTAR, MSR_IA32_MISC_ENABLE,
+                               MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_EIP, MSR_IA32_SYSENTER_ESP,
+                               MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_MTRR_DEF_TYPE,
+                               MSR_STAR, MSR_SYSCALL_MASK, MTRR_ENABLE, MTRR_TYPE_WRBACK,
+                               RFLAGS_RESERVED)
 from vmm.errors import KvmIoctlError
 from vmm.machine import layout as L
 from vmm.machine.tables import Topology
@@ -25,17 +31,9 @@ BOOT_DS = 0x18
 # not the GDT; the kernel loads its own GDT and TSS long before it could reload TR.
 BOOT_TSS = 0x0
 
-CR0_PE = 1 << 0
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
 BOOT_CR0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG
 BOOT_CR4 = CR4_PAE
 BOOT_EFER = EFER_LME | EFER_LMA
-RFLAGS_RESERVED = 0x2  # bit 1 always reads as 1; IF clear
 
 # Segment descriptor access types
 SEG_TYPE_CODE_XR_ACCESSED = 0xB
@@ -43,20 +41,6 @@ SEG_TYPE_DATA_RW_ACCESSED = 0x3
 SEG_TYPE_TSS_BUSY = 0xB
 
 # MSRs set at boot (the values Firecracker documents for its boot vCPU: facts only).
-MSR_IA32_TSC = 0x10
-MSR_IA32_SYSENTER_CS = 0x174
-MSR_IA32_SYSENTER_ESP = 0x175
-MSR_IA32_SYSENTER_EIP = 0x176
-MSR_IA32_MISC_ENABLE = 0x1A0
-MSR_MTRR_DEF_TYPE = 0x2FF
-MSR_STAR = 0xC0000081
-MSR_LSTAR = 0xC0000082
-MSR_CSTAR = 0xC0000083
-MSR_SYSCALL_MASK = 0xC0000084
-MSR_KERNEL_GS_BASE = 0xC0000102
-MISC_ENABLE_FAST_STRING = 1 << 0
-MTRR_ENABLE = 1 << 11
-MTRR_TYPE_WRBACK = 6
 
 BOOT_MSRS: dict[int, int] = {
     MSR_IA32_SYSENTER_CS: 0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from vmm.arch.x86.layout import MMIO_GAP_END, MMIO_GAP_START  # noqa: F401 (part of the map)
 from vmm.errors import ConfigError
 
 KiB = 1 << 10
@@ -46,8 +47,7 @@ BZIMAGE_LOAD_START = 0x100000  # protected-mode code of a bzImage booted via its
 DEFAULT_INITRD_ADDR_MAX = 0x7FFFFFFF  # boot protocol default for kernels that don't say
 
 # --- 32-bit MMIO gap and the devices in it ----------------------------------------
-MMIO_GAP_START = 0xC0000000  # 3 GiB
-MMIO_GAP_END = 0x100000000  # 4 GiB
+# [3 GiB, 4 GiB): the platform's, defined below the kvm layer (vmm.kvm.memory needs it)
 MMIO_GAP_SIZE = MMIO_GAP_END - MMIO_GAP_START
 IOAPIC_START = 0xFEC00000
 LAPIC_START = 0xFEE00000

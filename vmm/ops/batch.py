@@ -1,6 +1,6 @@
 """Op batches and their dispatcher: the seed's WriteKernelCold/Hot and ReadKernelCold/Hot.
 
-Rules (../shared/seed, followed to the letter):
+Rules (the seed contract as docs/CONTRACTS.md and README.md state it, followed to the letter):
 
 - One cold batch is one freeze rendezvous: every vCPU is parked on a futex for the whole
   batch, so a cold ``OrU32`` (read, OR, write) is atomic by quiesce and the batch's

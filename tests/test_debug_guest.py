@@ -1,0 +1,98 @@
+"""vmm.debug on real KVM with our test guest (fast): a vmcore dumped while frozen holds
+the guest's RAM and registers, drgn opens it and reads what vmm reads, the live drgn
+Program reads guest memory, and a panic writes the vmcore the VM end report names."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from guest_abi import require_guests
+from vmm.debug import vmcore, vmcoreinfo
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST = REPO / "kernels" / "guests" / "out" / "guest.elf"
+
+pytestmark = [pytest.mark.kvm,
+              pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")]
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    from vmm import Machine
+
+    require_guests(GUEST)
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
+    m = Machine(str(GUEST), cpus=2, cmdline="mode=loop cpus=2", timeout=120, console=None)
+    m.start()
+    m.wait_for_console("2 cpus up", timeout=60)
+    yield m
+    m.stop()
+
+
+def test_dump_core_holds_ram_registers_and_vmcoreinfo(machine, tmp_path):
+    path = tmp_path / "vmcore"
+    with machine.freeze() as snap:
+        rep = machine.dump_core(path)  # joins the freeze held here: same state
+        live = machine.live(snap)
+        uts_kva = live.address_of("init_uts_ns")
+        uts = live.read_kva(uts_kva, 390)
+        rq_gpa = live.kva_to_gpa(live.per_cpu_address("runqueues", 1, "scx.flags"))
+        rq_flags = machine.memory.read(rq_gpa, 4)
+        rips = [v.regs.rip for v in snap.vcpus]
+    assert rep.cpus == 2 and rep.ram_bytes >= machine.memory.size
+    with open(path, "rb") as f:
+        phdrs, notes = vmcore.read_headers(f)
+        assert phdrs[0][0] == vmcore.PT_NOTE
+        loads = [p for p in phdrs if p[0] == vmcore.PT_LOAD]
+        # Every RAM region is there, at its physical address, whole.
+        ram = sorted((p[4], p[5]) for p in loads[1:])
+        assert ram == sorted((g, s) for g, s, _ in machine.memory.regions)
+
+        def read_phys(gpa, n):
+            for p in loads[1:]:
+                if p[4] <= gpa < p[4] + p[5]:
+                    f.seek(p[2] + gpa - p[4])
+                    return f.read(n)
+        assert read_phys(live.kva_to_gpa(uts_kva), 390) == uts
+        assert read_phys(rq_gpa, 4) == rq_flags
+    prs = [vmcore.PrStatus.unpack(i, d) for i, (n, t, d) in
+           enumerate(x for x in notes if x[1] == vmcore.NT_PRSTATUS)]
+    assert [p.regs["rip"] for p in prs] == rips
+    info = vmcoreinfo.parse(notes[-1][2])
+    assert notes[-1][0] == b"VMCOREINFO" and info["OSRELEASE"] == "0.0.0-vmm-guest"
+
+
+def test_drgn_opens_the_vmcore_and_the_live_guest(machine, tmp_path):
+    drgn = pytest.importorskip("drgn", reason="drgn not installed (pip install drgn)")
+    from vmm.debug.drgn_program import program
+
+    path = tmp_path / "vmcore"
+    with machine.freeze() as snap:
+        machine.dump_core(path)
+        live = machine.live(snap)
+        uts_kva = live.address_of("init_uts_ns")
+        rq_kva = live.per_cpu_address("runqueues", 1, "scx.flags")
+        expected = (live.read_kva(uts_kva, 65), live.read_kva(rq_kva, 4))
+        info = vmcoreinfo.build(live)
+        # The live Program (no DWARF in the test guest: raw reads, drgn's own page walk).
+        prog = program(machine.memory, info.data(), None)
+        assert (prog.read(uts_kva, 65), prog.read(rq_kva, 4)) == expected
+        assert prog.read(live.kva_to_gpa(rq_kva), 4, True) == expected[1]
+    core = drgn.Program()
+    core.set_core_dump(str(path))
+    assert core.flags & drgn.ProgramFlags.IS_LINUX_KERNEL
+    assert (core.read(uts_kva, 65), core.read(rq_kva, 4)) == expected
+
+
+def test_panic_writes_the_vmcore_the_end_report_names(machine, tmp_path):
+    path = tmp_path / "panic.core"
+    machine.dump_on_panic = str(path)
+    # What the console pump does when the guest prints the kernel's panic line.
+    machine._console_sink(b"Kernel panic - not syncing: test\n")
+    end = machine.wait(timeout=30)
+    assert end.reason == "panic"
+    assert f"vmcore written to {path}" in end.detail
+    assert machine.core_path == str(path) and path.exists()
+    with open(path, "rb") as f:
+        assert vmcore.read_headers(f)[1][-1][0] == b"VMCOREINFO"

@@ -221,6 +221,13 @@ def build(live: Any, la57: Optional[bool] = None, crashtime: Optional[int] = Non
         for name in ENUM_NUMBERS:
             attempt(f"NUMBER({name})", lambda n=name: str(btf.enum_value(n)),
                     f"no enumerator {name}")
+        attempt("NUMBER(PG_head_mask)", lambda: str(1 << btf.enum_value("PG_head")),
+                "no enumerator PG_head")
+        for kind in ("slab", "buddy", "hugetlb", "offline", "unaccepted"):
+            # page_type values (enum pagetype, 6.12+): PGTY_x << 24.
+            attempt(f"NUMBER(PAGE_{kind.upper()}_MAPCOUNT_VALUE)",
+                    lambda k=kind: str(btf.enum_value(f"PGTY_{k}") << 24),
+                    f"no enumerator PGTY_{kind}")
     for name in SYMBOLS[4:]:
         attempt(f"SYMBOL({name})", lambda n=name: _hex(sym_addr(n)), f"no symbol {name}")
 

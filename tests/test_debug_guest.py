@@ -96,3 +96,45 @@ def test_panic_writes_the_vmcore_the_end_report_names(machine, tmp_path):
     assert machine.core_path == str(path) and path.exists()
     with open(path, "rb") as f:
         assert vmcore.read_headers(f)[1][-1][0] == b"VMCOREINFO"
+
+
+def test_large_guest_dump_streams_every_region(tmp_path, monkeypatch):
+    """5 GiB of guest RAM, split by the 32-bit MMIO gap: both regions are in the vmcore,
+    whole, and writing it does not hold a copy of guest RAM in host memory."""
+    import resource
+
+    from vmm import Machine
+
+    require_guests(GUEST)
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
+    with Machine(str(GUEST), cpus=1, memory="5G", cmdline="mode=loop cpus=1", timeout=120,
+                 console=None) as m:
+        m.wait_for_console("1 cpus up", timeout=60)
+        regions = sorted((g, s) for g, s, _ in m.memory.regions)
+        assert len(regions) == 2
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rep = m.dump_core(tmp_path / "vmcore")
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        m.stop()
+    ram = sorted((s.paddr, s.size) for s in rep.segments if s.what.startswith("RAM"))
+    assert ram == regions and ram[-1][0] >= 4 << 30 and sum(s for _, s in ram) == 5 << 30
+    assert rep.ram_bytes == sum(s.size for s in rep.segments)  # RAM + the kernel image alias
+    assert grown_kib < 256 << 10, f"peak RSS grew by {grown_kib} KiB while dumping 5 GiB"
+    assert (tmp_path / "vmcore").stat().st_blocks * 512 < 1 << 30  # zero pages are holes
+
+
+def test_cli_dump(tmp_path, monkeypatch, capsys):
+    from vmm.cli import main
+
+    require_guests(GUEST)
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "core"
+    rc = main(["dump", str(out), "--kernel", str(GUEST), "--cpus", "2", "--cmdline",
+               "mode=loop cpus=2", "--wait-for", "2 cpus up", "--timeout", "120", "--json"])
+    assert rc == 0
+    import json
+    result = json.loads(capsys.readouterr().out)
+    assert result["vmcore"] == str(out) and result["cpus"] == 2
+    with open(out, "rb") as f:
+        names = [n for n, _, _ in vmcore.read_headers(f)[1]]
+    assert names == [b"CORE", b"CORE", b"VMCOREINFO"]

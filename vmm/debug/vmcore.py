@@ -97,7 +97,7 @@ class VmcoreReport:
     path: str
     size: int  # file size
     segments: list[Segment]
-    ram_bytes: int  # guest RAM bytes written (every region)
+    ram_bytes: int  # guest RAM bytes written, every PT_LOAD (RAM regions + the image alias)
     hole_bytes: int  # of the written bytes, all-zero chunks left as file holes
     cpus: int
     vmcoreinfo: str = field(repr=False, default="")

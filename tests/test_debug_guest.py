@@ -138,3 +138,36 @@ def test_cli_dump(tmp_path, monkeypatch, capsys):
     with open(out, "rb") as f:
         names = [n for n, _, _ in vmcore.read_headers(f)[1]]
     assert names == [b"CORE", b"CORE", b"VMCOREINFO"]
+
+
+def test_gdb_reads_threads_registers_and_writes_through_the_stub(machine):
+    import shutil
+    import subprocess
+
+    if shutil.which("gdb") is None:
+        pytest.skip("gdb is not installed")
+    stub = machine.gdb_server()
+    try:
+        # Held here, the stub's freeze joins this one: gdb sees these registers.
+        with machine.freeze() as snap:
+            live = machine.live(snap)
+            release = live.address_of("init_uts_ns", "name.release", type="struct uts_namespace")
+            clock = live.per_cpu_address("runqueues", 1, "scx.clock")
+            rips = [v.regs.rip for v in snap.vcpus]
+            cmds = ["set architecture i386:x86-64", f"target remote 127.0.0.1:{stub.port}",
+                    "info threads", f"x/s {release:#x}", "p/x $rip", "thread 2", "p/x $rip",
+                    f"set {{unsigned long}}{clock:#x} = 0x1122334455667788",
+                    f"x/gx {clock:#x}", f"x/gx 0x{0xdead << 48:x}", "detach"]
+            args = ["gdb", "-batch", "-nx"] + [a for c in cmds for a in ("-ex", c)]
+            out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        text = out.stdout + out.stderr
+        print(text)
+        assert "vCPU 0" in text and "vCPU 1" in text
+        assert '"0.0.0-vmm-guest"' in text
+        assert f"$1 = {rips[0]:#x}" in text and f"$2 = {rips[1]:#x}" in text
+        assert "0x1122334455667788" in text
+        assert "Cannot access memory" in text  # a non-canonical address: an error, not a crash
+        assert machine.read("runqueues", "scx.clock", cpu=1) == 0x1122334455667788
+        assert stub.snapshot is None  # detach thawed the guest
+    finally:
+        stub.close()

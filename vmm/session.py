@@ -267,6 +267,12 @@ class Machine(builder.Machine):
         from .debug.machine import dump_core
         return dump_core(self, path)
 
+    def gdb_server(self, port: int = 0, host: str = "127.0.0.1") -> Any:
+        """A GDB remote stub on host:port (a thread): `gdb vmlinux -ex 'target remote
+        :PORT'`; the guest is frozen while gdb is stopped (vmm/debug/gdbstub.py)."""
+        from .debug.gdbstub import GdbStub
+        return GdbStub(self, host, port)
+
     def _finish(self, reason: str, exit_code: int, detail: str) -> None:
         if reason == "panic" and self.dump_on_panic and self.core_path is None and self.exit is None:
             from .debug.machine import dump_on_panic

@@ -171,3 +171,38 @@ def test_gdb_reads_threads_registers_and_writes_through_the_stub(machine):
         assert stub.snapshot is None  # detach thawed the guest
     finally:
         stub.close()
+
+
+def test_gdb_continue_thaws_and_interrupt_freezes(machine):
+    import socket
+    import time
+
+    from vmm.debug.gdbstub import frame
+
+    stub = machine.gdb_server()
+    try:
+        s = socket.create_connection(("127.0.0.1", stub.port), timeout=30)
+
+        def ask(payload):
+            s.sendall(frame(payload))
+            data = b""
+            while not (b"#" in data and len(data) >= data.index(b"#") + 3):
+                data += s.recv(4096)
+            return data[data.index(b"$") + 1:data.index(b"#")]
+
+        assert ask(b"?").startswith(b"T05")
+        assert ask(b"Z0,ffffffff81000000,1") == b"E01"  # no breakpoints: refused, not faked
+        s.sendall(frame(b"c"))
+        deadline = time.monotonic() + 10
+        while stub.snapshot is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stub.snapshot is None  # running
+        s.sendall(b"\x03")
+        data = b""
+        while b"#" not in data:
+            data += s.recv(4096)
+        assert b"$T02thread:1;" in data and stub.snapshot is not None  # frozen again
+        assert ask(b"D") == b"OK"
+        s.close()
+    finally:
+        stub.close()

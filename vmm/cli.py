@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("spec")
     for p in (kern,):
         p.add_argument("--json", action="store_true")
-    from .debug.cli import add_parser as add_dump_parser  # `vmm dump` (vmm/debug/cli.py)
+    from .debug.cli import add_parser as add_dump_parser  # `vmm dump`, `vmm gdb`
     add_dump_parser(sub, _add_machine_options)
     return parser
 
@@ -220,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_kernel(args)
         if args.command in ("run", "inject"):
             return cmd_run(args, inject=args.command == "inject" or args.inject_scx)
-        if args.command == "dump":
+        if args.command in ("dump", "gdb"):
             from .debug.cli import run as cmd_dump
             return cmd_dump(args)
     except VmmError as exc:

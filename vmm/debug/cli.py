@@ -29,10 +29,20 @@ def add_parser(sub: Any, add_machine_options: Callable[[argparse.ArgumentParser]
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="do not stream the console")
 
+    g = sub.add_parser("gdb", help="boot, then serve gdb's remote protocol (target remote)")
+    add_machine_options(g)
+    g.add_argument("--port", type=int, default=1234, help="TCP port on 127.0.0.1 (default 1234)")
+    g.add_argument("--wait-for", default=None,
+                   help="console regex to wait for before serving (default: 'Run /init ...')")
+    g.add_argument("--quiet", action="store_true", help="do not stream the console")
+
 
 def run(args: argparse.Namespace) -> int:
     from vmm.errors import VmmError
     from vmm.session import INIT_MARKER, Machine
+
+    if args.command == "gdb":
+        return run_gdb(args)
 
     stream = None if args.quiet or args.json else sys.stdout.buffer
     m = Machine(args.kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
@@ -70,3 +80,26 @@ def run(args: argparse.Namespace) -> int:
                 print(f"vmm: {result[k]}", file=sys.stderr)
         print(f"vmm: {end}", file=sys.stderr)
     return status
+
+
+def run_gdb(args: argparse.Namespace) -> int:
+    from vmm.session import INIT_MARKER, Machine
+
+    m = Machine(args.kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
+                initrd=args.initrd, console=None if args.quiet else sys.stdout.buffer,
+                timeout=args.timeout)
+    m.start()
+    try:
+        m.wait_for_console(args.wait_for or (INIT_MARKER if m.is_linux else r"cpus up"),
+                           timeout=args.timeout)
+        stub = m.gdb_server(port=args.port)
+        vmlinux = m._vmlinux_path or args.kernel
+        print(f"vmm: gdb stub on 127.0.0.1:{stub.port}: gdb {vmlinux} -ex 'target remote "
+              f":{stub.port}' (Ctrl-C here stops the VM)", file=sys.stderr, flush=True)
+        end = m.wait()
+    except KeyboardInterrupt:
+        end = m.stop()
+    finally:
+        m.stop()
+    print(f"vmm: {end}", file=sys.stderr)
+    return 0

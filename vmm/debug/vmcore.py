@@ -5,7 +5,7 @@
                      then one PT_LOAD for the kernel image (vaddr = its runtime
                      address, as kdump writes it: crash derives phys_base from it),
                      then one PT_LOAD per RAM region (paddr = guest-physical address,
-                     vaddr = its direct-map address)
+                     vaddr = its direct-map address), p_align 0 as in kdump's
     notes:           one NT_PRSTATUS ("CORE") per vCPU, registers from the freeze
                      snapshot, then "VMCOREINFO" (type 0)
     data:            each PT_LOAD's bytes at a page-aligned file offset
@@ -134,8 +134,11 @@ def layout(segments: list[Segment], notes_size: int) -> tuple[bytes, int]:
                                EHDR_SIZE, 0, 0, EHDR_SIZE, PHDR_SIZE, phnum, 0, 0, 0)
     phdrs = struct.pack("<IIQQQQQQ", PT_NOTE, 0, notes_off, 0, 0, notes_size, notes_size, 0)
     for seg in segments:
+        # p_align 0, as the kernel's own /proc/vmcore has it: crash tells a kdump vmcore
+        # (whose VMCOREINFO it honours: KERNELOFFSET, phys_base) from an old netdump
+        # one by exactly that (or by an unaligned first p_offset).
         phdrs += struct.pack("<IIQQQQQQ", PT_LOAD, PF_R | PF_W | PF_X, seg.offset,
-                             seg.vaddr, seg.paddr, seg.size, seg.size, PAGE)
+                             seg.vaddr, seg.paddr, seg.size, seg.size, 0)
     return ehdr + phdrs, notes_off
 
 

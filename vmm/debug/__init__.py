@@ -11,3 +11,5 @@ writer), drgn_program (drgn.Program set-up), machine (what session.Machine calls
 
 from vmm.debug.vmcore import PrStatus, VmcoreError, VmcoreReport  # noqa: F401
 from vmm.debug.vmcoreinfo import VmcoreInfo  # noqa: F401
+
+__all__ = ["PrStatus", "VmcoreError", "VmcoreInfo", "VmcoreReport"]

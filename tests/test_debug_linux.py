@@ -66,7 +66,7 @@ def linux():
     except Exception:
         m.stop()
         raise
-    print(f"\nLinux {art.version}: 'Run /init' after {time.monotonic() - t0:.1f} s")
+    print(f"\n{art.name}: 'Run /init' after {time.monotonic() - t0:.1f} s")
     m.art = art
     yield m
     m.stop()

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything vmm needs on a fresh Debian machine, idempotently:
 # system packages (compiler, pahole for BTF, kernel build tools, QEMU for the
-# side-by-side benchmarks) and the Python package itself with its test extras.
+# side-by-side benchmarks, crash to open our vmcores) and the Python package itself
+# with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(gcc make libc6-dev dwarves cpio zstd xz-utils lz4 bzip2 flex bison bc
-      libelf-dev libssl-dev busybox-static qemu-system-x86 ca-certificates)
+      libelf-dev libssl-dev busybox-static qemu-system-x86 ca-certificates crash)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -28,7 +28,8 @@ FLOORS = [
     ("vmm.runtime",),
     ("vmm.kernel",),
     ("vmm.ops",),
-    ("vmm", "vmm.session", "vmm.cli", "vmm.pytest_plugin", "vmm.kernelstore", "vmm.__main__"),
+    ("vmm", "vmm.session", "vmm.cli", "vmm.pytest_plugin", "vmm.kernelstore", "vmm.__main__",
+     "vmm.debug"),
 ]
 FLOOR_NAMES = ["_native", "errors", "arch", "kvm", "machine", "runtime", "kernel", "ops", "top"]
 

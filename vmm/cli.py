@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (kf, kb, kp, ksub.choices["list"]):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the result as JSON")
+    from .debug.cli import add_parser as add_dump_parser  # `vmm dump`, `vmm gdb`
+    add_dump_parser(sub, _add_machine_options)
     return parser
 
 
@@ -227,18 +229,31 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def default_kernel(kernel: Optional[str]) -> str:
+    """--kernel as given, else the kernel build tree the current directory is in (as
+    virtme-ng does); UsageError when there is neither."""
+    if kernel is not None:
+        return kernel
+    from .kernel.locate import find_build_tree
+    tree = find_build_tree(os.getcwd())
+    if tree is None:
+        raise UsageError("say which kernel: --kernel PATH|build[:VERSION]|debian "
+                         "(or run vmm inside a kernel build tree)")
+    return str(tree)
+
+
+def machine_options(args: argparse.Namespace) -> dict:
+    """The Machine keyword arguments that _add_machine_options' flags give (kernel aside)."""
+    return dict(cpus=args.cpus, memory=args.memory, cmdline=args.cmdline, initrd=args.initrd,
+                timeout=args.timeout, vmlinux=args.vmlinux, system_map=args.system_map,
+                check_config=args.config_check,
+                boot_via_decompressor=args.boot_via_decompressor)
+
+
 def cmd_run(args: argparse.Namespace, inject: bool) -> int:
     from .session import run_session
 
-    kernel = args.kernel
-    if kernel is None:
-        # In a kernel build tree, boot that tree's kernel (as virtme-ng does).
-        from .kernel.locate import find_build_tree
-        tree = find_build_tree(os.getcwd())
-        if tree is None:
-            raise UsageError("say which kernel: --kernel PATH|build[:VERSION]|debian "
-                             "(or run vmm inside a kernel build tree)")
-        kernel = str(tree)
+    kernel = default_kernel(args.kernel)
     report = run_session(
         kernel=kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
         initrd=args.initrd, timeout=args.timeout, inject_scx=inject,
@@ -271,6 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_kernel(args)
         if args.command in ("run", "inject"):
             return cmd_run(args, inject=args.command == "inject" or args.inject_scx)
+        if args.command in ("dump", "gdb"):
+            from .debug.cli import run as cmd_dump
+            args.kernel = default_kernel(args.kernel)
+            return cmd_dump(args, machine_options(args))
     except UsageError as exc:
         print(f"vmm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

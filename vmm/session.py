@@ -339,6 +339,33 @@ class Machine(builder.Machine):
                             freeze_latency_us=snap.latency_ns / 1000,
                             apply_us=written.apply_seconds * 1e6)
 
+    # --- kernel debuggers (vmm/debug) ---------------------------------------------------
+    dump_on_panic: Optional[str] = None  # set to a path: a panic writes a vmcore there
+    core_path: Optional[str] = None      # the vmcore written on panic, if any
+
+    def drgn(self, vmlinux: Any = None) -> Any:
+        """A drgn.Program over the guest's memory (reads inside ``with m.freeze():``
+        are consistent). Needs drgn (`pip install drgn`) and a vmlinux with DWARF."""
+        from .debug.machine import drgn_program
+        return drgn_program(self, vmlinux)
+
+    def dump_core(self, path: Any) -> Any:
+        """Write an ELF vmcore (drgn and crash open it) while frozen -> VmcoreReport."""
+        from .debug.machine import dump_core
+        return dump_core(self, path)
+
+    def gdb_server(self, port: int = 0, host: str = "127.0.0.1") -> Any:
+        """A GDB remote stub on host:port (a thread): `gdb vmlinux -ex 'target remote
+        :PORT'`; the guest is frozen while gdb is stopped (vmm/debug/gdbstub.py)."""
+        from .debug.gdbstub import GdbStub
+        return GdbStub(self, host, port)
+
+    def _finish(self, reason: str, exit_code: int, detail: str) -> None:
+        if reason == "panic" and self.dump_on_panic and self.core_path is None and self.exit is None:
+            from .debug.machine import dump_on_panic
+            detail += dump_on_panic(self, self.dump_on_panic)
+        super()._finish(reason, exit_code, detail)
+
 
 @dataclass
 class ScxCpuRow:

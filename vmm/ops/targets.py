@@ -10,7 +10,7 @@ kernel's symbols and BTF and the live guest's page tables; nothing here writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from ..errors import TargetError, VmmError
 
@@ -79,6 +79,12 @@ class KernelTarget:
     def gpa(address: int, size: Optional[int] = None) -> "Gpa":
         """A guest-physical address."""
         return Gpa(address, size)
+
+    @staticmethod
+    def from_drgn(obj: Any) -> "Typed":
+        """A drgn object in kernel memory (``cpu_rq(prog, 1).scx.flags``): its address
+        and type, checked against the kernel's BTF (same name, same size) when resolved."""
+        return Typed.from_drgn(obj)
 
 
 def _check_size(size: Optional[int]) -> None:
@@ -186,11 +192,76 @@ class Gpa(KernelTarget):
         return f"gpa {self.address:#x}"
 
 
+@dataclass(frozen=True)
+class Typed(KernelTarget):
+    """A kernel virtual address holding an object of a named C type (from a debugger
+    such as drgn), checked against BTF: the type must exist there with the same size."""
+
+    address: int
+    type_name: str
+    size: int
+    what: str = ""
+    pointer: bool = False  # a pointer type: BTF has no name for it, only its size is checked
+
+    def __post_init__(self) -> None:
+        _check_size(self.size)
+
+    @staticmethod
+    def from_drgn(obj: Any) -> "Typed":
+        # Duck-typed (drgn.Object: address_, type_, bit_field_size_): vmm.ops does not
+        # import drgn.
+        try:
+            address, type_ = obj.address_, obj.type_
+        except AttributeError:
+            raise TargetError(f"{obj!r} is not a drgn.Object") from None
+        name = type_.type_name()
+        if address is None:
+            raise TargetError(f"drgn object of type {name} is a value, not an object in "
+                              f"kernel memory: nothing to write to")
+        if getattr(obj, "bit_field_size_", None):
+            raise TargetError(f"drgn object at {address:#x} is a {obj.bit_field_size_}-bit "
+                              f"bit field of {name}: whole-byte writes cannot target it")
+        import drgn  # present: obj is a drgn.Object
+
+        size = drgn.sizeof(type_)
+        kind = drgn.TypeKind
+        t = type_
+        while t.kind == kind.TYPEDEF and t.name is None:
+            t = t.type
+        return Typed(address, name, size, f"drgn {name} at {address:#x}",
+                     pointer=t.kind == kind.POINTER)
+
+    def resolve(self, resolver: Resolver) -> Location:
+        btf = getattr(resolver, "btf", None)
+        if btf is None:
+            raise TargetError(f"{self}: checking a typed target needs the kernel's BTF")
+        if self.pointer:
+            if self.size != 8:
+                raise TargetError(f"{self}: a pointer of {self.size} bytes on x86-64")
+        else:
+            try:
+                t = btf.type(self.type_name)
+            except VmmError as exc:
+                raise TargetError(f"{self}: type {self.type_name!r} is not in the kernel's "
+                                  f"BTF ({exc}): is this drgn Program the same kernel?") from exc
+            if btf.sizeof(t) != self.size:
+                raise TargetError(f"{self}: {self.type_name} is {self.size} bytes to the "
+                                  f"debugger but {btf.sizeof(t)} bytes in the kernel's BTF")
+        loc = resolver.locate_kva(self.address, self.size)
+        return Location(loc.gpa, self.size,
+                        f"{self.what or self} ({self.type_name}, {self.size} bytes at kva "
+                        f"{self.address:#x})", kva=self.address, type_name=self.type_name)
+
+    def __str__(self) -> str:
+        return f"({self.type_name}) kva {self.address:#x}"
+
+
 KernelTarget.Symbol = Symbol  # type: ignore[attr-defined]
 KernelTarget.Field = Field  # type: ignore[attr-defined]
 KernelTarget.PerCpu = PerCpu  # type: ignore[attr-defined]
 KernelTarget.Kva = Kva  # type: ignore[attr-defined]
 KernelTarget.Gpa = Gpa  # type: ignore[attr-defined]
+KernelTarget.Typed = Typed  # type: ignore[attr-defined]
 
 
 def as_target_error(target: KernelTarget, exc: VmmError) -> TargetError:

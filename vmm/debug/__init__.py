@@ -1,0 +1,15 @@
+"""Hand the guest to kernel debuggers: drgn on the live guest, ELF vmcores for drgn/crash.
+
+Session level: imports vmm.kernel, vmm.runtime, vmm.ops; nothing below imports it.
+
+    prog = machine.drgn()                 # drgn.Program over guest-physical memory
+    machine.dump_core("vmcore")           # ELF vmcore: VMCOREINFO, PRSTATUS per vCPU, RAM
+
+Modules: vmcoreinfo (the note's text from our introspection), vmcore (the ELF
+writer), drgn_program (drgn.Program set-up), machine (what session.Machine calls).
+"""
+
+from vmm.debug.vmcore import PrStatus, VmcoreError, VmcoreReport  # noqa: F401
+from vmm.debug.vmcoreinfo import VmcoreInfo  # noqa: F401
+
+__all__ = ["PrStatus", "VmcoreError", "VmcoreInfo", "VmcoreReport"]

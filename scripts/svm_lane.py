@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -61,7 +62,7 @@ from vmm import kernelstore as ks  # noqa: E402  (the private apt helpers we reu
 from vmm.machine import initramfs  # noqa: E402  (the newc cpio writer)
 
 LANE_FAILED = 125
-RECIPE = 1  # bump when the layout or the init changes: a cache of another recipe is rebuilt
+RECIPE = 1  # bump when the cache layout changes: a cache of another recipe is fetched again
 SUITES = ("bookworm", "bookworm-backports")
 QEMU_RELEASE = "bookworm-backports"  # QEMU 10 (bookworm's own 7.2 breaks nested SVM)
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-data", "seabios")
@@ -78,8 +79,11 @@ L1_MODULES = (
 # the tmpfs overlay the rest).
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY = "6G"
-# The host environment passed into L1 besides PATH/HOME/LANG/PYTHONUNBUFFERED.
-PASS_ENV = re.compile(r"^(PYTHONPATH|VMM_[A-Z0-9_]+|PYTEST_ADDOPTS|CI)$")
+# The host environment passed into L1 besides PATH/HOME/LANG/PYTHONUNBUFFERED: L1's root
+# is the host's own, so the caller's Python (a virtualenv, pyenv) is found there as here.
+PASS_ENV = re.compile(r"^(PYTHONPATH|PYTHONDONTWRITEBYTECODE|VIRTUAL_ENV|PYENV_[A-Z_]+|VMM_[A-Z0-9_]+"
+                      r"|PYTEST_ADDOPTS|CI)$")
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MARK = "svm-lane:"
 
 
@@ -275,9 +279,12 @@ def _fetch_l1_kernel(apt: LaneApt, dest: Path) -> tuple[str, dict, list[tuple[st
 
     for name in L1_MODULES:
         add(name)
-    modules = [(k, found[k]) for k in order]
+    (dest / "modules").mkdir(exist_ok=True)
+    for key in order:
+        (dest / "modules" / f"{key}.ko").write_bytes(found[key])
+    (dest / "modules" / "order").write_text("\n".join(order) + "\n")
     shutil.rmtree(dest / "ko")  # the other ~3000 modules: not needed
-    return release, prov, modules
+    return release, prov, order
 
 
 # --------------------------------------------------------------------------------------
@@ -314,14 +321,13 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroo
 mount -t tmpfs -o mode=0755 tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot || fail "overlay on the host root"
-for d in proc sys dev run tmp; do mkdir -p /newroot/$d; done
+for d in proc sys dev run; do mkdir -p /newroot/$d; done
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mkdir -p /newroot/run/svm-lane
 mount --move /io /newroot/run/svm-lane
@@ -332,17 +338,26 @@ reboot -f
 """
 
 
-def _busybox(apt: LaneApt, dest: Path) -> tuple[bytes, dict]:
+def _busybox(apt: LaneApt, dest: Path) -> dict:
     deb, prov = apt.download("busybox-static")
     files = ks._deb_members(deb, lambda n: "busybox" if n.endswith("/bin/busybox") else None, dest)
     if "busybox" not in files:
         raise LaneError(f"{deb.name} holds no bin/busybox")
-    data = files["busybox"].read_bytes()
-    files["busybox"].unlink()
-    return data, prov
+    return prov
 
 
-def _build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]], qemu_version: str) -> bytes:
+def _init_text(qemu_version: str) -> str:
+    return INIT.replace("@QEMU@", qemu_version)
+
+
+def _init_hash(qemu_version: str) -> str:
+    return hashlib.sha256(_init_text(qemu_version).encode()).hexdigest()[:12]
+
+
+def _build_initramfs(l1: Path, qemu_version: str) -> Path:
+    """l1/initramfs.cpio.gz from l1/busybox, l1/modules/ and INIT (cheap: no network)."""
+    modules = (l1 / "modules" / "order").read_text().split()
+    busybox = (l1 / "busybox").read_bytes()
     entries = [
         initramfs.directory("dev"),
         initramfs.char_device("dev/console", 5, 1),
@@ -350,11 +365,16 @@ def _build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]], qemu_vers
         initramfs.directory("sys"),
         initramfs.directory("bin"),
         initramfs.file("bin/busybox", busybox, 0o755),
-        initramfs.file("init", INIT.replace("@QEMU@", qemu_version).encode(), 0o755),
-        initramfs.file("modules", "\n".join(name for name, _ in modules).encode() + b"\n"),
+        initramfs.file("init", _init_text(qemu_version).encode(), 0o755),
+        initramfs.file("modules", "\n".join(modules).encode() + b"\n"),
     ]
-    entries += [initramfs.file(f"lib/modules/{name}.ko", data) for name, data in modules]
-    return initramfs.create_initramfs(entries)
+    entries += [initramfs.file(f"lib/modules/{name}.ko", (l1 / "modules" / f"{name}.ko").read_bytes())
+                for name in modules]  # fmt: skip
+    image = l1 / "initramfs.cpio.gz"
+    tmp = image.with_suffix(".tmp")
+    tmp.write_bytes(initramfs.create_initramfs(entries))
+    tmp.replace(image)
+    return image
 
 
 # --------------------------------------------------------------------------------------
@@ -373,11 +393,22 @@ def _read_manifest(root: Path) -> dict | None:
     return data
 
 
+def _write_manifest(root: Path, manifest: dict) -> None:
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(root / "manifest.json")  # atomic: a manifest means "complete"
+
+
 def setup(force: bool = False) -> dict:
     """Fetch and prepare everything once; later calls read the manifest (no network)."""
     root = cache_dir()
     with _lock(root):
         cached = None if force else _read_manifest(root)
+        if cached and cached.get("init") != _init_hash(cached["qemu_version"]):
+            log("the L1 init changed: rebuilding the initramfs")
+            _build_initramfs(root / "l1", cached["qemu_version"])
+            cached["init"] = _init_hash(cached["qemu_version"])
+            _write_manifest(root, cached)
         if cached:
             return cached
         t0 = time.monotonic()
@@ -394,10 +425,8 @@ def setup(force: bool = False) -> dict:
         l1 = root / "l1"
         release, prov, modules = _fetch_l1_kernel(bookworm, l1)
         packages.append(prov)
-        busybox, prov = _busybox(bookworm, l1)
-        packages.append(prov)
-        image = l1 / "initramfs.cpio.gz"
-        image.write_bytes(_build_initramfs(busybox, modules, qemu_version))
+        packages.append(_busybox(bookworm, l1))
+        image = _build_initramfs(l1, qemu_version)
         manifest = {
             "recipe": RECIPE,
             "qemu": str(wrapper),
@@ -405,13 +434,12 @@ def setup(force: bool = False) -> dict:
             "l1_release": release,
             "vmlinuz": str(l1 / "vmlinuz"),
             "initramfs": str(image),
-            "modules": [name for name, _ in modules],
+            "modules": modules,
+            "init": _init_hash(qemu_version),
             "packages": packages,
             "seconds": round(time.monotonic() - t0, 1),
         }
-        tmp = root / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        tmp.replace(root / "manifest.json")  # atomic: a manifest means "complete"
+        _write_manifest(root, manifest)
         log(f"set up in {manifest['seconds']} s: QEMU {qemu_version}, L1 Linux {release}")
         return manifest
 
@@ -419,9 +447,10 @@ def setup(force: bool = False) -> dict:
 # --------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------
-def _run_script(cmd: list[str], cwd: str, identity_env: bool = True) -> str:
+def _run_script(cmd: list[str], cwd: str) -> str:
+    path = [p for p in os.environ.get("PATH", "").split(":") if p.startswith("/")]
     env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": ":".join(dict.fromkeys(path + list(SYSTEM_PATH))),
         "HOME": os.environ.get("HOME", "/root"),
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
@@ -446,7 +475,7 @@ def qemu_command(manifest: dict, io: Path, cpus: int, memory: str) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
         "-serial", "stdio", "-no-reboot",
         "-kernel", manifest["vmlinuz"], "-initrd", manifest["initramfs"],
-        "-append", "console=ttyS0 quiet panic=-1 oops=panic mitigations=off",
+        "-append", "console=ttyS0 loglevel=3 panic=-1 oops=panic mitigations=off",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={io},mount_tag=laneio,security_model=none,multidevs=remap",
     ]  # fmt: skip

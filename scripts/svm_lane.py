@@ -475,7 +475,7 @@ def qemu_command(manifest: dict, io: Path, cpus: int, memory: str) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
         "-serial", "stdio", "-no-reboot",
         "-kernel", manifest["vmlinuz"], "-initrd", manifest["initramfs"],
-        "-append", "console=ttyS0 loglevel=3 panic=-1 oops=panic mitigations=off",
+        "-append", "console=ttyS0 quiet panic=-1 oops=panic mitigations=off",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={io},mount_tag=laneio,security_model=none,multidevs=remap",
     ]  # fmt: skip
@@ -502,19 +502,35 @@ def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAUL
             timer = threading.Timer(timeout, expire)
             timer.start()
         started_cmd = None
+
+        def show(line: str) -> None:
+            nonlocal started_cmd
+            if line.rstrip().endswith("reboot: Restarting system"):
+                return  # the init's own reboot -f: not the command's output
+            if line.startswith(f"{MARK} L1 up") and started_cmd is None:
+                started_cmd = time.monotonic() - t0
+                if quiet_identity:
+                    return
+                line = line.rstrip("\n") + f" (QEMU started {started_cmd:.1f} s ago)\n"
+            sys.stdout.write(line)
+
         try:
             assert proc.stdout is not None
-            for raw in iter(proc.stdout.readline, b""):
-                line = raw.decode(errors="replace").replace("\r", "")
-                if line.rstrip().endswith("reboot: Restarting system"):
-                    continue  # the init's own reboot -f: not the command's output
-                if line.startswith(f"{MARK} L1 up") and started_cmd is None:
-                    started_cmd = time.monotonic() - t0
-                    if quiet_identity:
-                        continue
-                    line = line.rstrip("\n") + f" (QEMU started {started_cmd:.1f} s ago)\n"
-                sys.stdout.write(line)
+            pending = ""
+            # Chunks, not lines: pytest's progress dots come without a newline.
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                pending += chunk.decode(errors="replace").replace("\r", "")
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    show(line + "\n")
+                # A partial line goes out now unless it may be one we rewrite or drop.
+                if pending and not pending.startswith(("svm-lane"[: len(pending)], "[")):
+                    sys.stdout.write(pending)
+                    pending = ""
                 sys.stdout.flush()
+            if pending:
+                show(pending)
+            sys.stdout.flush()
             proc.wait()
         except KeyboardInterrupt:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -112,7 +112,7 @@ def boot_figures(rounds: int) -> None:
 
     art = _kernel()
     kernel, initrd = str(art.boot_image), str(build_initramfs("spin"))
-    print(f"\n1. boot to {RUN_INIT!r}: Linux {art.version} ({os.path.basename(kernel)}, our "
+    print(f"\n1. boot to {RUN_INIT!r}: {art.name} ({os.path.basename(kernel)}, our "
           f"sched_ext build), spin initramfs, {CPUS} vCPUs, {MEMORY_MB} MiB; {rounds} rounds")
     print(f"   {'round':5} {'vmm total':>10} {'= import':>9} {'+ load':>8} {'+ guest':>8}"
           f"   {'QEMU microvm':>12}   (seconds)")

@@ -1,0 +1,214 @@
+"""Figures on hardware virtualization, side by side with QEMU, in one run (`make bench-svm`).
+
+Meant to run inside the SVM lane (scripts/svm_lane.py: emulated AMD SVM under QEMU 10
+TCG), where vmm and QEMU 10 `-M microvm -accel kvm` (the lane's own QEMU, visible in
+L1 through the shared host root) use the same /dev/kvm.  It runs on any VMX/SVM host
+too (with the system's qemu-system-x86_64 unless VMM_QEMU names another).
+
+    python benchmarks/lane_bench.py [--rounds 2] [--cycles 200] [--qmp-rounds 100]
+
+Prints:
+  1. boot of the same kernel + initramfs to "Run /init": vmm (split into Python import,
+     image load + VM build, guest boot) vs QEMU -M microvm -accel kvm;
+  2. freeze (request -> every vCPU parked) and freeze+thaw round trip, vmm, vs QMP
+     stop and stop+cont, QEMU, on our test guest spinning in ring 3 at 1, 2, 4 vCPUs.
+Absolute figures under emulated SVM are far above those of real hardware (every L2
+exit goes through L1's KVM, itself emulated by TCG); the ratios are what carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import qemu_peer  # noqa: E402  (QEMU command line and the QMP client)
+from bench_freeze import percentile  # noqa: E402
+
+GUEST = os.path.join(ROOT, "kernels/guests/out/guest.elf")
+RUN_INIT = "Run /init as init process"
+CPUS = 2
+MEMORY_MB = 512
+
+# The vmm side of a boot, in a fresh process so that Python start-up and imports count:
+# prints monotonic timestamps (one clock for both processes) as JSON.
+VMM_BOOT = r"""
+import json, sys, time
+t_exec = time.monotonic()
+from vmm import Machine
+t_import = time.monotonic()
+kernel, initrd, cpus, memory = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+m = Machine(kernel=kernel, initrd=initrd, cpus=cpus, memory=memory, timeout=1200)
+m.start()
+t_started = time.monotonic()
+m.wait_for_console(r"Run /init as init process", timeout=1200)
+t_init = time.monotonic()
+cmdline = m.cmdline
+m.stop()
+print(json.dumps(dict(exec=t_exec, imported=t_import, started=t_started, init=t_init,
+                      cmdline=cmdline)))
+"""
+
+
+def _kernel():
+    from vmm import kernelstore as ks
+
+    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
+    for art in ks.list_kernels():
+        if art.name == wanted:
+            return art
+    sys.exit(f"kernel {wanted} is not built: run `make kernel-build`")
+
+
+def vmm_boot(kernel: str, initrd: str) -> dict:
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", VMM_BOOT, kernel, initrd, str(CPUS), f"{MEMORY_MB}M"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=1500)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"vmm boot failed: {out.stderr[-2000:]}")
+    t = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "import": t["imported"] - t0,  # exec + interpreter start + `from vmm import Machine`
+        "load": t["started"] - t["imported"],  # Machine(): image load, VM build, vCPUs started
+        "guest": t["init"] - t["started"],  # the guest's own boot to "Run /init"
+        "total": t["init"] - t0,
+        "cmdline": t["cmdline"],
+    }
+
+
+def qemu_boot(kernel: str, initrd: str, cmdline: str) -> float:
+    """Seconds from exec to "Run /init" on QEMU's serial console (same kernel, initrd,
+    command line, vCPUs and memory as vmm's boot)."""
+    cmd = qemu_peer._base_cmd(kernel, cmdline, CPUS, MEMORY_MB)
+    cmd[cmd.index("-serial") + 1] = "stdio"
+    cmd += ["-initrd", initrd]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    tail = []
+    try:
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode(errors="replace")
+            tail = (tail + [line])[-20:]
+            if RUN_INIT in line:
+                return time.monotonic() - t0
+        raise RuntimeError(f"QEMU ended before {RUN_INIT!r}: {''.join(tail)}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def boot_figures(rounds: int) -> None:
+    from vmm.machine.initramfs import build_initramfs
+
+    art = _kernel()
+    kernel, initrd = str(art.boot_image), str(build_initramfs("spin"))
+    print(f"\n1. boot to {RUN_INIT!r}: {art.name} ({os.path.basename(kernel)}, our "
+          f"sched_ext build), spin initramfs, {CPUS} vCPUs, {MEMORY_MB} MiB; {rounds} rounds")
+    print(f"   {'round':5} {'vmm total':>10} {'= import':>9} {'+ load':>8} {'+ guest':>8}"
+          f"   {'QEMU microvm':>12}   (seconds)")
+    ours, theirs = [], []
+    for r in range(1, rounds + 1):
+        v = vmm_boot(kernel, initrd)
+        q = qemu_boot(kernel, initrd, v["cmdline"]) if qemu_peer.qemu_available() else None
+        ours.append(v)
+        theirs.append(q)
+        qs = f"{q:12.2f}" if q is not None else f"{'-':>12}"
+        print(f"   {r:5d} {v['total']:10.2f} {v['import']:9.2f} {v['load']:8.2f} {v['guest']:8.2f}"
+              f"   {qs}", flush=True)
+    print(f"   vmm command line: {ours[0]['cmdline']}")
+    if all(q is not None for q in theirs):
+        best_v = min(v["total"] for v in ours)
+        best_g = min(v["guest"] for v in ours)
+        best_q = min(theirs)
+        print(f"   best: vmm {best_v:.2f} s from exec ({best_g:.2f} s guest boot alone), "
+              f"QEMU {best_q:.2f} s from exec")
+
+
+def _freeze_loop(cpus: int, cycles: int) -> tuple[list[float], list[float]]:
+    from vmm import Machine
+
+    m = Machine(kernel=GUEST, cpus=cpus, cmdline=f"mode=loop cpus={cpus} ring=3")
+    m.start()
+    try:
+        m.wait_for_console(rf"{cpus} cpus up", timeout=600)
+        time.sleep(0.5)
+        lat, rt = [], []
+        for _ in range(cycles):
+            t0 = time.perf_counter()
+            with m.freeze() as snap:
+                pass
+            rt.append(time.perf_counter() - t0)
+            lat.append(snap.latency_ns / 1e9)
+            time.sleep(0.001)  # let the guest run between cycles
+    finally:
+        m.stop()
+    return lat, rt
+
+
+def freeze_figures(cycles: int, qmp_rounds: int, cpu_counts=(1, 2, 4)) -> None:
+    print(f"\n2. freeze vs QMP stop, test guest spinning in ring 3 (mode=loop ring=3); vmm "
+          f"{cycles} cycles, QEMU {qmp_rounds} rounds; microseconds, p50 / p99")
+    print(f"   {'vCPUs':5} {'vmm freeze':>15} {'freeze+thaw':>15}   {'QMP stop':>15} "
+          f"{'stop+cont':>15}   {'round trip: vmm faster by':>25}")
+    for cpus in cpu_counts:
+        lat, rt = _freeze_loop(cpus, cycles)
+        res = qemu_peer.qmp_stop_cont(GUEST, f"mode=loop cpus={cpus} ring=3", cpus,
+                                      rounds=qmp_rounds, settle=10.0)  # fmt: skip
+
+        def pp(v):
+            return f"{percentile(v, 50) * 1e6:7.0f}/{percentile(v, 99) * 1e6:<7.0f}"
+
+        line = f"   {cpus:5d} {pp(lat):>15} {pp(rt):>15}   "
+        if res is None:
+            line += "QEMU not available"
+        else:
+            ratio = statistics.median(res["stop_cont"]) / statistics.median(rt)
+            line += f"{pp(res['stop']):>15} {pp(res['stop_cont']):>15}   {ratio:24.1f}x"
+        print(line, flush=True)
+
+
+def describe_host() -> str:
+    from vmm.kvm import is_pvm_host
+
+    lane = os.environ.get("VMM_SVM_LANE")
+    if lane:
+        return f"SVM lane: {lane}"
+    return "PVM (guest ring 0 emulated)" if is_pvm_host() else "hardware virtualization"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2, help="boot rounds (each side)")
+    ap.add_argument("--cycles", type=int, default=200, help="freeze cycles per vCPU count")
+    ap.add_argument("--qmp-rounds", type=int, default=100)
+    ap.add_argument("--skip-boot", action="store_true")
+    args = ap.parse_args(argv)
+    # The QEMU to compare with: the lane's QEMU 10 (the lane exports its path), else VMM_QEMU,
+    # else the system's.
+    qemu_peer.QEMU = os.environ.get("VMM_QEMU") or os.environ.get("VMM_SVM_QEMU") or qemu_peer.QEMU
+    qemu_version = "not available"
+    if qemu_peer.qemu_available():
+        out = subprocess.run([qemu_peer.QEMU, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"version (\S+)", out)
+        qemu_version = m.group(1) if m else "?"
+    print(f"host: {describe_host()}; {os.cpu_count()} CPUs")
+    print(f"peer: QEMU {qemu_version} ({qemu_peer.QEMU}), -M microvm -accel kvm")
+    t0 = time.monotonic()
+    if not args.skip_boot:
+        boot_figures(args.rounds)
+    freeze_figures(args.cycles, args.qmp_rounds)
+    print(f"\n(lane_bench: {time.monotonic() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

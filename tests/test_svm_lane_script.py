@@ -1,0 +1,73 @@
+"""scripts/svm_lane.py without booting anything: the pieces that decide what runs in L1."""
+
+import importlib.util
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lane():
+    spec = importlib.util.spec_from_file_location("svm_lane", ROOT / "scripts" / "svm_lane.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_modinfo_depends(lane):
+    ko = b"\x7fELF...\0license=GPL\0depends=kvm,ccp\0retpoline=Y\0name=kvm_amd\0"
+    assert lane._modinfo_depends(ko) == ["kvm", "ccp"]
+    assert lane._modinfo_depends(b"\0depends=\0name=irqbypass\0") == []
+    assert lane._modinfo_depends(b"no modinfo here") == []
+
+
+def test_run_script_runs_the_command_as_given(lane, tmp_path, monkeypatch):
+    """run.sh (what L1 executes after chroot) keeps every argument intact, runs in the
+    given directory with the sane environment and passes PYTHONPATH/VMM_* through."""
+    monkeypatch.setenv("PYTHONPATH", "/some/where")
+    monkeypatch.setenv("VMM_EXAMPLE", "a b")
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    monkeypatch.setenv("PATH", "/opt/py/bin:relative/bin:/usr/bin")
+    cmd = ["python3", "-c", "import os, sys; print(sys.argv[1:], os.getcwd())", "it's", "$HOME", "a  b"]
+    script = lane._run_script(cmd, str(tmp_path))
+    assert "UNRELATED_SECRET" not in script
+    assert "export PYTHONUNBUFFERED=1" in script and "export LANG=C.UTF-8" in script
+    assert "export PATH=/opt/py/bin:/usr/bin:/usr/local/sbin" in script  # relative entry dropped
+    # Run it here (without the lane's identity file): the command sees exactly its argv.
+    script = script.replace("$(cat /run/svm-lane/identity)", "test")
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{['it' + chr(39) + 's', '$HOME', 'a  b']} {tmp_path}"
+
+
+def test_run_script_status_is_the_commands(lane, tmp_path):
+    script = lane._run_script(["sh", "-c", "exit 7"], str(tmp_path)).replace(
+        "$(cat /run/svm-lane/identity)", "test")
+    assert subprocess.run(["sh", "-c", script]).returncode == 7
+    script = lane._run_script(["true"], str(tmp_path / "missing"))
+    assert subprocess.run(["sh", "-c", script.replace("$(cat /run/svm-lane/identity)", "")],
+                          stderr=subprocess.DEVNULL).returncode == 126
+
+
+def test_qemu_command_shares_the_host_root_read_only(lane, tmp_path):
+    manifest = {"qemu": "/q", "vmlinuz": "/k", "initramfs": "/i"}
+    argv = lane.qemu_command(manifest, tmp_path, 2, "6G")
+    joined = " ".join(shlex.quote(a) for a in argv)
+    assert "-cpu max,+svm,+npt" in joined and "-accel tcg,thread=multi" in joined
+    root = argv[argv.index("-virtfs") + 1]
+    assert root.startswith("local,path=/,") and "readonly=on" in root and "multidevs=remap" in root
+    assert "-netdev" not in argv and "-nic" not in argv  # no network in L1
+
+
+def test_missing_libraries_reads_depends(lane, monkeypatch):
+    have = {"libc6", "zlib1g"}
+    monkeypatch.setattr(lane, "_host_satisfies", lambda dep: dep.split()[0] in have)
+    depends = ("libc6 (>= 2.34), libfdt1 (>= 1.6.1), libfoo1 | libbar2, zlib1g (>= 1:1.2.0), "
+               "qemu-system-common (= 1:10.0.2), seabios (>> 1.16.3-1~)")
+    assert lane._missing_libraries(depends) == ["libfdt1", "libfoo1"]

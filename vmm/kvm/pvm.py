@@ -1,7 +1,7 @@
 """Detects a PVM host (/dev/kvm backed by kvm_pvm instead of VMX/SVM).
 
 There guest ring 0 is emulated and slow, and some instructions need user-space assists
-(see /work/shared/notes/kvm-on-this-host.md); real hosts take the plain path.
+(vmm/machine/pvm/ holds what it takes); real hosts take the plain path.
 """
 
 import os

@@ -1,7 +1,7 @@
 """KernelValue: the value payload of the kernel-memory write ops and the result of reads.
 
-The contract is ../shared/seed (the reference harness's ``KernelValue``). The variant
-picks both the width and the store primitive:
+The contract is docs/CONTRACTS.md, "vmm/ops" (the project's seed ``KernelValue``). The
+variant picks both the width and the store primitive:
 
 - ``U32(v)``  32-bit little-endian store: one instruction at a 4-byte aligned host
   address (atomic), a per-byte volatile loop otherwise (torn state observable to a

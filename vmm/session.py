@@ -1,6 +1,6 @@
 """The top of the stack: a Machine that knows its kernel, and the CLI's main job.
 
-``vmm.Machine`` = the machine builder (boot, devices, vCPU threads, freeze) plus the
+``vmm.Machine`` = vmm.runtime.Machine (boot, devices, vCPU threads, freeze) plus the
 kernel introspection (symbols, BTF) and the ops, so a kernel developer writes::
 
     with vmm.Machine(kernel="build:7.3", cpus=2) as m:
@@ -22,10 +22,10 @@ from typing import Any, Iterable, Optional
 
 from .errors import GuestBootError, KernelFeatureMissing, VmmError
 from .kvm.kvm import MSR_LSTAR
-from .machine import builder
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
 from .ops.resolve import LiveResolver
+from .runtime.machine import Machine as RunningMachine
 from .runtime.vcpu_thread import VcpuThread
 
 # What a real Linux kernel prints when it hands over to user space.
@@ -85,7 +85,7 @@ class _TrackedMemory:
         return f"<tracked {self._raw!r}>"
 
 
-class Machine(builder.Machine):
+class Machine(RunningMachine):
     """A VM running one kernel, with that kernel's symbols and types at hand.
 
     ``kernel`` is a vmlinux ELF or bzImage path, a directory holding them, or a store
@@ -115,6 +115,8 @@ class Machine(builder.Machine):
             from .kernel.locate import locate
             self.kernel_files = locate(kernel, vmlinux=vmlinux, system_map=system_map)
             boot = str(self.kernel_files.boot)
+        from .kernel import image_symbols
+        options.setdefault("symbol_table", image_symbols)  # names RIPs in crash reports
         super().__init__(boot, initrd=initrd, **options)
         self._vmlinux_path = vmlinux
         self._system_map_path = system_map

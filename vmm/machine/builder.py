@@ -1,4 +1,10 @@
-"""Machine: the one way to build, run, freeze and stop a VM.
+"""MachineBuilder: the assembly of a VM (vmm.runtime.Machine runs it).
+
+This floor only assembles: it validates the options, writes the kernel, initrd, boot
+parameters and tables into guest memory, creates the vCPUs and devices, dispatches
+exits to the buses and records why the VM ended. The running machine (vCPU threads,
+the console pump, the freeze coordinator) is vmm.runtime.machine.Machine, a subclass;
+symbolizing RIPs with the kernel's symbols is passed down as `symbol_table`.
 
 The build is a sequence of named steps, as in Firecracker's builder: create_vm,
 setup_memory, setup_irqchip, load_kernel, load_initrd, write_boot_params, write_tables,
@@ -58,13 +64,17 @@ class VmExit:
         return f"VM ended: {self.reason} (exit code {self.exit_code}): {self.detail}"
 
 
-class Machine:
-    """A KVM virtual machine running one kernel; see docs/CONTRACTS.md."""
+class MachineBuilder:
+    """A KVM virtual machine's assembly and exit dispatch; see docs/CONTRACTS.md.
+
+    `symbol_table`: a callable taking the kernel ELF's bytes and returning an object with
+    nearest(addr) -> (name, offset), used to name RIPs in internal-error reports (the
+    session passes vmm.kernel's; without one RIPs stay numbers)."""
 
     def __init__(self, kernel, cpus: int = 1, memory: int | str = "512M", cmdline: str | None = None,
                  initrd=None, console=None, timeout: float | None = None,
                  boot_via_decompressor: bool | None = None, topology=None, pvm_assists: bool = True,
-                 acpi: bool = True):
+                 acpi: bool = True, symbol_table: Callable[[bytes], object] | None = None):
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= L.MAX_CPUS:
             raise ConfigError(f"cpus must be an integer from 1 to {L.MAX_CPUS}, not {cpus!r}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
@@ -125,6 +135,7 @@ class Machine:
         self._teardown_lock = threading.Lock()
         self._pvm = None
         self._symbolizer = None
+        self._symbol_table = symbol_table
 
     # === public ===================================================================================
     @property
@@ -157,7 +168,7 @@ class Machine:
         """How the VM ended (None while it runs)."""
         return self._exit
 
-    def build(self) -> "Machine":
+    def build(self) -> "MachineBuilder":
         """Every build step but `start`, in order."""
         if self.vm is not None or self._torn_down:
             raise VmmError("this Machine was already built; build a new one")
@@ -171,33 +182,6 @@ class Machine:
         self.build_seconds = time.monotonic() - t0
         return self
 
-    def start(self) -> "Machine":
-        """Builds (if not yet built) and starts the vCPU threads; returns at once."""
-        if self.started_at is not None:
-            raise VmmError("this Machine was already started; build a new one")
-        try:
-            if self.vm is None:
-                self.build()
-            self._run_step("start")
-        except BaseException:
-            self._teardown()
-            raise
-        return self
-
-    def wait(self, timeout: float | None = None) -> VmExit:
-        """Blocks until the VM ends and returns why. When `timeout` seconds pass first the
-        VM is stopped with reason "timeout". Threads are joined and KVM resources freed."""
-        if self.started_at is None:
-            raise VmmError("wait() before start()")
-        if not self._done.wait(timeout):
-            self._finish("timeout", EXIT_CODE_CRASH, f"wait() timed out after {timeout:g} s")
-        self._teardown()
-        return self._exit
-
-    def run(self, timeout: float | None = None) -> VmExit:
-        self.start()
-        return self.wait(timeout)
-
     def stop(self) -> VmExit | None:
         """Stops the VM (reason "stopped" unless it had already ended) and frees it."""
         if self.started_at is not None:
@@ -207,23 +191,13 @@ class Machine:
 
     close = stop
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> "MachineBuilder":
         if self.started_at is None:
             self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def freeze(self, timeout: float = 30.0):
-        """Parks every vCPU; returns a FreezeSnapshot (a context manager that thaws)."""
-        if not self.running or self.coordinator is None:
-            raise VmmError("freeze() needs a running machine"
-                           + (f"; it ended: {self._exit}" if self._exit else ""))
-        return self.coordinator.freeze(timeout)
-
-    def thaw(self) -> None:
-        self.coordinator.thaw()
 
     def console_text(self) -> str:
         with self._console_lock:
@@ -509,27 +483,6 @@ class Machine:
         else:
             self.notes.append(f"the guest asked for ACPI sleep type {sleep_type}; ignored")
 
-    # `start` is both the public method and the last build step, whose body is _start.
-    def _start(self) -> None:
-        from vmm.runtime.console import ConsolePump
-        from vmm.runtime.freeze import FreezeCoordinator
-        from vmm.runtime.vcpu_thread import VcpuThread
-
-        self.pump = ConsolePump(self.vm, self._console_sink)
-        self.pump.start()
-        self.coordinator = FreezeCoordinator(self.vm, self.vcpus)
-        self.threads = [VcpuThread(self.vm, v, self) for v in self.vcpus]
-        self.started_at = time.monotonic()
-        for t in self.threads:
-            t.start()
-        for t in self.threads:
-            t.wait_started(5.0)
-        if self.timeout is not None:
-            self._timer = threading.Timer(self.timeout, self._finish, args=(
-                "timeout", EXIT_CODE_CRASH, f"the VM ran longer than its timeout of {self.timeout:g} s"))
-            self._timer.daemon = True
-            self._timer.start()
-
     # === exit handler protocol (vmm/runtime/vcpu_thread.py) ===========================================
     def io_in(self, vcpu_index: int, port: int, size: int) -> int:
         return self.port_bus.io_in(port, size, vcpu_index)
@@ -604,13 +557,18 @@ class Machine:
                 with self._console_lock:
                     tail = bytes(self._console[-CONSOLE_TAIL_BYTES:]).decode("utf-8", "replace")
                 self._exit = VmExit(reason, exit_code, detail, tail)
-        if self.vm is not None and self.vm.native is not None:
-            from vmm.runtime.vcpu_thread import request_stop
-
-            request_stop(self.vm)
+        self._request_stop()
         self._done.set()
         with self._console_changed:
             self._console_changed.notify_all()
+
+    def _request_stop(self) -> None:
+        """Asks every running vCPU to leave KVM_RUN: the running machine's part
+        (vmm.runtime.Machine); an assembly alone has no vCPU threads."""
+
+    def start(self) -> "MachineBuilder":
+        raise VmmError("a MachineBuilder only assembles a VM; run it as vmm.runtime.Machine "
+                       "(or vmm.Machine)")
 
     def _teardown(self) -> None:
         with self._teardown_lock:
@@ -619,10 +577,7 @@ class Machine:
             self._torn_down = True
         if self._timer is not None:
             self._timer.cancel()
-        if self.vm is not None and self.vm.native is not None:
-            from vmm.runtime.vcpu_thread import request_stop
-
-            request_stop(self.vm)
+        self._request_stop()
         me = threading.current_thread()
         for t in self.threads:
             if t is not me:
@@ -650,9 +605,8 @@ class Machine:
             self._symbolizer = False
             if self._elf is not None and self._bzimage is None:
                 try:
-                    from vmm.kernel import Kernel
-
-                    self._symbolizer = Kernel.load(vmlinux=self._kernel_bytes).symbols
+                    if self._symbol_table is not None:
+                        self._symbolizer = self._symbol_table(self._kernel_bytes)
                 except (VmmError, ImportError, AttributeError):
                     pass
         if not self._symbolizer:

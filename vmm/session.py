@@ -32,6 +32,11 @@ from .runtime.vcpu_thread import VcpuThread
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
 
 
+def _spin_initramfs() -> str:
+    from .machine.initramfs import build_initramfs
+    return str(build_initramfs(init="spin"))
+
+
 def _is_spec(kernel: Any) -> bool:
     """'debian', 'build', 'build:7.3' name store kernels; anything else is a path."""
     if not isinstance(kernel, str) or os.path.exists(kernel):
@@ -117,12 +122,17 @@ class Machine(RunningMachine):
             boot = str(self.kernel_files.boot)
         from .kernel import image_symbols
         options.setdefault("symbol_table", image_symbols)  # names RIPs in crash reports
+        # Real Linux with no initrd given gets our spinning init: the one user space a
+        # PVM host can run (it cannot make system calls there) and harmless elsewhere.
+        if initrd is None:
+            options.setdefault("default_initrd", _spin_initramfs)
+        # Refuse, before any vCPU runs, a kernel whose config lacks what this run needs.
+        options.setdefault("after_build", self._check_built_kernel)
         super().__init__(boot, initrd=initrd, **options)
         self._vmlinux_path = vmlinux
         self._system_map_path = system_map
         self._introspection = None
         self._last_snapshot = None
-        self._default_initrd = initrd is None
 
     # --- guest memory: every write after the start marks the machine dirty ----------
     @property
@@ -182,15 +192,10 @@ class Machine(RunningMachine):
         k = self.vmlinux
         return ", ".join(k.sources) or "?"
 
-    def build(self) -> "Machine":
-        result = super().build()
+    def _check_built_kernel(self) -> None:
+        # Runs as the builder's after_build hook: a refusal frees the half-built machine.
         if self.check_config and self.is_linux:
-            try:
-                self._check_kernel_config()
-            except BaseException:
-                self._teardown()  # refused before any vCPU ran: free fds and RAM now
-                raise
-        return result if result is not None else self
+            self._check_kernel_config()
 
     def kernel_config(self) -> Any:
         """The kernel's config (vmm.kernel.kconfig.KernelConfig) or None: the .config
@@ -219,14 +224,6 @@ class Machine(RunningMachine):
         config.check(needs)
         self.notes.append(f"kernel config {config.source}: has what this run needs "
                           f"({', '.join(needs)})")
-
-    def load_initrd(self) -> None:
-        # Real Linux with no initrd given gets our spinning init: the one user space a
-        # PVM host can run (it cannot make system calls there) and harmless elsewhere.
-        if self.initrd is None and self._default_initrd and self.is_linux:
-            from .machine.initramfs import build_initramfs
-            self.initrd = str(build_initramfs(init="spin"))
-        super().load_initrd()
 
     def live(self, snapshot: Any = None) -> Any:
         """The kernel applied to this guest's memory; registers from ``snapshot`` (a

@@ -22,18 +22,20 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from vmm.errors import ConfigError, ImageError, VmmError
+from vmm.errors import ConfigError, VmmError
 from vmm.machine import bootparams as bp
 from vmm.machine import cpu as cpu_setup
-from vmm.machine import images
+from vmm.machine import images, loader
 from vmm.machine import layout as L
 from vmm.machine import pvm, tables
-from vmm.machine.devices import ExitPort, I8042, MmioBus, PortBus, ReportPort, Serial16550
+from vmm.machine.config import MachineConfig
+from vmm.machine.console_log import PANIC_MARKER, ConsoleLog, console_writer  # noqa: F401 (re-exported)
+from vmm.machine.devices import ExitPort, I8042, ReportPort, Serial16550
 from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
 from vmm.machine.diagnose import describe_vcpu
+from vmm.machine.exits import ExitDispatcher
 
 # The default command line for real Linux kernels:
 #   console=ttyS0  the console on our COM1 16550
@@ -42,7 +44,6 @@ from vmm.machine.diagnose import describe_vcpu
 # KASLR stays on, as under QEMU: the introspection finds the slide and the randomized
 # bases (vmm.kernel.live). PVM hosts add nokaslr (vmm.machine.pvm.pvm_cmdline).
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
-PANIC_MARKER = b"Kernel panic - not syncing"
 CONSOLE_TAIL_BYTES = 4096
 EXIT_CODE_CRASH = 255  # panic, shutdown, internal error, timeout (as the CLI reports them)
 REASONS = ("exit-code", "reset", "shutdown", "timeout", "internal-error", "panic", "stopped")
@@ -74,29 +75,31 @@ class MachineBuilder:
     def __init__(self, kernel, cpus: int = 1, memory: int | str = "512M", cmdline: str | None = None,
                  initrd=None, console=None, timeout: float | None = None,
                  boot_via_decompressor: bool | None = None, topology=None, pvm_assists: bool = True,
-                 acpi: bool = True, symbol_table: Callable[[bytes], object] | None = None):
-        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= L.MAX_CPUS:
-            raise ConfigError(f"cpus must be an integer from 1 to {L.MAX_CPUS}, not {cpus!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        if cmdline is not None and not isinstance(cmdline, str):
-            raise ConfigError(f"cmdline must be a string, not {type(cmdline).__name__}")
-        if kernel is None:
-            raise ConfigError("a kernel image is needed (vmlinux ELF or bzImage)")
-        if boot_via_decompressor not in (None, True, False):
-            raise ConfigError(f"boot_via_decompressor must be None (automatic), True or False, "
-                              f"not {boot_via_decompressor!r}")
-        self.kernel = kernel
-        self.cpus = cpus
-        self.memory_size = L.parse_memory_size(memory)
-        self.topology = tables.Topology.parse(topology, cpus)
-        self.requested_cmdline = cmdline
-        self.initrd = initrd
-        self.timeout = timeout
-        self.boot_via_decompressor = boot_via_decompressor
-        self.pvm_assists = pvm_assists
-        self.acpi = acpi
-        self._console_out = _console_writer(console)
+                 acpi: bool = True, symbol_table: Callable[[bytes], object] | None = None,
+                 default_initrd: Callable[[], Any] | None = None,
+                 after_build: Callable[[], None] | None = None):
+        """`default_initrd`: for a Linux kernel given no initrd, called at load_initrd for
+        one (the session's spinning init). `after_build`: called once every step but start
+        has run, before any vCPU does; it may refuse (the session's kernel config check),
+        and the half-built machine is freed then."""
+        self.config = config = MachineConfig.create(
+            kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd, timeout=timeout,
+            boot_via_decompressor=boot_via_decompressor, topology=topology,
+            pvm_assists=pvm_assists, acpi=acpi)
+        self.kernel = config.kernel
+        self.cpus = config.cpus
+        self.memory_size = config.memory_size
+        self.topology = config.topology
+        self.requested_cmdline = config.cmdline
+        self.initrd = config.initrd
+        self.timeout = config.timeout
+        self.boot_via_decompressor = config.boot_via_decompressor
+        self.pvm_assists = config.pvm_assists
+        self.acpi = config.acpi
+        self.console_log = ConsoleLog(console_writer(console))
+        self._symbol_table = symbol_table
+        self._default_initrd = default_initrd
+        self._after_build = after_build
 
         self.kvm = None
         self.vm = None
@@ -105,8 +108,9 @@ class MachineBuilder:
         self.threads: list = []
         self.pump = None
         self.coordinator = None
-        self.port_bus = PortBus()
-        self.mmio_bus = MmioBus()
+        self.exits = ExitDispatcher(self.on_internal_error, self.on_stop)
+        self.port_bus = self.exits.port_bus
+        self.mmio_bus = self.exits.mmio_bus
         self.serial: Serial16550 | None = None
         self.report_port = ReportPort()
         self.cmdline = ""
@@ -114,6 +118,7 @@ class MachineBuilder:
         self.kernel_end = 0
         self.initrd_range: tuple[int, int] | None = None
         self.is_linux = False
+        self.loaded: loader.LoadedKernel | None = None
         self.notes: list[str] = []  # things worth knowing about this build (refused MSRs...)
         self.dirty = False  # for the pytest plugin's machine pool
         self.build_seconds: float | None = None
@@ -122,9 +127,6 @@ class MachineBuilder:
         self._elf: images.ElfKernel | None = None
         self._bzimage: images.BzImage | None = None
         self._kernel_bytes: bytes | None = None
-        self._console = bytearray()
-        self._console_lock = threading.Lock()
-        self._console_changed = threading.Condition(self._console_lock)
         self._exit: VmExit | None = None
         self._exit_lock = threading.Lock()
         self._done = threading.Event()
@@ -135,7 +137,6 @@ class MachineBuilder:
         self._teardown_lock = threading.Lock()
         self._pvm = None
         self._symbolizer = None
-        self._symbol_table = symbol_table
 
     # === public ===================================================================================
     @property
@@ -176,10 +177,12 @@ class MachineBuilder:
         try:
             for step in BUILD_STEPS[:-1]:
                 self._run_step(step)
+            self.build_seconds = time.monotonic() - t0
+            if self._after_build is not None:
+                self._after_build()
         except BaseException:
             self._teardown()  # a half-built machine holds fds and RAM: free them now
             raise
-        self.build_seconds = time.monotonic() - t0
         return self
 
     def stop(self) -> VmExit | None:
@@ -200,12 +203,10 @@ class MachineBuilder:
         self.stop()
 
     def console_text(self) -> str:
-        with self._console_lock:
-            return self._console.decode("utf-8", "replace")
+        return self.console_log.text()
 
     def console_bytes(self) -> bytes:
-        with self._console_lock:
-            return bytes(self._console)
+        return self.console_log.bytes()
 
     def console_tail(self, lines: int = 50) -> str:
         text = self.console_text()
@@ -218,11 +219,12 @@ class MachineBuilder:
         from vmm.errors import GuestBootError
 
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        log = self.console_log
         deadline = None if timeout is None else time.monotonic() + timeout
         flushed = False
         while True:
-            with self._console_changed:
-                match = regex.search(self._console.decode("utf-8", "replace"), start)
+            with log.changed:
+                match = regex.search(log.text_locked(), start)
                 if match:
                     return match
                 if flushed:
@@ -233,12 +235,12 @@ class MachineBuilder:
                     why = f"{timeout:g} s passed"
                     break
                 if not self._done.is_set():
-                    self._console_changed.wait(0.25 if left is None else min(left, 0.25))
+                    log.changed.wait(0.25 if left is None else min(left, 0.25))
                     continue
             # The VM ended: stop the pump after its final drain, then look once more.
             self._teardown()
             flushed = True
-        tail = "\n".join(self._console.decode("utf-8", "replace").splitlines()[-30:])
+        tail = "\n".join(log.text().splitlines()[-30:])
         raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
 
     def feed_console(self, data: bytes) -> None:
@@ -297,49 +299,11 @@ class MachineBuilder:
         self.vm.create_pit2(PIT_SPEAKER_DUMMY)
 
     def load_kernel(self) -> None:
-        data = self._kernel_bytes = images.read_image(self.kernel)
-        kind = images.detect_kernel_format(data)
-        if kind == "bzimage":
-            self._bzimage = images.parse_bzimage(data)
-            self.is_linux = True
-            if self.decompress_in_guest:
-                self._load_bzimage_protected_mode()
-                return
-            # On PVM hosts (the automatic choice there) decompress on the host and boot the
-            # vmlinux inside: the guest's own decompressor would run in emulated ring 0
-            # (~5000x slower) and its zstd decoder uses BMI2, which the emulator cannot
-            # execute. The vmlinux then runs where it was linked: no KASLR.
-            data = images.extract_vmlinux(data)
-        self._elf = images.parse_elf_kernel(data)
-        self.is_linux = self.is_linux or self._elf.is_linux
-        for seg in self._elf.segments:
-            if seg.paddr < L.HIMEM_START:
-                raise ImageError(f"kernel segment at {seg.paddr:#x} would overwrite the boot "
-                                 f"structures below 1 MiB")
-            if not self.memory.contains(seg.paddr, seg.memsz):
-                raise ImageError(f"kernel segment [{seg.paddr:#x}, {seg.paddr + seg.memsz:#x}) "
-                                 f"does not fit in {self.memory_size >> 20} MiB of RAM")
-            # Guest RAM is a fresh anonymous mapping: the bss part is already zero.
-            self.memory.write(seg.paddr, seg.data)
-        self.entry = self._elf.entry
-        self.kernel_end = self._elf.end
-
-    def _load_bzimage_protected_mode(self) -> None:
-        """Boot through the bzImage's own decompressor via its 64-bit entry (startup_64 at
-        load address + 0x200), as boot.rst's 64-bit boot protocol describes."""
-        bz = self._bzimage
-        if not bz.xloadflags & bp.XLF_KERNEL_64:
-            raise ImageError("this bzImage has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")
-        load = L.BZIMAGE_LOAD_START if bz.relocatable else (bz.pref_address or L.BZIMAGE_LOAD_START)
-        code = bz.protected_mode_code
-        # The decompressor works in [pref_address, pref_address + init_size).
-        end = max(load + len(code), (bz.pref_address or load) + bz.init_size)
-        if not self.memory.contains(load, end - load):
-            raise ImageError(f"bzImage needs [{load:#x}, {end:#x}) but the guest has "
-                             f"{self.memory_size >> 20} MiB of RAM")
-        self.memory.write(load, code)
-        self.entry = load + 0x200
-        self.kernel_end = end
+        self.loaded = loaded = loader.load_kernel(self.memory, self.memory_size, self.kernel,
+                                                  self.decompress_in_guest)
+        self._kernel_bytes, self._elf, self._bzimage = loaded.image, loaded.elf, loaded.bzimage
+        self.entry, self.kernel_end = loaded.entry, loaded.kernel_end
+        self.is_linux = loaded.is_linux
 
     @property
     def decompress_in_guest(self) -> bool:
@@ -351,20 +315,12 @@ class MachineBuilder:
         return not _is_pvm_host()
 
     def load_initrd(self) -> None:
+        if self.initrd is None and self.is_linux and self._default_initrd is not None:
+            self.initrd = self._default_initrd()
         if self.initrd is None:
             return
-        data = self.initrd
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            try:
-                data = Path(data).read_bytes()
-            except OSError as e:
-                raise ImageError(f"cannot read initrd {self.initrd}: {e.strerror}") from None
-        if not data:
-            raise ImageError("the initrd is empty")
-        limit = self._bzimage.initrd_addr_max if self._bzimage else L.DEFAULT_INITRD_ADDR_MAX
-        addr = L.initrd_address(self.memory_size, len(data), self.kernel_end, limit)
-        self.memory.write(addr, bytes(data))
-        self.initrd_range = (addr, len(data))
+        self.initrd_range = loader.load_initrd(self.memory, self.memory_size, self.initrd,
+                                               self.kernel_end, self._bzimage)
 
     def compose_cmdline(self) -> str:
         if self.requested_cmdline is not None:
@@ -484,17 +440,19 @@ class MachineBuilder:
             self.notes.append(f"the guest asked for ACPI sleep type {sleep_type}; ignored")
 
     # === exit handler protocol (vmm/runtime/vcpu_thread.py) ===========================================
+    # The vCPU threads call the machine; port and MMIO exits go on to self.exits (which owns
+    # the buses). They stay methods of the machine so that a caller can wrap one (tests do).
     def io_in(self, vcpu_index: int, port: int, size: int) -> int:
-        return self.port_bus.io_in(port, size, vcpu_index)
+        return self.exits.io_in(vcpu_index, port, size)
 
     def io_out(self, vcpu_index: int, port: int, size: int, value: int) -> None:
-        self.port_bus.io_out(port, size, value, vcpu_index)
+        self.exits.io_out(vcpu_index, port, size, value)
 
     def mmio_read(self, vcpu_index: int, addr: int, size: int) -> int:
-        return self.mmio_bus.read(addr, size, vcpu_index)
+        return self.exits.mmio_read(vcpu_index, addr, size)
 
     def mmio_write(self, vcpu_index: int, addr: int, size: int, value: int) -> None:
-        self.mmio_bus.write(addr, size, value, vcpu_index)
+        self.exits.mmio_write(vcpu_index, addr, size, value)
 
     def on_internal_error(self, vcpu) -> bool:
         on_pvm = _is_pvm_host()
@@ -531,36 +489,18 @@ class MachineBuilder:
             self._console_sink(data)
 
     def _console_sink(self, data: bytes) -> None:
-        with self._console_changed:
-            scan_from = max(0, len(self._console) - len(PANIC_MARKER))
-            self._console += data
-            panicked = PANIC_MARKER in self._console[scan_from:]
-            self._console_changed.notify_all()
-        if self._console_out is not None:
-            try:
-                self._console_out(data)
-            except Exception:  # a broken console sink must not kill the pump
-                self._console_out = None
-        if panicked:
-            line = self._panic_line()
-            self._finish("panic", EXIT_CODE_CRASH, line)
-
-    def _panic_line(self) -> str:
-        text = self.console_text()
-        i = text.rfind(PANIC_MARKER.decode())
-        return text[i:].splitlines()[0] if i >= 0 else "kernel panic"
+        if self.console_log.append(data):
+            self._finish("panic", EXIT_CODE_CRASH, self.console_log.panic_line())
 
     def _finish(self, reason: str, exit_code: int, detail: str) -> None:
         """Records why the VM ended (the first reason wins) and stops every vCPU."""
         with self._exit_lock:
             if self._exit is None:
-                with self._console_lock:
-                    tail = bytes(self._console[-CONSOLE_TAIL_BYTES:]).decode("utf-8", "replace")
+                tail = self.console_log.tail(CONSOLE_TAIL_BYTES)
                 self._exit = VmExit(reason, exit_code, detail, tail)
         self._request_stop()
         self._done.set()
-        with self._console_changed:
-            self._console_changed.notify_all()
+        self.console_log.notify()
 
     def _request_stop(self) -> None:
         """Asks every running vCPU to leave KVM_RUN: the running machine's part
@@ -586,7 +526,7 @@ class MachineBuilder:
             self.pump.stop()
         if self._exit is not None:
             # Output drained after the end (the pump's final drain) belongs in the tail.
-            tail = bytes(self._console[-CONSOLE_TAIL_BYTES:]).decode("utf-8", "replace")
+            tail = self.console_log.tail(CONSOLE_TAIL_BYTES)
             self._exit = VmExit(self._exit.reason, self._exit.exit_code, self._exit.detail, tail)
         if self.vm is not None:
             if self.vm.native is not None:  # keep C's unclaimed-port counts past close
@@ -621,21 +561,6 @@ class MachineBuilder:
             except VmmError:
                 continue
         return None
-
-
-def _console_writer(console) -> Callable[[bytes], None] | None:
-    if console is None:
-        return None
-    if callable(console) and not hasattr(console, "write"):
-        return console
-    if hasattr(console, "write"):
-        def write(data: bytes, stream=console) -> None:
-            stream.write(data)
-            flush = getattr(stream, "flush", None)
-            if flush is not None:
-                flush()
-        return write
-    raise ConfigError(f"console must be a binary stream, a callable or None, not {console!r}")
 
 
 def _is_pvm_host() -> bool:

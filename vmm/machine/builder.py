@@ -206,7 +206,7 @@ class MachineBuilder:
         return self.console_log.text()
 
     def console_bytes(self) -> bytes:
-        return self.console_log.bytes()
+        return self.console_log.as_bytes()
 
     def console_tail(self, lines: int = 50) -> str:
         text = self.console_text()

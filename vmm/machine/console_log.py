@@ -48,7 +48,7 @@ class ConsoleLog:
         """The text, for a caller that holds `changed`."""
         return self._data.decode("utf-8", "replace")
 
-    def bytes(self) -> bytes:
+    def as_bytes(self) -> bytes:
         with self._lock:
             return bytes(self._data)
 

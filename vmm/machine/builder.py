@@ -18,7 +18,6 @@ Why a VM ended is always known: `wait()` returns a VmExit whose reason is one of
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -105,9 +104,6 @@ class MachineBuilder:
         self.vm = None
         self.memory = None
         self.vcpus: list = []
-        self.threads: list = []
-        self.pump = None
-        self.coordinator = None
         self.exits = ExitDispatcher(self.on_internal_error, self.on_stop)
         self.port_bus = self.exits.port_bus
         self.mmio_bus = self.exits.mmio_bus
@@ -132,7 +128,6 @@ class MachineBuilder:
         self._done = threading.Event()
         self._stopped_threads = 0
         self._internal_error_detail: dict[int, str] = {}
-        self._timer: threading.Timer | None = None
         self._torn_down = False
         self._teardown_lock = threading.Lock()
         self._pvm = None
@@ -159,10 +154,6 @@ class MachineBuilder:
     @property
     def unhandled_mmio(self) -> dict[int, int]:
         return dict(self.mmio_bus.unhandled)
-
-    @property
-    def running(self) -> bool:
-        return self.started_at is not None and not self._done.is_set()
 
     @property
     def exit(self) -> VmExit | None:
@@ -194,14 +185,6 @@ class MachineBuilder:
 
     close = stop
 
-    def __enter__(self) -> "MachineBuilder":
-        if self.started_at is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def console_text(self) -> str:
         return self.console_log.text()
 
@@ -212,54 +195,11 @@ class MachineBuilder:
         text = self.console_text()
         return "\n".join(text.splitlines()[-lines:])
 
-    def wait_for_console(self, pattern: str | re.Pattern, timeout: float | None = None,
-                         start: int = 0) -> re.Match:
-        """The first match of `pattern` in the console text (from offset `start`).
-        GuestBootError with the console tail when the VM ends or `timeout` passes first."""
-        from vmm.errors import GuestBootError
-
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        log = self.console_log
-        deadline = None if timeout is None else time.monotonic() + timeout
-        flushed = False
-        while True:
-            with log.changed:
-                match = regex.search(log.text_locked(), start)
-                if match:
-                    return match
-                if flushed:
-                    why = f"the VM ended ({self._exit})" if self._exit else "the VM is not running"
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    why = f"{timeout:g} s passed"
-                    break
-                if not self._done.is_set():
-                    log.changed.wait(0.25 if left is None else min(left, 0.25))
-                    continue
-            # The VM ended: stop the pump after its final drain, then look once more.
-            self._teardown()
-            flushed = True
-        tail = "\n".join(log.text().splitlines()[-30:])
-        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
-
     def feed_console(self, data: bytes) -> None:
         """Bytes typed into COM1 (the guest reads them from RBR)."""
         if self.serial is None or self._torn_down:
             raise VmmError("the machine's serial port is gone (not built, or the VM ended)")
         self.serial.feed(data)
-
-    def describe_state(self) -> str:
-        lines = [f"kernel {self.kernel}, {self.cpus} vCPU(s), {self.memory_size >> 20} MiB, "
-                 f"cmdline {self.cmdline!r}"]
-        lines.append(f"running: {self.running}; exit: {self._exit}")
-        for t in self.threads:
-            lines.append(f"  {t.name}: alive={t.is_alive()} stop={t.stop_reason} "
-                         f"python_exits={t.python_exits} {t.stop_detail}")
-        if self.unhandled_io:
-            lines.append("unhandled ports: " + ", ".join(f"{p:#x}x{n}" for p, n in sorted(self.unhandled_io.items())))
-        lines.extend(self.notes)
-        return "\n".join(lines)
 
     # === build steps ==================================================================================
     def _run_step(self, step: str) -> None:
@@ -482,11 +422,8 @@ class MachineBuilder:
 
     # === internals =======================================================================================
     def _serial_out(self, data: bytes) -> None:
-        # Through the C ring, so slow-path bytes keep their order with fast-path ones.
-        if self.pump is not None:
-            self.pump.push(data)
-        else:
-            self._console_sink(data)
+        # The running machine sends these through its console pump instead.
+        self._console_sink(data)
 
     def _console_sink(self, data: bytes) -> None:
         if self.console_log.append(data):
@@ -511,19 +448,13 @@ class MachineBuilder:
                        "(or vmm.Machine)")
 
     def _teardown(self) -> None:
+        """Frees what the build made (VM, vCPU and KVM fds, guest RAM), once. The running
+        machine first stops what runs (_stop_running)."""
         with self._teardown_lock:
             if self._torn_down:
                 return
             self._torn_down = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._request_stop()
-        me = threading.current_thread()
-        for t in self.threads:
-            if t is not me:
-                t.join(10.0)
-        if self.pump is not None:
-            self.pump.stop()
+        self._stop_running()
         if self._exit is not None:
             # Output drained after the end (the pump's final drain) belongs in the tail.
             tail = self.console_log.tail(CONSOLE_TAIL_BYTES)
@@ -533,11 +464,18 @@ class MachineBuilder:
                 self.port_bus.unhandled.update(self.vm.port_misses())
             self.vm.close()
         self.vcpus = []
-        if self.memory is not None and not any(t.is_alive() for t in self.threads):
+        if self.memory is not None and self._memory_unused():
             self.memory.close()
         if self.kvm is not None:
             self.kvm.close()
         self._done.set()
+
+    def _stop_running(self) -> None:
+        """The running machine's part of teardown (timer, vCPU threads, console pump)."""
+
+    def _memory_unused(self) -> bool:
+        """Whether guest RAM may be unmapped (no vCPU thread still runs in it)."""
+        return True
 
     def _symbolize(self, addr: int) -> str | None:
         """"name+0xoff" for a kernel address when the kernel ELF has a symbol table."""

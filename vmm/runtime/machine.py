@@ -1,17 +1,19 @@
 """Machine: the one way to build, run, freeze and stop a VM.
 
-The assembly (options, build steps, devices, exit dispatch, why the VM ended) is
-vmm.machine.builder.MachineBuilder; this floor adds what runs: the vCPU threads, the
-console pump, the freeze coordinator and the timeout timer. `start` is the last build
-step (see BUILD_STEPS); its body is `_start`.
+The assembly (options, build steps, devices, exit dispatch, why the VM ended, freeing
+KVM resources) is vmm.machine.builder.MachineBuilder; this floor adds what runs: the
+vCPU threads, the console pump, the freeze coordinator and the timeout timer, waiting
+on the console, and stopping all of them before the assembly is freed. `start` is the
+last build step (see BUILD_STEPS); its body is `_start`.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
-from vmm.errors import VmmError
+from vmm.errors import GuestBootError, VmmError
 from vmm.machine.builder import EXIT_CODE_CRASH, MachineBuilder, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
@@ -20,6 +22,26 @@ from vmm.runtime.vcpu_thread import VcpuThread, request_stop
 
 class Machine(MachineBuilder):
     """A KVM virtual machine running one kernel; see docs/CONTRACTS.md."""
+
+    def __init__(self, *args, **kwargs):
+        self.threads: list[VcpuThread] = []
+        self.pump: ConsolePump | None = None
+        self.coordinator: FreezeCoordinator | None = None
+        self._timer: threading.Timer | None = None
+        super().__init__(*args, **kwargs)
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and not self._done.is_set()
+
+    def __enter__(self) -> "Machine":
+        if self.started_at is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
     def start(self) -> "Machine":
         """Builds (if not yet built) and starts the vCPU threads; returns at once."""
@@ -47,6 +69,48 @@ class Machine(MachineBuilder):
     def run(self, timeout: float | None = None) -> VmExit:
         self.start()
         return self.wait(timeout)
+
+    def wait_for_console(self, pattern: str | re.Pattern, timeout: float | None = None,
+                         start: int = 0) -> re.Match:
+        """The first match of `pattern` in the console text (from offset `start`).
+        GuestBootError with the console tail when the VM ends or `timeout` passes first."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        log = self.console_log
+        deadline = None if timeout is None else time.monotonic() + timeout
+        flushed = False
+        while True:
+            with log.changed:
+                match = regex.search(log.text_locked(), start)
+                if match:
+                    return match
+                if flushed:
+                    why = f"the VM ended ({self._exit})" if self._exit else "the VM is not running"
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    why = f"{timeout:g} s passed"
+                    break
+                if not self._done.is_set():
+                    log.changed.wait(0.25 if left is None else min(left, 0.25))
+                    continue
+            # The VM ended: stop the pump after its final drain, then look once more.
+            self._teardown()
+            flushed = True
+        tail = "\n".join(log.text().splitlines()[-30:])
+        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
+
+    def describe_state(self) -> str:
+        lines = [f"kernel {self.kernel}, {self.cpus} vCPU(s), {self.memory_size >> 20} MiB, "
+                 f"cmdline {self.cmdline!r}"]
+        lines.append(f"running: {self.running}; exit: {self._exit}")
+        for t in self.threads:
+            lines.append(f"  {t.name}: alive={t.is_alive()} stop={t.stop_reason} "
+                         f"python_exits={t.python_exits} {t.stop_detail}")
+        if self.unhandled_io:
+            lines.append("unhandled ports: "
+                         + ", ".join(f"{p:#x}x{n}" for p, n in sorted(self.unhandled_io.items())))
+        lines.extend(self.notes)
+        return "\n".join(lines)
 
     def freeze(self, timeout: float = 30.0):
         """Parks every vCPU; returns a FreezeSnapshot (a context manager that thaws)."""
@@ -77,3 +141,24 @@ class Machine(MachineBuilder):
     def _request_stop(self) -> None:
         if self.vm is not None and self.vm.native is not None:
             request_stop(self.vm)
+
+    def _serial_out(self, data: bytes) -> None:
+        # Through the C ring, so slow-path bytes keep their order with fast-path ones.
+        if self.pump is not None:
+            self.pump.push(data)
+        else:
+            self._console_sink(data)
+
+    def _stop_running(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._request_stop()
+        me = threading.current_thread()
+        for t in self.threads:
+            if t is not me:
+                t.join(10.0)
+        if self.pump is not None:
+            self.pump.stop()
+
+    def _memory_unused(self) -> bool:
+        return not any(t.is_alive() for t in self.threads)

@@ -5,7 +5,7 @@ measure_exit_roundtrip(target, n) -> microseconds per exit, reusable by other sc
     `out %al,(%dx)` (DX = port); each exit is dispatched to a Python handler, and the
     figure is the time between the handler's first and (n+1)-th call divided by n.
   - target = path to a test-guest ELF (kernels/guests, mode=outloop): booted twice
-    through vmm.machine.Machine with n and 2n port writes; the figure is the time
+    through vmm.runtime.Machine with n and 2n port writes; the figure is the time
     difference divided by n, so boot cost cancels out.
 measure_fast_path(n): the same for the COM1 fast path, handled in C without Python.
 
@@ -56,7 +56,7 @@ def _measure_code(code: bytes, n: int) -> float:
 
 
 def _machine_seconds(kernel: str, n: int, ring: int) -> float:
-    from vmm.machine import Machine
+    from vmm.runtime import Machine
 
     cmdline = f"mode=outloop n={n} port={BENCH_PORT} ring={ring}"
     t0 = time.perf_counter()

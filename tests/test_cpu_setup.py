@@ -147,7 +147,7 @@ def test_machine_gives_every_vcpu_the_paravirt_leaves():
     """On this host's KVM (not mocked): KVM_SET_CPUID2 takes the leaves on every vCPU and
     the frequency in the timing leaf is KVM_GET_TSC_KHZ's."""
     from guest_abi import GUEST_DIR, require_guests
-    from vmm.machine import Machine
+    from vmm.runtime import Machine
 
     guest = GUEST_DIR / "out" / "guest.elf"
     require_guests(guest)

@@ -287,7 +287,7 @@ def wait_until(predicate, timeout=30.0):
 @pytest.fixture
 def vmm_machine():
     from guest_abi import kvm_problem
-    from vmm.machine import Machine
+    from vmm.runtime import Machine
 
     why = kvm_problem()
     if why:

@@ -38,7 +38,7 @@ def tree(tmp_path, monkeypatch):
     if shutil.which("make") is None:
         pytest.skip("needs make")
     monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(ks, "_check_build_tools", lambda: None)
+    monkeypatch.setattr(ks.build, "_check_build_tools", lambda: None)
     t = tmp_path / "linux"
     t.mkdir()
     (t / "Makefile").write_text(FAKE_MAKEFILE)

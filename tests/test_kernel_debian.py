@@ -41,7 +41,9 @@ def vmlinux():
     path = fetch_debug.find_cached()
     if path is None:
         try:
-            path = fetch_debug.fetch_debug_vmlinux()
+            from vmm import kernelstore
+
+            path = kernelstore.fetch_debug_vmlinux()
         except KernelStoreError as e:
             pytest.skip(f"Debian debug vmlinux not cached and fetch failed: {e}")
     return path

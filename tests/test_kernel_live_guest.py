@@ -22,7 +22,7 @@ def guests():
 @pytest.mark.parametrize("style", ["absolute", "relative"])
 def test_frozen_guest_runqueues(guests, style, tmp_path, monkeypatch):
     from vmm.kvm import MSR_LSTAR
-    from vmm.machine import Machine
+    from vmm.runtime import Machine
 
     monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path))
     k = Kernel.load(vmlinux=guests[style])

@@ -51,7 +51,7 @@ def kvm_ok():
 
 
 def test_sched_ext_kernel_boots_to_init_on_two_cpus(kvm_ok, capsys):
-    from vmm.machine import Machine
+    from vmm.runtime import Machine
     from vmm.machine import pvm
     from vmm.machine.initramfs import build_initramfs
 

@@ -9,7 +9,8 @@ import pytest
 
 from vmm.errors import ConfigError, ImageError
 from guest_abi import kvm_problem, records, require_guests
-from vmm.machine import Machine, layout as L
+from vmm.machine import layout as L
+from vmm.runtime import Machine
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST = REPO / "kernels" / "guests" / "out" / "guest.elf"
@@ -61,7 +62,9 @@ def test_triple_fault_is_shutdown(guest):
 def test_bad_instruction(guest):
     from vmm.kvm import is_pvm_host
 
-    _, r = run(guest, "mode=badinsn")
+    from vmm.kernel import image_symbols
+
+    _, r = run(guest, "mode=badinsn", symbol_table=image_symbols)  # names the RIP
     if is_pvm_host():
         assert (r.reason, r.exit_code) == ("internal-error", 255)
         assert "RIP 0xffffffff81" in r.detail and "bytes 0f ae" in r.detail  # xsave

@@ -133,7 +133,7 @@ def assist_guest(tmp_path_factory):
 
 def test_assists_let_the_guest_run(assist_guest):
     from vmm.kvm import is_pvm_host
-    from vmm.machine import Machine
+    from vmm.runtime import Machine
 
     before = dict(pvm.assist_counts)
     with Machine(assist_guest, cpus=1, memory="64M", cmdline="", console=None, timeout=60) as m:
@@ -151,7 +151,7 @@ def test_unassisted_failure_is_described(assist_guest):
     """With assists off, a PVM host stops at the first ldmxcsr; describe_failure names it
     (called on the vCPU thread while the vCPU still exists, as the Machine does)."""
     from vmm.kvm import is_pvm_host
-    from vmm.machine import Machine
+    from vmm.runtime import Machine
 
     if not is_pvm_host():
         pytest.skip("hardware virtualization runs ldmxcsr natively: nothing to describe")

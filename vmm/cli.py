@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .errors import VmmError
+from .errors import KernelStoreError, VmmError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     ksub.add_parser("list", help="list cached kernels")
     kp = ksub.add_parser("path", help="print the artifacts a kernel spec resolves to")
     kp.add_argument("spec")
+    kp.add_argument("--field", choices=["boot_image", "bzimage", "vmlinux", "system_map", "config"],
+                    help="print only that file's path")
+    ksub.add_parser("prune", help="delete the source trees of finished builds (keeps the kernels)")
     # Every subcommand takes its options after its own name (`vmm kernel list --json`);
     # `vmm kernel --json list` keeps working.
     kern.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
@@ -220,10 +223,21 @@ def cmd_kernel(args: argparse.Namespace) -> int:
               "\n".join(a.describe() for a in arts) or "no kernels cached "
               "(try: vmm kernel build 7.3, or vmm kernel fetch)")
         return EXIT_OK
+    elif action == "prune":
+        n = kernelstore.prune_sources()
+        _emit(args, {"pruned": n}, f"pruned {n} source trees under {kernelstore.cache_root() / 'build'}")
+        return EXIT_OK
     elif action == "path":
         art = kernelstore.resolve_kernel(args.spec)
+        if args.field:
+            value = getattr(art, args.field)
+            if value is None:
+                raise KernelStoreError(f"kernel {art.name} has no {args.field}")
+            _emit(args, str(value), str(value))
+            return EXIT_OK
     else:
-        print("vmm kernel: say fetch, build, list or path (see vmm kernel --help)", file=sys.stderr)
+        print("vmm kernel: say fetch, build, list, path or prune (see vmm kernel --help)",
+              file=sys.stderr)
         return EXIT_USAGE
     _emit(args, art.to_json(), art.describe())
     return EXIT_OK

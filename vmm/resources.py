@@ -9,6 +9,7 @@ A leaf module: any layer may import it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "_data"
@@ -26,3 +27,12 @@ def shipped(relpath: str) -> Path:
     if installed.exists():
         return installed
     return REPO_ROOT / relpath
+
+
+def cache_dir(*parts: str) -> Path:
+    """vmm's cache directory, with `parts` below it: $VMM_CACHE_DIR (``~`` expanded),
+    default ~/.cache/vmm. The one place it is worked out (kernel store, initramfs
+    images, introspection cache)."""
+    base = os.environ.get("VMM_CACHE_DIR")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "vmm"
+    return root.joinpath(*parts)

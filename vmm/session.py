@@ -1,6 +1,6 @@
 """The top of the stack: a Machine that knows its kernel, and the CLI's main job.
 
-``vmm.Machine`` = the machine builder (boot, devices, vCPU threads, freeze) plus the
+``vmm.Machine`` = vmm.runtime.Machine (boot, devices, vCPU threads, freeze) plus the
 kernel introspection (symbols, BTF) and the ops, so a kernel developer writes::
 
     with vmm.Machine(kernel="build:7.3", cpus=2) as m:
@@ -22,14 +22,19 @@ from typing import Any, Iterable, Optional
 
 from .errors import GuestBootError, KernelFeatureMissing, VmmError
 from .kvm.kvm import MSR_LSTAR
-from .machine import builder
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
 from .ops.resolve import LiveResolver
+from .runtime.machine import Machine as RunningMachine
 from .runtime.vcpu_thread import VcpuThread
 
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
+
+
+def _spin_initramfs() -> str:
+    from .machine.initramfs import build_initramfs
+    return str(build_initramfs(init="spin"))
 
 
 def _is_spec(kernel: Any) -> bool:
@@ -85,7 +90,7 @@ class _TrackedMemory:
         return f"<tracked {self._raw!r}>"
 
 
-class Machine(builder.Machine):
+class Machine(RunningMachine):
     """A VM running one kernel, with that kernel's symbols and types at hand.
 
     ``kernel`` is a vmlinux ELF or bzImage path, a directory holding them, or a store
@@ -115,12 +120,19 @@ class Machine(builder.Machine):
             from .kernel.locate import locate
             self.kernel_files = locate(kernel, vmlinux=vmlinux, system_map=system_map)
             boot = str(self.kernel_files.boot)
+        from .kernel import image_symbols
+        options.setdefault("symbol_table", image_symbols)  # names RIPs in crash reports
+        # Real Linux with no initrd given gets our spinning init: the one user space a
+        # PVM host can run (it cannot make system calls there) and harmless elsewhere.
+        if initrd is None:
+            options.setdefault("default_initrd", _spin_initramfs)
+        # Refuse, before any vCPU runs, a kernel whose config lacks what this run needs.
+        options.setdefault("after_build", self._check_built_kernel)
         super().__init__(boot, initrd=initrd, **options)
         self._vmlinux_path = vmlinux
         self._system_map_path = system_map
         self._introspection = None
         self._last_snapshot = None
-        self._default_initrd = initrd is None
 
     # --- guest memory: every write after the start marks the machine dirty ----------
     @property
@@ -180,15 +192,10 @@ class Machine(builder.Machine):
         k = self.vmlinux
         return ", ".join(k.sources) or "?"
 
-    def build(self) -> "Machine":
-        result = super().build()
+    def _check_built_kernel(self) -> None:
+        # Runs as the builder's after_build hook: a refusal frees the half-built machine.
         if self.check_config and self.is_linux:
-            try:
-                self._check_kernel_config()
-            except BaseException:
-                self._teardown()  # refused before any vCPU ran: free fds and RAM now
-                raise
-        return result if result is not None else self
+            self._check_kernel_config()
 
     def kernel_config(self) -> Any:
         """The kernel's config (vmm.kernel.kconfig.KernelConfig) or None: the .config
@@ -217,14 +224,6 @@ class Machine(builder.Machine):
         config.check(needs)
         self.notes.append(f"kernel config {config.source}: has what this run needs "
                           f"({', '.join(needs)})")
-
-    def load_initrd(self) -> None:
-        # Real Linux with no initrd given gets our spinning init: the one user space a
-        # PVM host can run (it cannot make system calls there) and harmless elsewhere.
-        if self.initrd is None and self._default_initrd and self.is_linux:
-            from .machine.initramfs import build_initramfs
-            self.initrd = str(build_initramfs(init="spin"))
-        super().load_initrd()
 
     def live(self, snapshot: Any = None) -> Any:
         """The kernel applied to this guest's memory; registers from ``snapshot`` (a

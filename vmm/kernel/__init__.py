@@ -7,4 +7,10 @@ from vmm.kernel.symbols import Symbol, SymbolTable
 from vmm.kernel.text import format_btf, format_symbols
 
 __all__ = ["Btf", "Field", "Kernel", "LiveKernel", "Symbol", "SymbolTable", "Type",
-           "format_btf", "format_symbols"]
+           "format_btf", "format_symbols", "image_symbols"]
+
+
+def image_symbols(image: bytes) -> SymbolTable:
+    """The symbol table of a kernel ELF's bytes: what the runtime Machine's `symbol_table`
+    option takes, to name RIPs in internal-error reports (passed down from above)."""
+    return Kernel.load(vmlinux=image).symbols

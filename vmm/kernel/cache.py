@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from vmm.resources import cache_dir
+
 T = TypeVar("T")
 FORMAT_VERSION = 2  # 2: content keys (symtab_key)
 log = logging.getLogger("vmm.kernel.cache")
@@ -44,8 +46,7 @@ def symtab_key(elf) -> str | None:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("VMM_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "vmm") / "introspection"
+    return cache_dir("introspection")
 
 
 def entry_path(key: str) -> Path:

@@ -3,8 +3,9 @@
 Debian's trixie-backports ``linux-image-<ver>-cloud-amd64-dbg`` ships the full vmlinux
 ELF (.symtab, DWARF, BTF) and the real System.map; tests compare our parsers against
 ``pahole``/``nm`` on it. The fetching itself is the kernel store's
-(``vmm.kernelstore.fetch_debian(with_debug=True)``: a private apt configuration, the
-system's apt sources never touched); this module only names the files.
+(``vmm.kernelstore.fetch_debug_vmlinux()``, or ``vmm kernel fetch --debug``: a private
+apt configuration, the system's apt sources never touched); this module only names the
+cached files, so it needs nothing above the kernel floor.
 
     python -m vmm.kernel.fetch_debug          # prints the path of the cached vmlinux
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vmm.resources import cache_dir as _vmm_cache_dir
+
 
 def cache_dir() -> Path:
-    """Where the kernel store keeps Debian kernels (one folder per ABI)."""
-    from vmm import kernelstore
-
-    return kernelstore.cache_root() / "debian"
+    """Where the kernel store keeps Debian kernels (one folder per ABI; see the layout
+    in vmm/kernelstore/__init__.py)."""
+    return _vmm_cache_dir("kernels", "debian")
 
 
 def find_cached() -> Path | None:
@@ -34,17 +36,11 @@ def system_map_for(vmlinux: Path) -> Path | None:
     return p if p.exists() else None
 
 
-def fetch_debug_vmlinux() -> Path:
-    """Return the path of the debug vmlinux, downloading it once (~350 MB)."""
-    cached = find_cached()
-    if cached:
-        return cached
-    from vmm import kernelstore
-
-    art = kernelstore.fetch_debian(with_debug=True)
-    return find_cached() or Path(art.vmlinux)
-
-
 if __name__ == "__main__":
-    print(fetch_debug_vmlinux())
+    found = find_cached()
+    if found is None:
+        print("no Debian debug vmlinux cached; fetch it (~350 MB) with: vmm kernel fetch --debug",
+              file=sys.stderr)
+        sys.exit(1)
+    print(found)
     sys.exit(0)

@@ -1,5 +1,5 @@
 """Machine assembly: layout, boot protocol, images, CPU setup, MP/ACPI tables, devices,
-and the Machine builder (the one way in)."""
+and the MachineBuilder (the assembly; vmm.runtime.Machine runs it)."""
 
-from vmm.machine.builder import DEFAULT_LINUX_CMDLINE, Machine, VmExit  # noqa: F401
+from vmm.machine.builder import DEFAULT_LINUX_CMDLINE, MachineBuilder, VmExit  # noqa: F401
 from vmm.machine.images import extract_vmlinux  # noqa: F401

@@ -1,4 +1,10 @@
-"""Machine: the one way to build, run, freeze and stop a VM.
+"""MachineBuilder: the assembly of a VM (vmm.runtime.Machine runs it).
+
+This floor only assembles: it validates the options, writes the kernel, initrd, boot
+parameters and tables into guest memory, creates the vCPUs and devices, dispatches
+exits to the buses and records why the VM ended. The running machine (vCPU threads,
+the console pump, the freeze coordinator) is vmm.runtime.machine.Machine, a subclass;
+symbolizing RIPs with the kernel's symbols is passed down as `symbol_table`.
 
 The build is a sequence of named steps, as in Firecracker's builder: create_vm,
 setup_memory, setup_irqchip, load_kernel, load_initrd, write_boot_params, write_tables,
@@ -12,22 +18,23 @@ Why a VM ended is always known: `wait()` returns a VmExit whose reason is one of
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from vmm.errors import ConfigError, ImageError, VmmError
+from vmm.errors import ConfigError, VmmError
 from vmm.machine import bootparams as bp
 from vmm.machine import cpu as cpu_setup
-from vmm.machine import images
+from vmm.machine import images, loader
 from vmm.machine import layout as L
 from vmm.machine import pvm, tables
-from vmm.machine.devices import ExitPort, I8042, MmioBus, PortBus, ReportPort, Serial16550
+from vmm.machine.config import MachineConfig
+from vmm.machine.console_log import PANIC_MARKER, ConsoleLog, console_writer  # noqa: F401 (re-exported)
+from vmm.machine.devices import ExitPort, I8042, ReportPort, Serial16550
 from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
 from vmm.machine.diagnose import describe_vcpu
+from vmm.machine.exits import ExitDispatcher
 
 # The default command line for real Linux kernels:
 #   console=ttyS0  the console on our COM1 16550
@@ -36,7 +43,6 @@ from vmm.machine.diagnose import describe_vcpu
 # KASLR stays on, as under QEMU: the introspection finds the slide and the randomized
 # bases (vmm.kernel.live). PVM hosts add nokaslr (vmm.machine.pvm.pvm_cmdline).
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
-PANIC_MARKER = b"Kernel panic - not syncing"
 CONSOLE_TAIL_BYTES = 4096
 EXIT_CODE_CRASH = 255  # panic, shutdown, internal error, timeout (as the CLI reports them)
 REASONS = ("exit-code", "reset", "shutdown", "timeout", "internal-error", "panic", "stopped")
@@ -58,45 +64,49 @@ class VmExit:
         return f"VM ended: {self.reason} (exit code {self.exit_code}): {self.detail}"
 
 
-class Machine:
-    """A KVM virtual machine running one kernel; see docs/CONTRACTS.md."""
+class MachineBuilder:
+    """A KVM virtual machine's assembly and exit dispatch; see docs/CONTRACTS.md.
+
+    `symbol_table`: a callable taking the kernel ELF's bytes and returning an object with
+    nearest(addr) -> (name, offset), used to name RIPs in internal-error reports (the
+    session passes vmm.kernel's; without one RIPs stay numbers)."""
 
     def __init__(self, kernel, cpus: int = 1, memory: int | str = "512M", cmdline: str | None = None,
                  initrd=None, console=None, timeout: float | None = None,
                  boot_via_decompressor: bool | None = None, topology=None, pvm_assists: bool = True,
-                 acpi: bool = True):
-        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= L.MAX_CPUS:
-            raise ConfigError(f"cpus must be an integer from 1 to {L.MAX_CPUS}, not {cpus!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        if cmdline is not None and not isinstance(cmdline, str):
-            raise ConfigError(f"cmdline must be a string, not {type(cmdline).__name__}")
-        if kernel is None:
-            raise ConfigError("a kernel image is needed (vmlinux ELF or bzImage)")
-        if boot_via_decompressor not in (None, True, False):
-            raise ConfigError(f"boot_via_decompressor must be None (automatic), True or False, "
-                              f"not {boot_via_decompressor!r}")
-        self.kernel = kernel
-        self.cpus = cpus
-        self.memory_size = L.parse_memory_size(memory)
-        self.topology = tables.Topology.parse(topology, cpus)
-        self.requested_cmdline = cmdline
-        self.initrd = initrd
-        self.timeout = timeout
-        self.boot_via_decompressor = boot_via_decompressor
-        self.pvm_assists = pvm_assists
-        self.acpi = acpi
-        self._console_out = _console_writer(console)
+                 acpi: bool = True, symbol_table: Callable[[bytes], object] | None = None,
+                 default_initrd: Callable[[], Any] | None = None,
+                 after_build: Callable[[], None] | None = None):
+        """`default_initrd`: for a Linux kernel given no initrd, called at load_initrd for
+        one (the session's spinning init). `after_build`: called once every step but start
+        has run, before any vCPU does; it may refuse (the session's kernel config check),
+        and the half-built machine is freed then."""
+        self.config = config = MachineConfig.create(
+            kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd, timeout=timeout,
+            boot_via_decompressor=boot_via_decompressor, topology=topology,
+            pvm_assists=pvm_assists, acpi=acpi)
+        self.kernel = config.kernel
+        self.cpus = config.cpus
+        self.memory_size = config.memory_size
+        self.topology = config.topology
+        self.requested_cmdline = config.cmdline
+        self.initrd = config.initrd
+        self.timeout = config.timeout
+        self.boot_via_decompressor = config.boot_via_decompressor
+        self.pvm_assists = config.pvm_assists
+        self.acpi = config.acpi
+        self.console_log = ConsoleLog(console_writer(console))
+        self._symbol_table = symbol_table
+        self._default_initrd = default_initrd
+        self._after_build = after_build
 
         self.kvm = None
         self.vm = None
         self.memory = None
         self.vcpus: list = []
-        self.threads: list = []
-        self.pump = None
-        self.coordinator = None
-        self.port_bus = PortBus()
-        self.mmio_bus = MmioBus()
+        self.exits = ExitDispatcher(self.on_internal_error, self.on_stop)
+        self.port_bus = self.exits.port_bus
+        self.mmio_bus = self.exits.mmio_bus
         self.serial: Serial16550 | None = None
         self.report_port = ReportPort()
         self.cmdline = ""
@@ -104,6 +114,7 @@ class Machine:
         self.kernel_end = 0
         self.initrd_range: tuple[int, int] | None = None
         self.is_linux = False
+        self.loaded: loader.LoadedKernel | None = None
         self.notes: list[str] = []  # things worth knowing about this build (refused MSRs...)
         self.dirty = False  # for the pytest plugin's machine pool
         self.build_seconds: float | None = None
@@ -112,15 +123,11 @@ class Machine:
         self._elf: images.ElfKernel | None = None
         self._bzimage: images.BzImage | None = None
         self._kernel_bytes: bytes | None = None
-        self._console = bytearray()
-        self._console_lock = threading.Lock()
-        self._console_changed = threading.Condition(self._console_lock)
         self._exit: VmExit | None = None
         self._exit_lock = threading.Lock()
         self._done = threading.Event()
         self._stopped_threads = 0
         self._internal_error_detail: dict[int, str] = {}
-        self._timer: threading.Timer | None = None
         self._torn_down = False
         self._teardown_lock = threading.Lock()
         self._pvm = None
@@ -149,15 +156,11 @@ class Machine:
         return dict(self.mmio_bus.unhandled)
 
     @property
-    def running(self) -> bool:
-        return self.started_at is not None and not self._done.is_set()
-
-    @property
     def exit(self) -> VmExit | None:
         """How the VM ended (None while it runs)."""
         return self._exit
 
-    def build(self) -> "Machine":
+    def build(self) -> "MachineBuilder":
         """Every build step but `start`, in order."""
         if self.vm is not None or self._torn_down:
             raise VmmError("this Machine was already built; build a new one")
@@ -165,38 +168,13 @@ class Machine:
         try:
             for step in BUILD_STEPS[:-1]:
                 self._run_step(step)
+            self.build_seconds = time.monotonic() - t0
+            if self._after_build is not None:
+                self._after_build()
         except BaseException:
             self._teardown()  # a half-built machine holds fds and RAM: free them now
             raise
-        self.build_seconds = time.monotonic() - t0
         return self
-
-    def start(self) -> "Machine":
-        """Builds (if not yet built) and starts the vCPU threads; returns at once."""
-        if self.started_at is not None:
-            raise VmmError("this Machine was already started; build a new one")
-        try:
-            if self.vm is None:
-                self.build()
-            self._run_step("start")
-        except BaseException:
-            self._teardown()
-            raise
-        return self
-
-    def wait(self, timeout: float | None = None) -> VmExit:
-        """Blocks until the VM ends and returns why. When `timeout` seconds pass first the
-        VM is stopped with reason "timeout". Threads are joined and KVM resources freed."""
-        if self.started_at is None:
-            raise VmmError("wait() before start()")
-        if not self._done.wait(timeout):
-            self._finish("timeout", EXIT_CODE_CRASH, f"wait() timed out after {timeout:g} s")
-        self._teardown()
-        return self._exit
-
-    def run(self, timeout: float | None = None) -> VmExit:
-        self.start()
-        return self.wait(timeout)
 
     def stop(self) -> VmExit | None:
         """Stops the VM (reason "stopped" unless it had already ended) and frees it."""
@@ -207,83 +185,21 @@ class Machine:
 
     close = stop
 
-    def __enter__(self) -> "Machine":
-        if self.started_at is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def freeze(self, timeout: float = 30.0):
-        """Parks every vCPU; returns a FreezeSnapshot (a context manager that thaws)."""
-        if not self.running or self.coordinator is None:
-            raise VmmError("freeze() needs a running machine"
-                           + (f"; it ended: {self._exit}" if self._exit else ""))
-        return self.coordinator.freeze(timeout)
-
-    def thaw(self) -> None:
-        self.coordinator.thaw()
-
     def console_text(self) -> str:
-        with self._console_lock:
-            return self._console.decode("utf-8", "replace")
+        return self.console_log.text()
 
     def console_bytes(self) -> bytes:
-        with self._console_lock:
-            return bytes(self._console)
+        return self.console_log.as_bytes()
 
     def console_tail(self, lines: int = 50) -> str:
         text = self.console_text()
         return "\n".join(text.splitlines()[-lines:])
-
-    def wait_for_console(self, pattern: str | re.Pattern, timeout: float | None = None,
-                         start: int = 0) -> re.Match:
-        """The first match of `pattern` in the console text (from offset `start`).
-        GuestBootError with the console tail when the VM ends or `timeout` passes first."""
-        from vmm.errors import GuestBootError
-
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = None if timeout is None else time.monotonic() + timeout
-        flushed = False
-        while True:
-            with self._console_changed:
-                match = regex.search(self._console.decode("utf-8", "replace"), start)
-                if match:
-                    return match
-                if flushed:
-                    why = f"the VM ended ({self._exit})" if self._exit else "the VM is not running"
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    why = f"{timeout:g} s passed"
-                    break
-                if not self._done.is_set():
-                    self._console_changed.wait(0.25 if left is None else min(left, 0.25))
-                    continue
-            # The VM ended: stop the pump after its final drain, then look once more.
-            self._teardown()
-            flushed = True
-        tail = "\n".join(self._console.decode("utf-8", "replace").splitlines()[-30:])
-        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
 
     def feed_console(self, data: bytes) -> None:
         """Bytes typed into COM1 (the guest reads them from RBR)."""
         if self.serial is None or self._torn_down:
             raise VmmError("the machine's serial port is gone (not built, or the VM ended)")
         self.serial.feed(data)
-
-    def describe_state(self) -> str:
-        lines = [f"kernel {self.kernel}, {self.cpus} vCPU(s), {self.memory_size >> 20} MiB, "
-                 f"cmdline {self.cmdline!r}"]
-        lines.append(f"running: {self.running}; exit: {self._exit}")
-        for t in self.threads:
-            lines.append(f"  {t.name}: alive={t.is_alive()} stop={t.stop_reason} "
-                         f"python_exits={t.python_exits} {t.stop_detail}")
-        if self.unhandled_io:
-            lines.append("unhandled ports: " + ", ".join(f"{p:#x}x{n}" for p, n in sorted(self.unhandled_io.items())))
-        lines.extend(self.notes)
-        return "\n".join(lines)
 
     # === build steps ==================================================================================
     def _run_step(self, step: str) -> None:
@@ -323,49 +239,11 @@ class Machine:
         self.vm.create_pit2(PIT_SPEAKER_DUMMY)
 
     def load_kernel(self) -> None:
-        data = self._kernel_bytes = images.read_image(self.kernel)
-        kind = images.detect_kernel_format(data)
-        if kind == "bzimage":
-            self._bzimage = images.parse_bzimage(data)
-            self.is_linux = True
-            if self.decompress_in_guest:
-                self._load_bzimage_protected_mode()
-                return
-            # On PVM hosts (the automatic choice there) decompress on the host and boot the
-            # vmlinux inside: the guest's own decompressor would run in emulated ring 0
-            # (~5000x slower) and its zstd decoder uses BMI2, which the emulator cannot
-            # execute. The vmlinux then runs where it was linked: no KASLR.
-            data = images.extract_vmlinux(data)
-        self._elf = images.parse_elf_kernel(data)
-        self.is_linux = self.is_linux or self._elf.is_linux
-        for seg in self._elf.segments:
-            if seg.paddr < L.HIMEM_START:
-                raise ImageError(f"kernel segment at {seg.paddr:#x} would overwrite the boot "
-                                 f"structures below 1 MiB")
-            if not self.memory.contains(seg.paddr, seg.memsz):
-                raise ImageError(f"kernel segment [{seg.paddr:#x}, {seg.paddr + seg.memsz:#x}) "
-                                 f"does not fit in {self.memory_size >> 20} MiB of RAM")
-            # Guest RAM is a fresh anonymous mapping: the bss part is already zero.
-            self.memory.write(seg.paddr, seg.data)
-        self.entry = self._elf.entry
-        self.kernel_end = self._elf.end
-
-    def _load_bzimage_protected_mode(self) -> None:
-        """Boot through the bzImage's own decompressor via its 64-bit entry (startup_64 at
-        load address + 0x200), as boot.rst's 64-bit boot protocol describes."""
-        bz = self._bzimage
-        if not bz.xloadflags & bp.XLF_KERNEL_64:
-            raise ImageError("this bzImage has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")
-        load = L.BZIMAGE_LOAD_START if bz.relocatable else (bz.pref_address or L.BZIMAGE_LOAD_START)
-        code = bz.protected_mode_code
-        # The decompressor works in [pref_address, pref_address + init_size).
-        end = max(load + len(code), (bz.pref_address or load) + bz.init_size)
-        if not self.memory.contains(load, end - load):
-            raise ImageError(f"bzImage needs [{load:#x}, {end:#x}) but the guest has "
-                             f"{self.memory_size >> 20} MiB of RAM")
-        self.memory.write(load, code)
-        self.entry = load + 0x200
-        self.kernel_end = end
+        self.loaded = loaded = loader.load_kernel(self.memory, self.memory_size, self.kernel,
+                                                  self.decompress_in_guest)
+        self._kernel_bytes, self._elf, self._bzimage = loaded.image, loaded.elf, loaded.bzimage
+        self.entry, self.kernel_end = loaded.entry, loaded.kernel_end
+        self.is_linux = loaded.is_linux
 
     @property
     def decompress_in_guest(self) -> bool:
@@ -377,20 +255,12 @@ class Machine:
         return not _is_pvm_host()
 
     def load_initrd(self) -> None:
+        if self.initrd is None and self.is_linux and self._default_initrd is not None:
+            self.initrd = self._default_initrd()
         if self.initrd is None:
             return
-        data = self.initrd
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            try:
-                data = Path(data).read_bytes()
-            except OSError as e:
-                raise ImageError(f"cannot read initrd {self.initrd}: {e.strerror}") from None
-        if not data:
-            raise ImageError("the initrd is empty")
-        limit = self._bzimage.initrd_addr_max if self._bzimage else L.DEFAULT_INITRD_ADDR_MAX
-        addr = L.initrd_address(self.memory_size, len(data), self.kernel_end, limit)
-        self.memory.write(addr, bytes(data))
-        self.initrd_range = (addr, len(data))
+        self.initrd_range = loader.load_initrd(self.memory, self.memory_size, self.initrd,
+                                               self.kernel_end, self._bzimage)
 
     def compose_cmdline(self) -> str:
         if self.requested_cmdline is not None:
@@ -509,39 +379,20 @@ class Machine:
         else:
             self.notes.append(f"the guest asked for ACPI sleep type {sleep_type}; ignored")
 
-    # `start` is both the public method and the last build step, whose body is _start.
-    def _start(self) -> None:
-        from vmm.runtime.console import ConsolePump
-        from vmm.runtime.freeze import FreezeCoordinator
-        from vmm.runtime.vcpu_thread import VcpuThread
-
-        self.pump = ConsolePump(self.vm, self._console_sink)
-        self.pump.start()
-        self.coordinator = FreezeCoordinator(self.vm, self.vcpus)
-        self.threads = [VcpuThread(self.vm, v, self) for v in self.vcpus]
-        self.started_at = time.monotonic()
-        for t in self.threads:
-            t.start()
-        for t in self.threads:
-            t.wait_started(5.0)
-        if self.timeout is not None:
-            self._timer = threading.Timer(self.timeout, self._finish, args=(
-                "timeout", EXIT_CODE_CRASH, f"the VM ran longer than its timeout of {self.timeout:g} s"))
-            self._timer.daemon = True
-            self._timer.start()
-
     # === exit handler protocol (vmm/runtime/vcpu_thread.py) ===========================================
+    # The vCPU threads call the machine; port and MMIO exits go on to self.exits (which owns
+    # the buses). They stay methods of the machine so that a caller can wrap one (tests do).
     def io_in(self, vcpu_index: int, port: int, size: int) -> int:
-        return self.port_bus.io_in(port, size, vcpu_index)
+        return self.exits.io_in(vcpu_index, port, size)
 
     def io_out(self, vcpu_index: int, port: int, size: int, value: int) -> None:
-        self.port_bus.io_out(port, size, value, vcpu_index)
+        self.exits.io_out(vcpu_index, port, size, value)
 
     def mmio_read(self, vcpu_index: int, addr: int, size: int) -> int:
-        return self.mmio_bus.read(addr, size, vcpu_index)
+        return self.exits.mmio_read(vcpu_index, addr, size)
 
     def mmio_write(self, vcpu_index: int, addr: int, size: int, value: int) -> None:
-        self.mmio_bus.write(addr, size, value, vcpu_index)
+        self.exits.mmio_write(vcpu_index, addr, size, value)
 
     def on_internal_error(self, vcpu) -> bool:
         on_pvm = _is_pvm_host()
@@ -571,78 +422,60 @@ class Machine:
 
     # === internals =======================================================================================
     def _serial_out(self, data: bytes) -> None:
-        # Through the C ring, so slow-path bytes keep their order with fast-path ones.
-        if self.pump is not None:
-            self.pump.push(data)
-        else:
-            self._console_sink(data)
+        # The running machine sends these through its console pump instead.
+        self._console_sink(data)
 
     def _console_sink(self, data: bytes) -> None:
-        with self._console_changed:
-            scan_from = max(0, len(self._console) - len(PANIC_MARKER))
-            self._console += data
-            panicked = PANIC_MARKER in self._console[scan_from:]
-            self._console_changed.notify_all()
-        if self._console_out is not None:
-            try:
-                self._console_out(data)
-            except Exception:  # a broken console sink must not kill the pump
-                self._console_out = None
-        if panicked:
-            line = self._panic_line()
-            self._finish("panic", EXIT_CODE_CRASH, line)
-
-    def _panic_line(self) -> str:
-        text = self.console_text()
-        i = text.rfind(PANIC_MARKER.decode())
-        return text[i:].splitlines()[0] if i >= 0 else "kernel panic"
+        if self.console_log.append(data):
+            self._finish("panic", EXIT_CODE_CRASH, self.console_log.panic_line())
 
     def _finish(self, reason: str, exit_code: int, detail: str) -> None:
         """Records why the VM ended (the first reason wins) and stops every vCPU."""
         with self._exit_lock:
             if self._exit is None:
-                with self._console_lock:
-                    tail = bytes(self._console[-CONSOLE_TAIL_BYTES:]).decode("utf-8", "replace")
+                tail = self.console_log.tail(CONSOLE_TAIL_BYTES)
                 self._exit = VmExit(reason, exit_code, detail, tail)
-        if self.vm is not None and self.vm.native is not None:
-            from vmm.runtime.vcpu_thread import request_stop
-
-            request_stop(self.vm)
+        self._request_stop()
         self._done.set()
-        with self._console_changed:
-            self._console_changed.notify_all()
+        self.console_log.notify()
+
+    def _request_stop(self) -> None:
+        """Asks every running vCPU to leave KVM_RUN: the running machine's part
+        (vmm.runtime.Machine); an assembly alone has no vCPU threads."""
+
+    def start(self) -> "MachineBuilder":
+        raise VmmError("a MachineBuilder only assembles a VM; run it as vmm.runtime.Machine "
+                       "(or vmm.Machine)")
 
     def _teardown(self) -> None:
+        """Frees what the build made (VM, vCPU and KVM fds, guest RAM), once. The running
+        machine first stops what runs (_stop_running)."""
         with self._teardown_lock:
             if self._torn_down:
                 return
             self._torn_down = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.vm is not None and self.vm.native is not None:
-            from vmm.runtime.vcpu_thread import request_stop
-
-            request_stop(self.vm)
-        me = threading.current_thread()
-        for t in self.threads:
-            if t is not me:
-                t.join(10.0)
-        if self.pump is not None:
-            self.pump.stop()
+        self._stop_running()
         if self._exit is not None:
             # Output drained after the end (the pump's final drain) belongs in the tail.
-            tail = bytes(self._console[-CONSOLE_TAIL_BYTES:]).decode("utf-8", "replace")
+            tail = self.console_log.tail(CONSOLE_TAIL_BYTES)
             self._exit = VmExit(self._exit.reason, self._exit.exit_code, self._exit.detail, tail)
         if self.vm is not None:
             if self.vm.native is not None:  # keep C's unclaimed-port counts past close
                 self.port_bus.unhandled.update(self.vm.port_misses())
             self.vm.close()
         self.vcpus = []
-        if self.memory is not None and not any(t.is_alive() for t in self.threads):
+        if self.memory is not None and self._memory_unused():
             self.memory.close()
         if self.kvm is not None:
             self.kvm.close()
         self._done.set()
+
+    def _stop_running(self) -> None:
+        """The running machine's part of teardown (timer, vCPU threads, console pump)."""
+
+    def _memory_unused(self) -> bool:
+        """Whether guest RAM may be unmapped (no vCPU thread still runs in it)."""
+        return True
 
     def _symbolize(self, addr: int) -> str | None:
         """"name+0xoff" for a kernel address when the kernel ELF has a symbol table."""
@@ -650,9 +483,8 @@ class Machine:
             self._symbolizer = False
             if self._elf is not None and self._bzimage is None:
                 try:
-                    from vmm.kernel import Kernel
-
-                    self._symbolizer = Kernel.load(vmlinux=self._kernel_bytes).symbols
+                    if self._symbol_table is not None:
+                        self._symbolizer = self._symbol_table(self._kernel_bytes)
                 except (VmmError, ImportError, AttributeError):
                     pass
         if not self._symbolizer:
@@ -667,21 +499,6 @@ class Machine:
             except VmmError:
                 continue
         return None
-
-
-def _console_writer(console) -> Callable[[bytes], None] | None:
-    if console is None:
-        return None
-    if callable(console) and not hasattr(console, "write"):
-        return console
-    if hasattr(console, "write"):
-        def write(data: bytes, stream=console) -> None:
-            stream.write(data)
-            flush = getattr(stream, "flush", None)
-            if flush is not None:
-                flush()
-        return write
-    raise ConfigError(f"console must be a binary stream, a callable or None, not {console!r}")
 
 
 def _is_pvm_host() -> bool:

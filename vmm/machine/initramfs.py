@@ -293,8 +293,9 @@ _NEWC_FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devm
 # Init programs and cached images
 # --------------------------------------------------------------------------------------
 def _cache_dir() -> Path:
-    base = os.environ.get("VMM_CACHE_DIR")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "vmm") / "initramfs"
+    from vmm.resources import cache_dir
+
+    return cache_dir("initramfs")
 
 
 def build_init_program(name: str) -> Path:

@@ -1,0 +1,164 @@
+"""Machine: the one way to build, run, freeze and stop a VM.
+
+The assembly (options, build steps, devices, exit dispatch, why the VM ended, freeing
+KVM resources) is vmm.machine.builder.MachineBuilder; this floor adds what runs: the
+vCPU threads, the console pump, the freeze coordinator and the timeout timer, waiting
+on the console, and stopping all of them before the assembly is freed. `start` is the
+last build step (see BUILD_STEPS); its body is `_start`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from vmm.errors import GuestBootError, VmmError
+from vmm.machine.builder import EXIT_CODE_CRASH, MachineBuilder, VmExit
+from vmm.runtime.console import ConsolePump
+from vmm.runtime.freeze import FreezeCoordinator
+from vmm.runtime.vcpu_thread import VcpuThread, request_stop
+
+
+class Machine(MachineBuilder):
+    """A KVM virtual machine running one kernel; see docs/CONTRACTS.md."""
+
+    def __init__(self, *args, **kwargs):
+        self.threads: list[VcpuThread] = []
+        self.pump: ConsolePump | None = None
+        self.coordinator: FreezeCoordinator | None = None
+        self._timer: threading.Timer | None = None
+        super().__init__(*args, **kwargs)
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and not self._done.is_set()
+
+    def __enter__(self) -> "Machine":
+        if self.started_at is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+    def start(self) -> "Machine":
+        """Builds (if not yet built) and starts the vCPU threads; returns at once."""
+        if self.started_at is not None:
+            raise VmmError("this Machine was already started; build a new one")
+        try:
+            if self.vm is None:
+                self.build()
+            self._run_step("start")
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def wait(self, timeout: float | None = None) -> VmExit:
+        """Blocks until the VM ends and returns why. When `timeout` seconds pass first the
+        VM is stopped with reason "timeout". Threads are joined and KVM resources freed."""
+        if self.started_at is None:
+            raise VmmError("wait() before start()")
+        if not self._done.wait(timeout):
+            self._finish("timeout", EXIT_CODE_CRASH, f"wait() timed out after {timeout:g} s")
+        self._teardown()
+        return self._exit
+
+    def run(self, timeout: float | None = None) -> VmExit:
+        self.start()
+        return self.wait(timeout)
+
+    def wait_for_console(self, pattern: str | re.Pattern, timeout: float | None = None,
+                         start: int = 0) -> re.Match:
+        """The first match of `pattern` in the console text (from offset `start`).
+        GuestBootError with the console tail when the VM ends or `timeout` passes first."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        log = self.console_log
+        deadline = None if timeout is None else time.monotonic() + timeout
+        flushed = False
+        while True:
+            with log.changed:
+                match = regex.search(log.text_locked(), start)
+                if match:
+                    return match
+                if flushed:
+                    why = f"the VM ended ({self._exit})" if self._exit else "the VM is not running"
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    why = f"{timeout:g} s passed"
+                    break
+                if not self._done.is_set():
+                    log.changed.wait(0.25 if left is None else min(left, 0.25))
+                    continue
+            # The VM ended: stop the pump after its final drain, then look once more.
+            self._teardown()
+            flushed = True
+        tail = "\n".join(log.text().splitlines()[-30:])
+        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
+
+    def describe_state(self) -> str:
+        lines = [f"kernel {self.kernel}, {self.cpus} vCPU(s), {self.memory_size >> 20} MiB, "
+                 f"cmdline {self.cmdline!r}"]
+        lines.append(f"running: {self.running}; exit: {self._exit}")
+        for t in self.threads:
+            lines.append(f"  {t.name}: alive={t.is_alive()} stop={t.stop_reason} "
+                         f"python_exits={t.python_exits} {t.stop_detail}")
+        if self.unhandled_io:
+            lines.append("unhandled ports: "
+                         + ", ".join(f"{p:#x}x{n}" for p, n in sorted(self.unhandled_io.items())))
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def freeze(self, timeout: float = 30.0):
+        """Parks every vCPU; returns a FreezeSnapshot (a context manager that thaws)."""
+        if not self.running or self.coordinator is None:
+            raise VmmError("freeze() needs a running machine"
+                           + (f"; it ended: {self._exit}" if self._exit else ""))
+        return self.coordinator.freeze(timeout)
+
+    def thaw(self) -> None:
+        self.coordinator.thaw()
+
+    def _start(self) -> None:
+        self.pump = ConsolePump(self.vm, self._console_sink)
+        self.pump.start()
+        self.coordinator = FreezeCoordinator(self.vm, self.vcpus)
+        self.threads = [VcpuThread(self.vm, v, self) for v in self.vcpus]
+        self.started_at = time.monotonic()
+        for t in self.threads:
+            t.start()
+        for t in self.threads:
+            t.wait_started(5.0)
+        if self.timeout is not None:
+            self._timer = threading.Timer(self.timeout, self._finish, args=(
+                "timeout", EXIT_CODE_CRASH, f"the VM ran longer than its timeout of {self.timeout:g} s"))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _request_stop(self) -> None:
+        if self.vm is not None and self.vm.native is not None:
+            request_stop(self.vm)
+
+    def _serial_out(self, data: bytes) -> None:
+        # Through the C ring, so slow-path bytes keep their order with fast-path ones.
+        if self.pump is not None:
+            self.pump.push(data)
+        else:
+            self._console_sink(data)
+
+    def _stop_running(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._request_stop()
+        me = threading.current_thread()
+        for t in self.threads:
+            if t is not me:
+                t.join(10.0)
+        if self.pump is not None:
+            self.pump.stop()
+
+    def _memory_unused(self) -> bool:
+        return not any(t.is_alive() for t in self.threads)

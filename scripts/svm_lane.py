@@ -5,8 +5,8 @@ Our development and CI machines' /dev/kvm is PVM (guest ring 0 emulated, no syst
 calls from guest user space); our users' hosts have VMX/SVM.  This lane runs ONE
 command inside an L1 Linux guest under QEMU >= 10 in TCG mode with ``-cpu
 max,+svm,+npt``: there ``kvm_amd`` loads, /dev/kvm is hardware-virtualization KVM
-(nested paging on), and vmm takes its plain path by itself.  See
-../shared/notes/svm-lane.md for why QEMU 10 (7.2's nested SVM corrupts the L2 kernel).
+(nested paging on), and vmm takes its plain path by itself.  QEMU 10, not bookworm's
+7.2: under 7.2's nested SVM a Linux 7.3 L2 oopses early (a struct copy loses bytes).
 
     scripts/svm_lane.py setup                   fetch and prepare (idempotent; offline when cached)
     scripts/svm_lane.py info                    boot L1 and print what the lane is

@@ -11,7 +11,7 @@ Two sources, both from Debian's package registry:
   None and ``vmlinux`` is the ELF decompressed from the vmlinuz (BTF, no .symtab).
 * ``build_kernel()``: ``linux-source-<version>`` built with ``tinyconfig`` plus the
   committed fragment ``kernels/config/sched_ext.fragment``.  This is the kernel that
-  boots in reasonable time on PVM hosts (see docs and the shared notes).
+  boots in reasonable time on PVM hosts (see README.md, "Hosts").
 
 Nothing touches the system's apt setup: apt-get runs with a private sources list
 (the mirror the machine already uses, suites trixie + trixie-backports) and private

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from vmm.errors import KernelStoreError
+from vmm.kernel import kconfig
 from vmm.kernelstore.apt import PrivateApt, _deb_members
 from vmm.kernelstore.cache import (KernelArtifacts, Progress, _quiet, _read_manifest, _stderr_progress,
                                     _store_lock, _write_manifest, cache_root)
@@ -36,19 +37,8 @@ BUILD_TOOLS = {
 }
 
 
-def parse_config(text: str) -> dict[str, str]:
-    """Kconfig text -> {CONFIG_X: value}; ``# CONFIG_X is not set`` becomes ``n``."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        m = re.match(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$", line)
-        if m:
-            values[m.group(1)] = m.group(2)
-            continue
-        m = re.match(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$", line)
-        if m:
-            values[m.group(1)] = "n"
-    return values
+# One Kconfig parser for the store and the pre-boot config check.
+parse_config = kconfig.parse
 
 
 def config_mismatches(fragment: dict[str, str], config: dict[str, str]) -> list[str]:
@@ -185,6 +175,32 @@ def merge_fragment(config_text: str, fragment_text: str) -> str:
     return "\n".join(kept) + "\n"
 
 
+def _debian_source(src_root: Path, version: str, progress: Progress, t0: float,
+                   log: Path) -> tuple[Path, dict | None, bool]:
+    """Debian's linux-source-VERSION, downloaded and unpacked once under ``src_root``:
+    (tree, the package's provenance, whether it was fetched just now)."""
+    tree = src_root / f"linux-source-{version}"
+    if (tree / ".vmm-unpacked").exists():
+        try:
+            return tree, json.loads((tree / ".vmm-unpacked").read_text()), False
+        except ValueError:
+            return tree, None, False
+    apt = PrivateApt(cache_root(), progress)
+    deb, provenance = apt.download(f"linux-source-{version}")
+    progress(f"build: unpacking {deb.name}")
+    tarballs = _deb_members(deb, lambda n: n.rsplit("/", 1)[-1] if re.search(r"/linux-source-[\d.]+\.tar\.\w+$", n) else None, src_root)  # noqa: E501
+    if not tarballs:
+        raise KernelStoreError(f"{deb.name} holds no linux-source-*.tar.* tarball")
+    tarball = next(iter(tarballs.values()))
+    shutil.rmtree(tree, ignore_errors=True)
+    _stream(["tar", "-xf", str(tarball)], src_root, _quiet, t0, log)
+    tarball.unlink()
+    if not tree.is_dir():
+        raise KernelStoreError(f"{tarball.name} did not unpack to {tree}")
+    (tree / ".vmm-unpacked").write_text(json.dumps(provenance) + "\n")
+    return tree, provenance, True
+
+
 def _build_custom(out: Path, version: str, tree: Path | None, config: Path | None,
                   fragment: Path, jobs: int | None, force: bool,
                   progress: Progress) -> KernelArtifacts:
@@ -194,25 +210,7 @@ def _build_custom(out: Path, version: str, tree: Path | None, config: Path | Non
     log = out / "build.log"
     provenance = None
     if tree is None:  # Debian's source, unpacked once into this entry
-        src_root = out / "src"
-        tree = src_root / f"linux-source-{version}"
-        if not (tree / ".vmm-unpacked").exists():
-            apt = PrivateApt(cache_root(), progress)
-            deb, provenance = apt.download(f"linux-source-{version}")
-            progress(f"build: unpacking {deb.name}")
-            tarballs = _deb_members(deb, lambda n: n.rsplit("/", 1)[-1] if re.search(r"/linux-source-[\d.]+\.tar\.\w+$", n) else None, src_root)  # noqa: E501
-            if not tarballs:
-                raise KernelStoreError(f"{deb.name} holds no linux-source-*.tar.* tarball")
-            tarball = next(iter(tarballs.values()))
-            shutil.rmtree(tree, ignore_errors=True)
-            _stream(["tar", "-xf", str(tarball)], src_root, _quiet, t0, log)
-            tarball.unlink()
-            (tree / ".vmm-unpacked").write_text(json.dumps(provenance) + "\n")
-        else:
-            try:
-                provenance = json.loads((tree / ".vmm-unpacked").read_text())
-            except ValueError:
-                provenance = None
+        tree, provenance, _ = _debian_source(out / "src", version, progress, t0, log)
     obj = out / "obj"
     obj.mkdir(exist_ok=True)
     make = ["make", "ARCH=x86_64", "-C", str(tree), f"O={obj}"]
@@ -261,36 +259,16 @@ def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "build.log"
-    src_root = out / "src"
-    tree = src_root / f"linux-source-{version}"
     phases: dict[str, float] = {}
 
     def phase(name: str, started: float) -> None:
         phases[name] = round(time.monotonic() - started, 1)
         progress(f"[{time.monotonic() - t0:6.0f}s] build: {name} done in {phases[name]:.1f} s")
 
-    provenance = None
-    if not (tree / ".vmm-unpacked").exists():
-        t = time.monotonic()
-        apt = PrivateApt(cache_root(), progress)
-        deb, provenance = apt.download(f"linux-source-{version}")
-        progress(f"build: unpacking {deb.name}")
-        tarballs = _deb_members(deb, lambda n: n.rsplit("/", 1)[-1] if re.search(r"/linux-source-[\d.]+\.tar\.\w+$", n) else None, src_root)  # noqa: E501
-        if not tarballs:
-            raise KernelStoreError(f"{deb.name} holds no linux-source-*.tar.* tarball")
-        tarball = next(iter(tarballs.values()))
-        shutil.rmtree(tree, ignore_errors=True)
-        _stream(["tar", "-xf", str(tarball)], src_root, _quiet, t0, log)
-        tarball.unlink()
-        if not tree.is_dir():
-            raise KernelStoreError(f"{tarball.name} did not unpack to {tree}")
-        (tree / ".vmm-unpacked").write_text(json.dumps(provenance) + "\n")
+    t = time.monotonic()
+    tree, provenance, fetched = _debian_source(out / "src", version, progress, t0, log)
+    if fetched:
         phase("download+unpack", t)
-    else:
-        try:
-            provenance = json.loads((tree / ".vmm-unpacked").read_text())
-        except ValueError:
-            provenance = None
 
     make = ["make", "ARCH=x86_64"]
     frag_opts = parse_config(fragment.read_text())

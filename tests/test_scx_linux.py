@@ -52,7 +52,15 @@ for c in $(seq $N); do (while :; do :; done) & BUSY="$BUSY $!"; done
 echo "vmm-test: busy on $N cpus"
 while read -r cmd; do
   case "$cmd" in
-    dump) echo D > /proc/sysrq-trigger; echo "vmm-test: dumped";;
+    dump)
+      # SysRq-D writes sched_ext's dump to the sched_ext_dump trace event (not printk)
+      T=/sys/kernel/tracing
+      [ -e $T/trace ] || mount -t tracefs nodev $T
+      echo 1 > $T/events/sched_ext/sched_ext_dump/enable
+      echo > $T/trace
+      echo D > /proc/sysrq-trigger
+      cat $T/trace
+      echo "vmm-test: dumped";;
     state*) echo "vmm-test: $cmd: state=$(cat /sys/kernel/sched_ext/state) ops=$(cat /sys/kernel/sched_ext/root/ops 2>/dev/null)";;
     detach) break;;
   esac
@@ -142,7 +150,8 @@ def test_2_inject_scx_clock_on_every_cpu(guest):
 
 
 def test_3_guest_sees_the_scx_state_in_its_own_dump(guest):
-    """The guest's own view, through SysRq-D (sched_ext's debug dump, printk'd).
+    """The guest's own view, through SysRq-D (sched_ext's debug dump, which 7.3 emits as
+    the sched_ext_dump trace event: the job reads it from tracefs).
 
     What the guest can see of the injection: rq->scx.flags is printed for every busy
     CPU ("CPU n: nr_run=.. flags=0x.."), taken under that rq's lock.  SCX_RQ_CLK_VALID
@@ -159,9 +168,10 @@ def test_3_guest_sees_the_scx_state_in_its_own_dump(guest):
     CPU on the ext class) and prints whether CLK_VALID was still set.
     """
     config = Path(guest.artifacts.config).read_text() if guest.artifacts.config else ""
-    if "CONFIG_MAGIC_SYSRQ=y" not in config:
-        pytest.skip("needs CONFIG_MAGIC_SYSRQ=y (SysRq-D) in the kernel: "
-                    "kernels/config/sched_ext.fragment, then `make kernel-build`")
+    for option in ("CONFIG_MAGIC_SYSRQ=y", "CONFIG_FTRACE=y"):  # SysRq-D, tracefs
+        if option not in config:
+            pytest.skip(f"needs {option} in the kernel: kernels/config/sched_ext.fragment, "
+                        "then `make kernel-build`")
     start = len(guest.console_text())
     _ask(guest, "dump", r"vmm-test: dumped")
     dump = guest.console_text()[start:]

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent
 # Repository files the package needs at run time (vmm/resources.py finds them):
 # copied into the built package as vmm/_data/<same path>.
 SHIPPED = ("kernels/config/sched_ext.fragment", "kernels/init/spin-init.c",
-           "kernels/init/check-init.c", "kernels/init/sys.h")
+           "kernels/init/check-init.c", "kernels/init/sys.h",
+           "kernels/init/job-init.sh")
 
 
 class BuildPyWithData(build_py):

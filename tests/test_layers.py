@@ -29,7 +29,7 @@ FLOORS = [
     ("vmm.kernel",),
     ("vmm.ops",),
     ("vmm", "vmm.session", "vmm.cli", "vmm.pytest_plugin", "vmm.kernelstore", "vmm.__main__",
-     "vmm.debug"),
+     "vmm.debug", "vmm.scxbuild"),
 ]
 FLOOR_NAMES = ["_native", "errors", "arch", "kvm", "machine", "runtime", "kernel", "ops", "top"]
 

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 'Run /init as init process' for real Linux)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", action="store_true", help="do not stream the console")
+    _add_job_options(run)
+    _add_scx_parser(sub)
 
     inject = sub.add_parser("inject", help="shorthand for run --inject-scx")
     _add_machine_options(inject)
@@ -273,7 +275,8 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         initrd=args.initrd, timeout=args.timeout, inject_scx=inject,
         wait_for=args.wait_for, stream=None if args.quiet or args.json else sys.stdout.buffer,
         vmlinux=args.vmlinux, system_map=args.system_map, check_config=args.config_check,
-        boot_via_decompressor=args.boot_via_decompressor)
+        boot_via_decompressor=args.boot_via_decompressor,
+        exec=getattr(args, "exec", None), include=getattr(args, "include", None))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
@@ -298,6 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_btf(args)
         if args.command == "kernel":
             return cmd_kernel(args)
+        if args.command == "scx":
+            return cmd_scx(args)
         if args.command in ("run", "inject"):
             return cmd_run(args, inject=args.command == "inject" or args.inject_scx)
         if args.command in ("dump", "gdb"):
@@ -322,6 +327,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     parser.print_help()
     return EXIT_USAGE
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    """The guest job (vmm.machine.guestjob): hosts with VMX/SVM only, refused on PVM."""
+    p.add_argument("--exec", metavar="CMD", default=None,
+                   help="after boot the guest runs CMD (busybox sh -c); its output streams "
+                        "here and its exit status becomes vmm's")
+    p.add_argument("--include", metavar="HOST[:GUEST]", action="append", default=[],
+                   help="put a host file or directory into the guest (repeatable); an "
+                        "executable's shared libraries and loader come along")
+
+
+
+def _add_scx_parser(sub) -> None:
+    scx = sub.add_parser("scx", help="build sched_ext schedulers of a kernel's own tree")
+    ssub = scx.add_subparsers(dest="scx_command", metavar="SUBCOMMAND", required=True)
+    b = ssub.add_parser("build", help="build scx_NAME (tools/sched_ext) for a store kernel, "
+                                      "cached under ~/.cache/vmm/scx/")
+    b.add_argument("name", help="scheduler: simple, qmap, central, ... (scx_ prefix optional)")
+    b.add_argument("--kernel", default="build:7.3", help="store kernel spec (default build:7.3)")
+    b.add_argument("--force", action="store_true", help="rebuild even when cached")
+    b.add_argument("-j", "--jobs", type=int, default=None)
+    b.add_argument("--json", action="store_true")
+
+
+def cmd_scx(args: argparse.Namespace) -> int:
+    from .scxbuild import build_scheduler
+
+    s = build_scheduler(args.name, args.kernel, jobs=args.jobs, force=args.force)
+    _emit(args, {"scheduler": s.name, "binary": str(s.binary), "kernel": s.kernel,
+                 "cached": s.cached, "seconds": round(s.seconds, 1)}, str(s.binary))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vmm(**options): options for the vmm_machine fixture "
-        "(kernel, cpus, memory, cmdline, initrd, wait_for, timeout, fresh)")
+        "(kernel, cpus, memory, cmdline, initrd, wait_for, wait_timeout, timeout, fresh, "
+        "exec, include)")
     config.stash[_POOL_KEY] = {}
 
 

@@ -107,6 +107,9 @@ class Machine(RunningMachine):
         self.requires = set(requires)
         self.check_config = check_config
         self.kernel_files = None
+        self.job = _guest_job(options.pop("exec", None), options.pop("include", None))
+        if self.job is not None:
+            initrd = initrd or str(self.job)
         boot = kernel
         if _is_spec(kernel):
             from . import kernelstore
@@ -424,11 +427,14 @@ class SessionReport:
     injection: Optional[ScxInjection] = None
     extra: dict = field(default_factory=dict)
     error: Optional[str] = None
+    job_status: Optional[int] = None  # the guest job's (--exec) status line, when it ran
 
     @property
     def exit_status(self) -> int:
         if self.error:
             return 255
+        if self.job_status is not None:
+            return self.job_status
         if self.injection is not None and not self.injection.ok:
             return 1
         if self.exit is None:
@@ -465,18 +471,23 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                 inject_scx: bool = False, wait_for: Optional[str] = None,
                 stream: Any = None, vmlinux: Optional[str] = None,
                 system_map: Optional[str] = None, check_config: bool = True,
-                boot_via_decompressor: Optional[bool] = None) -> SessionReport:
-    """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop."""
+                boot_via_decompressor: Optional[bool] = None,
+                exec: Optional[str] = None, include: Any = None) -> SessionReport:
+    """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop.
+    With ``exec``, the guest job's status (``vmm-job: exit N``) is the exit status."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
                 console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
                 requires=("sched_ext", "btf") if inject_scx else (),
-                check_config=check_config, boot_via_decompressor=boot_via_decompressor)
+                check_config=check_config, boot_via_decompressor=boot_via_decompressor,
+                exec=exec, include=include)
     report = SessionReport(kernel=str(kernel), cmdline="")
     m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
     try:
         report.cmdline = m.cmdline
         if not inject_scx:
             report.exit = m.wait()
+            if m.job is not None:
+                report.job_status = m.job_status
             return report
         marker = wait_for or (INIT_MARKER if m.is_linux else r"cpus up")
         t0 = time.monotonic()
@@ -511,3 +522,34 @@ def _try_read(m: Machine, name: str) -> Optional[int]:
         return m.read(name, hot=True)
     except VmmError:
         return None
+
+
+# --- the guest job (--exec / --include; vmm.machine.guestjob) ---------------------------
+def _guest_job(command: Optional[str], include: Any) -> Any:
+    """The job's initramfs path, or None without exec/include; refuses on PVM hosts."""
+    if command is None and not include:
+        return None
+    from .machine import guestjob
+    guestjob.check_host()
+    return guestjob.build_job_initramfs(command or "exec sh", guestjob.includes_list(include))
+
+
+def _job_status(self: Machine) -> Optional[int]:
+    """The guest job's exit status from its last console line; None until it printed it."""
+    from .machine.guestjob import job_status
+    return job_status(self.console_text())
+
+
+def _wait_job(self: Machine, timeout: Optional[float] = None) -> int:
+    """Wait for the VM to end (the job's init reboots after the job) and return the job's
+    status; GuestBootError when the VM ended without the status line."""
+    vm_exit = self.wait(timeout=timeout)
+    status = self.job_status
+    if status is None:
+        raise GuestBootError(f"the guest job printed no 'vmm-job: exit N' line ({vm_exit}); "
+                             f"last console lines:\n{self.console_tail(20)}")
+    return status
+
+
+Machine.job_status = property(_job_status)  # type: ignore[attr-defined]
+Machine.wait_job = _wait_job  # type: ignore[attr-defined]

@@ -1,0 +1,222 @@
+"""A real sched_ext scheduler under test: scx_simple attached in the guest while the
+host freezes every vCPU, injects the scx clock/flag batch and thaws.
+
+One boot (Linux 7.3 from kernels/config/sched_ext.fragment, 2 vCPUs) serves the
+numbered tests, in order; the guest job below talks to the host over the console (the
+host types commands into COM1, the job answers with "vmm-test: ..." lines).  Guest user
+space must make system calls, so this runs on hosts with VMX/SVM, or here in the SVM
+lane:
+
+    python3 ../lane/scripts/svm_lane.py run --cwd . -- \\
+        sh -c 'python3 -m pytest -m slow tests/test_scx_linux.py -v'
+
+scx_simple is built first on the host (`vmm scx build simple --kernel build:7.3`,
+clang >= 16): the lane has no network.
+
+NOT YET PASSING, so not in `make test-svm` (issue 10 is open): in our guest the
+kernel's scx_root_enable() returns -EINVAL when scx_simple attaches (test 1), and the
+schedulers of the 7.3 tree also need CONFIG_NET (libbpf's load probe) and
+FTRACE/FUNCTION_TRACER/BPF_EVENTS (their fentry program on bpf_scx_reg), which
+kernels/config/sched_ext.fragment does not have yet (their cost on PVM boots is not
+measured). Run it by hand as above while working on it.
+"""
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from vmm.kvm.pvm import is_pvm_host
+
+pytestmark = [pytest.mark.slow, pytest.mark.kvm,
+              pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm"),
+              pytest.mark.skipif(is_pvm_host(), reason=(
+                  "guest user space cannot make system calls on a PVM host: run on VMX/SVM or in "
+                  "the SVM lane (../lane/scripts/svm_lane.py run -- python3 -m pytest ...)"))]
+
+CPUS = 2
+BOOT_TIMEOUT = 900
+
+# The guest job: attach scx_simple, keep every CPU busy, then serve the host's commands
+# (typed into the console) until "detach"; its exit status (42: detached cleanly)
+# reaches the host through the job's status line.
+JOB = r"""
+scx_simple > /tmp/scx.log 2>&1 &
+SCX=$!
+i=0
+until [ "$(cat /sys/kernel/sched_ext/state)" = enabled ]; do
+  i=$((i+1))
+  if [ $i -gt 600 ]; then echo "vmm-test: scx_simple did not attach"; cat /tmp/scx.log; exit 3; fi
+  sleep 0.1
+done
+echo "vmm-test: attached state=$(cat /sys/kernel/sched_ext/state) ops=$(cat /sys/kernel/sched_ext/root/ops)"
+N=$(grep -c ^processor /proc/cpuinfo)
+BUSY=
+for c in $(seq $N); do (while :; do :; done) & BUSY="$BUSY $!"; done
+echo "vmm-test: busy on $N cpus"
+while read -r cmd; do
+  case "$cmd" in
+    dump)
+      # SysRq-D writes sched_ext's dump to the sched_ext_dump trace event (not printk)
+      T=/sys/kernel/tracing
+      [ -e $T/trace ] || mount -t tracefs nodev $T
+      echo 1 > $T/events/sched_ext/sched_ext_dump/enable
+      echo > $T/trace
+      echo D > /proc/sysrq-trigger
+      cat $T/trace
+      echo "vmm-test: dumped";;
+    state*) echo "vmm-test: $cmd: state=$(cat /sys/kernel/sched_ext/state) ops=$(cat /sys/kernel/sched_ext/root/ops 2>/dev/null)";;
+    detach) break;;
+  esac
+done
+kill $BUSY
+kill -INT $SCX
+wait $SCX
+rc=$?
+tail -n 3 /tmp/scx.log
+i=0
+until [ "$(cat /sys/kernel/sched_ext/state)" = disabled ]; do
+  i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1
+done
+echo "vmm-test: detached state=$(cat /sys/kernel/sched_ext/state) scx_simple_rc=$rc"
+if [ $rc -eq 0 ]; then exit 42; else exit 4; fi
+"""
+
+STALL = re.compile(r"runnable task stall|failed to run for|watchdog failed to check in|"
+                   r"sched_ext: BPF scheduler .* disabled")
+
+
+def _kernel_spec():
+    from vmm import kernelstore as ks
+
+    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
+    if not any(art.name == wanted for art in ks.list_kernels()):
+        pytest.skip(f"kernel {wanted} is not built: run `make kernel-build` (CI does)")
+    return f"build:{ks.DEFAULT_BUILD_VERSION}"
+
+
+def _scheduler(kernel):
+    from vmm.scxbuild import ScxBuildError, build_scheduler
+
+    try:
+        return build_scheduler("simple", kernel, progress=None)
+    except ScxBuildError as exc:
+        if "apt-get install" in str(exc):  # the toolchain is missing: the message names it
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.fixture(scope="module")
+def guest():
+    from vmm import Machine
+
+    kernel = _kernel_spec()
+    sched = _scheduler(kernel)
+    m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=JOB,
+                include=[f"{sched.binary}:/bin/scx_simple"])
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def _ask(m, command, answer, timeout=120):
+    """Type a command into the guest's console; wait for its answer (after this point)."""
+    start = len(m.console_text())
+    m.feed_console(command.encode() + b"\n")
+    return m.wait_for_console(answer, timeout=timeout, start=start)
+
+
+def test_1_scx_simple_attached_and_every_cpu_busy(guest):
+    from vmm import KernelTarget as T, Op
+
+    guest.wait_for_console(r"vmm-test: busy on \d+ cpus", timeout=BOOT_TIMEOUT)
+    text = guest.console_text()
+    assert re.search(r"vmm-test: attached state=enabled ops=simple\b", text), text[-3000:]
+    assert f"busy on {CPUS} cpus" in text
+    # The host's view: every CPU runs a task (rq->curr is not its idle task).
+    targets = []
+    for cpu in range(CPUS):
+        targets += [T.per_cpu("runqueues", cpu, "curr"), T.per_cpu("runqueues", cpu, "idle"),
+                    T.per_cpu("runqueues", cpu, "nr_running")]
+    values = [v.value for v in guest.apply(Op.ReadKernelCold(targets)).values]
+    for cpu in range(CPUS):
+        curr, idle, nr = values[3 * cpu: 3 * cpu + 3]
+        assert curr != idle and nr >= 1, f"cpu {cpu}: curr {curr:#x} idle {idle:#x} nr {nr}"
+
+
+def test_2_inject_scx_clock_on_every_cpu(guest):
+    inj = guest.inject_scx_clock()
+    print(inj.describe())
+    assert inj.ok, inj.describe()
+    assert [r.cpu for r in inj.rows] == list(range(CPUS))
+
+
+def test_3_guest_sees_the_scx_state_in_its_own_dump(guest):
+    """The guest's own view, through SysRq-D (sched_ext's debug dump, which 7.3 emits as
+    the sched_ext_dump trace event: the job reads it from tracefs).
+
+    What the guest can see of the injection: rq->scx.flags is printed for every busy
+    CPU ("CPU n: nr_run=.. flags=0x.."), taken under that rq's lock.  SCX_RQ_CLK_VALID
+    stays visible only until that CPU's next rq unlock: kernel/sched/sched.h (7.3)
+    clears it in rq_unpin_lock() -> scx_rq_clock_invalidate() on every rq_unlock*(),
+    and update_rq_clock() -> scx_rq_clock_update() sets it again (with a fresh
+    scx.clock) only while the lock is held.  After the thaw a busy CPU takes its rq
+    lock at its next tick (HZ=100: within 10 ms; the LAPIC timer that expired while
+    frozen fires at once), so by the time a dump runs the flag the host ORed in has
+    been cleared by the kernel itself, as on real hardware.  An idle tickless CPU
+    would keep it until woken, but the dump skips idle CPUs (scx_dump_cpu, for
+    schedulers without ops.dump_cpu, as all of the tree's).  So the test checks the
+    dump's per-CPU lines against the host's read-back (same CPUs, ONLINE set, every
+    CPU on the ext class) and prints whether CLK_VALID was still set.
+    """
+    config = Path(guest.artifacts.config).read_text() if guest.artifacts.config else ""
+    for option in ("CONFIG_MAGIC_SYSRQ=y", "CONFIG_FTRACE=y"):  # SysRq-D, tracefs
+        if option not in config:
+            pytest.skip(f"needs {option} in the kernel: kernels/config/sched_ext.fragment, "
+                        "then `make kernel-build`")
+    start = len(guest.console_text())
+    _ask(guest, "dump", r"vmm-test: dumped")
+    dump = guest.console_text()[start:]
+    rows = {int(c): int(f, 16) for c, f in
+            re.findall(r"CPU (\d+)\s*: nr_run=\d+ flags=0x([0-9a-f]+)", dump)}
+    assert "SysRq-D" in dump, dump[-3000:]
+    assert sorted(rows) == list(range(CPUS)), dump[-3000:]
+    mask = guest.vmlinux.enum("SCX_RQ_CLK_VALID") & 0xFFFFFFFF
+    online = guest.vmlinux.enum("SCX_RQ_ONLINE") & 0xFFFFFFFF
+    for cpu, flags in rows.items():
+        assert flags & online, f"cpu {cpu}: flags {flags:#x} lack SCX_RQ_ONLINE"
+        print(f"guest dump: cpu {cpu} rq->scx.flags {flags:#x}, SCX_RQ_CLK_VALID "
+              f"{'still set' if flags & mask else 'cleared by the kernel since the thaw'}")
+    assert dump.count("class=ext_sched_class") >= CPUS, dump[-3000:]
+
+
+def test_4_freeze_past_the_watchdog_timeout_no_stall(guest):
+    timeout_jiffies = guest.vmlinux.enum("SCX_WATCHDOG_MAX_TIMEOUT")  # scx_simple sets none
+    config = Path(guest.artifacts.config).read_text() if guest.artifacts.config else ""
+    hz = int(re.search(r"^CONFIG_HZ=(\d+)", config, re.M).group(1)) if config else 100
+    timeout_s = timeout_jiffies / hz
+    with guest.freeze():
+        time.sleep(timeout_s + 5)  # host time passes; the guest's clock is held (freeze.py)
+    # Let the guest run past one watchdog interval (timeout / 2) of its own time.
+    j0 = guest.read("jiffies", hot=True)
+    deadline = time.monotonic() + 600
+    while guest.read("jiffies", hot=True) - j0 < timeout_jiffies // 2 + 2 * hz:
+        assert time.monotonic() < deadline, "guest jiffies stopped advancing"
+        time.sleep(1)
+    m = _ask(guest, "state-after-freeze", r"vmm-test: state-after-freeze: state=(\w+) ops=(\S*)")
+    assert m.group(1) == "enabled" and m.group(2) == "simple", guest.console_tail(40)
+    stall = STALL.search(guest.console_text())
+    assert stall is None, f"the guest reported {stall.group(0)!r}:\n{guest.console_tail(40)}"
+
+
+def test_5_detach_and_job_status_reaches_host(guest):
+    _ask(guest, "detach", r"vmm-test: detached state=(\w+)", timeout=300)
+    status = guest.wait_job(timeout=300)
+    text = guest.console_text()
+    assert re.search(r"vmm-test: detached state=disabled scx_simple_rc=0", text), text[-3000:]
+    assert "unregistered from user space" in text, text[-3000:]
+    assert status == 42
+    assert STALL.search(text) is None

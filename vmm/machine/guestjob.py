@@ -1,0 +1,280 @@
+"""The guest job: a developer's command run by the guest after boot, with host files.
+
+``vmm run --exec 'CMD' --include HOST[:GUEST]`` (and ``Machine(exec=..., include=...)``)
+boots real Linux with an initramfs built here:
+
+* ``/bin/busybox`` (the host's busybox-static) and its applets, ``/init`` =
+  kernels/init/job-init.sh, which mounts proc/sys/devtmpfs/tmpfs, runs CMD through
+  ``busybox sh -c`` with the console as stdin/stdout/stderr, then prints the status
+  line ``vmm-job: exit N`` and reboots (``reboot=k``: the i8042 reset ends the VM).
+* every ``--include``: a file or a directory tree (symlinks kept), at GUEST or, without
+  it, at the same absolute path as on the host;
+* for each included dynamically linked ELF: its program interpreter and its DT_NEEDED
+  libraries, recursively, found as the dynamic loader would (DT_RPATH, then
+  DT_RUNPATH with $ORIGIN, then /etc/ld.so.conf's directories and the default ones),
+  copied (dereferenced) under the path where the loader finds them.
+
+The exit status reaches the host through that final console line (see
+docs/CONTRACTS.md "Guest job"): our kernel fragment has no IOPL/ioperm, so guest user
+space cannot write the exit port, and a tinyconfig kernel without ACPI cannot power off
+through \\_S5; a marker line parsed by the host works on any kernel with a console.
+
+PVM hosts cannot run it (guest user space cannot make system calls there):
+``check_host()`` refuses at once, saying where it works.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from vmm.errors import ConfigError, ImageError, VmmError
+from vmm.resources import cache_dir, shipped
+from vmm.kvm.pvm import is_pvm_host
+from vmm.machine import initramfs as cpio
+
+JOB_INIT = shipped("kernels/init/job-init.sh")  # package data in a wheel
+JOB_FILE = "vmm/job"  # where the command lives in the initramfs (read by job-init.sh)
+# The last line the init prints: parsed by job_status(); the job's own output may
+# precede it on the same console, so it is matched at the start of a line.
+STATUS_RE = re.compile(rb"^vmm-job: exit (\d+)\r?$", re.M)
+START_MARKER = "vmm-job: start"
+DEFAULT_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
+                    "/lib", "/usr/lib")  # fmt: skip
+
+
+class GuestJobError(VmmError):
+    """The guest job cannot be assembled or cannot run on this host."""
+
+
+def check_host() -> None:
+    """Refuse on a PVM host, where the job's system calls would never return."""
+    if is_pvm_host():
+        raise GuestJobError(
+            "--exec/--include need guest user space that can make system calls; this host's "
+            "/dev/kvm is PVM (/sys/module/kvm_pvm), where they cannot. Run it on a host with "
+            "hardware virtualization (VMX/SVM), or here inside the SVM lane: "
+            "python3 scripts/svm_lane.py run -- vmm run --exec ...")
+
+
+def parse_include(spec: str) -> tuple[Path, str]:
+    """'HOST[:GUEST]' -> (host path, guest path); GUEST defaults to HOST's absolute path."""
+    host, sep, guest = str(spec).partition(":")
+    if not host:
+        raise ConfigError(f"--include {spec!r}: expected HOSTPATH[:GUESTPATH]")
+    hp = Path(host).expanduser()
+    if not hp.exists():
+        raise ConfigError(f"--include {spec!r}: {hp} does not exist on the host")
+    gp = guest if sep and guest else str(hp.resolve())
+    if not gp.startswith("/"):
+        raise ConfigError(f"--include {spec!r}: the guest path must be absolute")
+    return hp, gp
+
+
+# --------------------------------------------------------------------------------------
+# Shared libraries, resolved as the dynamic loader would
+# --------------------------------------------------------------------------------------
+def _elf_info(path: Path) -> Optional[dict]:
+    """{interp, needed, rpath, runpath} of a dynamically linked ELF; None otherwise."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return None
+            f.seek(0)
+            from elftools.common.exceptions import ELFError
+            from elftools.elf.dynamic import DynamicSection
+            from elftools.elf.elffile import ELFFile
+
+            try:
+                elf = ELFFile(f)
+                interp = None
+                for seg in elf.iter_segments():
+                    if seg["p_type"] == "PT_INTERP":
+                        interp = seg.get_interp_name()
+                info: dict = {"interp": interp, "needed": [], "rpath": [], "runpath": []}
+                for sec in elf.iter_sections():
+                    if not isinstance(sec, DynamicSection):
+                        continue
+                    for tag in sec.iter_tags():
+                        if tag.entry.d_tag == "DT_NEEDED":
+                            info["needed"].append(tag.needed)
+                        elif tag.entry.d_tag == "DT_RPATH":
+                            info["rpath"] += tag.rpath.split(":")
+                        elif tag.entry.d_tag == "DT_RUNPATH":
+                            info["runpath"] += tag.runpath.split(":")
+                return info
+            except (ELFError, ValueError, KeyError) as e:
+                raise ImageError(f"--include {path}: not a readable ELF: {e}") from e
+    except OSError as e:
+        raise ImageError(f"--include {path}: cannot read: {e}") from e
+
+
+def _ld_so_conf_dirs(conf: str = "/etc/ld.so.conf") -> list[str]:
+    dirs: list[str] = []
+
+    def read(name: str) -> None:
+        try:
+            lines = Path(name).read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("include "):
+                for inc in sorted(glob.glob(os.path.join(os.path.dirname(name), line[8:].strip()))):
+                    read(inc)
+            elif line:
+                dirs.append(line)
+
+    read(conf)
+    return dirs
+
+
+def shared_libraries(executable: Path) -> list[tuple[str, Path]]:
+    """(guest path, host file) of the loader and every library ``executable`` needs,
+    transitively; [] for a static or non-ELF file.  A library that cannot be found is
+    an ImageError naming it (the guest's loader would fail the same way)."""
+    info = _elf_info(executable)
+    if info is None or info["interp"] is None:
+        return []
+    system_dirs = _ld_so_conf_dirs() + list(DEFAULT_LIB_DIRS)
+    out: dict[str, Path] = {}
+    interp = info["interp"]
+    if not os.path.exists(interp):
+        raise ImageError(f"{executable}: its loader {interp} is not on this host")
+    out[interp] = Path(os.path.realpath(interp))
+    todo = [(executable, info)]
+    seen_names: set[str] = set()
+    while todo:
+        obj, oi = todo.pop()
+        origin = str(Path(obj).resolve().parent)
+
+        def expand(d: str) -> str:
+            return d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+
+        # DT_RPATH is used only when there is no DT_RUNPATH (ld.so(8)).
+        search = ([expand(d) for d in oi["rpath"]] if not oi["runpath"] else []) \
+            + [expand(d) for d in oi["runpath"]] + system_dirs
+        for name in oi["needed"]:
+            if name in seen_names:
+                continue
+            seen_names.add(name)
+            found = None
+            if "/" in name:
+                found = name if os.path.exists(name) else None
+            else:
+                for d in search:
+                    cand = os.path.join(d, name)
+                    if os.path.isfile(cand):
+                        found = cand
+                        break
+            if found is None:
+                raise ImageError(f"{executable}: needs {name}, not found in {', '.join(search)}")
+            # The guest finds it at the default directory it was found in here.
+            out.setdefault(os.path.normpath(found), Path(os.path.realpath(found)))
+            sub = _elf_info(Path(found))
+            if sub is not None:
+                todo.append((Path(found), sub))
+    return sorted(out.items())
+
+
+# --------------------------------------------------------------------------------------
+# The initramfs
+# --------------------------------------------------------------------------------------
+def _busybox() -> Path:
+    bb = shutil.which("busybox")
+    if bb is None or (_elf_info(Path(bb)) or {}).get("interp"):
+        raise GuestJobError("the guest job needs a static busybox on the host: "
+                            "apt-get install busybox-static")
+    return Path(bb)
+
+
+def _include_entries(host: Path, guest: str) -> list[cpio.Entry]:
+    guest = guest.rstrip("/") or "/"
+    if host.is_dir():
+        entries = [cpio.directory(guest)] if guest != "/" else []
+        for e in cpio.entries_from_directory(host):
+            entries.append(cpio.Entry(f"{guest}/{e.path}", e.data, e.mode, e.rdev))
+        return entries
+    st = host.stat()
+    return [cpio.file(guest, host.read_bytes(), st.st_mode & 0o7777)]
+
+
+def job_entries(command: str, includes: Sequence[str] = ()) -> list[cpio.Entry]:
+    """Every initramfs entry of a guest job (no caching, no compression)."""
+    if not isinstance(command, str) or not command.strip():
+        raise ConfigError("--exec needs a command (run through busybox sh -c in the guest)")
+    try:
+        init = JOB_INIT.read_bytes()
+    except OSError as e:
+        raise GuestJobError(f"the guest job's init {JOB_INIT} is missing: {e}") from e
+    entries: dict[str, cpio.Entry] = {}
+
+    def add(e: cpio.Entry) -> None:
+        key = cpio._normalise(e.path)
+        if key in entries and stat.S_ISDIR(e.mode) and not stat.S_ISDIR(entries[key].mode):
+            return  # a file or link beats a directory of the same name
+        entries[key] = cpio.Entry(key, e.data, e.mode, e.rdev)
+
+    for e in [cpio.directory("dev"), cpio.char_device("dev/console", 5, 1), cpio.directory("proc"),
+              cpio.directory("sys"), cpio.directory("tmp", 0o1777), cpio.directory("bin"),
+              cpio.directory("sbin"), cpio.directory("usr/bin"), cpio.directory("usr/sbin")]:
+        add(e)
+    add(cpio.file("bin/busybox", _busybox().read_bytes(), 0o755))
+    add(cpio.symlink("bin/sh", "busybox"))
+    add(cpio.file("init", init, 0o755))
+    add(cpio.file(JOB_FILE, command.encode() + b"\n", 0o644))
+    libs: dict[str, Path] = {}
+    for spec in includes:
+        host, guest = parse_include(spec)
+        for e in _include_entries(host, guest):
+            add(e)
+        # A named file is followed through symlinks; inside a directory, links stay links.
+        files = [host.resolve()] if host.is_file() else \
+            [Path(p) / n for p, _, ns in os.walk(host) for n in ns]
+        for f in files:
+            if f.is_file() and not f.is_symlink() and os.access(f, os.X_OK):
+                for gpath, hpath in shared_libraries(f):
+                    libs.setdefault(gpath, hpath)
+    for gpath, hpath in libs.items():
+        if cpio._normalise(gpath) not in entries:
+            add(cpio.file(gpath, hpath.read_bytes(), 0o755))
+    # Sorted by name, a directory comes before its contents (write_newc adds missing
+    # parents itself and refuses a name listed twice).
+    return sorted(entries.values(), key=lambda e: e.path)
+
+
+def _cache_dir() -> Path:
+    return cache_dir("initramfs")
+
+
+def build_job_initramfs(command: str, includes: Sequence[str] = ()) -> Path:
+    """The guest job's initramfs (.cpio.gz), cached by content hash."""
+    image = cpio.create_initramfs(job_entries(command, includes))
+    digest = hashlib.sha256(image).hexdigest()[:16]
+    out = _cache_dir() / f"job-{digest}.cpio.gz"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(image)
+        tmp.replace(out)
+    return out
+
+
+def job_status(console: bytes | str) -> Optional[int]:
+    """The job's exit status from the console (the last status line), or None."""
+    if isinstance(console, str):
+        console = console.encode("utf-8", "replace")
+    found = STATUS_RE.findall(console)
+    return int(found[-1]) if found else None
+
+
+def includes_list(include: Optional[Iterable[str] | str]) -> list[str]:
+    if include is None:
+        return []
+    return [include] if isinstance(include, (str, os.PathLike)) else [str(i) for i in include]

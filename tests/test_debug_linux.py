@@ -77,8 +77,13 @@ def test_kaslr_slide_is_what_the_guest_says(linux):
         live = linux.live(snap)
     print(f"slide {live.slide:#x} ({live.kaslr.source}, checked by {live.kaslr.checks}), "
           f"phys_base {live.phys_base:#x}")
-    if KASLR:
-        assert live.slide != 0 and live.kaslr.source == "lstar"
+    # KASLR is on unless the command line says nokaslr: the plain VMX/SVM path boots the
+    # bzImage through its decompressor without it (VMM_DEBUG_KASLR=1 forces that);
+    # PVM hosts add nokaslr.
+    if "nokaslr" not in linux.cmdline.split():
+        # the slide comes from LSTAR and agreed with what was cross-checked (IDT base,
+        # linux_banner's bytes); a random slide may rarely be 0, so that is not asserted
+        assert live.kaslr.source == "lstar" and live.kaslr.checks, live.kaslr
     else:
         assert live.slide == 0
 

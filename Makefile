@@ -12,10 +12,7 @@ CPUS ?= 2
 PYTEST_ARGS ?=
 SVM_LANE := $(PYTHON) scripts/svm_lane.py
 SVM_TIMEOUT ?= 2400
-# tests/test_linux_boot.py (the vmlinux ELF on 2 vCPUs) is left out here for now: once in
-# two CI runs it hung in the lane before "Run /init" (under investigation); it runs in
-# make test-slow, and test_e2e_linux boots the same kernel on 2 vCPUs here.
-SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_kernel_debian.py \
+SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boot.py tests/test_kernel_debian.py \
 	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py
 
 .PHONY: deps native guests demo test test-slow test-svm bench bench-svm svm-setup kernel-debian kernel-build clean check-wheel fuzz test-asan

@@ -57,3 +57,14 @@ def require_guests(*paths):
             pytest.skip(f"test guests not built and `make -C kernels/guests` failed: {e}")
     if not all(Path(p).exists() for p in paths):
         pytest.skip("test guests not built (make -C kernels/guests)")
+
+
+def built_kernel_spec():
+    """The store spec of our sched_ext build for the current fragment ("build:7.3"); skips,
+    saying what to run, when it has not been built."""
+    from vmm import kernelstore as ks
+
+    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
+    if not any(art.name == wanted for art in ks.list_kernels()):
+        pytest.skip(f"kernel {wanted} is not built: run `make kernel-build` (CI does)")
+    return f"build:{ks.DEFAULT_BUILD_VERSION}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_abi import built_kernel_spec
 from vmm.kvm.pvm import is_pvm_host
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm,
@@ -19,18 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.kvm,
 BOOT_TIMEOUT = 900
 
 
-def _kernel_spec():
-    from vmm import kernelstore as ks
-
-    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
-    if not any(art.name == wanted for art in ks.list_kernels()):
-        pytest.skip(f"kernel {wanted} is not built: run `make kernel-build` (CI does)")
-    return f"build:{ks.DEFAULT_BUILD_VERSION}"
-
-
 def test_cli_exec_exit_status():
     """`vmm run --exec`: the job's output streams to stdout, its status is vmm's."""
-    kernel = _kernel_spec()
+    kernel = built_kernel_spec()
     proc = subprocess.run([sys.executable, "-m", "vmm.cli", "run", "--kernel", kernel,
                            "--timeout", str(BOOT_TIMEOUT), "--exec",
                            "echo job-says-hello; cat /proc/version; exit 7"],

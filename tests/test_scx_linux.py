@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_abi import built_kernel_spec
 from vmm.kvm.pvm import is_pvm_host
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm,
@@ -87,15 +88,6 @@ STALL = re.compile(r"runnable task stall|failed to run for|watchdog failed to ch
                    r"sched_ext: BPF scheduler .* disabled")
 
 
-def _kernel_spec():
-    from vmm import kernelstore as ks
-
-    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
-    if not any(art.name == wanted for art in ks.list_kernels()):
-        pytest.skip(f"kernel {wanted} is not built: run `make kernel-build` (CI does)")
-    return f"build:{ks.DEFAULT_BUILD_VERSION}"
-
-
 def _scheduler(kernel):
     from vmm.scxbuild import ScxBuildError, build_scheduler
 
@@ -111,7 +103,7 @@ def _scheduler(kernel):
 def guest():
     from vmm import Machine
 
-    kernel = _kernel_spec()
+    kernel = built_kernel_spec()
     sched = _scheduler(kernel)
     m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=JOB,
                 include=[f"{sched.binary}:/bin/scx_simple"])

@@ -38,7 +38,11 @@ def _debian_artifacts():
     if not (hardware_virtualization() or os.environ.get("VMM_TEST_DEBIAN") == "1"):
         pytest.skip("Debian's prebuilt kernel: runs where VMX/SVM is present; on a PVM host it "
                     "needs far longer than our minimal build to boot (opt in: VMM_TEST_DEBIAN=1)")
-    return ks.fetch_debian(with_debug=True)  # symbols need the -dbg vmlinux/System.map
+    # The cached one when there is one (the SVM lane has no network); else fetch it, with
+    # the -dbg package: symbols need its vmlinux/System.map.
+    cached = [a for a in ks.list_kernels() if a.name.startswith("debian-")
+              and a.system_map is not None and a.bzimage is not None]
+    return cached[0] if cached else ks.fetch_debian(with_debug=True)
 
 
 def _artifacts(kind="build"):

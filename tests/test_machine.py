@@ -1,6 +1,7 @@
 """The Machine on real KVM with our test guests (kernels/guests)."""
 
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -119,6 +120,26 @@ def test_wait_for_console_raises_when_the_vm_ends(guest):
     with Machine(guest, cmdline="mode=hello") as m:
         with pytest.raises(GuestBootError, match="never matched"):
             m.wait_for_console("no such text", timeout=10)
+
+
+def test_wait_for_console_timeout_says_where_each_vcpu_is(guest):
+    """A guest that runs on without printing the awaited text: the error names every
+    vCPU's RIP (symbolized from the guest ELF) and run state, taken under a freeze."""
+    from vmm.errors import GuestBootError
+    from vmm.kernel import image_symbols
+
+    with Machine(guest, cpus=2, cmdline="mode=loop cpus=2", timeout=120,
+                 symbol_table=image_symbols) as m:
+        m.wait_for_console("2 cpus up", timeout=60)
+        with pytest.raises(GuestBootError) as err:
+            m.wait_for_console("no such text", timeout=1)
+        assert m.running  # the short freeze was thawed
+    text = str(err.value)
+    assert "1 s passed" in text and "Where the vCPUs are:" in text
+    for cpu in (0, 1):
+        line = next(l for l in text.splitlines() if l.strip().startswith(f"vCPU {cpu}:"))
+        assert re.search(r"RIP 0x[0-9a-f]+ \(\w+\+0x[0-9a-f]+\)", line), line
+        assert "IF " in line and "CR3 0x" in line
 
 
 def test_bzimage_wrapping_our_guest_boots(guest):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from .errors import GuestBootError, KernelFeatureMissing, VmmError
+from .kernel.kaslr import slide_from_lstar
 from .kvm.kvm import MSR_LSTAR
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
@@ -242,6 +243,24 @@ class Machine(RunningMachine):
                 if lstar:
                     kwargs["lstar"] = lstar
         return self.vmlinux.attach(self.__dict__.get("_guest_memory"), **kwargs)
+
+    def _symbolize(self, addr: int) -> Optional[str]:
+        """"name+0xoff" for a RIP; under KASLR through the vmlinux's symbols moved by the
+        slide LSTAR gives in the last freeze. Only from symbols already at hand: naming a
+        RIP in an error report never fetches or loads a -dbg package."""
+        name = super()._symbolize(addr)
+        if name is not None or (self._introspection is None and self._vmlinux_path is None
+                                and self.kernel_files is None):
+            return name
+        try:
+            symbols = self.vmlinux.symbols
+            snap = self._last_snapshot
+            v0 = next((v for v in snap.vcpus if v is not None), None) if snap else None
+            lstar = v0.msrs.get(MSR_LSTAR) if v0 is not None else None
+            slide = slide_from_lstar(symbols, lstar) if lstar else 0
+            return symbols.format_address(addr - slide)
+        except (VmmError, OSError, KeyError, ValueError):
+            return None
 
     def freeze(self, timeout: float = 30.0):
         snap = super().freeze(timeout)

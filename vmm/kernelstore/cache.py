@@ -77,9 +77,13 @@ class KernelArtifacts:
             v = data.get(k)
             return Path(v) if v else None
 
+        # A manifest written by an older vmm may hold make's "Entering directory" lines
+        # around the kernel release: keep the release line only.
+        lines = [l for l in str(data["version"]).splitlines()
+                 if l.strip() and not l.startswith("make")]
         return cls(
             name=str(data["name"]),
-            version=str(data["version"]),
+            version=lines[0].strip() if lines else str(data["version"]),
             bzimage=path("bzimage"),
             vmlinux=path("vmlinux"),
             system_map=path("system_map"),

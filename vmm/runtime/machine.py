@@ -97,7 +97,42 @@ class Machine(MachineBuilder):
             self._teardown()
             flushed = True
         tail = "\n".join(log.text().splitlines()[-30:])
-        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
+        where = ""
+        if not flushed:  # still running: say where each vCPU is, so a hang can be told apart
+            where = "\nWhere the vCPUs are:\n" + self.describe_vcpus()
+        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}.{where}\n"
+                             f"Console tail:\n{tail}")
+
+    def describe_vcpus(self, freeze_timeout: float = 5.0) -> str:
+        """One line per vCPU: RIP (with the kernel symbol when known), RSP, IF, CR3 and the
+        KVM run state, taken under a short freeze; or, when a vCPU does not park, what its
+        thread is doing. For telling a guest that loops from one that waits from a vmm
+        thread that is stuck."""
+        if not self.running or self.coordinator is None:
+            return "  (the VM is not running)"
+        mp_states = {0: "runnable", 1: "waiting for INIT/SIPI", 2: "INIT received",
+                     3: "halted", 4: "SIPI received"}
+        lines = []
+        try:
+            with self.freeze(timeout=freeze_timeout) as snap:
+                for v, s in zip(self.vcpus, snap.vcpus):
+                    if s is None:
+                        lines.append(f"  vCPU {v.index}: no snapshot")
+                        continue
+                    rip = s.regs.rip
+                    name = self._symbolize(rip)
+                    try:
+                        state = mp_states.get(v.get_mp_state(), "unknown run state")
+                    except VmmError:
+                        state = "run state unavailable"
+                    lines.append(
+                        f"  vCPU {v.index}: {state}, RIP {rip:#x}"
+                        + (f" ({name})" if name else "")
+                        + f", RSP {s.regs.rsp:#x}, IF {(s.regs.rflags >> 9) & 1}, "
+                        f"CR3 {s.sregs.cr3:#x}")
+        except VmmError as e:  # FreezeTimeout names the threads that did not park
+            lines.append(f"  {e}")
+        return "\n".join(lines)
 
     def describe_state(self) -> str:
         lines = [f"kernel {self.kernel}, {self.cpus} vCPU(s), {self.memory_size >> 20} MiB, "

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.svm, pytest.mark.kvm]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.path.join(REPO, "kernels", "guests", "out", "guest.elf")
-BOOT_TIMEOUT = 900
+BOOT_TIMEOUT = 300  # the lane boots our build in 10-50 s
 
 
 def _cpu_flags() -> set[str]:

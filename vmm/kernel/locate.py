@@ -171,7 +171,9 @@ def locate(path: PathLike, *, vmlinux: Optional[PathLike] = None,
     if p.is_dir():
         files = _from_dir(p)
     else:
-        files = _from_file(p, Path(debug_root), Path(boot_dir))
+        # A vmlinux given explicitly ends the search for one (which would decompress the
+        # image to compare build ids: seconds on a slow host, before every boot).
+        files = _from_file(p, Path(debug_root), Path(boot_dir), search=vmlinux is None)
     if vmlinux is not None:
         files.vmlinux = Path(vmlinux)
         files.notes.append(f"vmlinux {vmlinux} (given)")
@@ -212,7 +214,7 @@ def _from_dir(d: Path) -> KernelFiles:
     return files
 
 
-def _from_file(image: Path, debug_root: Path, boot_dir: Path) -> KernelFiles:
+def _from_file(image: Path, debug_root: Path, boot_dir: Path, search: bool = True) -> KernelFiles:
     if is_elf(image):
         files = KernelFiles(boot=image, vmlinux=image)
     elif is_bzimage(image):
@@ -225,7 +227,7 @@ def _from_file(image: Path, debug_root: Path, boot_dir: Path) -> KernelFiles:
     places = [beside] + ([tree] if tree is not None else [])
     release = image.name.split("-", 1)[1] if image.name.startswith(("vmlinuz-", "vmlinux-")) \
         else None
-    if files.vmlinux is None or not has_symtab(files.vmlinux):
+    if search and (files.vmlinux is None or not has_symtab(files.vmlinux)):
         image_id = None
         candidates: list[tuple[Path, str]] = []
         for d in places:

@@ -15,11 +15,12 @@ import time
 from typing import Any, Optional, Sequence
 
 from .errors import KernelStoreError, VmmError
+from .machine.vmexit import EXIT_CODE_CRASH
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_CRASH = 255
+EXIT_CRASH = EXIT_CODE_CRASH  # panic, crash, timeout: the machine's own figure
 
 
 class UsageError(VmmError):
@@ -41,14 +42,11 @@ exit codes: 0 ok, N the guest's exit-port code, 255 panic/crash/timeout,
 
 
 def parse_size(text: str) -> int:
-    """'512M', '1G', '65536' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    """'512M', '1G', '65536' -> bytes (vmm.machine.layout.parse_size, as argparse wants it)."""
+    from .machine.layout import parse_size as layout_parse_size
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
+        return layout_parse_size(text)
+    except VmmError:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 512M or 2G") from None
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from .errors import GuestBootError, KernelFeatureMissing, VmmError
-from .kvm.kvm import MSR_LSTAR
+from .arch.x86.regs import MSR_LSTAR
+from .machine.vmexit import EXIT_CODE_CRASH
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
 from .ops.resolve import LiveResolver
@@ -432,7 +433,7 @@ class SessionReport:
     @property
     def exit_status(self) -> int:
         if self.error:
-            return 255
+            return EXIT_CODE_CRASH
         if self.job_status is not None:
             return self.job_status
         if self.injection is not None and not self.injection.ok:
@@ -441,7 +442,7 @@ class SessionReport:
             return 0
         if self.exit.reason == "exit-code":
             return self.exit.exit_code
-        return 0 if self.exit.reason in ("reset", "stopped") else 255
+        return 0 if self.exit.reason in ("reset", "stopped") else EXIT_CODE_CRASH
 
     def describe(self) -> str:
         out = [f"vmm: kernel {self.kernel}", f"vmm: cmdline {self.cmdline}"]

@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 from vmm.arch.x86.regs import MASK64
 from vmm.errors import TranslationError, VmmError
+from vmm.kernel.translate import START_KERNEL_MAP
 
 SLIDE_ALIGN = 0x200000  # CONFIG_PHYSICAL_ALIGN: the decompressor moves the image in 2 MiB steps
 MAX_SLIDE = 1 << 30  # KERNEL_IMAGE_SIZE with KASLR
-START_KERNEL_MAP = 0xFFFFFFFF80000000
 PUD_SIZE = 1 << 30  # kernel_randomize_memory() moves each region in 1 GiB steps
 
 
@@ -51,7 +51,7 @@ def slide_from_lstar(symbols, lstar: int) -> int:
 
 
 IDT_SYMBOLS = ("idt_table", "bringup_idt_table")  # runtime IDT; early-boot IDT
-IMAGE_MAP_START = 0xFFFFFFFF80000000
+IMAGE_MAP_START = START_KERNEL_MAP  # the kernel image's mapping
 
 
 def check_idt(symbols, slide: int, idt_base: int) -> str | None | bool:

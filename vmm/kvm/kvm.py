@@ -10,6 +10,8 @@ import errno
 import os
 import threading
 
+# The MSRs a freeze snapshot reads, re-exported; their one home is vmm.arch.x86.regs.
+from vmm.arch.x86.regs import MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR  # noqa: F401
 from vmm.errors import (CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable,
                         InvalidValue, VmClosed)
 from vmm.kvm.native import check, ioctl, ioctl_int, native
@@ -17,10 +19,6 @@ from vmm.kvm.native import check, ioctl, ioctl_int, native
 KVM_API_VERSION = 12
 DEFAULT_KVM_PATH = "/dev/kvm"
 MAX_CPUID_ENTRIES = 256
-
-MSR_LSTAR = 0xC0000082
-MSR_GS_BASE = 0xC0000101
-MSR_KERNEL_GS_BASE = 0xC0000102
 
 # Not in the C core's cdef (ffi/build_native.py): called through its generic
 # vmm_ioctl_int with the number from <linux/kvm.h>.

@@ -15,10 +15,10 @@ fault, at no cost per access.
 from __future__ import annotations
 
 from vmm.arch.x86.layout import MMIO_GAP_END, MMIO_GAP_START  # RAM moves above this gap
+from vmm.arch.x86.paging import PAGE_SIZE
 from vmm.errors import GuestMemoryClosed, GuestMemoryError, GuestOutOfMemory
 from vmm.kvm.native import native
 
-PAGE_SIZE = 0x1000
 
 _WIDTH_MAX = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 

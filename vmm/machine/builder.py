@@ -11,16 +11,13 @@ setup_memory, setup_irqchip, load_kernel, load_initrd, write_boot_params, write_
 create_vcpus, setup_devices, start. A failing step's error keeps its class and gets the
 step's name in front of its message (and in `error.build_step`).
 
-Why a VM ended is always known: `wait()` returns a VmExit whose reason is one of
-"exit-code", "reset", "shutdown", "timeout", "internal-error", "panic", "stopped".
-"stopped" (exit code 0) is the host's stop() or the guest's ACPI power-off (S5).
+Why a VM ended is always known: `wait()` returns a VmExit (vmm.machine.vmexit).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from vmm.errors import ConfigError, VmmError
@@ -35,6 +32,7 @@ from vmm.machine.devices import ExitPort, I8042, ReportPort, Serial16550
 from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
 from vmm.machine.diagnose import describe_vcpu
 from vmm.machine.exits import ExitDispatcher
+from vmm.machine.vmexit import EXIT_CODE_CRASH, REASONS, VmExit  # noqa: F401 (re-exported)
 
 # The default command line for real Linux kernels:
 #   console=ttyS0  the console on our COM1 16550
@@ -44,24 +42,11 @@ from vmm.machine.exits import ExitDispatcher
 # bases (vmm.kernel.live). PVM hosts add nokaslr (vmm.machine.pvm.pvm_cmdline).
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 CONSOLE_TAIL_BYTES = 4096
-EXIT_CODE_CRASH = 255  # panic, shutdown, internal error, timeout (as the CLI reports them)
-REASONS = ("exit-code", "reset", "shutdown", "timeout", "internal-error", "panic", "stopped")
 PIT_SPEAKER_DUMMY = 1  # KVM_PIT_SPEAKER_DUMMY: port 0x61 handled in the kernel
 KVM_MP_STATE_UNINITIALIZED = 1
 
 BUILD_STEPS = ("create_vm", "setup_memory", "setup_irqchip", "load_kernel", "load_initrd",
                "write_boot_params", "write_tables", "create_vcpus", "setup_devices", "start")
-
-
-@dataclass(frozen=True)
-class VmExit:
-    reason: str
-    exit_code: int
-    detail: str
-    console_tail: str
-
-    def __str__(self) -> str:
-        return f"VM ended: {self.reason} (exit code {self.exit_code}): {self.detail}"
 
 
 class MachineBuilder:

@@ -26,10 +26,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
+from ..arch.x86.regs import MASK64
 from ..errors import TargetError, TranslationError, VmmError
 from .targets import Location
-
-MASK64 = (1 << 64) - 1
 
 
 class Deferred(Exception):

@@ -25,10 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vmm.arch.x86.regs import MASK32 as _U32_MAX, MASK64 as _U64_MAX
 from vmm.errors import InvalidValue, InvalidValueType
-
-_U32_MAX = (1 << 32) - 1
-_U64_MAX = (1 << 64) - 1
 
 
 class KernelValue:

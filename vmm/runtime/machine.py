@@ -14,7 +14,8 @@ import threading
 import time
 
 from vmm.errors import GuestBootError, VmmError
-from vmm.machine.builder import EXIT_CODE_CRASH, MachineBuilder, VmExit
+from vmm.machine.builder import MachineBuilder
+from vmm.machine.vmexit import EXIT_CODE_CRASH, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop

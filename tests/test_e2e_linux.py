@@ -84,7 +84,7 @@ def test_scx_clock_and_flag_injected_on_every_cpu(linux):
     result = linux.inject_scx_clock(clock=0x7E57_C10C_0000_0001)
     print("\n" + result.describe())
     assert result.ok
-    assert result.mask == linux.vmlinux.enum("SCX_RQ_CLK_VALID") == 1 << 5
+    assert result.mask == linux.kernel_image.enum("SCX_RQ_CLK_VALID") == 1 << 5
     for row in result.rows:
         assert row.clock_after == result.clock
         # Only the flag bit was added: every other bit is what it was.

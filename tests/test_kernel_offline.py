@@ -89,7 +89,7 @@ def test_machine_on_cached_debian_loads_symbols_offline(store, offline):
            entry_name="debian-7.3.3+deb13-cloud-amd64")
     m = Machine(kernel="debian", cmdline="mode=hello exit=0")
     try:
-        assert m.vmlinux.symbol("runqueues")  # the -dbg entry's symbols, no apt call
+        assert m.kernel_image.symbol("runqueues")  # the -dbg entry's symbols, no apt call
         assert offline == []
     finally:
         m.stop()

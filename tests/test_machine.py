@@ -207,6 +207,11 @@ def test_panic_line_ends_the_vm_as_panic():
     m._console_sink(b"[    1.0] Kernel panic - not sync")
     m._console_sink(b"ing: VFS: Unable to mount root fs\n[ 1.1] ---[ end")
     assert m.exit.reason == "panic" and m.exit.exit_code == 255
+    from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, StopReason, VmExit
+    assert m.exit.reason is ExitReason.PANIC and f"{m.exit.reason}" == "panic"
+    assert str(m.exit).startswith("VM ended: panic (exit code 255)") and EXIT_CODE_CRASH == 255
+    assert VmExit("timeout", 255, "", "").reason is ExitReason.TIMEOUT
+    assert StopReason("system-event") == "system-event"
     assert m.exit.detail == "Kernel panic - not syncing: VFS: Unable to mount root fs"
 
 

@@ -174,6 +174,20 @@ def test_malformed_entries_rejected_at_construction():
         Op.WriteKernelCold([T.gpa(0)])
 
 
+def test_mode_is_an_enum_equal_to_the_old_strings_and_old_names_still_work():
+    from vmm.ops import COLD, HOT, FieldTarget, Mode, SymbolTarget
+    from vmm.ops import targets
+
+    cold, hot = Op.WriteKernelCold([]), Op.ReadKernelHot([])
+    assert cold.mode is Mode.COLD == COLD == "cold" and hot.mode is Mode.HOT == HOT == "hot"
+    assert f"{cold.mode}" == "cold" and Op("read", "hot", ()).mode is Mode.HOT
+    with pytest.warns(DeprecationWarning, match="Op.mode"):
+        assert cold.path is Mode.COLD
+    assert targets.Symbol is SymbolTarget and targets.Field is FieldTarget
+    assert T.Symbol is SymbolTarget and T.Field is FieldTarget
+    assert isinstance(T.symbol("jiffies"), SymbolTarget) and isinstance(T.field("a", "b"), FieldTarget)
+
+
 def test_hot_or_races_with_concurrent_atomic_writer(mem):
     """Host-side proof of 'no bit lost': a thread ORs low bits atomically while hot
     OrU32 batches set the high bits of the same word."""

@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from .errors import GuestBootError, KernelFeatureMissing, VmmError
 from .arch.x86.regs import MSR_LSTAR
-from .machine.vmexit import EXIT_CODE_CRASH
+from .machine.vmexit import EXIT_CODE_CRASH, ExitReason
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
 from .ops.resolve import LiveResolver
@@ -160,6 +161,13 @@ class Machine(RunningMachine):
     # --- introspection -------------------------------------------------------------
     @property
     def vmlinux(self) -> Any:
+        """Deprecated name of `kernel_image` (it is a vmm.kernel.Kernel, not a path)."""
+        warnings.warn("Machine.vmlinux is deprecated: use Machine.kernel_image (a vmm.kernel.Kernel)",
+                      DeprecationWarning, stacklevel=2)
+        return self.kernel_image
+
+    @property
+    def kernel_image(self) -> Any:
         """The kernel's symbols and BTF (vmm.kernel.Kernel), loaded on first use."""
         if self._introspection is None:
             from .kernel import Kernel
@@ -187,13 +195,13 @@ class Machine(RunningMachine):
         """A kernel loaded without a symbol table: say so and what to pass, before any
         lookup says "no kernel symbol named ..."."""
         from .kernel.locate import require_symbols
-        require_symbols(self.vmlinux, self.kernel_files or self._vmlinux_path or self.kernel)
+        require_symbols(self.kernel_image, self.kernel_files or self._vmlinux_path or self.kernel)
 
     def introspection_sources(self) -> str:
         """Which files the symbols and the types come from, in words."""
         if self.kernel_files is not None:
             return self.kernel_files.describe()
-        k = self.vmlinux
+        k = self.kernel_image
         return ", ".join(k.sources) or "?"
 
     def _check_built_kernel(self) -> None:
@@ -242,7 +250,7 @@ class Machine(RunningMachine):
                 lstar = v0.msrs.get(MSR_LSTAR)
                 if lstar:
                     kwargs["lstar"] = lstar
-        return self.vmlinux.attach(self.__dict__.get("_guest_memory"), **kwargs)
+        return self.kernel_image.attach(self.__dict__.get("_guest_memory"), **kwargs)
 
     def freeze(self, timeout: float = 30.0):
         snap = super().freeze(timeout)
@@ -316,7 +324,7 @@ class Machine(RunningMachine):
         """The mission in one call: one cold batch that, for every possible CPU, writes
         ``rq->scx.clock`` then ORs ``SCX_RQ_CLK_VALID`` into ``rq->scx.flags``; then a
         cold read-back of both fields on every CPU."""
-        clk_valid_mask(self.vmlinux)  # refuses a kernel without the flag before freezing
+        clk_valid_mask(self.kernel_image)  # refuses a kernel without the flag before freezing
         self._require_symbols()
         with self.freeze() as snap:
             live = self.live(snap)
@@ -324,7 +332,7 @@ class Machine(RunningMachine):
             if clock is None:
                 # The guest's own notion of now where there is one, so time stays monotonic.
                 clock = snap.clock if snap.clock else time.monotonic_ns()
-            batch = scx_clock_batch(self.vmlinux, cpu_list, clock)
+            batch = scx_clock_batch(self.kernel_image, cpu_list, clock)
             before = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
             written = self.apply(Op.WriteKernelCold(batch))
             after = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
@@ -364,7 +372,7 @@ class Machine(RunningMachine):
         return GdbStub(self, host, port)
 
     def _finish(self, reason: str, exit_code: int, detail: str) -> None:
-        if reason == "panic" and self.dump_on_panic and self.core_path is None and self.exit is None:
+        if reason == ExitReason.PANIC and self.dump_on_panic and self.core_path is None and self.exit is None:
             from .debug.machine import dump_on_panic
             detail += dump_on_panic(self, self.dump_on_panic)
         super()._finish(reason, exit_code, detail)
@@ -440,9 +448,9 @@ class SessionReport:
             return 1
         if self.exit is None:
             return 0
-        if self.exit.reason == "exit-code":
+        if self.exit.reason == ExitReason.EXIT_CODE:
             return self.exit.exit_code
-        return 0 if self.exit.reason in ("reset", "stopped") else EXIT_CODE_CRASH
+        return 0 if self.exit.reason in (ExitReason.RESET, ExitReason.STOPPED) else EXIT_CODE_CRASH
 
     def describe(self) -> str:
         out = [f"vmm: kernel {self.kernel}", f"vmm: cmdline {self.cmdline}"]

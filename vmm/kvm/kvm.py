@@ -10,8 +10,6 @@ import errno
 import os
 import threading
 
-# The MSRs a freeze snapshot reads, re-exported; their one home is vmm.arch.x86.regs.
-from vmm.arch.x86.regs import MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR  # noqa: F401
 from vmm.errors import (CapabilityMissing, KvmIoctlError, KvmPermissionError, KvmUnavailable,
                         InvalidValue, VmClosed)
 from vmm.kvm.native import check, ioctl, ioctl_int, native

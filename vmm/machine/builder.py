@@ -32,7 +32,8 @@ from vmm.machine.devices import ExitPort, I8042, ReportPort, Serial16550
 from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
 from vmm.machine.diagnose import describe_vcpu
 from vmm.machine.exits import ExitDispatcher
-from vmm.machine.vmexit import EXIT_CODE_CRASH, REASONS, VmExit  # noqa: F401 (re-exported)
+from vmm.machine.vmexit import (EXIT_CODE_CRASH, REASONS, ExitReason, StopReason,  # noqa: F401
+                               VmExit)  # REASONS re-exported
 
 # The default command line for real Linux kernels:
 #   console=ttyS0  the console on our COM1 16550
@@ -164,7 +165,7 @@ class MachineBuilder:
     def stop(self) -> VmExit | None:
         """Stops the VM (reason "stopped" unless it had already ended) and frees it."""
         if self.started_at is not None:
-            self._finish("stopped", 0, "stopped by the host")
+            self._finish(ExitReason.STOPPED, 0, "stopped by the host")
         self._teardown()
         return self._exit
 
@@ -342,11 +343,11 @@ class MachineBuilder:
         )
         vm.set_serial_fast(self.serial.fast_path)
         self.port_bus.register(L.COM1_PORT, L.COM1_PORT_COUNT, self.serial)
-        i8042 = I8042(reset=lambda: self._finish("reset", 0, "the guest asked for a reset (i8042 0xFE)"))
+        i8042 = I8042(reset=lambda: self._finish(ExitReason.RESET, 0, "the guest asked for a reset (i8042 0xFE)"))
         self.port_bus.register(L.I8042_DATA_PORT, 1, i8042)
         self.port_bus.register(L.I8042_COMMAND_PORT, 1, i8042)
         self.port_bus.register(L.EXIT_PORT, 1, ExitPort(
-            on_exit=lambda code: self._finish("exit-code", code, f"the guest wrote {code} to the exit port")))
+            on_exit=lambda code: self._finish(ExitReason.EXIT_CODE, code, f"the guest wrote {code} to the exit port")))
         self.port_bus.register(L.REPORT_PORT, 4, self.report_port)
         if self.acpi:
             pm = AcpiPm(L.ACPI_PM1_EVT_PORT, L.ACPI_PM1_CNT_PORT, sleep=self._acpi_sleep)
@@ -360,7 +361,7 @@ class MachineBuilder:
 
     def _acpi_sleep(self, sleep_type: int) -> None:
         if sleep_type == SLP_TYP_S5:
-            self._finish("stopped", 0, "the guest powered off (ACPI S5)")
+            self._finish(ExitReason.STOPPED, 0, "the guest powered off (ACPI S5)")
         else:
             self.notes.append(f"the guest asked for ACPI sleep type {sleep_type}; ignored")
 
@@ -392,18 +393,18 @@ class MachineBuilder:
         self._internal_error_detail[vcpu.index] = detail
         return False
 
-    def on_stop(self, vcpu_index: int, reason: str, detail: str) -> None:
-        if reason == "stopped":
+    def on_stop(self, vcpu_index: int, reason: StopReason, detail: str) -> None:
+        if reason == StopReason.STOPPED:
             return  # we asked for it: _finish has recorded why
-        if reason == "shutdown":
-            self._finish("shutdown", EXIT_CODE_CRASH, f"{detail} (the guest triple-faulted or shut down)")
-        elif reason == "system-event" and "reset" in detail:
-            self._finish("reset", 0, detail)
-        elif reason == "system-event" and "shutdown" in detail:
-            self._finish("shutdown", EXIT_CODE_CRASH, detail)
+        if reason == StopReason.SHUTDOWN:
+            self._finish(ExitReason.SHUTDOWN, EXIT_CODE_CRASH, f"{detail} (the guest triple-faulted or shut down)")
+        elif reason == StopReason.SYSTEM_EVENT and "reset" in detail:
+            self._finish(ExitReason.RESET, 0, detail)
+        elif reason == StopReason.SYSTEM_EVENT and "shutdown" in detail:
+            self._finish(ExitReason.SHUTDOWN, EXIT_CODE_CRASH, detail)
         else:  # internal-error, fail-entry, error, a crash event
             extra = self._internal_error_detail.get(vcpu_index)
-            self._finish("internal-error", EXIT_CODE_CRASH, detail + (f"; {extra}" if extra else ""))
+            self._finish(ExitReason.INTERNAL_ERROR, EXIT_CODE_CRASH, detail + (f"; {extra}" if extra else ""))
 
     # === internals =======================================================================================
     def _serial_out(self, data: bytes) -> None:
@@ -412,9 +413,9 @@ class MachineBuilder:
 
     def _console_sink(self, data: bytes) -> None:
         if self.console_log.append(data):
-            self._finish("panic", EXIT_CODE_CRASH, self.console_log.panic_line())
+            self._finish(ExitReason.PANIC, EXIT_CODE_CRASH, self.console_log.panic_line())
 
-    def _finish(self, reason: str, exit_code: int, detail: str) -> None:
+    def _finish(self, reason: ExitReason, exit_code: int, detail: str) -> None:
         """Records why the VM ended (the first reason wins) and stops every vCPU."""
         with self._exit_lock:
             if self._exit is None:

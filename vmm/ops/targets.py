@@ -52,17 +52,17 @@ class KernelTarget:
         raise NotImplementedError
 
     @staticmethod
-    def symbol(name: str, size: Optional[int] = None, type: Optional[str] = None) -> "Symbol":
+    def symbol(name: str, size: Optional[int] = None, type: Optional[str] = None) -> "SymbolTarget":
         """The whole object a symbol names (``jiffies``)."""
-        return Symbol(name, size, type)
+        return SymbolTarget(name, size, type)
 
     @staticmethod
-    def field(name: str, path: str, type: Optional[str] = None) -> "Field":
+    def field(name: str, path: str, type: Optional[str] = None) -> "FieldTarget":
         """A BTF field of a global: ``KernelTarget.field("init_uts_ns", "name.nodename")``.
 
         BTF describes the types of per-CPU variables only (pahole's default), so for
         other globals the type is looked up by name or given: ``type="struct foo"``."""
-        return Field(name, path, type)
+        return FieldTarget(name, path, type)
 
     @staticmethod
     def per_cpu(name: str, cpu: int, path: Optional[str] = None,
@@ -93,7 +93,9 @@ def _check_size(size: Optional[int]) -> None:
 
 
 @dataclass(frozen=True)
-class Symbol(KernelTarget):
+class SymbolTarget(KernelTarget):
+    """The whole object a symbol names; `size` overrides the symbol table's (KernelTarget.symbol)."""
+
     name: str
     size: Optional[int] = None
     type: Optional[str] = None
@@ -114,7 +116,9 @@ class Symbol(KernelTarget):
 
 
 @dataclass(frozen=True)
-class Field(KernelTarget):
+class FieldTarget(KernelTarget):
+    """A field of a global, by BTF field path (KernelTarget.field)."""
+
     name: str
     path: str
     type: Optional[str] = None
@@ -256,8 +260,12 @@ class Typed(KernelTarget):
         return f"({self.type_name}) kva {self.address:#x}"
 
 
-KernelTarget.Symbol = Symbol  # type: ignore[attr-defined]
-KernelTarget.Field = Field  # type: ignore[attr-defined]
+# The target classes are named ...Target so that they do not read as vmm.kernel's Symbol
+# (a symbol table entry) and Field (a BTF member); the old names stay as aliases.
+Symbol = SymbolTarget
+Field = FieldTarget
+KernelTarget.Symbol = SymbolTarget  # type: ignore[attr-defined]
+KernelTarget.Field = FieldTarget  # type: ignore[attr-defined]
 KernelTarget.PerCpu = PerCpu  # type: ignore[attr-defined]
 KernelTarget.Kva = Kva  # type: ignore[attr-defined]
 KernelTarget.Gpa = Gpa  # type: ignore[attr-defined]

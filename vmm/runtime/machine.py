@@ -15,7 +15,7 @@ import time
 
 from vmm.errors import GuestBootError, VmmError
 from vmm.machine.builder import MachineBuilder
-from vmm.machine.vmexit import EXIT_CODE_CRASH, VmExit
+from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop
@@ -63,7 +63,7 @@ class Machine(MachineBuilder):
         if self.started_at is None:
             raise VmmError("wait() before start()")
         if not self._done.wait(timeout):
-            self._finish("timeout", EXIT_CODE_CRASH, f"wait() timed out after {timeout:g} s")
+            self._finish(ExitReason.TIMEOUT, EXIT_CODE_CRASH, f"wait() timed out after {timeout:g} s")
         self._teardown()
         return self._exit
 
@@ -135,7 +135,7 @@ class Machine(MachineBuilder):
             t.wait_started(5.0)
         if self.timeout is not None:
             self._timer = threading.Timer(self.timeout, self._finish, args=(
-                "timeout", EXIT_CODE_CRASH, f"the VM ran longer than its timeout of {self.timeout:g} s"))
+                ExitReason.TIMEOUT, EXIT_CODE_CRASH, f"the VM ran longer than its timeout of {self.timeout:g} s"))
             self._timer.daemon = True
             self._timer.start()
 

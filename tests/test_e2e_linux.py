@@ -19,8 +19,7 @@ from vmm.kvm.pvm import is_pvm_host
 from vmm.machine.builder import DEFAULT_LINUX_CMDLINE
 from vmm.session import INIT_MARKER
 
-pytestmark = [pytest.mark.slow, pytest.mark.kvm,
-              pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")]
+pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
 CPUS = 2
 BOOT_TIMEOUT = 1500

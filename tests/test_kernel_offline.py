@@ -14,7 +14,7 @@ from vmm.errors import KernelStoreError
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 needs_guest = pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests")
-needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+needs_kvm = pytest.mark.kvm
 pytestmark = [needs_guest,
               pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")]
 

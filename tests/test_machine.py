@@ -122,9 +122,9 @@ def test_wait_for_console_raises_when_the_vm_ends(guest):
 
 
 def test_bzimage_wrapping_our_guest_boots(guest):
-    import test_images
+    import synthetic_images
 
-    bz = test_images.make_bzimage(test_images.compress("gzip", guest.read_bytes()))
+    bz = synthetic_images.make_bzimage(synthetic_images.compress("gzip", guest.read_bytes()))
     # Its "decompressor" is a stub: decompress on the host (the automatic choice on PVM).
     m, r = run(bz, "mode=hello exit=5", boot_via_decompressor=False)
     assert (r.reason, r.exit_code) == ("exit-code", 5) and "vmm-guest: hello" in m.console_text()
@@ -161,10 +161,10 @@ def test_boot_via_decompressor_must_be_none_or_bool():
 def test_boot_via_decompressor_enters_at_load_plus_0x200(guest):
     """A stub bzImage whose '64-bit entry' checks RSI points at a zero page holding the
     image's setup header, then writes 42 to the exit port."""
-    import test_images
+    import synthetic_images
 
     stub = bytes.fromhex("8b860202000" "0" "3d48647253" "7505" "b02a" "e6f4" "f4" "b001" "e6f4" "f4")
-    base = bytearray(test_images.make_bzimage(b"\x1f\x8b" + b"\0" * 64))
+    base = bytearray(synthetic_images.make_bzimage(b"\x1f\x8b" + b"\0" * 64))
     pm_offset = (base[0x1F1] + 1) * 512
     image = bytes(base[:pm_offset]) + b"\x90" * 0x200 + stub + b"\0" * 64
     image = bytearray(image)

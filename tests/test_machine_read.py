@@ -1,7 +1,6 @@
 """Machine.read decodes a value the way vmm.kernel.live does, from its BTF type:
 small integers and bools are ints, signed fields are signed, bitfields are their bits."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm"),
+    pytest.mark.kvm,
     pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
 ]
 

@@ -202,7 +202,7 @@ def test_staged_resolver_never_walks(m):
 
 def test_plan_in_c_and_entry_by_entry_in_python_agree(monkeypatch):
     """No KVM needed: the same cold batches through the C plan and the Python fallback."""
-    from test_ops_batch import CLOCK, FLAGS, NAME, NR_IMMED, Rendezvous, TableResolver
+    from fake_resolver import CLOCK, FLAGS, NAME, NR_IMMED, Rendezvous, TableResolver
     from vmm.kvm.memory import GuestMemory
     from vmm.ops import plan
 

@@ -149,7 +149,7 @@ def test_bzimage_decompression_bomb_is_bounded(kind, tmp_path):
     # decompressor that stops at the header's bound (init_size) gets through.
     _run_bounded(f"""
 from vmm.errors import ImageError
-from vmm.machine.images import extract_vmlinux
+from vmm.image.formats import extract_vmlinux
 try:
     extract_vmlinux(open({str(image)!r}, 'rb').read())
 except ImageError as e:

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmm.errors import ImageError
-from vmm.machine import images
+from vmm.image import formats as images
 
 from synthetic_images import compress, make_bzimage, make_elf
 

@@ -88,7 +88,7 @@ def test_boot_structures_in_guest_memory(guest):
     m = Machine(guest, cpus=2, memory="256M", cmdline="mode=hello", initrd=b"x" * 10000)
     try:
         m.build()
-        from vmm.machine.bootparams import BootParams
+        from vmm.image.bootparams import BootParams
 
         zp = BootParams(m.memory.read(L.ZERO_PAGE_START, 4096))
         assert zp["cmd_line_ptr"] == L.CMDLINE_START
@@ -238,7 +238,7 @@ def test_ram_above_the_gap(guest):
     m = Machine(guest, memory="5G", cmdline="mode=hello")
     try:
         m.build()
-        from vmm.machine.bootparams import BootParams
+        from vmm.image.bootparams import BootParams
 
         assert [(g, s) for g, s, _ in m.memory.regions] == L.ram_regions(5 << 30)
         zp = BootParams(m.memory.read(L.ZERO_PAGE_START, 4096))

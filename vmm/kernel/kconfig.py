@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vmm.errors import KernelFeatureMissing
+from vmm.image.formats import extract_vmlinux  # the one decompressor
 
 IKCFG_START = b"IKCFG_ST"
 IKCFG_END = b"IKCFG_ED"
@@ -77,7 +78,6 @@ def ikconfig_of_file(path: str | os.PathLike) -> Optional[str]:
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     return ikconfig(mm)
         if is_bz:
-            from vmm.machine.images import extract_vmlinux  # the one decompressor
             return ikconfig(extract_vmlinux(Path(path).read_bytes()))
     except (OSError, ValueError):
         return None

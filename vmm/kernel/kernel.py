@@ -12,6 +12,7 @@ import hashlib
 import os
 
 from vmm.errors import ImageError, KernelFeatureMissing, SymbolNotFound, TypeNotFound
+from vmm.image.formats import extract_vmlinux
 from vmm.kernel import cache
 from vmm.kernel.btf import VAR, Btf, Type
 from vmm.kernel.elf import ElfImage
@@ -53,8 +54,6 @@ class Kernel:
             sources.append(_describe("vmlinux", vmlinux))
         elif bzimage is not None:
             data = _read(bzimage, "bzImage")
-            from vmm.machine.images import extract_vmlinux  # another layer; import lazily
-
             elf = ElfImage(extract_vmlinux(data))
             sources.append(_describe("bzImage", bzimage))
         build_id = None

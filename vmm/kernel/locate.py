@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from vmm.errors import ImageError, KernelFeatureMissing, KernelStoreError
+from vmm.image.formats import extract_vmlinux  # the one decompressor
 from vmm.kernel.elf import ElfImage
 
 DEBUG_ROOT = Path("/usr/lib/debug")
@@ -113,7 +114,6 @@ def build_id(path: PathLike) -> Optional[str]:
         if is_elf(path):
             elf = ElfImage(path)
         elif is_bzimage(path):
-            from vmm.machine.images import extract_vmlinux  # the one decompressor
             elf = ElfImage(extract_vmlinux(Path(path).read_bytes()))
         else:
             return None

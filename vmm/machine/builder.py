@@ -21,9 +21,10 @@ import time
 from typing import Any, Callable
 
 from vmm.errors import ConfigError, VmmError
-from vmm.machine import bootparams as bp
+from vmm.image import bootparams as bp
+from vmm.image import formats as images
 from vmm.machine import cpu as cpu_setup
-from vmm.machine import images, loader
+from vmm.machine import loader
 from vmm.machine import layout as L
 from vmm.machine import pvm, tables
 from vmm.machine.config import MachineConfig

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vmm.errors import ImageError
-from vmm.machine import bootparams as bp
-from vmm.machine import images
+from vmm.image import bootparams as bp
+from vmm.image import formats as images
 from vmm.machine import layout as L
 
 

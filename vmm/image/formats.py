@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmm.errors import ImageError
-from vmm.machine import bootparams as bp
+from vmm.image import bootparams as bp
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2

@@ -265,7 +265,7 @@ def machine_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace, inject: bool) -> int:
-    from .session import run_session
+    from .session_report import run_session
 
     kernel = default_kernel(args.kernel)
     report = run_session(

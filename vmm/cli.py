@@ -82,6 +82,7 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the `vmm` command and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="vmm", description="KVM micro-VMM for testing Linux kernels and sched_ext "
         "schedulers: boot, freeze every vCPU, write kernel memory, thaw.",
@@ -164,6 +165,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_symbols(args: argparse.Namespace) -> int:
+    """`vmm symbols`: list or look up a kernel's symbols (text or --json)."""
     from .kernel import format_symbols
     from .kernel.locate import require_symbols
 
@@ -181,6 +183,7 @@ def cmd_symbols(args: argparse.Namespace) -> int:
 
 
 def cmd_btf(args: argparse.Namespace) -> int:
+    """`vmm btf`: print a BTF type pahole-like, or a field's offset and size (--json)."""
     from .kernel import format_btf
 
     k, _ = _load_kernel_for_cli(args.vmlinux, None)
@@ -209,6 +212,7 @@ def _load_kernel_for_cli(path: str, system_map: Optional[str]) -> Any:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
+    """`vmm kernel fetch|build|list|path`: the kernel store."""
     from . import kernelstore
 
     action = args.kernel_command
@@ -265,6 +269,8 @@ def machine_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace, inject: bool) -> int:
+    """`vmm run` / `vmm inject`: boot (and with inject, inject the scx clock), report, return
+    the exit status."""
     from .session_report import run_session
 
     kernel = default_kernel(args.kernel)
@@ -284,6 +290,8 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `vmm` command: parse argv, run the subcommand, return the exit code (see the module
+    docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -351,6 +359,7 @@ def _add_scx_parser(sub) -> None:
 
 
 def cmd_scx(args: argparse.Namespace) -> int:
+    """`vmm scx build NAME`: build (or find cached) a sched_ext scheduler for a kernel."""
     from .scxbuild import build_scheduler
 
     s = build_scheduler(args.name, args.kernel, jobs=args.jobs, force=args.force)

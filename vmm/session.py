@@ -152,9 +152,11 @@ class Machine(RunningMachine):
 
     @memory.setter
     def memory(self, value: Any) -> None:
+        """Guest RAM; after the start, a proxy whose writes mark the machine dirty."""
         self.__dict__["_guest_memory"] = value
 
     def feed_console(self, data: bytes) -> None:
+        """Type bytes into COM1 (marks the machine dirty)."""
         self.dirty = True  # input changes what the guest does next
         super().feed_console(data)
 
@@ -253,6 +255,8 @@ class Machine(RunningMachine):
         return self.kernel_image.attach(self.__dict__.get("_guest_memory"), **kwargs)
 
     def freeze(self, timeout: float = 30.0):
+        """Park every vCPU (vmm.runtime.Machine.freeze); the snapshot also gives live() its
+        registers."""
         snap = super().freeze(timeout)
         self._last_snapshot = snap
         return snap
@@ -311,11 +315,14 @@ class Machine(RunningMachine):
 
     def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
               cpu: Optional[int] = None, hot: bool = False, type: Optional[str] = None) -> OpResult:
+        """Write `value` to a symbol or field (one cold batch; hot=True writes the running
+        guest)."""
         t = self._target(target, path, cpu, type)
         op = Op.WriteKernelHot([(t, value)]) if hot else Op.WriteKernelCold([(t, value)])
         return self.apply(op)
 
     def possible_cpus(self) -> list[int]:
+        """The guest's possible CPUs (read while frozen)."""
         with self.freeze() as snap:
             return self.live(snap).possible_cpus()
 

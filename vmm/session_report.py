@@ -31,6 +31,8 @@ class SessionReport:
 
     @property
     def exit_status(self) -> int:
+        """The CLI's exit code: the job's status, 1 for a failed injection, the guest's exit
+        code, 0 reset/stopped, else 255."""
         if self.error:
             return EXIT_CODE_CRASH
         if self.job_status is not None:
@@ -44,6 +46,7 @@ class SessionReport:
         return 0 if self.exit.reason in (ExitReason.RESET, ExitReason.STOPPED) else EXIT_CODE_CRASH
 
     def describe(self) -> str:
+        """What happened, as the CLI prints it."""
         out = [f"vmm: kernel {self.kernel}", f"vmm: cmdline {self.cmdline}"]
         if self.boot_seconds is not None:
             out.append(f"vmm: reached the boot marker in {self.boot_seconds:.2f} s")
@@ -58,6 +61,7 @@ class SessionReport:
         return "\n".join(out)
 
     def as_dict(self) -> dict:
+        """What happened, as plain data (for --json)."""
         return {"kernel": self.kernel, "cmdline": self.cmdline, "boot_seconds": self.boot_seconds,
                 "injection": self.injection.as_dict() if self.injection else None,
                 "exit": None if self.exit is None else {

@@ -121,6 +121,7 @@ class Btf(TypeNames, FieldPaths):
         return len(self._offsets)
 
     def string(self, off: int) -> str:
+        """The string at offset `off` of the string section; ImageError outside it."""
         if not 0 <= off < len(self.strings):
             raise ImageError(f"BTF string offset {off} outside the string section")
         end = self.strings.find(b"\0", off)
@@ -145,6 +146,7 @@ class Btf(TypeNames, FieldPaths):
         return sorted(ids)
 
     def kind_of(self, tid: int) -> int:
+        """The BTF_KIND_* of type `tid`, without decoding it."""
         self._check_id(tid)
         return self._kinds[tid]
 
@@ -291,6 +293,7 @@ class Btf(TypeNames, FieldPaths):
         raise ImageError(f"BTF modifier chain from type {t.id} is a cycle or deeper than {MAX_CHAIN}")
 
     def sizeof(self, t: Type | int | str, _depth: int = 0) -> int:
+        """Size in bytes of a type (id, Type or name), through typedefs, modifiers and arrays."""
         if isinstance(t, str):
             t = self.type(t)
         if isinstance(t, int):
@@ -354,6 +357,7 @@ class Btf(TypeNames, FieldPaths):
         self._enum_index = index
 
     def enumerator_names(self) -> list[str]:
+        """Every enumerator name in the BTF (for suggestions)."""
         if self._enum_index is None:
             self._build_enum_index()
         assert self._enum_index is not None
@@ -365,6 +369,7 @@ class Btf(TypeNames, FieldPaths):
             yield self.get(tid)
 
     def ids_of_kind(self, kind: int) -> list[int]:
+        """The ids of every type of kind `kind`."""
         return [i for i, k in enumerate(self._kinds) if k == kind and i]
 
     def format_type(self, type_name: str | Type) -> str:

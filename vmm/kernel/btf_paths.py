@@ -160,4 +160,5 @@ class FieldPaths:
         return Field(start, size, t, bits - start * 8, nbits)
 
     def offsetof(self, type_name: str | Type, path: str) -> int:
+        """Byte offset of `path` in the type (field(...).offset)."""
         return self.field(type_name, path).offset

@@ -46,6 +46,8 @@ def _enter(stack: list[int], t, doing: str) -> None:
 
 
 class Member(NamedTuple):
+    """A struct/union member: name ('' when anonymous), type id, bit offset, bitfield width."""
+
     name: str
     type_id: int
     bit_offset: int  # from the start of the enclosing struct/union
@@ -53,16 +55,22 @@ class Member(NamedTuple):
 
 
 class EnumValue(NamedTuple):
+    """One enumerator: name and value."""
+
     name: str
     value: int
 
 
 class Param(NamedTuple):
+    """One function-prototype parameter: name and type id (0: varargs)."""
+
     name: str
     type_id: int
 
 
 class VarSecinfo(NamedTuple):
+    """A DATASEC entry: the VAR's type id, its offset in the section and its size."""
+
     type_id: int
     offset: int
     size: int
@@ -100,10 +108,12 @@ class Type:
 
     @property
     def kind_name(self) -> str:
+        """'struct', 'int', 'ptr' ... (kindN for an unknown kind)."""
         return KIND_NAMES.get(self.kind, f"kind{self.kind}")
 
     @property
     def signed(self) -> bool:
+        """True for a signed INT or a signed enum."""
         if self.kind == INT:
             return bool(self.int_encoding & INT_SIGNED)
         if self.kind in (ENUM, ENUM64):

@@ -140,6 +140,7 @@ class MachineBuilder:
 
     @property
     def unhandled_mmio(self) -> dict[int, int]:
+        """{address: count} of MMIO accesses no device claimed."""
         return dict(self.mmio_bus.unhandled)
 
     @property
@@ -173,12 +174,15 @@ class MachineBuilder:
     close = stop
 
     def console_text(self) -> str:
+        """Everything the guest printed so far, decoded (invalid UTF-8 replaced)."""
         return self.console_log.text()
 
     def console_bytes(self) -> bytes:
+        """Everything the guest printed so far, as bytes."""
         return self.console_log.as_bytes()
 
     def console_tail(self, lines: int = 50) -> str:
+        """The console's last `lines` lines."""
         text = self.console_text()
         return "\n".join(text.splitlines()[-lines:])
 
@@ -204,6 +208,7 @@ class MachineBuilder:
             raise error from e
 
     def create_vm(self) -> None:
+        """Build step: open /dev/kvm and create the VM."""
         from vmm.kvm import Kvm
 
         self.kvm = Kvm()
@@ -215,17 +220,20 @@ class MachineBuilder:
         self.vm.set_identity_map_addr(L.KVM_IDENTITY_MAP_ADDR)
 
     def setup_memory(self) -> None:
+        """Build step: allocate guest RAM and register it with the VM."""
         from vmm.kvm import GuestMemory
 
         self.memory = GuestMemory(self.memory_size)
         self.memory.register(self.vm)
 
     def setup_irqchip(self) -> None:
+        """Build step: the in-kernel interrupt controllers and PIT."""
         # In-kernel LAPICs, IOAPIC and 8259s: interrupts and INIT/SIPI never reach Python.
         self.vm.create_irqchip()
         self.vm.create_pit2(PIT_SPEAKER_DUMMY)
 
     def load_kernel(self) -> None:
+        """Build step: write the kernel image into guest memory (vmm.machine.loader)."""
         self.loaded = loaded = loader.load_kernel(self.memory, self.memory_size, self.kernel,
                                                   self.decompress_in_guest)
         self._kernel_bytes, self._elf, self._bzimage = loaded.image, loaded.elf, loaded.bzimage
@@ -242,6 +250,7 @@ class MachineBuilder:
         return not _is_pvm_host()
 
     def load_initrd(self) -> None:
+        """Build step: place the initrd (or the default one a Linux kernel gets) high in RAM."""
         if self.initrd is None and self.is_linux and self._default_initrd is not None:
             self.initrd = self._default_initrd()
         if self.initrd is None:
@@ -250,6 +259,8 @@ class MachineBuilder:
                                                self.kernel_end, self._bzimage)
 
     def compose_cmdline(self) -> str:
+        """The command line the guest gets: the one given, or the default for the kernel; PVM
+        hosts add what Linux needs there."""
         if self.requested_cmdline is not None:
             cmdline = self.requested_cmdline
         else:
@@ -259,6 +270,7 @@ class MachineBuilder:
         return cmdline
 
     def write_boot_params(self) -> None:
+        """Build step: the zero page (boot_params), e820 map and command line."""
         zp = bp.BootParams()
         if self._bzimage is not None and self.decompress_in_guest:
             zp.copy_setup_header(self._bzimage.data)
@@ -310,6 +322,8 @@ class MachineBuilder:
             self.memory.write(L.ACPI_START, blob)
 
     def create_vcpus(self) -> None:
+        """Build step: the vCPUs with CPUID, boot MSRs and FPU set; the boot vCPU's registers
+        at the entry (the others wait for INIT/SIPI)."""
         from vmm.machine.cpu import cpuid_to_list
 
         supported = cpuid_to_list(self.kvm.supported_cpuid())
@@ -335,6 +349,7 @@ class MachineBuilder:
             # that is INIT-wait (MP_STATE_UNINITIALIZED) until the guest sends INIT/SIPI.
 
     def setup_devices(self) -> None:
+        """Build step: COM1, the i8042, the exit and report ports and ACPI PM on the port bus."""
         vm = self.vm
         self.serial = Serial16550(
             L.COM1_PORT,
@@ -370,18 +385,24 @@ class MachineBuilder:
     # The vCPU threads call the machine; port and MMIO exits go on to self.exits (which owns
     # the buses). They stay methods of the machine so that a caller can wrap one (tests do).
     def io_in(self, vcpu_index: int, port: int, size: int) -> int:
+        """A vCPU's port read, forwarded to the port bus."""
         return self.exits.io_in(vcpu_index, port, size)
 
     def io_out(self, vcpu_index: int, port: int, size: int, value: int) -> None:
+        """A vCPU's port write, forwarded to the port bus."""
         self.exits.io_out(vcpu_index, port, size, value)
 
     def mmio_read(self, vcpu_index: int, addr: int, size: int) -> int:
+        """A vCPU's MMIO read, forwarded to the MMIO bus."""
         return self.exits.mmio_read(vcpu_index, addr, size)
 
     def mmio_write(self, vcpu_index: int, addr: int, size: int, value: int) -> None:
+        """A vCPU's MMIO write, forwarded to the MMIO bus."""
         self.exits.mmio_write(vcpu_index, addr, size, value)
 
     def on_internal_error(self, vcpu) -> bool:
+        """A KVM internal error: True when a PVM assist handled it (re-enter); else its
+        description is kept for the VM's exit."""
         on_pvm = _is_pvm_host()
         if on_pvm and self.pvm_assists and pvm.assist_internal_error(vcpu, self.memory):
             return True
@@ -395,6 +416,8 @@ class MachineBuilder:
         return False
 
     def on_stop(self, vcpu_index: int, reason: StopReason, detail: str) -> None:
+        """A vCPU thread stopped: ends the VM with the matching ExitReason (a host stop is
+        already recorded)."""
         if reason == StopReason.STOPPED:
             return  # we asked for it: _finish has recorded why
         if reason == StopReason.SHUTDOWN:
@@ -431,6 +454,7 @@ class MachineBuilder:
         (vmm.runtime.Machine); an assembly alone has no vCPU threads."""
 
     def start(self) -> "MachineBuilder":
+        """Refused: an assembly does not run (use vmm.runtime.Machine or vmm.Machine)."""
         raise VmmError("a MachineBuilder only assembles a VM; run it as vmm.runtime.Machine "
                        "(or vmm.Machine)")
 

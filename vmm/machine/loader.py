@@ -18,6 +18,9 @@ from vmm.machine import layout as L
 
 @dataclass(frozen=True)
 class LoadedKernel:
+    """What load_kernel wrote into guest memory: entry point, end, whether it is Linux, and the
+    parsed image."""
+
     entry: int  # where the boot vCPU starts
     kernel_end: int  # first byte past the kernel (the initrd goes above)
     is_linux: bool

@@ -123,6 +123,8 @@ class EntryResult:
 
 @dataclass
 class OpResult:
+    """What a batch did: a result per entry and where the time went."""
+
     op: Op
     entries: list[EntryResult] = field(default_factory=list)
     apply_seconds: float = 0.0  # resolve+validate+apply time inside the rendezvous

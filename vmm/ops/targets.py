@@ -136,6 +136,8 @@ class FieldTarget(KernelTarget):
 
 @dataclass(frozen=True)
 class PerCpu(KernelTarget):
+    """CPU `cpu`'s copy of a per-CPU variable, or a field path in it (KernelTarget.per_cpu)."""
+
     name: str
     cpu: int
     path: Optional[str] = None
@@ -166,6 +168,8 @@ def _check_address(kind: str, address) -> None:
 
 @dataclass(frozen=True)
 class Kva(KernelTarget):
+    """A kernel virtual address, translated through the guest's page tables (KernelTarget.kva)."""
+
     address: int
     size: Optional[int] = None
 
@@ -182,6 +186,8 @@ class Kva(KernelTarget):
 
 @dataclass(frozen=True)
 class Gpa(KernelTarget):
+    """A guest-physical address (KernelTarget.gpa)."""
+
     address: int
     size: Optional[int] = None
 
@@ -212,6 +218,7 @@ class Typed(KernelTarget):
 
     @staticmethod
     def from_drgn(obj: Any) -> "Typed":
+        """The target of a drgn object: its address and type, checked against BTF when resolved."""
         # Duck-typed (drgn.Object: address_, type_, bit_field_size_): vmm.ops does not
         # import drgn.
         try:

@@ -33,6 +33,7 @@ class Machine(MachineBuilder):
 
     @property
     def running(self) -> bool:
+        """True between start() and the VM's end."""
         return self.started_at is not None and not self._done.is_set()
 
     def __enter__(self) -> "Machine":
@@ -68,6 +69,7 @@ class Machine(MachineBuilder):
         return self._exit
 
     def run(self, timeout: float | None = None) -> VmExit:
+        """start() then wait(): run the VM to its end and return why it ended."""
         self.start()
         return self.wait(timeout)
 
@@ -101,6 +103,8 @@ class Machine(MachineBuilder):
         raise GuestBootError(f"console never matched {regex.pattern!r}: {why}. Console tail:\n{tail}")
 
     def describe_state(self) -> str:
+        """Kernel, vCPUs, threads, unclaimed ports and notes in a few lines (for failure
+        reports)."""
         lines = [f"kernel {self.kernel}, {self.cpus} vCPU(s), {self.memory_size >> 20} MiB, "
                  f"cmdline {self.cmdline!r}"]
         lines.append(f"running: {self.running}; exit: {self._exit}")
@@ -121,6 +125,7 @@ class Machine(MachineBuilder):
         return self.coordinator.freeze(timeout)
 
     def thaw(self) -> None:
+        """Release the vCPUs a freeze() parked."""
         self.coordinator.thaw()
 
     def _start(self) -> None:

@@ -35,6 +35,7 @@ _EXIT_NAMES = {
 
 
 def exit_reason_name(reason: int) -> str:
+    """KVM_EXIT_* name of an exit reason number."""
     _, lib = native()
     for name in _EXIT_NAMES:
         if getattr(lib, name) == reason:
@@ -70,6 +71,7 @@ class VcpuThread(threading.Thread):
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
+        """The thread: run the vCPU in C, dispatch exits that need Python, until it stops."""
         ffi, lib = native()
         nat = self.vcpu.native
         lib.vmm_vcpu_thread_enter(nat)

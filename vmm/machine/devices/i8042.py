@@ -19,6 +19,8 @@ STATUS_SYSTEM_FLAG = 0x04  # set after a successful self-test (POST done)
 
 
 class I8042:
+    """An i8042 that only resets: 0xFE to the command port calls reset()."""
+
     def __init__(self, reset: Callable[[], None] | None = None):
         self.reset = reset or (lambda: None)
         self.reset_requests = 0

@@ -65,6 +65,8 @@ RX_FIFO_LIMIT = 1 << 16  # bytes buffered from feed() before new input counts as
 
 
 class Serial16550:
+    """A 16550 UART (COM1): transmit to out(), input through feed(), interrupts through irq()."""
+
     PORT_COUNT = COM1_PORT_COUNT  # eight registers from the base port
 
     def __init__(self, base: int = COM1_PORT,

@@ -83,7 +83,7 @@ def run_case(guest, name, possible, make_batch, repeats, profile=False):
     m.start()
     try:
         m.wait_for_console(r"2 cpus up", timeout=300)
-        mask = m.vmlinux.enum("SCX_RQ_CLK_VALID")
+        mask = m.kernel_image.enum("SCX_RQ_CLK_VALID")
         cpus = m.possible_cpus()  # also the freeze whose registers later batches reuse
         if len(cpus) != possible:
             raise SystemExit(f"guest reports {len(cpus)} possible CPUs, expected {possible}: "

@@ -64,7 +64,7 @@ def atheris_child(target: str, args: list[str]) -> None:
         import vmm.kernel.elf  # noqa: F401
         import vmm.kernel.symbols  # noqa: F401
         import vmm.kernel.sysmap  # noqa: F401
-        import vmm.machine.images  # noqa: F401
+        import vmm.image.formats  # noqa: F401
         import vmm.machine.initramfs  # noqa: F401
     sys.setrecursionlimit(3000)
     atheris.Setup([sys.argv[0]] + args, lambda data: t.run_one(target, data))

@@ -54,7 +54,7 @@ def _elf(data: bytes) -> None:
 
 
 def _kernel_elf(data: bytes) -> None:
-    from vmm.machine.images import parse_elf_kernel
+    from vmm.image.formats import parse_elf_kernel
 
     parse_elf_kernel(data)
 
@@ -69,7 +69,7 @@ def _sysmap(data: bytes) -> None:
 
 
 def _bzimage(data: bytes) -> None:
-    from vmm.machine.images import extract_vmlinux, parse_bzimage
+    from vmm.image.formats import extract_vmlinux, parse_bzimage
 
     parse_bzimage(data)
     extract_vmlinux(data)

@@ -1,7 +1,7 @@
 import pytest
 
 from vmm.errors import ConfigError, ImageError
-from vmm.machine import bootparams as bp
+from vmm.image import bootparams as bp
 
 # Offsets from Documentation/arch/x86/boot.rst ("The real-mode kernel header") and
 # Documentation/arch/x86/zero-page.rst.

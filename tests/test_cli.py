@@ -1,7 +1,6 @@
 """The vmm command line, end to end on our test guest (real KVM)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from vmm.cli import main, parse_size
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 needs_guest = [
-    pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm"),
+    pytest.mark.kvm,
     pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
 ]
 

@@ -8,14 +8,15 @@ import time
 
 import pytest
 
-from test_kvm_guests import (  # noqa: F401
-    CLI_HLT, COUNT, GUEST_CODE, OUT_LOOP, USER_COUNT, RecordingHandler, TinyVm, pytestmark,
-    wait_until,
+from tinyvm import (
+    CLI_HLT, COUNT, GUEST_CODE, OUT_LOOP, USER_COUNT, RecordingHandler, TinyVm, wait_until,
 )
 from vmm.errors import FreezeTimeout, VmmError
 from vmm.kvm import MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR
 from vmm.runtime import FreezeCoordinator
 from vmm.runtime.freeze import SYS_FUTEX, thread_syscall_number
+
+pytestmark = pytest.mark.kvm
 
 FREEZE_CYCLES = int(os.environ.get("VMM_FREEZE_CYCLES", "2000"))
 

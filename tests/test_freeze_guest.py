@@ -24,14 +24,14 @@ CMD_STOP = 3
 
 pytestmark = [
     pytest.mark.kvm,
-    pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm"),
     pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
 ]
 
 
-def boot(cpus: int, ring: int, extra: str = "") -> Machine:
-    m = Machine(kernel=str(GUEST), cpus=cpus, cmdline=f"mode=loop cpus={cpus} ring={ring} {extra}")
-    m.start()
+def boot(start, cpus: int, ring: int, extra: str = "") -> Machine:
+    """Our guest on `cpus` vCPUs, its work loops in `ring`, every CPU up; `start` is
+    conftest's `started` (stops it when the test ends) or Machine.start."""
+    m = start(Machine(kernel=str(GUEST), cpus=cpus, cmdline=f"mode=loop cpus={cpus} ring={ring} {extra}"))
     m.wait_for_console(rf"{cpus} cpus up", timeout=120)
     return m
 
@@ -62,118 +62,100 @@ def ring(request):
     return request.param
 
 
-def test_frozen_guest_does_not_advance_and_resumes(ring):
+def test_frozen_guest_does_not_advance_and_resumes(ring, started):
     cpus = 2
-    m = boot(cpus, ring)
-    try:
-        wait_all_advance(m, cpus)
-        with m.freeze() as snap:
-            before = [m.read("runqueues", "counter", cpu=c) for c in range(cpus)]
-            jiffies = m.read("jiffies")
-            time.sleep(1.2)
-            after = [m.read("runqueues", "counter", cpu=c) for c in range(cpus)]
-            assert after == before, "a guest counter moved while every vCPU was parked"
-            assert m.read("jiffies") == jiffies
-            assert len(snap.vcpus) == cpus and all(v.cr3 for v in snap.vcpus)
-        wait_all_advance(m, cpus)  # after thaw every vCPU runs again
-        stop_guest(m)
-    finally:
-        m.stop()
+    m = boot(started, cpus, ring)
+    wait_all_advance(m, cpus)
+    with m.freeze() as snap:
+        before = [m.read("runqueues", "counter", cpu=c) for c in range(cpus)]
+        jiffies = m.read("jiffies")
+        time.sleep(1.2)
+        after = [m.read("runqueues", "counter", cpu=c) for c in range(cpus)]
+        assert after == before, "a guest counter moved while every vCPU was parked"
+        assert m.read("jiffies") == jiffies
+        assert len(snap.vcpus) == cpus and all(v.cr3 for v in snap.vcpus)
+    wait_all_advance(m, cpus)  # after thaw every vCPU runs again
+    stop_guest(m)
 
 
-def test_every_vcpu_thread_is_in_futex_while_frozen(ring):
+def test_every_vcpu_thread_is_in_futex_while_frozen(ring, started):
     cpus = 2
-    m = boot(cpus, ring)
-    try:
-        with m.freeze():
-            tids = m.coordinator.parked_tids()
-            assert len(tids) == cpus
-            for tid in tids:
-                # A vCPU counts itself parked just before it calls futex(): allow it
-                # that instant, then it must be blocked in futex for as long as we look.
-                deadline = time.monotonic() + 1.0
-                while (state := syscall_of(tid)) != str(SYS_FUTEX) and time.monotonic() < deadline:
-                    time.sleep(0.001)
-                assert state == str(SYS_FUTEX), f"vCPU thread {tid} is in {state!r}"
-            time.sleep(0.2)
-            assert [syscall_of(t) for t in tids] == [str(SYS_FUTEX)] * cpus
-        stop_guest(m)
-    finally:
-        m.stop()
-
-
-def test_cold_clock_and_flag_seen_as_a_consistent_pair(ring):
-    cpus = 2
-    m = boot(cpus, ring)
-    try:
-        clock = 0x0123_4567_89AB_CDEF
-        result = m.inject_scx_clock(clock=clock)
-        assert result.ok, result.describe()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            events = [m.read("runqueues", "obs_events", cpu=c, hot=True) for c in range(cpus)]
-            if all(events):
-                break
-            time.sleep(0.01)
-        for c in range(cpus):
-            assert m.read("runqueues", "obs_events", cpu=c) == 1
-            assert m.read("runqueues", "obs_clock", cpu=c) == clock
-            assert m.read("runqueues", "obs_flags", cpu=c) == 0x9 | CLK_VALID
-            assert m.read("runqueues", "obs_inconsistent", cpu=c) == 0
-            assert m.read("runqueues", "scx.flags", cpu=c) == 0x9 | CLK_VALID  # other 31 bits kept
-            assert m.read("runqueues", "scx.nr_immed", cpu=c) == 0xA5A5A5A5  # neighbour untouched
-        for c in range(cpus):
-            m.wait_for_console(rf"cpu {c} saw SCX_RQ_CLK_VALID flags 0x29 clock {clock:#x}", timeout=30)
-        stop_guest(m)
-    finally:
-        m.stop()
-
-
-def test_misaligned_u64_cold_write_lands_whole(ring):
-    cpus = 2
-    m = boot(cpus, ring)
-    try:
-        target = T.field("misaligned_probe", "value")
-        loc = m.apply(Op.ReadKernelCold([target])).entries[0].location
-        assert loc.gpa % 8 != 0, "the probe is meant to be misaligned"
-        for i in range(1, 40):
-            pattern = int.from_bytes(bytes([i * 0x11 & 0xFF]) * 8, "little")
-            m.write(target, V.u64(pattern))
-            time.sleep(0.005)
+    m = boot(started, cpus, ring)
+    with m.freeze():
+        tids = m.coordinator.parked_tids()
+        assert len(tids) == cpus
+        for tid in tids:
+            # A vCPU counts itself parked just before it calls futex(): allow it
+            # that instant, then it must be blocked in futex for as long as we look.
+            deadline = time.monotonic() + 1.0
+            while (state := syscall_of(tid)) != str(SYS_FUTEX) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert state == str(SYS_FUTEX), f"vCPU thread {tid} is in {state!r}"
         time.sleep(0.2)
-        assert all(m.read("runqueues", "torn_reads", cpu=c) == 0 for c in range(cpus))
-        assert m.read(target) == int.from_bytes(bytes([39 * 0x11 & 0xFF]) * 8, "little")
-        stop_guest(m)
-    finally:
-        m.stop()
+        assert [syscall_of(t) for t in tids] == [str(SYS_FUTEX)] * cpus
+    stop_guest(m)
 
 
-def test_hot_or_u32_loses_no_bit_against_guest_atomics(ring):
+def test_cold_clock_and_flag_seen_as_a_consistent_pair(ring, started):
     cpus = 2
-    m = boot(cpus, ring, "hot_every=1")
-    try:
-        for bit in range(16, 32):
-            m.write("hot_word", V.or_u32(1 << bit), hot=True)
-            time.sleep(0.004)
-        deadline = time.monotonic() + 120
-        while m.read("hot_word", hot=True) != 0xFFFFFFFF and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert m.read("hot_word") == 0xFFFFFFFF, hex(m.read("hot_word"))
-        stop_guest(m)
-    finally:
-        m.stop()
+    m = boot(started, cpus, ring)
+    clock = 0x0123_4567_89AB_CDEF
+    result = m.inject_scx_clock(clock=clock)
+    assert result.ok, result.describe()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        events = [m.read("runqueues", "obs_events", cpu=c, hot=True) for c in range(cpus)]
+        if all(events):
+            break
+        time.sleep(0.01)
+    for c in range(cpus):
+        assert m.read("runqueues", "obs_events", cpu=c) == 1
+        assert m.read("runqueues", "obs_clock", cpu=c) == clock
+        assert m.read("runqueues", "obs_flags", cpu=c) == 0x9 | CLK_VALID
+        assert m.read("runqueues", "obs_inconsistent", cpu=c) == 0
+        assert m.read("runqueues", "scx.flags", cpu=c) == 0x9 | CLK_VALID  # other 31 bits kept
+        assert m.read("runqueues", "scx.nr_immed", cpu=c) == 0xA5A5A5A5  # neighbour untouched
+    for c in range(cpus):
+        m.wait_for_console(rf"cpu {c} saw SCX_RQ_CLK_VALID flags 0x29 clock {clock:#x}", timeout=30)
+    stop_guest(m)
 
 
-def test_misaligned_hot_or_is_refused_and_guest_untouched():
-    m = boot(1, 3)
-    try:
-        probe = m.apply(Op.ReadKernelCold([T.field("misaligned_probe", "value")])).entries[0].location
-        before = m.memory.read(probe.gpa, 8)
-        with pytest.raises(Exception, match="misaligned hot-path OrU32"):
-            m.apply(Op.WriteKernelHot([(T.gpa(probe.gpa), V.or_u32(1))]))
-        assert m.memory.read(probe.gpa, 8) == before
-    finally:
-        m.stop()
+def test_misaligned_u64_cold_write_lands_whole(ring, started):
+    cpus = 2
+    m = boot(started, cpus, ring)
+    target = T.field("misaligned_probe", "value")
+    loc = m.apply(Op.ReadKernelCold([target])).entries[0].location
+    assert loc.gpa % 8 != 0, "the probe is meant to be misaligned"
+    for i in range(1, 40):
+        pattern = int.from_bytes(bytes([i * 0x11 & 0xFF]) * 8, "little")
+        m.write(target, V.u64(pattern))
+        time.sleep(0.005)
+    time.sleep(0.2)
+    assert all(m.read("runqueues", "torn_reads", cpu=c) == 0 for c in range(cpus))
+    assert m.read(target) == int.from_bytes(bytes([39 * 0x11 & 0xFF]) * 8, "little")
+    stop_guest(m)
+
+
+def test_hot_or_u32_loses_no_bit_against_guest_atomics(ring, started):
+    cpus = 2
+    m = boot(started, cpus, ring, "hot_every=1")
+    for bit in range(16, 32):
+        m.write("hot_word", V.or_u32(1 << bit), hot=True)
+        time.sleep(0.004)
+    deadline = time.monotonic() + 120
+    while m.read("hot_word", hot=True) != 0xFFFFFFFF and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert m.read("hot_word") == 0xFFFFFFFF, hex(m.read("hot_word"))
+    stop_guest(m)
+
+
+def test_misaligned_hot_or_is_refused_and_guest_untouched(started):
+    m = boot(started, 1, 3)
+    probe = m.apply(Op.ReadKernelCold([T.field("misaligned_probe", "value")])).entries[0].location
+    before = m.memory.read(probe.gpa, 8)
+    with pytest.raises(Exception, match="misaligned hot-path OrU32"):
+        m.apply(Op.WriteKernelHot([(T.gpa(probe.gpa), V.or_u32(1))]))
+    assert m.memory.read(probe.gpa, 8) == before
 
 
 def syscall_of(tid: int) -> str:
@@ -186,7 +168,7 @@ def _threads_and_fds():
 
 def freeze_thaw_cycles(cpus: int, cycles: int) -> None:
     base = _threads_and_fds()
-    m = boot(cpus, 3)
+    m = boot(Machine.start, cpus, 3)
     try:
         latencies = []
         for _ in range(cycles):
@@ -220,10 +202,10 @@ def test_ten_thousand_freeze_thaw_cycles(cpus):
     freeze_thaw_cycles(cpus, 10_000)
 
 
-def test_freeze_while_a_vcpu_waits_in_a_python_exit_handler():
+def test_freeze_while_a_vcpu_waits_in_a_python_exit_handler(started):
     """A vCPU busy in Python (here: the report-port handler held up) still parks once
     it returns to C, and the others park at once."""
-    m = boot(2, 3)
+    m = boot(started, 2, 3)
     gate = threading.Event()
     original = m.io_out
 
@@ -233,12 +215,9 @@ def test_freeze_while_a_vcpu_waits_in_a_python_exit_handler():
         return original(vcpu_index, port, size, value)
 
     m.io_out = slow_io_out
-    try:
-        m.write("guest_command", V.u32(2), hot=True)  # CMD_SUMMARY: every CPU reports
-        time.sleep(0.05)
-        with m.freeze(timeout=10):
-            pass
-        gate.set()
-        wait_all_advance(m, 2)
-    finally:
-        m.stop()
+    m.write("guest_command", V.u32(2), hot=True)  # CMD_SUMMARY: every CPU reports
+    time.sleep(0.05)
+    with m.freeze(timeout=10):
+        pass
+    gate.set()
+    wait_all_advance(m, 2)

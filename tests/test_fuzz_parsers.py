@@ -138,14 +138,14 @@ def test_system_map(lines, tail):
 
 def _images():
     try:
-        from vmm.machine import images
+        from vmm.image import formats as images
     except ImportError:
         return None
     return images
 
 
 @pytest.mark.skipif(_images() is None or not hasattr(_images(), "parse_bzimage"),
-                    reason="vmm.machine.images.parse_bzimage not available")
+                    reason="vmm.image.formats.parse_bzimage not available")
 @FUZZ
 @given(st.binary(max_size=1024), st.integers(0, 0x300))
 def test_bzimage_header(blob, hdr_pos):

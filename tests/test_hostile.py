@@ -141,7 +141,7 @@ def _bomb(kind: str, size: int) -> bytes:
 
 @pytest.mark.parametrize("kind", ["zstd", "gzip"])
 def test_bzimage_decompression_bomb_is_bounded(kind, tmp_path):
-    from test_images import make_bzimage  # init_size 8 MiB
+    from synthetic_images import make_bzimage  # init_size 8 MiB
 
     image = tmp_path / "bzImage"
     image.write_bytes(make_bzimage(_bomb(kind, 768 << 20)))
@@ -149,7 +149,7 @@ def test_bzimage_decompression_bomb_is_bounded(kind, tmp_path):
     # decompressor that stops at the header's bound (init_size) gets through.
     _run_bounded(f"""
 from vmm.errors import ImageError
-from vmm.machine.images import extract_vmlinux
+from vmm.image.formats import extract_vmlinux
 try:
     extract_vmlinux(open({str(image)!r}, 'rb').read())
 except ImageError as e:

@@ -102,7 +102,7 @@ def test_idt_cross_check():
 def test_physically_moved_image_found_through_page_tables():
     """Loaded 32 MiB above its link address and not slid virtually: neither phys_base
     guess holds, so phys_base itself is read through the guest's page tables."""
-    from test_translate import Tables
+    from page_tables import Tables
 
     moved = 0x2000000
     t = Tables()
@@ -135,7 +135,7 @@ def randomized(style="absolute", user_pgd=False):
     """(kernel, Tables, lstar): the fixture booted with KASLR and RANDOMIZE_MEMORY:
     image slid virtually and moved physically, bases moved, per-CPU areas in the
     randomized direct map, every CPU's runqueues_fx.cpu = cpu."""
-    from test_translate import Tables
+    from page_tables import Tables
     from vmm.kernel.elf import ElfImage
 
     path = kfixture.linked(style)

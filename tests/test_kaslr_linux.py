@@ -68,7 +68,7 @@ def _artifacts(kind):
 
 def _vmlinux_release(machine) -> bytes:
     """init_uts_ns.name.release as the vmlinux file initializes it."""
-    k = machine.vmlinux
+    k = machine.kernel_image
     offset = k.btf.offsetof("struct uts_namespace", "name.release")
     size = k.btf.field("struct uts_namespace", "name.release").size
     raw = k.elf.read_va(k.symbol("init_uts_ns") + offset, size)

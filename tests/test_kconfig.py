@@ -16,7 +16,7 @@ from vmm.kernel import kconfig
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 sys.path.insert(0, str(Path(__file__).parent))
-from test_images import compress, make_bzimage  # noqa: E402
+from synthetic_images import compress, make_bzimage  # noqa: E402
 
 GOOD = """CONFIG_SMP=y
 CONFIG_PRINTK=y
@@ -53,7 +53,7 @@ def test_ikconfig_blob_in_an_image(tmp_path):
     assert kconfig.ikconfig_of_file(GUEST) is None
 
 
-needs = [pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm"),
+needs = [pytest.mark.kvm,
          pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
          pytest.mark.skipif(shutil.which("strip") is None, reason="needs strip (binutils)")]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_btf import pahole_members, pahole_size  # noqa: E402
+from pahole_text import pahole_members, pahole_size  # noqa: E402
 
 from vmm.errors import KernelStoreError  # noqa: E402
 from vmm.kernel import Kernel, fetch_debug  # noqa: E402

@@ -14,7 +14,7 @@ from vmm.errors import KernelStoreError
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 needs_guest = pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests")
-needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+needs_kvm = pytest.mark.kvm
 pytestmark = [needs_guest,
               pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")]
 
@@ -89,7 +89,7 @@ def test_machine_on_cached_debian_loads_symbols_offline(store, offline):
            entry_name="debian-7.3.3+deb13-cloud-amd64")
     m = Machine(kernel="debian", cmdline="mode=hello exit=0")
     try:
-        assert m.vmlinux.symbol("runqueues")  # the -dbg entry's symbols, no apt call
+        assert m.kernel_image.symbol("runqueues")  # the -dbg entry's symbols, no apt call
         assert offline == []
     finally:
         m.stop()

@@ -39,6 +39,13 @@ def test_bad_memory_sizes_are_config_errors(bad):
         L.parse_memory_size(bad)
 
 
+def test_parse_size_is_the_one_size_parser():
+    assert L.parse_size("1.5G") == 3 << 29 and L.parse_size("4k") == 4096 and L.parse_size("7") == 7
+    for bad in ("", "1.5", "M", "-1M"):
+        with pytest.raises(ConfigError):
+            L.parse_size(bad)
+
+
 def test_ram_regions_and_e820_below_the_gap():
     assert L.ram_regions(512 << 20) == [(0, 512 << 20)]
     e820 = L.e820_map(512 << 20)

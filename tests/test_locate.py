@@ -17,10 +17,10 @@ from vmm.kernel import locate as L
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 sys.path.insert(0, str(Path(__file__).parent))
-from test_images import compress, make_bzimage  # noqa: E402
+from synthetic_images import compress, make_bzimage  # noqa: E402
 
 needs_guest = pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests")
-needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+needs_kvm = pytest.mark.kvm
 needs_strip = pytest.mark.skipif(shutil.which("strip") is None or shutil.which("nm") is None
                                  or shutil.which("objcopy") is None,
                                  reason="needs binutils (strip, nm, objcopy)")

@@ -89,7 +89,7 @@ def test_boot_structures_in_guest_memory(guest):
     m = Machine(guest, cpus=2, memory="256M", cmdline="mode=hello", initrd=b"x" * 10000)
     try:
         m.build()
-        from vmm.machine.bootparams import BootParams
+        from vmm.image.bootparams import BootParams
 
         zp = BootParams(m.memory.read(L.ZERO_PAGE_START, 4096))
         assert zp["cmd_line_ptr"] == L.CMDLINE_START
@@ -143,9 +143,9 @@ def test_wait_for_console_timeout_says_where_each_vcpu_is(guest):
 
 
 def test_bzimage_wrapping_our_guest_boots(guest):
-    import test_images
+    import synthetic_images
 
-    bz = test_images.make_bzimage(test_images.compress("gzip", guest.read_bytes()))
+    bz = synthetic_images.make_bzimage(synthetic_images.compress("gzip", guest.read_bytes()))
     # Its "decompressor" is a stub: decompress on the host (the automatic choice on PVM).
     m, r = run(bz, "mode=hello exit=5", boot_via_decompressor=False)
     assert (r.reason, r.exit_code) == ("exit-code", 5) and "vmm-guest: hello" in m.console_text()
@@ -182,10 +182,10 @@ def test_boot_via_decompressor_must_be_none_or_bool():
 def test_boot_via_decompressor_enters_at_load_plus_0x200(guest):
     """A stub bzImage whose '64-bit entry' checks RSI points at a zero page holding the
     image's setup header, then writes 42 to the exit port."""
-    import test_images
+    import synthetic_images
 
     stub = bytes.fromhex("8b860202000" "0" "3d48647253" "7505" "b02a" "e6f4" "f4" "b001" "e6f4" "f4")
-    base = bytearray(test_images.make_bzimage(b"\x1f\x8b" + b"\0" * 64))
+    base = bytearray(synthetic_images.make_bzimage(b"\x1f\x8b" + b"\0" * 64))
     pm_offset = (base[0x1F1] + 1) * 512
     image = bytes(base[:pm_offset]) + b"\x90" * 0x200 + stub + b"\0" * 64
     image = bytearray(image)
@@ -228,6 +228,11 @@ def test_panic_line_ends_the_vm_as_panic():
     m._console_sink(b"[    1.0] Kernel panic - not sync")
     m._console_sink(b"ing: VFS: Unable to mount root fs\n[ 1.1] ---[ end")
     assert m.exit.reason == "panic" and m.exit.exit_code == 255
+    from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, StopReason, VmExit
+    assert m.exit.reason is ExitReason.PANIC and f"{m.exit.reason}" == "panic"
+    assert str(m.exit).startswith("VM ended: panic (exit code 255)") and EXIT_CODE_CRASH == 255
+    assert VmExit("timeout", 255, "", "").reason is ExitReason.TIMEOUT
+    assert StopReason("system-event") == "system-event"
     assert m.exit.detail == "Kernel panic - not syncing: VFS: Unable to mount root fs"
 
 
@@ -254,7 +259,7 @@ def test_ram_above_the_gap(guest):
     m = Machine(guest, memory="5G", cmdline="mode=hello")
     try:
         m.build()
-        from vmm.machine.bootparams import BootParams
+        from vmm.image.bootparams import BootParams
 
         assert [(g, s) for g, s, _ in m.memory.regions] == L.ram_regions(5 << 30)
         zp = BootParams(m.memory.read(L.ZERO_PAGE_START, 4096))

@@ -1,7 +1,6 @@
 """Machine.read decodes a value the way vmm.kernel.live does, from its BTF type:
 small integers and bools are ints, signed fields are signed, bitfields are their bits."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm"),
+    pytest.mark.kvm,
     pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
 ]
 
@@ -54,7 +53,7 @@ def test_bitfield_decodes_to_its_bits(m, monkeypatch):
     from vmm.kernel.live import LiveKernel
 
     m.write("runqueues", V.u32(0b1100), path="online", cpu=0)   # bits 1..3 = 0b110 = -2
-    btf = m.vmlinux.btf
+    btf = m.kernel_image.btf
     int_t = btf.type("int")
     real = LiveKernel.resolve
 
@@ -68,3 +67,11 @@ def test_bitfield_decodes_to_its_bits(m, monkeypatch):
     assert m.read("runqueues", "online", cpu=0) == -2
     monkeypatch.undo()
     m.write("runqueues", V.u32(1), path="online", cpu=0)
+
+
+def test_kernel_image_is_the_kernel_and_vmlinux_its_deprecated_name(m):
+    from vmm.kernel import Kernel
+
+    assert isinstance(m.kernel_image, Kernel)
+    with pytest.warns(DeprecationWarning, match="kernel_image"):
+        assert m.vmlinux is m.kernel_image

@@ -6,58 +6,13 @@ the seed's write semantics and the validate-everything-first rule.
 """
 
 import threading
-from contextlib import contextmanager
 
 import pytest
 
-from vmm.errors import BatchError, SymbolNotFound
+from fake_resolver import CLOCK, FLAGS, MISALIGNED, NAME, NR_IMMED, Rendezvous, TableResolver
+from vmm.errors import BatchError
 from vmm.kvm.memory import GuestMemory
 from vmm.ops import KernelTarget as T, KernelValue as V, Op, apply_op
-from vmm.ops.targets import Location
-
-FLAGS, NR_IMMED, CLOCK, MISALIGNED, NAME = 0x1000, 0x1004, 0x1008, 0x2001, 0x3000
-
-
-class TableResolver:
-    """name[/cpu].path -> (gpa, size, type) from a dict, like BTF would give."""
-
-    table = {
-        ("runqueues", 0, "scx.flags"): (FLAGS, 4, "u32"),
-        ("runqueues", 0, "scx.nr_immed"): (NR_IMMED, 4, "u32"),
-        ("runqueues", 0, "scx.clock"): (CLOCK, 8, "u64"),
-        ("probe", None, "value"): (MISALIGNED, 8, "u64"),
-        ("init_uts_ns", None, "name.nodename"): (NAME, 65, "char[65]"),
-        ("packed", None, "bits"): (0x4000, 4, "u32:3"),
-    }
-
-    def locate_symbol(self, name, path, cpu, type=None):
-        try:
-            gpa, size, typ = self.table[(name, cpu, path)]
-        except KeyError:
-            raise SymbolNotFound(f"unknown symbol {name!r}") from None
-        bits = 3 if typ.endswith(":3") else None
-        return Location(gpa, size, f"{name}.{path}", type_name=typ, bit_size=bits)
-
-    def locate_kva(self, kva, size):
-        return Location(kva - 0xffffffff80000000, size, f"kva {kva:#x}")
-
-    def locate_gpa(self, gpa, size):
-        return Location(gpa, size, f"gpa {gpa:#x}")
-
-
-class Rendezvous:
-    def __init__(self):
-        self.count = 0
-        self.held = False
-
-    @contextmanager
-    def __call__(self):
-        self.count += 1
-        self.held = True
-        try:
-            yield "snapshot"
-        finally:
-            self.held = False
 
 
 @pytest.fixture
@@ -172,6 +127,20 @@ def test_malformed_entries_rejected_at_construction():
         Op.WriteKernelCold([(T.gpa(0), 5)])
     with pytest.raises(BatchError, match="expected"):
         Op.WriteKernelCold([T.gpa(0)])
+
+
+def test_mode_is_an_enum_equal_to_the_old_strings_and_old_names_still_work():
+    from vmm.ops import COLD, HOT, FieldTarget, Mode, SymbolTarget
+    from vmm.ops import targets
+
+    cold, hot = Op.WriteKernelCold([]), Op.ReadKernelHot([])
+    assert cold.mode is Mode.COLD == COLD == "cold" and hot.mode is Mode.HOT == HOT == "hot"
+    assert f"{cold.mode}" == "cold" and Op("read", "hot", ()).mode is Mode.HOT
+    with pytest.warns(DeprecationWarning, match="Op.mode"):
+        assert cold.path is Mode.COLD
+    assert targets.Symbol is SymbolTarget and targets.Field is FieldTarget
+    assert T.Symbol is SymbolTarget and T.Field is FieldTarget
+    assert isinstance(T.symbol("jiffies"), SymbolTarget) and isinstance(T.field("a", "b"), FieldTarget)
 
 
 def test_hot_or_races_with_concurrent_atomic_writer(mem):

@@ -45,7 +45,7 @@ def mission(cpus, mask, clock):
 
 def test_clock_then_flag_order_kept_and_seen_by_the_guest(m):
     # First in the file: the flag is still clear on the running CPUs (initial 0x9).
-    mask = m.vmlinux.enum("SCX_RQ_CLK_VALID")
+    mask = m.kernel_image.enum("SCX_RQ_CLK_VALID")
     clock = 0x5EED_0000_0000
     batch = mission(range(POSSIBLE), mask, clock)
     result = m.apply(Op.WriteKernelCold(batch))
@@ -96,7 +96,7 @@ def test_per_cpu_target_staged_equals_resolved_in_the_freeze(m):
     assert DIRECT_MAP <= ahead[(1023, "cpu")].kva < START_KERNEL_MAP  # possible-only: direct map
     # What staging read and the freeze re-checks: nr_cpu_ids and __per_cpu_offset[]
     # (read whole, once), nothing else.
-    k = m.vmlinux
+    k = m.kernel_image
     assert sorted((gpa, len(data)) for gpa, data in staged.guards) == sorted([
         (k.symbol("nr_cpu_ids") - START_KERNEL_MAP, 4),
         (k.symbol("__per_cpu_offset") - START_KERNEL_MAP, 8 * POSSIBLE)])
@@ -107,7 +107,7 @@ def per_cpu_offset_aliased(m, cpu):
     """Point __per_cpu_offset[cpu] at the guest's identity map of the same RAM: that
     CPU's runqueues then has a kva outside the image and direct maps (a page walk, like
     a vmalloc'd per-CPU chunk), and the guest itself still reads the same memory."""
-    k = m.vmlinux
+    k = m.kernel_image
     slot = k.symbol("__per_cpu_offset") - START_KERNEL_MAP + 8 * cpu  # image map, phys_base 0
     rq = k.symbol("runqueues")
     with m.freeze():
@@ -122,7 +122,7 @@ def per_cpu_offset_aliased(m, cpu):
 
 
 def test_page_walked_per_cpu_target_resolves_inside_the_freeze(m):
-    off = m.vmlinux.btf.offsetof("struct rq", "scx.clock")
+    off = m.kernel_image.btf.offsetof("struct rq", "scx.clock")
     with per_cpu_offset_aliased(m, 1) as rq_gpa:
         staged = LiveResolver(m.live()).staged()
         loc = T.per_cpu("runqueues", 1, "scx.clock").resolve(staged)
@@ -137,8 +137,8 @@ def test_page_walked_per_cpu_target_resolves_inside_the_freeze(m):
 
 
 def test_staging_assumption_changed_before_the_freeze_is_redone_inside(m):
-    off = m.vmlinux.btf.offsetof("struct rq", "scx.clock")
-    k = m.vmlinux
+    off = m.kernel_image.btf.offsetof("struct rq", "scx.clock")
+    k = m.kernel_image
     slot = k.symbol("__per_cpu_offset") - START_KERNEL_MAP + 8 * 1
     with m.freeze():
         real = m.memory.read_u64(slot)
@@ -170,7 +170,7 @@ def _clocks(m):
 
 
 def test_bad_last_entry_of_2048_refused_before_the_freeze(m):
-    mask = m.vmlinux.enum("SCX_RQ_CLK_VALID")
+    mask = m.kernel_image.enum("SCX_RQ_CLK_VALID")
     batch = mission(range(POSSIBLE), mask, 0xBAD0_0000)
     batch[2047] = (T.per_cpu("runqueues", 1023, "scx.flags"), V.u64(1))  # u32 field
     before = _clocks(m)
@@ -183,7 +183,7 @@ def test_bad_last_entry_of_2048_refused_before_the_freeze(m):
 
 
 def test_bad_last_entry_found_inside_the_freeze_writes_nothing(m):
-    mask = m.vmlinux.enum("SCX_RQ_CLK_VALID")
+    mask = m.kernel_image.enum("SCX_RQ_CLK_VALID")
     batch = mission(range(POSSIBLE), mask, 0xBAD1_0000)
     batch[2047] = (T.kva(0x0000_0080_0000_0000, 4), V.u32(1))  # unmapped: known by walking
     before = _clocks(m)
@@ -202,7 +202,7 @@ def test_staged_resolver_never_walks(m):
 
 def test_plan_in_c_and_entry_by_entry_in_python_agree(monkeypatch):
     """No KVM needed: the same cold batches through the C plan and the Python fallback."""
-    from test_ops_batch import CLOCK, FLAGS, NAME, NR_IMMED, Rendezvous, TableResolver
+    from fake_resolver import CLOCK, FLAGS, NAME, NR_IMMED, Rendezvous, TableResolver
     from vmm.kvm.memory import GuestMemory
     from vmm.ops import plan
 

@@ -5,7 +5,6 @@ and only our assist lets the guest go on; on a host with VMX/SVM the CPU runs th
 and the same checks must hold (the assist is then never called).
 """
 
-import os
 import shutil
 import subprocess
 
@@ -13,7 +12,7 @@ import pytest
 
 from vmm.machine import pvm
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+pytestmark = pytest.mark.kvm
 
 MXCSR_VALUE = 0x9FC0  # FTZ | DAZ | all exceptions masked: distinct from the reset 0x1f80
 REPORT_PORT = 0x600

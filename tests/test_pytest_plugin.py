@@ -1,6 +1,5 @@
 """The pytest plugin: vmm_machine from markers, reuse of clean boots, console on failure."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm"),
+    pytest.mark.kvm,
     pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
 ]
 

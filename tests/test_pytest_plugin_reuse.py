@@ -13,7 +13,7 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 needs_guest = [
-    pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm"),
+    pytest.mark.kvm,
     pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
 ]
 

@@ -1,6 +1,5 @@
 """The README's Python examples run as written (against our test guest)."""
 
-import os
 import re
 from pathlib import Path
 
@@ -10,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+@pytest.mark.kvm
 @pytest.mark.skipif(not (ROOT / "kernels/guests/out/guest.elf").exists(),
                     reason="test guest not built: make guests")
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from test_kvm_guests import COUNT, HELLO, RecordingHandler, TinyVm, pytestmark, wait_until  # noqa: F401
+import pytest
+
+from tinyvm import COUNT, HELLO, RecordingHandler, TinyVm, wait_until
+
+pytestmark = pytest.mark.kvm
 
 # Assembled with GNU as (.code16, linked at 0x1000).
 REP_OUTSB = bytes.fromhex(  # rep outsb "hello\n" to 0x3f8, then out %al,0xf4; hlt
@@ -142,7 +146,7 @@ def test_console_pump_sleeps_without_data():
 
 def test_hlt_without_irqchip_reaches_python():
     # `cli; hlt` exits to user space only without the in-kernel irqchip.
-    from test_kvm_guests import CLI_HLT
+    from tinyvm import CLI_HLT
 
     class CountHlt(RecordingHandler):
         hlts = 0

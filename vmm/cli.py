@@ -15,11 +15,12 @@ import time
 from typing import Any, Optional, Sequence
 
 from .errors import KernelStoreError, VmmError
+from .machine.vmexit import EXIT_CODE_CRASH
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_CRASH = 255
+EXIT_CRASH = EXIT_CODE_CRASH  # panic, crash, timeout: the machine's own figure
 
 
 class UsageError(VmmError):
@@ -41,14 +42,11 @@ exit codes: 0 ok, N the guest's exit-port code, 255 panic/crash/timeout,
 
 
 def parse_size(text: str) -> int:
-    """'512M', '1G', '65536' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    """'512M', '1G', '65536' -> bytes (vmm.machine.layout.parse_size, as argparse wants it)."""
+    from .machine.layout import parse_size as layout_parse_size
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
+        return layout_parse_size(text)
+    except VmmError:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 512M or 2G") from None
 
 
@@ -84,6 +82,7 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the `vmm` command and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="vmm", description="KVM micro-VMM for testing Linux kernels and sched_ext "
         "schedulers: boot, freeze every vCPU, write kernel memory, thaw.",
@@ -166,6 +165,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_symbols(args: argparse.Namespace) -> int:
+    """`vmm symbols`: list or look up a kernel's symbols (text or --json)."""
     from .kernel import format_symbols
     from .kernel.locate import require_symbols
 
@@ -183,6 +183,7 @@ def cmd_symbols(args: argparse.Namespace) -> int:
 
 
 def cmd_btf(args: argparse.Namespace) -> int:
+    """`vmm btf`: print a BTF type pahole-like, or a field's offset and size (--json)."""
     from .kernel import format_btf
 
     k, _ = _load_kernel_for_cli(args.vmlinux, None)
@@ -211,6 +212,7 @@ def _load_kernel_for_cli(path: str, system_map: Optional[str]) -> Any:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
+    """`vmm kernel fetch|build|list|path`: the kernel store."""
     from . import kernelstore
 
     action = args.kernel_command
@@ -267,7 +269,9 @@ def machine_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace, inject: bool) -> int:
-    from .session import run_session
+    """`vmm run` / `vmm inject`: boot (and with inject, inject the scx clock), report, return
+    the exit status."""
+    from .session_report import run_session
 
     kernel = default_kernel(args.kernel)
     report = run_session(
@@ -286,6 +290,8 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `vmm` command: parse argv, run the subcommand, return the exit code (see the module
+    docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -353,6 +359,7 @@ def _add_scx_parser(sub) -> None:
 
 
 def cmd_scx(args: argparse.Namespace) -> int:
+    """`vmm scx build NAME`: build (or find cached) a sched_ext scheduler for a kernel."""
     from .scxbuild import build_scheduler
 
     s = build_scheduler(args.name, args.kernel, jobs=args.jobs, force=args.force)

@@ -27,6 +27,7 @@ _MACHINE_KEY = pytest.StashKey[Any]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """--vmm-kernel, --vmm-cpus and --vmm-memory."""
     group = parser.getgroup("vmm", "vmm virtual machines")
     group.addoption("--vmm-kernel", default=None,
                     help="kernel for the vmm_machine fixture (path, 'debian', 'build:7.3')")
@@ -35,6 +36,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the vmm marker and start an empty machine pool."""
     config.addinivalue_line(
         "markers", "vmm(**options): options for the vmm_machine fixture "
         "(kernel, cpus, memory, cmdline, initrd, wait_for, wait_timeout, timeout, fresh, "
@@ -43,6 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop every pooled machine."""
     pool = config.stash.get(_POOL_KEY, {})
     for machine in pool.values():
         _stop_quietly(machine)
@@ -120,6 +123,7 @@ def vmm_machine(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """On failure, attach the machine's console tail and state to the report."""
     report = yield
     machine = item.stash.get(_MACHINE_KEY, None)
     if machine is not None and report.failed:

@@ -16,16 +16,18 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from .errors import GuestBootError, KernelFeatureMissing, VmmError
+from .arch.x86.regs import MSR_LSTAR
+from .errors import GuestBootError, VmmError
 from .kernel.kaslr import slide_from_lstar
-from .kvm.kvm import MSR_LSTAR
+from .machine.vmexit import ExitReason
 from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
                   scx_clock_batch)
 from .ops.resolve import LiveResolver
+from .ops.scx import ScxCpuRow, ScxInjection  # noqa: F401 (ScxCpuRow: re-exported)
 from .runtime.machine import Machine as RunningMachine
 from .runtime.vcpu_thread import VcpuThread
 
@@ -151,15 +153,24 @@ class Machine(RunningMachine):
 
     @memory.setter
     def memory(self, value: Any) -> None:
+        """Guest RAM; after the start, a proxy whose writes mark the machine dirty."""
         self.__dict__["_guest_memory"] = value
 
     def feed_console(self, data: bytes) -> None:
+        """Type bytes into COM1 (marks the machine dirty)."""
         self.dirty = True  # input changes what the guest does next
         super().feed_console(data)
 
     # --- introspection -------------------------------------------------------------
     @property
     def vmlinux(self) -> Any:
+        """Deprecated name of `kernel_image` (it is a vmm.kernel.Kernel, not a path)."""
+        warnings.warn("Machine.vmlinux is deprecated: use Machine.kernel_image (a vmm.kernel.Kernel)",
+                      DeprecationWarning, stacklevel=2)
+        return self.kernel_image
+
+    @property
+    def kernel_image(self) -> Any:
         """The kernel's symbols and BTF (vmm.kernel.Kernel), loaded on first use."""
         if self._introspection is None:
             from .kernel import Kernel
@@ -187,13 +198,13 @@ class Machine(RunningMachine):
         """A kernel loaded without a symbol table: say so and what to pass, before any
         lookup says "no kernel symbol named ..."."""
         from .kernel.locate import require_symbols
-        require_symbols(self.vmlinux, self.kernel_files or self._vmlinux_path or self.kernel)
+        require_symbols(self.kernel_image, self.kernel_files or self._vmlinux_path or self.kernel)
 
     def introspection_sources(self) -> str:
         """Which files the symbols and the types come from, in words."""
         if self.kernel_files is not None:
             return self.kernel_files.describe()
-        k = self.vmlinux
+        k = self.kernel_image
         return ", ".join(k.sources) or "?"
 
     def _check_built_kernel(self) -> None:
@@ -242,7 +253,7 @@ class Machine(RunningMachine):
                 lstar = v0.msrs.get(MSR_LSTAR)
                 if lstar:
                     kwargs["lstar"] = lstar
-        return self.vmlinux.attach(self.__dict__.get("_guest_memory"), **kwargs)
+        return self.kernel_image.attach(self.__dict__.get("_guest_memory"), **kwargs)
 
     def _symbolize(self, addr: int) -> Optional[str]:
         """"name+0xoff" for a RIP; under KASLR through the vmlinux's symbols moved by the
@@ -253,7 +264,7 @@ class Machine(RunningMachine):
                                 and self.kernel_files is None):
             return name
         try:
-            symbols = self.vmlinux.symbols
+            symbols = self.kernel_image.symbols
             snap = self._last_snapshot
             v0 = next((v for v in snap.vcpus if v is not None), None) if snap else None
             lstar = v0.msrs.get(MSR_LSTAR) if v0 is not None else None
@@ -263,6 +274,8 @@ class Machine(RunningMachine):
             return None
 
     def freeze(self, timeout: float = 30.0):
+        """Park every vCPU (vmm.runtime.Machine.freeze); the snapshot also gives live() its
+        registers."""
         snap = super().freeze(timeout)
         self._last_snapshot = snap
         return snap
@@ -321,11 +334,14 @@ class Machine(RunningMachine):
 
     def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
               cpu: Optional[int] = None, hot: bool = False, type: Optional[str] = None) -> OpResult:
+        """Write `value` to a symbol or field (one cold batch; hot=True writes the running
+        guest)."""
         t = self._target(target, path, cpu, type)
         op = Op.WriteKernelHot([(t, value)]) if hot else Op.WriteKernelCold([(t, value)])
         return self.apply(op)
 
     def possible_cpus(self) -> list[int]:
+        """The guest's possible CPUs (read while frozen)."""
         with self.freeze() as snap:
             return self.live(snap).possible_cpus()
 
@@ -334,7 +350,7 @@ class Machine(RunningMachine):
         """The mission in one call: one cold batch that, for every possible CPU, writes
         ``rq->scx.clock`` then ORs ``SCX_RQ_CLK_VALID`` into ``rq->scx.flags``; then a
         cold read-back of both fields on every CPU."""
-        clk_valid_mask(self.vmlinux)  # refuses a kernel without the flag before freezing
+        clk_valid_mask(self.kernel_image)  # refuses a kernel without the flag before freezing
         self._require_symbols()
         with self.freeze() as snap:
             live = self.live(snap)
@@ -342,7 +358,7 @@ class Machine(RunningMachine):
             if clock is None:
                 # The guest's own notion of now where there is one, so time stays monotonic.
                 clock = snap.clock if snap.clock else time.monotonic_ns()
-            batch = scx_clock_batch(self.vmlinux, cpu_list, clock)
+            batch = scx_clock_batch(self.kernel_image, cpu_list, clock)
             before = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
             written = self.apply(Op.WriteKernelCold(batch))
             after = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
@@ -382,165 +398,10 @@ class Machine(RunningMachine):
         return GdbStub(self, host, port)
 
     def _finish(self, reason: str, exit_code: int, detail: str) -> None:
-        if reason == "panic" and self.dump_on_panic and self.core_path is None and self.exit is None:
+        if reason == ExitReason.PANIC and self.dump_on_panic and self.core_path is None and self.exit is None:
             from .debug.machine import dump_on_panic
             detail += dump_on_panic(self, self.dump_on_panic)
         super()._finish(reason, exit_code, detail)
-
-
-@dataclass
-class ScxCpuRow:
-    cpu: int
-    clock_before: int
-    clock_after: int
-    flags_before: int
-    flags_after: int
-    clock_addr: int
-    flags_addr: int
-
-    def ok(self, clock: int, mask: int) -> bool:
-        return self.clock_after == clock and self.flags_after == self.flags_before | mask
-
-
-@dataclass
-class ScxInjection:
-    clock: int
-    mask: int
-    rows: list[ScxCpuRow]
-    freeze_latency_us: float
-    apply_us: float
-
-    @property
-    def ok(self) -> bool:
-        return all(r.ok(self.clock, self.mask) for r in self.rows)
-
-    def describe(self) -> str:
-        lines = [f"injected SCX_RQ_CLK_VALID ({self.mask:#x}) with scx.clock = {self.clock} on "
-                 f"{len(self.rows)} CPU(s) in one cold batch (freeze {self.freeze_latency_us:.0f} us, "
-                 f"apply {self.apply_us:.0f} us)",
-                 f"{'cpu':>4} {'scx.clock before':>20} {'after':>20} {'scx.flags before':>17} "
-                 f"{'after':>10}  gpa(clock/flags)"]
-        for r in self.rows:
-            lines.append(f"{r.cpu:>4} {r.clock_before:>20} {r.clock_after:>20} "
-                         f"{r.flags_before:>#17x} {r.flags_after:>#10x}  "
-                         f"{r.clock_addr:#x}/{r.flags_addr:#x}"
-                         + ("" if r.ok(self.clock, self.mask) else "  MISMATCH"))
-        lines.append("read back: " + ("every CPU has the written clock and only the flag bit "
-                                      "added" if self.ok else "MISMATCH"))
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict:
-        return {"clock": self.clock, "mask": self.mask, "ok": self.ok,
-                "freeze_latency_us": self.freeze_latency_us, "apply_us": self.apply_us,
-                "cpus": [r.__dict__ for r in self.rows]}
-
-
-@dataclass
-class SessionReport:
-    """What the CLI's run/inject did, for printing or --json."""
-
-    kernel: str
-    cmdline: str
-    exit: Any = None
-    boot_seconds: Optional[float] = None
-    injection: Optional[ScxInjection] = None
-    extra: dict = field(default_factory=dict)
-    error: Optional[str] = None
-    job_status: Optional[int] = None  # the guest job's (--exec) status line, when it ran
-
-    @property
-    def exit_status(self) -> int:
-        if self.error:
-            return 255
-        if self.job_status is not None:
-            return self.job_status
-        if self.injection is not None and not self.injection.ok:
-            return 1
-        if self.exit is None:
-            return 0
-        if self.exit.reason == "exit-code":
-            return self.exit.exit_code
-        return 0 if self.exit.reason in ("reset", "stopped") else 255
-
-    def describe(self) -> str:
-        out = [f"vmm: kernel {self.kernel}", f"vmm: cmdline {self.cmdline}"]
-        if self.boot_seconds is not None:
-            out.append(f"vmm: reached the boot marker in {self.boot_seconds:.2f} s")
-        if self.injection is not None:
-            out.append(self.injection.describe())
-        for k, v in self.extra.items():
-            out.append(f"vmm: {k}: {v}")
-        if self.error:
-            out.append(f"vmm: error: {self.error}")
-        if self.exit is not None:
-            out.append(f"vmm: {self.exit}")
-        return "\n".join(out)
-
-    def as_dict(self) -> dict:
-        return {"kernel": self.kernel, "cmdline": self.cmdline, "boot_seconds": self.boot_seconds,
-                "injection": self.injection.as_dict() if self.injection else None,
-                "exit": None if self.exit is None else {
-                    "reason": self.exit.reason, "exit_code": self.exit.exit_code,
-                    "detail": self.exit.detail},
-                "exit_status": self.exit_status, "extra": self.extra, "error": self.error}
-
-
-def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optional[str] = None,
-                initrd: Optional[str] = None, timeout: Optional[float] = None,
-                inject_scx: bool = False, wait_for: Optional[str] = None,
-                stream: Any = None, vmlinux: Optional[str] = None,
-                system_map: Optional[str] = None, check_config: bool = True,
-                boot_via_decompressor: Optional[bool] = None,
-                exec: Optional[str] = None, include: Any = None) -> SessionReport:
-    """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop.
-    With ``exec``, the guest job's status (``vmm-job: exit N``) is the exit status."""
-    m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
-                console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
-                requires=("sched_ext", "btf") if inject_scx else (),
-                check_config=check_config, boot_via_decompressor=boot_via_decompressor,
-                exec=exec, include=include)
-    report = SessionReport(kernel=str(kernel), cmdline="")
-    m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
-    try:
-        report.cmdline = m.cmdline
-        if not inject_scx:
-            report.exit = m.wait()
-            if m.job is not None:
-                report.job_status = m.job_status
-            return report
-        marker = wait_for or (INIT_MARKER if m.is_linux else r"cpus up")
-        t0 = time.monotonic()
-        try:
-            m.wait_for_console(marker, timeout=timeout)
-        except VmmError as exc:
-            raise GuestBootError(f"the guest did not print {marker!r}: {exc}\n"
-                                 f"last console lines:\n{m.console_tail(20)}") from exc
-        report.boot_seconds = time.monotonic() - (m.started_at or t0)
-        report.extra["kernel files"] = m.introspection_sources()
-        report.injection = m.inject_scx_clock()
-        try:  # where KASLR put the kernel (vmm.kernel.live.LiveKernel.describe_layout)
-            report.extra["kernel layout"] = m.live().describe_layout()
-        except VmmError as exc:
-            report.extra["kernel layout"] = f"not found: {exc}"
-        jiffies0 = _try_read(m, "jiffies")
-        time.sleep(0.5)
-        jiffies1 = _try_read(m, "jiffies")
-        if jiffies0 is not None and jiffies1 is not None:
-            report.extra["jiffies after thaw"] = f"{jiffies0} -> {jiffies1} (guest runs on)"
-        report.exit = m.stop()
-    except (KernelFeatureMissing, GuestBootError, VmmError) as exc:
-        report.error = str(exc)
-        report.exit = m.stop()
-    finally:
-        m.stop()
-    return report
-
-
-def _try_read(m: Machine, name: str) -> Optional[int]:
-    try:
-        return m.read(name, hot=True)
-    except VmmError:
-        return None
 
 
 # --- the guest job (--exec / --include; vmm.machine.guestjob) ---------------------------

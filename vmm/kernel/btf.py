@@ -9,169 +9,31 @@ Type ids: 0 is `void`; the first record in the type section is id 1.
 
 from __future__ import annotations
 
-import re
 import struct
 from array import array
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from vmm.errors import FieldPathError, ImageError, KernelFeatureMissing, TypeNotFound
+from vmm.errors import ImageError, KernelFeatureMissing, TypeNotFound
 from vmm.kernel.suggest import hint
+
+# The data model and the two halves of the Btf class live beside this file; their
+# names are re-exported here, where callers have always found them.
+from vmm.kernel.btf_names import TypeNames
+from vmm.kernel.btf_paths import FieldPaths, parse_path  # noqa: F401
+from vmm.kernel.btf_types import (  # noqa: F401 (CONST ... INT_*, Field, _enter: re-exported)
+    ARRAY, CONST, DATASEC, DECL_TAG, ENUM, ENUM64, FLOAT, FUNC, FUNC_PROTO, FWD, INT, INT_BOOL,
+    INT_CHAR, INT_SIGNED, KIND_NAMES, MAX_CHAIN, MODIFIERS, NAME_BUDGET, POINTER_SIZE, PTR,
+    RESTRICT, STRUCT, TYPE_TAG, TYPEDEF, UNION, VAR, VOID, VOLATILE, EnumValue, Field, Member,
+    Param, Type, VarSecinfo, _enter,
+)
 
 BTF_MAGIC = 0xEB9F
 HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type_off/len, str_off/len
-
-# Kinds (btf.rst "BTF_KIND_*").
-INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF = 1, 2, 3, 4, 5, 6, 7, 8
-VOLATILE, CONST, RESTRICT, FUNC, FUNC_PROTO, VAR, DATASEC = 9, 10, 11, 12, 13, 14, 15
-FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = 16, 17, 18, 19
-
-KIND_NAMES = {
-    0: "void", INT: "int", PTR: "ptr", ARRAY: "array", STRUCT: "struct", UNION: "union",
-    ENUM: "enum", FWD: "fwd", TYPEDEF: "typedef", VOLATILE: "volatile", CONST: "const",
-    RESTRICT: "restrict", FUNC: "func", FUNC_PROTO: "func_proto", VAR: "var",
-    DATASEC: "datasec", FLOAT: "float", DECL_TAG: "decl_tag", TYPE_TAG: "type_tag",
-    ENUM64: "enum64",
-}
-# Kinds that only qualify another type: skipped when resolving to the "real" type.
-MODIFIERS = frozenset({TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG})
 # Bytes that follow the 12-byte common header: fixed part, then vlen * per-item size.
 _FIXED_EXTRA = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
 _ITEM_SIZE = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
 
-INT_SIGNED, INT_CHAR, INT_BOOL = 1, 2, 4
-POINTER_SIZE = 8  # x86-64 only
-MAX_CHAIN = 64  # modifier/array nesting deeper than this is a cycle in corrupt BTF
-NAME_BUDGET = 512  # types one type_name() may visit before it abbreviates with "..."
 
-
-def _enter(stack: list[int], t, doing: str) -> None:
-    """Pushes t.id on a walk's stack; ImageError naming it when it is already there (the
-    type refers back to itself) or the walk is deeper than MAX_CHAIN."""
-    if t.id in stack:
-        path = " -> ".join(str(i) for i in stack[stack.index(t.id):] + [t.id])
-        raise ImageError(f"BTF type {t.id} ({t.kind_name} {t.name or '(anonymous)'}) refers "
-                         f"back to itself while {doing} (types {path}): a cycle, corrupt BTF")
-    if len(stack) >= MAX_CHAIN:
-        raise ImageError(f"BTF type {t.id}: nested more than {MAX_CHAIN} deep while {doing} "
-                         "(corrupt BTF?)")
-    stack.append(t.id)
-
-
-class Member(NamedTuple):
-    name: str
-    type_id: int
-    bit_offset: int  # from the start of the enclosing struct/union
-    bitfield_size: int  # 0 when not a bitfield
-
-
-class EnumValue(NamedTuple):
-    name: str
-    value: int
-
-
-class Param(NamedTuple):
-    name: str
-    type_id: int
-
-
-class VarSecinfo(NamedTuple):
-    type_id: int
-    offset: int
-    size: int
-
-
-@dataclass
-class Type:
-    """One decoded BTF type. Fields not meaningful for a kind keep their default."""
-
-    id: int
-    kind: int
-    name: str
-    kind_flag: bool = False
-    size: int = 0  # INT, STRUCT, UNION, ENUM, ENUM64, FLOAT, DATASEC
-    ref: int = 0  # PTR, TYPEDEF, modifiers, FUNC, FUNC_PROTO (return), VAR, DECL_TAG
-    vlen: int = 0
-    members: list[Member] = field(default_factory=list)
-    enum_values: list[EnumValue] = field(default_factory=list)
-    params: list[Param] = field(default_factory=list)
-    secinfo: list[VarSecinfo] = field(default_factory=list)
-    # INT encoding
-    int_encoding: int = 0
-    int_offset: int = 0
-    int_bits: int = 0
-    # ARRAY
-    elem_type: int = 0
-    index_type: int = 0
-    nelems: int = 0
-    # VAR linkage, DECL_TAG component index
-    linkage: int = 0
-    component_idx: int = -1
-
-    def __repr__(self) -> str:
-        return f"<Type {self.id} {self.kind_name} {self.name or '(anon)'}>"
-
-    @property
-    def kind_name(self) -> str:
-        return KIND_NAMES.get(self.kind, f"kind{self.kind}")
-
-    @property
-    def signed(self) -> bool:
-        if self.kind == INT:
-            return bool(self.int_encoding & INT_SIGNED)
-        if self.kind in (ENUM, ENUM64):
-            return self.kind_flag
-        return False
-
-
-VOID = Type(id=0, kind=0, name="void")
-
-
-class Field(NamedTuple):
-    """Where a member path lies inside a type.
-
-    For a bitfield, `offset`/`size` give the storage unit (the member's declared type,
-    aligned like pahole prints it) and `bit_offset`/`bit_size` the bits inside it
-    counted from its least significant bit. For other members bit_offset = bit_size = 0.
-    """
-
-    offset: int
-    size: int
-    type: Type
-    bit_offset: int = 0
-    bit_size: int = 0
-
-
-_PATH_TOKEN = re.compile(r"\s*(?:(\.)?\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*(\d+|0x[0-9a-fA-F]+)\s*\]|(->))")
-
-
-def parse_path(path: str) -> list[str | int]:
-    """'scx.flags' -> ['scx', 'flags']; 'cpus[3].x' -> ['cpus', 3, 'x'].
-
-    '->' is kept as a marker so the resolver can say the path crosses a pointer.
-    """
-    out: list[str | int] = []
-    pos = 0
-    path = path.strip()
-    while pos < len(path):
-        m = _PATH_TOKEN.match(path, pos)
-        if not m or m.end() == pos:
-            raise FieldPathError(f"bad field path {path!r} at character {pos}: {path[pos:]!r}")
-        if m.group(2):
-            if out and not m.group(1) and out[-1] != "->":
-                raise FieldPathError(f"bad field path {path!r}: missing '.' before {m.group(2)!r}")
-            out.append(m.group(2))
-        elif m.group(3):
-            out.append(int(m.group(3), 0))
-        else:
-            out.append("->")
-        pos = m.end()
-    if not out:
-        raise FieldPathError("empty field path")
-    return out
-
-
-class Btf:
+class Btf(TypeNames, FieldPaths):
     """A parsed .BTF blob. Construct with Btf(data); raises ImageError when corrupt."""
 
     def __init__(self, data: bytes):
@@ -259,6 +121,7 @@ class Btf:
         return len(self._offsets)
 
     def string(self, off: int) -> str:
+        """The string at offset `off` of the string section; ImageError outside it."""
         if not 0 <= off < len(self.strings):
             raise ImageError(f"BTF string offset {off} outside the string section")
         end = self.strings.find(b"\0", off)
@@ -283,6 +146,7 @@ class Btf:
         return sorted(ids)
 
     def kind_of(self, tid: int) -> int:
+        """The BTF_KIND_* of type `tid`, without decoding it."""
         self._check_id(tid)
         return self._kinds[tid]
 
@@ -429,6 +293,7 @@ class Btf:
         raise ImageError(f"BTF modifier chain from type {t.id} is a cycle or deeper than {MAX_CHAIN}")
 
     def sizeof(self, t: Type | int | str, _depth: int = 0) -> int:
+        """Size in bytes of a type (id, Type or name), through typedefs, modifiers and arrays."""
         if isinstance(t, str):
             t = self.type(t)
         if isinstance(t, int):
@@ -492,6 +357,7 @@ class Btf:
         self._enum_index = index
 
     def enumerator_names(self) -> list[str]:
+        """Every enumerator name in the BTF (for suggestions)."""
         if self._enum_index is None:
             self._build_enum_index()
         assert self._enum_index is not None
@@ -503,183 +369,8 @@ class Btf:
             yield self.get(tid)
 
     def ids_of_kind(self, kind: int) -> list[int]:
+        """The ids of every type of kind `kind`."""
         return [i for i, k in enumerate(self._kinds) if k == kind and i]
-
-    # ---------------------------------------------------------------- names
-    def type_name(self, t: Type | int, _depth: int = 0) -> str:
-        """C-like spelling: 'struct rq', 'u64', 'struct task_struct *', 'int[4]'.
-
-        Cycle-safe and bounded: a type that refers back to itself (only corrupt BTF can)
-        is an ImageError naming it; a spelling that would visit more than NAME_BUDGET
-        types (a hostile graph of function pointers) is cut short with '...'."""
-        return self._type_name(t, [], [NAME_BUDGET])
-
-    def _type_name(self, t: Type | int, stack: list[int], budget: list[int]) -> str:
-        if isinstance(t, int):
-            t = self.get(t)
-        k = t.kind
-        if k == 0:
-            return "void"
-        if k in (STRUCT, UNION):
-            return f"{t.kind_name} {t.name}" if t.name else f"{t.kind_name} {{...}}"
-        if k in (ENUM, ENUM64):
-            return f"enum {t.name}" if t.name else "enum {...}"
-        if k == FWD:
-            return f"{'union' if t.kind_flag else 'struct'} {t.name}"
-        if k not in (PTR, CONST, VOLATILE, RESTRICT, TYPE_TAG, ARRAY, FUNC_PROTO):
-            return t.name or t.kind_name
-        budget[0] -= 1
-        if budget[0] < 0:
-            return "..."
-        if k == FUNC_PROTO:
-            return self._proto_name(t, "", 0, stack, budget)
-        _enter(stack, t, "naming it")
-        try:
-            if k == PTR:
-                target = self.get(t.ref)
-                if self.resolve(target).kind == FUNC_PROTO:
-                    return self._proto_name(self.resolve(target), "(*)", 0, stack, budget)
-                return self._type_name(target, stack, budget) + " *"
-            if k in (CONST, VOLATILE, RESTRICT):
-                return f"{t.kind_name} {self._type_name(t.ref, stack, budget)}"
-            if k == TYPE_TAG:
-                return self._type_name(t.ref, stack, budget)
-            return f"{self._type_name(t.elem_type, stack, budget)}[{t.nelems}]"  # ARRAY
-        finally:
-            stack.pop()
-
-    def _proto_name(self, t: Type, inner: str, depth: int = 0, stack: list[int] | None = None,
-                    budget: list[int] | None = None) -> str:
-        stack = [] if stack is None else stack
-        budget = [NAME_BUDGET] if budget is None else budget
-        _enter(stack, t, "naming it")
-        try:
-            args = ", ".join(self._type_name(p.type_id, stack, budget) if p.type_id else "..."
-                             for p in t.params) or "void"
-            return f"{self._type_name(t.ref, stack, budget)} {inner}({args})"
-        finally:
-            stack.pop()
-
-    # ---------------------------------------------------------------- fields
-    def find_member(self, t: Type, name: str) -> tuple[int, Member] | None:
-        """Member `name` of struct/union t, looking inside anonymous members.
-
-        Returns (bit offset from the start of t, member) or None. Each anonymous type is
-        searched once per call (linear in the number of types); one that contains
-        itself is an ImageError naming it.
-        """
-        return self._find_member(t, name, [], set())
-
-    def _find_member(self, t: Type, name: str, stack: list[int],
-                     seen: set[int]) -> tuple[int, Member] | None:
-        _enter(stack, t, "looking for a member")
-        try:
-            for m in t.members:
-                if m.name == name:
-                    return m.bit_offset, m
-            for m in t.members:
-                if not m.name:
-                    inner = self.resolve(m.type_id)
-                    if inner.kind in (STRUCT, UNION):
-                        if inner.id in stack:
-                            _enter(stack, inner, "looking for a member")  # raises
-                        if inner.id in seen:
-                            continue
-                        seen.add(inner.id)
-                        hit = self._find_member(inner, name, stack, seen)
-                        if hit is not None:
-                            return m.bit_offset + hit[0], hit[1]
-            return None
-        finally:
-            stack.pop()
-
-    def member_names(self, t: Type, _depth: int = 0) -> list[str]:
-        """Names reachable as one path component (anonymous members flattened; each
-        anonymous type once; one that contains itself is an ImageError naming it)."""
-        out: list[str] = []
-        self._member_names(t, out, [], set())
-        return out
-
-    def _member_names(self, t: Type, out: list[str], stack: list[int], seen: set[int]) -> None:
-        _enter(stack, t, "listing its members")
-        try:
-            for m in t.members:
-                if m.name:
-                    out.append(m.name)
-                else:
-                    inner = self.resolve(m.type_id)
-                    if inner.kind in (STRUCT, UNION):
-                        if inner.id in stack:
-                            _enter(stack, inner, "listing its members")  # raises
-                        if inner.id not in seen:
-                            seen.add(inner.id)
-                            self._member_names(inner, out, stack, seen)
-        finally:
-            stack.pop()
-
-    def field(self, type_name: str | Type, path: str) -> Field:
-        """Offset, size and bit position of `path` (e.g. 'scx.flags', 'cpus[3].x')."""
-        root = self.type(type_name) if isinstance(type_name, str) else type_name
-        cur = root
-        bits = 0
-        bitfield = 0
-        walked = self.type_name(root)
-        for comp in parse_path(path):
-            res = self.resolve(cur)
-            if comp == "->" or (res.kind == PTR):
-                raise FieldPathError(
-                    f"{walked!s} is a pointer ({self.type_name(res)}): offsetof does not "
-                    f"follow pointers; read the pointer and start again from its target type")
-            if isinstance(comp, int):
-                if res.kind != ARRAY:
-                    raise FieldPathError(f"cannot index {walked} (type {self.type_name(res)}) "
-                                         f"with [{comp}]: not an array")
-                if res.nelems and comp >= res.nelems:
-                    raise FieldPathError(f"index [{comp}] out of bounds for {walked} "
-                                         f"({self.type_name(res)}, {res.nelems} elements)")
-                bits += comp * self.sizeof(res.elem_type) * 8
-                cur = self.get(res.elem_type)
-                bitfield = 0
-                walked += f"[{comp}]"
-                continue
-            if res.kind not in (STRUCT, UNION):
-                raise FieldPathError(f"{walked} is {self.type_name(res)}, not a struct or union: "
-                                     f"no member {comp!r}")
-            hit = self.find_member(res, comp)
-            if hit is None:
-                raise FieldPathError(f"{self.type_name(res)} has no member {comp!r} "
-                                     f"(path {path!r})" + hint(comp, self.member_names(res)))
-            off, m = hit
-            bits += off
-            cur = self.get(m.type_id)
-            bitfield = m.bitfield_size
-            if not bitfield:  # pre-kind_flag encoding: a narrower INT is a bitfield
-                r = self.resolve(cur)
-                if r.kind == INT and r.int_bits and r.int_bits != r.size * 8:
-                    bitfield = r.int_bits
-                    bits += r.int_offset
-            walked += f".{comp}"
-        size = self.sizeof(cur)
-        if not bitfield:
-            if bits % 8:
-                raise ImageError(f"{walked} starts at bit {bits}, not on a byte boundary")
-            return Field(bits // 8, size, cur, 0, 0)
-        return self._bitfield(bits, bitfield, size, cur)
-
-    @staticmethod
-    def _bitfield(bits: int, nbits: int, unit: int, t: Type) -> Field:
-        # The storage unit is the declared type, aligned to its size (as pahole shows);
-        # in packed structs it may straddle: then fall back to the enclosing bytes.
-        if unit in (1, 2, 4, 8):
-            start = (bits // 8) & ~(unit - 1)
-            if bits - start * 8 + nbits <= unit * 8:
-                return Field(start, unit, t, bits - start * 8, nbits)
-        start = bits // 8
-        size = (bits - start * 8 + nbits + 7) // 8
-        return Field(start, size, t, bits - start * 8, nbits)
-
-    def offsetof(self, type_name: str | Type, path: str) -> int:
-        return self.field(type_name, path).offset
 
     def format_type(self, type_name: str | Type) -> str:
         """pahole-like layout of a struct/union (offsets, sizes, holes) or enum."""

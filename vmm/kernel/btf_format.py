@@ -22,6 +22,7 @@ def _decl(btf: Btf, type_id: int, name: str) -> str:
 
 
 def format_type(btf: Btf, type_name: str | Type) -> str:
+    """pahole-like layout of a struct or union (offsets, sizes, holes) or an enum's values."""
     t = btf.type(type_name) if isinstance(type_name, str) else type_name
     r = btf.resolve(t)
     if r.kind in (ENUM, ENUM64):

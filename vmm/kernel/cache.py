@@ -46,10 +46,12 @@ def symtab_key(elf) -> str | None:
 
 
 def cache_root() -> Path:
+    """The directory of the introspection cache (under the vmm cache directory)."""
     return cache_dir("introspection")
 
 
 def entry_path(key: str) -> Path:
+    """The cache file of `key` (unsafe characters replaced)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:200]
     return cache_root() / f"{safe}.pickle"
 
@@ -70,6 +72,7 @@ def load(key: str):
 
 
 def store(key: str, value) -> None:
+    """Write value under key atomically; an unwritable cache is skipped silently."""
     path = entry_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

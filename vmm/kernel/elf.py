@@ -29,6 +29,8 @@ ELF64_SYM = struct.Struct("<IBBHQQ")
 
 @dataclass(frozen=True)
 class Section:
+    """One ELF section header, with its name resolved."""
+
     index: int
     name: str
     addr: int
@@ -107,9 +109,11 @@ class ElfImage:
         """Nothing to release (kept for callers that close what they open)."""
 
     def section(self, name: str) -> Section | None:
+        """The section named `name`, or None."""
         return self._by_name.get(name)
 
     def section_data(self, sec: Section) -> bytes:
+        """A section's bytes (b'' for SHT_NOBITS)."""
         if sec.type == SHT_NOBITS:
             return b""
         with self._open() as fh:
@@ -121,6 +125,7 @@ class ElfImage:
 
     # ------------------------------------------------------------ contents
     def btf(self) -> bytes | None:
+        """The .BTF section's bytes, or None."""
         sec = self.section(".BTF")
         return self.section_data(sec) if sec else None
 
@@ -193,6 +198,7 @@ class ElfImage:
         return out
 
     def percpu_section(self) -> Section | None:
+        """The .data..percpu section, or None."""
         return self.section(PERCPU_SECTION)
 
 

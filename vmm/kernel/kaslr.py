@@ -24,20 +24,24 @@ from typing import NamedTuple
 
 from vmm.arch.x86.regs import MASK64
 from vmm.errors import TranslationError, VmmError
+from vmm.kernel.translate import START_KERNEL_MAP
 
 SLIDE_ALIGN = 0x200000  # CONFIG_PHYSICAL_ALIGN: the decompressor moves the image in 2 MiB steps
 MAX_SLIDE = 1 << 30  # KERNEL_IMAGE_SIZE with KASLR
-START_KERNEL_MAP = 0xFFFFFFFF80000000
 PUD_SIZE = 1 << 30  # kernel_randomize_memory() moves each region in 1 GiB steps
 
 
 class Slide(NamedTuple):
+    """A KASLR slide, where it came from and what agreed with it."""
+
     value: int
     source: str  # "given", "lstar", "default"
     checks: tuple[str, ...]  # what agreed with it
 
 
 def slide_from_lstar(symbols, lstar: int) -> int:
+    """The slide that moves entry_SYSCALL_64 to MSR_LSTAR; TranslationError when it is no valid
+    KASLR slide."""
     link = symbols.address("entry_SYSCALL_64")
     slide = (lstar - link) & MASK64
     if slide >= 1 << 63:
@@ -51,7 +55,7 @@ def slide_from_lstar(symbols, lstar: int) -> int:
 
 
 IDT_SYMBOLS = ("idt_table", "bringup_idt_table")  # runtime IDT; early-boot IDT
-IMAGE_MAP_START = 0xFFFFFFFF80000000
+IMAGE_MAP_START = START_KERNEL_MAP  # the kernel image's mapping
 
 
 def check_idt(symbols, slide: int, idt_base: int) -> str | None | bool:
@@ -127,6 +131,7 @@ def verify_slide(kernel, read_kva, value: int, source: str, idt_base=None) -> Sl
 
 # --- physical placement and the randomized memory regions --------------------------------------
 def signed64(value: int) -> int:
+    """value as a signed 64-bit integer."""
     value &= MASK64
     return value - (1 << 64) if value >> 63 else value
 
@@ -185,15 +190,18 @@ class KernelLayout:
 
     @property
     def image_randomized(self) -> bool:
+        """True when the kernel image moved (a slide, or loaded away from LOAD_PHYSICAL_ADDR)."""
         return self.slide != 0 or self.image_gpa != LOAD_PHYSICAL_ADDR
 
     @property
     def memory_randomized(self) -> bool:
+        """True when a direct-map, vmalloc or vmemmap base differs from its default."""
         return any(v is not None and v != d for v, d in
                    zip((self.page_offset_base, self.vmalloc_base, self.vmemmap_base),
                        self.defaults))
 
     def describe(self) -> str:
+        """The layout in one line (slide, physical base, randomized bases)."""
         bases = ", ".join(f"{n} {v:#x}" for n, v in (
             ("page_offset_base", self.page_offset_base), ("vmalloc_base", self.vmalloc_base),
             ("vmemmap_base", self.vmemmap_base)) if v is not None)
@@ -204,6 +212,7 @@ class KernelLayout:
                 f"checked: {', '.join(self.checks) or 'nothing'}")
 
     def as_dict(self) -> dict:
+        """The layout as plain data (for --json)."""
         return {"slide": self.slide, "slide_source": self.slide_source,
                 "phys_base": self.phys_base, "phys_base_source": self.phys_base_source,
                 "image_gpa": self.image_gpa, "page_offset_base": self.page_offset_base,

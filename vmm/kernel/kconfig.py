@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vmm.errors import KernelFeatureMissing
+from vmm.image.formats import extract_vmlinux  # the one decompressor
 
 IKCFG_START = b"IKCFG_ST"
 IKCFG_END = b"IKCFG_ED"
@@ -77,7 +78,6 @@ def ikconfig_of_file(path: str | os.PathLike) -> Optional[str]:
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     return ikconfig(mm)
         if is_bz:
-            from vmm.machine.images import extract_vmlinux  # the one decompressor
             return ikconfig(extract_vmlinux(Path(path).read_bytes()))
     except (OSError, ValueError):
         return None
@@ -91,14 +91,18 @@ def ikconfig_of_file(path: str | os.PathLike) -> Optional[str]:
 
 @dataclass
 class KernelConfig:
+    """A kernel's CONFIG_ values and where they were read from; check() names what a run lacks."""
+
     values: dict[str, str]
     source: str  # where it came from, for messages
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "KernelConfig":
+        """A .config file, parsed."""
         return cls(parse(Path(path).read_text(errors="replace")), str(path))
 
     def enabled(self, option: str) -> bool:
+        """True when `option` is built in (=y)."""
         # Built in: a module (m) cannot help before user space runs, and a PVM guest's
         # user space cannot load one.
         return self.values.get(option, "n") == "y"

@@ -12,6 +12,7 @@ import hashlib
 import os
 
 from vmm.errors import ImageError, KernelFeatureMissing, SymbolNotFound, TypeNotFound
+from vmm.image.formats import extract_vmlinux
 from vmm.kernel import cache
 from vmm.kernel.btf import VAR, Btf, Type
 from vmm.kernel.elf import ElfImage
@@ -27,6 +28,9 @@ KNOWN_VAR_TYPES = {"runqueues": "struct rq", "init_uts_ns": "struct uts_namespac
 
 
 class Kernel:
+    """A kernel's symbols and BTF (and its ELF when there is one): Kernel.load() builds it;
+    attach() applies it to guest memory."""
+
     def __init__(self, symbols: SymbolTable, btf: Btf | None, build_id: str | None,
                  elf: ElfImage | None = None, sources: tuple[str, ...] = ()):
         self.symbols = symbols
@@ -53,8 +57,6 @@ class Kernel:
             sources.append(_describe("vmlinux", vmlinux))
         elif bzimage is not None:
             data = _read(bzimage, "bzImage")
-            from vmm.machine.images import extract_vmlinux  # another layer; import lazily
-
             elf = ElfImage(extract_vmlinux(data))
             sources.append(_describe("bzImage", bzimage))
         build_id = None
@@ -88,10 +90,12 @@ class Kernel:
     # ------------------------------------------------------------ queries
     @property
     def has_btf(self) -> bool:
+        """True when the kernel came with BTF."""
         return self._btf is not None
 
     @property
     def btf(self) -> Btf:
+        """The kernel's Btf; KernelFeatureMissing when it has none."""
         if self._btf is None:
             raise KernelFeatureMissing("this kernel has no BTF (build with CONFIG_DEBUG_INFO_BTF=y "
                                        "or pass the vmlinux)")
@@ -102,13 +106,17 @@ class Kernel:
         return self.symbols.address(name)
 
     def enum(self, name: str) -> int:
+        """The value of enumerator `name` (BTF)."""
         return self.btf.enum_value(name)
 
     def is_percpu(self, name: str) -> bool:
+        """True when `name` is a per-CPU variable."""
         return self.symbols.is_percpu(name)
 
     @property
     def percpu_style(self) -> str | None:
+        """How per-CPU symbols are addressed (relative offsets or absolute addresses), or None
+        when unknown."""
         return self.symbols.percpu_style
 
     def var_type(self, name: str) -> Type | None:

@@ -26,6 +26,9 @@ DEFAULT_IMAGE_SIZE = 512 << 20  # KERNEL_IMAGE_SIZE without KASLR
 
 
 class LiveKernel:
+    """A Kernel applied to a running guest's memory: the KASLR slide, the randomized bases,
+    per-CPU offsets, reads and resolution of symbols and fields."""
+
     def __init__(self, kernel, reader, cr3=None, kaslr_slide=None, lstar=None, cr4=None,
                  idt_base=None):
         self.kernel = kernel
@@ -239,12 +242,14 @@ class LiveKernel:
 
     # ------------------------------------------------------------ per-CPU
     def nr_cpu_ids(self) -> int:
+        """The guest's nr_cpu_ids (1 for a kernel without it)."""
         sym = self.symbols.get("nr_cpu_ids")
         if sym is None:
             return 1  # a !SMP kernel
         return struct.unpack("<I", self.read_kva(sym.address + self.slide, 4))[0]
 
     def possible_cpus(self) -> list[int]:
+        """The CPUs in the guest's __cpu_possible_mask (0..nr_cpu_ids-1 without it)."""
         n = self.nr_cpu_ids()
         if n > 8192:
             raise TranslationError(f"nr_cpu_ids reads {n}: not a plausible CPU count "
@@ -257,6 +262,7 @@ class LiveKernel:
         return [c for c in range(n) if bits >> c & 1]
 
     def per_cpu_offset(self, cpu: int) -> int:
+        """__per_cpu_offset[cpu]: what CPU `cpu`'s per-CPU addresses add."""
         if cpu < 0:
             raise TargetError(f"cpu {cpu} is negative")
         sym = self.symbols.get("__per_cpu_offset")
@@ -282,6 +288,7 @@ class LiveKernel:
 
     def per_cpu_address(self, name: str, cpu: int, path: str | None = None,
                         type: str | None = None) -> int:
+        """The kernel virtual address of CPU `cpu`'s copy of `name` (or a field path in it)."""
         return self.address_of(name, path, cpu=cpu, type=type)
 
     # ------------------------------------------------------------ symbols and fields
@@ -341,6 +348,8 @@ class LiveKernel:
 
     def address_of(self, name: str, path: str | None = None, cpu: int | None = None,
                    type: str | None = None) -> int:
+        """The kernel virtual address of `name` (or a field path in it; per CPU when cpu is
+        given)."""
         return self.resolve(name, path, cpu, type)[0]
 
     def read(self, name: str, path: str | None = None, cpu: int | None = None,
@@ -360,6 +369,8 @@ class LiveKernel:
         return self.decode(raw, f)
 
     def decode(self, raw: bytes, f: Field) -> int | bytes:
+        """Raw bytes of field `f` as its BTF type reads: ints signed or not, bitfields as their
+        bits, other types as bytes."""
         t = self.kernel.btf.resolve(f.type)
         if f.bit_size:
             v = (int.from_bytes(raw, "little") >> f.bit_offset) & ((1 << f.bit_size) - 1)

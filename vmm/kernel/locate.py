@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from vmm.errors import ImageError, KernelFeatureMissing, KernelStoreError
+from vmm.image.formats import extract_vmlinux  # the one decompressor
 from vmm.kernel.elf import ElfImage
 
 DEBUG_ROOT = Path("/usr/lib/debug")
@@ -56,6 +57,7 @@ class KernelFiles:
         return self.vmlinux or self.bzimage or self.boot
 
     def describe(self) -> str:
+        """Which files the symbols and the types come from, in words."""
         sym = self.symbols_from
         return (f"symbols from {sym if sym else 'nowhere (no .symtab, no System.map)'}, "
                 f"types from {self.types_from}")
@@ -80,6 +82,7 @@ def no_symbols_message(path: PathLike, what: str = "this kernel") -> str:
 
 
 def is_elf(path: PathLike) -> bool:
+    """True when the file starts with the ELF magic."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"
@@ -88,6 +91,7 @@ def is_elf(path: PathLike) -> bool:
 
 
 def is_bzimage(path: PathLike) -> bool:
+    """True when the file has the boot protocol's 'HdrS' header magic."""
     try:
         with open(path, "rb") as f:
             f.seek(0x202)
@@ -97,6 +101,7 @@ def is_bzimage(path: PathLike) -> bool:
 
 
 def has_symtab(path: PathLike) -> bool:
+    """True when the file is an ELF with a .symtab section."""
     try:
         elf = ElfImage(path)
     except (ImageError, OSError):
@@ -113,7 +118,6 @@ def build_id(path: PathLike) -> Optional[str]:
         if is_elf(path):
             elf = ElfImage(path)
         elif is_bzimage(path):
-            from vmm.machine.images import extract_vmlinux  # the one decompressor
             elf = ElfImage(extract_vmlinux(Path(path).read_bytes()))
         else:
             return None

@@ -23,6 +23,8 @@ KERNEL_SPACE = 0xFFFF800000000000
 
 
 class Symbol(NamedTuple):
+    """A kernel symbol as nm or System.map lists it."""
+
     name: str
     address: int
     size: int  # 0 when unknown (System.map has no sizes)
@@ -32,10 +34,13 @@ class Symbol(NamedTuple):
 
     @property
     def is_global(self) -> bool:
+        """True for nm's upper-case (global) letters."""
         return self.type.isupper()
 
 
 class SymbolTable:
+    """Symbols by name (duplicates kept) and by address: lookup(), address(), nearest()."""
+
     def __init__(self, symbols: Iterable[Symbol]):
         self._by_name: dict[str, Symbol] = {}
         self._dups: dict[str, list[Symbol]] = {}
@@ -81,9 +86,11 @@ class SymbolTable:
         return iter(self._by_name.values())
 
     def get(self, name: str) -> Symbol | None:
+        """The symbol named `name`, or None."""
         return self._by_name.get(name)
 
     def lookup(self, name: str) -> Symbol:
+        """The symbol named `name`; SymbolNotFound with close names when there is none."""
         s = self._by_name.get(name)
         if s is None:
             raise SymbolNotFound(f"no kernel symbol named {name!r}" + hint(name, self._by_name))
@@ -92,6 +99,7 @@ class SymbolTable:
     __getitem__ = lookup
 
     def address(self, name: str) -> int:
+        """The address of `name` (SymbolNotFound when unknown)."""
         return self.lookup(name).address
 
     def duplicates(self, name: str) -> list[Symbol]:
@@ -99,6 +107,7 @@ class SymbolTable:
         return list(self._dups.get(name, [self.lookup(name)]))
 
     def is_percpu(self, name: str) -> bool:
+        """True when `name` lives in the per-CPU section."""
         return self.lookup(name).percpu
 
     @property
@@ -124,5 +133,7 @@ class SymbolTable:
         return best.name, addr - best.address
 
     def format_address(self, addr: int) -> str:
+        """`name+0xoff` of the symbol at or below addr (`name` alone at its start);
+        SymbolNotFound below the first symbol."""
         name, off = self.nearest(addr)
         return f"{name}+{off:#x}" if off else name

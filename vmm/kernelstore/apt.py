@@ -112,6 +112,7 @@ class PrivateApt:
         self._updated = True
 
     def package_names(self) -> list[str]:
+        """Every package name the private apt lists know (after an update)."""
         self.update()
         return self._run("apt-cache", ["pkgnames"]).split()
 

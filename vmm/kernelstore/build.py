@@ -52,6 +52,7 @@ def config_mismatches(fragment: dict[str, str], config: dict[str, str]) -> list[
 
 
 def fragment_hash(fragment: Path) -> str:
+    """The first 12 hex digits of the config fragment's sha256 (part of the cache key)."""
     try:
         return hashlib.sha256(fragment.read_bytes()).hexdigest()[:12]
     except OSError as e:

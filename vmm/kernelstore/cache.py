@@ -62,6 +62,7 @@ class KernelArtifacts:
         return image
 
     def to_json(self) -> dict:
+        """The artifacts as plain data (paths as strings) for manifest.json."""
         return {
             "name": self.name,
             "version": self.version,
@@ -73,6 +74,7 @@ class KernelArtifacts:
 
     @classmethod
     def from_json(cls, data: dict) -> "KernelArtifacts":
+        """Artifacts from to_json()'s data."""
         def path(k):
             v = data.get(k)
             return Path(v) if v else None
@@ -91,6 +93,7 @@ class KernelArtifacts:
         )
 
     def describe(self) -> str:
+        """Name, version and the files there are, in words."""
         parts = [f"{self.name} ({self.version})"]
         for k in ("bzimage", "vmlinux", "system_map", "config"):
             p = getattr(self, k)

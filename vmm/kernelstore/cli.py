@@ -12,6 +12,7 @@ from typing import Iterable
 
 
 def main(argv: Iterable[str] | None = None) -> int:
+    """`python -m vmm.kernelstore`: the old command names, passed on to `vmm kernel`."""
     from vmm.cli import main as vmm_main
 
     args = list(sys.argv[1:] if argv is None else argv)

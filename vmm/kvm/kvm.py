@@ -18,10 +18,6 @@ KVM_API_VERSION = 12
 DEFAULT_KVM_PATH = "/dev/kvm"
 MAX_CPUID_ENTRIES = 256
 
-MSR_LSTAR = 0xC0000082
-MSR_GS_BASE = 0xC0000101
-MSR_KERNEL_GS_BASE = 0xC0000102
-
 # Not in the C core's cdef (ffi/build_native.py): called through its generic
 # vmm_ioctl_int with the number from <linux/kvm.h>.
 KVM_GET_TSC_KHZ = 0xAEA3  # _IO(KVMIO, 0xa3)
@@ -107,6 +103,7 @@ class Kvm:
             raise
 
     def close(self) -> None:
+        """Close /dev/kvm (VMs made from it keep their own fds)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -160,6 +157,7 @@ class Kvm:
                 n *= 2
 
     def create_vm(self) -> "Vm":
+        """A new VM (KVM_CREATE_VM) with its C control block."""
         return Vm(self, ioctl_int(self.fd, "KVM_CREATE_VM", 0))
 
 
@@ -186,23 +184,29 @@ class Vm:
 
     @property
     def closed(self) -> bool:
+        """True once close() freed the VM's fds."""
         return self.fd < 0
 
     def require_open(self, what: str) -> None:
+        """Raise VmClosed naming `what` when the VM was already stopped and freed."""
         if self.fd < 0:
             raise VmClosed(f"{what}: the VM was stopped and its resources freed")
 
     def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages KVM may use (VMX real-mode emulation)."""
         ioctl_int(self.fd, "KVM_SET_TSS_ADDR", addr)
 
     def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page KVM may use for its identity map."""
         ffi, _ = native()
         ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", addr))
 
     def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: the in-kernel PIC, IOAPIC and local APICs."""
         ioctl_int(self.fd, "KVM_CREATE_IRQCHIP", 0)
 
     def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2: the in-kernel i8254 timer."""
         ffi, _ = native()
         cfg = ffi.new("struct kvm_pit_config *")
         cfg.flags = flags
@@ -210,6 +214,7 @@ class Vm:
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
                                flags: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION: map host_addr's `size` bytes at guest-physical gpa."""
         ffi, _ = native()
         r = ffi.new("struct kvm_userspace_memory_region *")
         r.slot, r.flags = slot, flags
@@ -218,24 +223,28 @@ class Vm:
               f"slot {slot} gpa {gpa:#x} size {size:#x}")
 
     def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: raise (level 1) or lower (0) interrupt line `irq`."""
         ffi, _ = native()
         lv = ffi.new("struct kvm_irq_level *")
         lv.irq, lv.level = irq, int(bool(level))
         ioctl(self.fd, "KVM_IRQ_LINE", lv, f"irq {irq}")
 
     def get_clock(self) -> tuple[int, int]:
+        """KVM_GET_CLOCK: (kvmclock nanoseconds, flags)."""
         ffi, _ = native()
         c = ffi.new("struct kvm_clock_data *")
         ioctl(self.fd, "KVM_GET_CLOCK", c)
         return c.clock, c.flags
 
     def set_clock(self, clock: int) -> None:
+        """KVM_SET_CLOCK: set the guest's kvmclock to `clock` nanoseconds."""
         ffi, _ = native()
         c = ffi.new("struct kvm_clock_data *")
         c.clock = clock
         ioctl(self.fd, "KVM_SET_CLOCK", c)
 
     def create_vcpu(self, index: int) -> "Vcpu":
+        """vCPU `index` (KVM_CREATE_VCPU, its kvm_run page mapped and its C block made)."""
         ffi, lib = native()
         fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", index, f"vCPU {index}")
         err = ffi.new("int *")
@@ -249,14 +258,18 @@ class Vm:
 
     # COM1 fast path (the 16550 device flips it; see vmm/machine/devices/serial.py).
     def set_serial_fast(self, enabled: bool) -> None:
+        """Let the C run loop complete COM1 transmits itself (True) or hand them to Python."""
         native()[1].vmm_serial_set_fast(self.native, 1 if enabled else 0)
 
     # Unclaimed ports (see struct vmm_vm.port_filter): the machine claims its devices'
     # ranges, then lets C complete accesses to every other port like an empty ISA bus.
     def claim_ports(self, start: int, count: int) -> None:
+        """Claim [start, start+count) for Python's devices: the C loop hands those exits up."""
         native()[1].vmm_claim_ports(self.native, start, count)
 
     def set_port_filter(self, enabled: bool) -> None:
+        """On: C completes accesses to unclaimed ports itself (reads all ones, writes dropped,
+        counted)."""
         native()[1].vmm_set_port_filter(self.native, 1 if enabled else 0)
 
     def port_misses(self) -> dict[int, int]:
@@ -311,21 +324,27 @@ class Vcpu:
         ioctl(self.fd, name, value, f"vCPU {self.index}")
 
     def get_regs(self):
+        """KVM_GET_REGS: the general registers (cffi struct kvm_regs *)."""
         return self._get("struct kvm_regs *", "KVM_GET_REGS")
 
     def set_regs(self, regs) -> None:
+        """KVM_SET_REGS."""
         self._set("KVM_SET_REGS", regs)
 
     def get_sregs(self):
+        """KVM_GET_SREGS: segment, control and descriptor-table registers (struct kvm_sregs *)."""
         return self._get("struct kvm_sregs *", "KVM_GET_SREGS")
 
     def set_sregs(self, sregs) -> None:
+        """KVM_SET_SREGS."""
         self._set("KVM_SET_SREGS", sregs)
 
     def get_fpu(self):
+        """KVM_GET_FPU: x87/SSE registers (struct kvm_fpu *; MXCSR is in get_xsave())."""
         return self._get("struct kvm_fpu *", "KVM_GET_FPU")
 
     def set_fpu(self, fpu) -> None:
+        """KVM_SET_FPU."""
         self._set("KVM_SET_FPU", fpu)
 
     def get_xsave(self) -> bytearray:
@@ -336,6 +355,7 @@ class Vcpu:
         return bytearray(ffi.buffer(xsave.region))  # while .region (a view into it) is copied
 
     def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE from a whole XSAVE area (InvalidValue when the size differs)."""
         ffi, _ = native()
         xsave = ffi.new("struct kvm_xsave *")
         if len(data) != ffi.sizeof(xsave.region):
@@ -345,21 +365,26 @@ class Vcpu:
         self._set("KVM_SET_XSAVE", xsave)
 
     def get_vcpu_events(self):
+        """KVM_GET_VCPU_EVENTS: pending exception, interrupt and NMI state."""
         return self._get("struct kvm_vcpu_events *", "KVM_GET_VCPU_EVENTS")
 
     def set_vcpu_events(self, events) -> None:
+        """KVM_SET_VCPU_EVENTS."""
         self._set("KVM_SET_VCPU_EVENTS", events)
 
     def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: the vCPU's run state (KVM_MP_STATE_*)."""
         return self._get("struct kvm_mp_state *", "KVM_GET_MP_STATE").mp_state
 
     def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE."""
         ffi, _ = native()
         s = ffi.new("struct kvm_mp_state *")
         s.mp_state = state
         self._set("KVM_SET_MP_STATE", s)
 
     def set_cpuid2(self, cpuid) -> None:
+        """KVM_SET_CPUID2: the CPUID leaves this vCPU reports."""
         self._set("KVM_SET_CPUID2", cpuid)
 
     def get_msrs(self, indices) -> dict[int, int]:
@@ -376,6 +401,7 @@ class Vcpu:
         return {m.entries[i].index: m.entries[i].data for i in range(len(indices))}
 
     def set_msrs(self, values: dict[int, int]) -> None:
+        """KVM_SET_MSRS from {index: value}; KvmIoctlError naming the first MSR KVM refused."""
         ffi, _ = native()
         items = list(values.items())
         m = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})

@@ -15,10 +15,10 @@ fault, at no cost per access.
 from __future__ import annotations
 
 from vmm.arch.x86.layout import MMIO_GAP_END, MMIO_GAP_START  # RAM moves above this gap
+from vmm.arch.x86.paging import PAGE_SIZE
 from vmm.errors import GuestMemoryClosed, GuestMemoryError, GuestOutOfMemory
 from vmm.kvm.native import native
 
-PAGE_SIZE = 0x1000
 
 _WIDTH_MAX = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 
@@ -75,6 +75,7 @@ class GuestMemory:
 
     @property
     def closed(self) -> bool:
+        """True once close() released the RAM."""
         return not self._base
 
     def __enter__(self):
@@ -88,6 +89,7 @@ class GuestMemory:
         return ", ".join(f"[{g:#x}, {g + s:#x})" for g, s, _ in self.regions) or "none (closed)"
 
     def contains(self, gpa: int, length: int = 1) -> bool:
+        """True when [gpa, gpa+length) lies inside one RAM region."""
         if not isinstance(gpa, int) or not isinstance(length, int) or gpa < 0 or length < 0:
             return False
         for g, s, _ in self.regions:
@@ -114,6 +116,7 @@ class GuestMemory:
 
     # -- bytes ------------------------------------------------------------------
     def read(self, gpa: int, n: int) -> bytes:
+        """n bytes at gpa (GuestMemoryError when any is outside RAM)."""
         ffi, lib = native()
         addr = self.host_address(gpa, n)
         if n == 0:
@@ -123,6 +126,7 @@ class GuestMemory:
         return bytes(ffi.buffer(buf, n))
 
     def write(self, gpa: int, data) -> None:
+        """Copy data to gpa (GuestMemoryError when any byte is outside RAM)."""
         ffi, lib = native()
         data = bytes(data)
         addr = self.host_address(gpa, len(data))
@@ -135,30 +139,38 @@ class GuestMemory:
             raise GuestMemoryError(f"value {value!r} does not fit in u{8 * width}")
 
     def read_u8(self, gpa: int) -> int:
+        """The byte at gpa (one load)."""
         return native()[1].vmm_load_u8(self.host_address(gpa, 1))
 
     def read_u16(self, gpa: int) -> int:
+        """The little-endian u16 at gpa (one load when aligned)."""
         return native()[1].vmm_load_u16(self.host_address(gpa, 2))
 
     def read_u32(self, gpa: int) -> int:
+        """The little-endian u32 at gpa (one load when aligned)."""
         return native()[1].vmm_load_u32(self.host_address(gpa, 4))
 
     def read_u64(self, gpa: int) -> int:
+        """The little-endian u64 at gpa (one load when aligned)."""
         return native()[1].vmm_load_u64(self.host_address(gpa, 8))
 
     def write_u8(self, gpa: int, value: int) -> None:
+        """Store one byte at gpa."""
         self._check_value(value, 1)
         native()[1].vmm_store_u8(self.host_address(gpa, 1), value)
 
     def write_u16(self, gpa: int, value: int) -> None:
+        """Store a u16 at gpa (one store when aligned)."""
         self._check_value(value, 2)
         native()[1].vmm_store_u16(self.host_address(gpa, 2), value)
 
     def write_u32(self, gpa: int, value: int) -> None:
+        """Store a u32 at gpa (one store when aligned)."""
         self._check_value(value, 4)
         native()[1].vmm_store_u32(self.host_address(gpa, 4), value)
 
     def write_u64(self, gpa: int, value: int) -> None:
+        """Store a u64 at gpa (one store when aligned)."""
         self._check_value(value, 8)
         native()[1].vmm_store_u64(self.host_address(gpa, 8), value)
 
@@ -172,6 +184,7 @@ class GuestMemory:
         return native()[1].vmm_fetch_or_u32(addr, mask)
 
     def release_fence(self) -> None:
+        """A release fence: earlier stores are visible before later ones."""
         native()[1].vmm_release_fence()
 
     # -- packed plans (ffi/plan.c; built by vmm/ops/plan.py) ------------------------

@@ -10,4 +10,5 @@ PVM_MODULE_PATH = "/sys/module/kvm_pvm"
 
 
 def is_pvm_host(module_path: str = PVM_MODULE_PATH) -> bool:
+    """True on a PVM host (the kvm_pvm module is loaded)."""
     return os.path.isdir(module_path)

@@ -2,4 +2,4 @@
 and the MachineBuilder (the assembly; vmm.runtime.Machine runs it)."""
 
 from vmm.machine.builder import DEFAULT_LINUX_CMDLINE, MachineBuilder, VmExit  # noqa: F401
-from vmm.machine.images import extract_vmlinux  # noqa: F401
+from vmm.image.formats import extract_vmlinux  # noqa: F401

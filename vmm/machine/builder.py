@@ -11,22 +11,20 @@ setup_memory, setup_irqchip, load_kernel, load_initrd, write_boot_params, write_
 create_vcpus, setup_devices, start. A failing step's error keeps its class and gets the
 step's name in front of its message (and in `error.build_step`).
 
-Why a VM ended is always known: `wait()` returns a VmExit whose reason is one of
-"exit-code", "reset", "shutdown", "timeout", "internal-error", "panic", "stopped".
-"stopped" (exit code 0) is the host's stop() or the guest's ACPI power-off (S5).
+Why a VM ended is always known: `wait()` returns a VmExit (vmm.machine.vmexit).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from vmm.errors import ConfigError, VmmError
-from vmm.machine import bootparams as bp
+from vmm.image import bootparams as bp
+from vmm.image import formats as images
 from vmm.machine import cpu as cpu_setup
-from vmm.machine import images, loader
+from vmm.machine import loader
 from vmm.machine import layout as L
 from vmm.machine import pvm, tables
 from vmm.machine.config import MachineConfig
@@ -35,6 +33,8 @@ from vmm.machine.devices import ExitPort, I8042, ReportPort, Serial16550
 from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
 from vmm.machine.diagnose import describe_vcpu
 from vmm.machine.exits import ExitDispatcher
+from vmm.machine.vmexit import (EXIT_CODE_CRASH, REASONS, ExitReason, StopReason,  # noqa: F401
+                               VmExit)  # REASONS re-exported
 
 # The default command line for real Linux kernels:
 #   console=ttyS0  the console on our COM1 16550
@@ -44,24 +44,11 @@ from vmm.machine.exits import ExitDispatcher
 # bases (vmm.kernel.live). PVM hosts add nokaslr (vmm.machine.pvm.pvm_cmdline).
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 CONSOLE_TAIL_BYTES = 4096
-EXIT_CODE_CRASH = 255  # panic, shutdown, internal error, timeout (as the CLI reports them)
-REASONS = ("exit-code", "reset", "shutdown", "timeout", "internal-error", "panic", "stopped")
 PIT_SPEAKER_DUMMY = 1  # KVM_PIT_SPEAKER_DUMMY: port 0x61 handled in the kernel
 KVM_MP_STATE_UNINITIALIZED = 1
 
 BUILD_STEPS = ("create_vm", "setup_memory", "setup_irqchip", "load_kernel", "load_initrd",
                "write_boot_params", "write_tables", "create_vcpus", "setup_devices", "start")
-
-
-@dataclass(frozen=True)
-class VmExit:
-    reason: str
-    exit_code: int
-    detail: str
-    console_tail: str
-
-    def __str__(self) -> str:
-        return f"VM ended: {self.reason} (exit code {self.exit_code}): {self.detail}"
 
 
 class MachineBuilder:
@@ -153,6 +140,7 @@ class MachineBuilder:
 
     @property
     def unhandled_mmio(self) -> dict[int, int]:
+        """{address: count} of MMIO accesses no device claimed."""
         return dict(self.mmio_bus.unhandled)
 
     @property
@@ -179,19 +167,22 @@ class MachineBuilder:
     def stop(self) -> VmExit | None:
         """Stops the VM (reason "stopped" unless it had already ended) and frees it."""
         if self.started_at is not None:
-            self._finish("stopped", 0, "stopped by the host")
+            self._finish(ExitReason.STOPPED, 0, "stopped by the host")
         self._teardown()
         return self._exit
 
     close = stop
 
     def console_text(self) -> str:
+        """Everything the guest printed so far, decoded (invalid UTF-8 replaced)."""
         return self.console_log.text()
 
     def console_bytes(self) -> bytes:
+        """Everything the guest printed so far, as bytes."""
         return self.console_log.as_bytes()
 
     def console_tail(self, lines: int = 50) -> str:
+        """The console's last `lines` lines."""
         text = self.console_text()
         return "\n".join(text.splitlines()[-lines:])
 
@@ -217,6 +208,7 @@ class MachineBuilder:
             raise error from e
 
     def create_vm(self) -> None:
+        """Build step: open /dev/kvm and create the VM."""
         from vmm.kvm import Kvm
 
         self.kvm = Kvm()
@@ -228,17 +220,20 @@ class MachineBuilder:
         self.vm.set_identity_map_addr(L.KVM_IDENTITY_MAP_ADDR)
 
     def setup_memory(self) -> None:
+        """Build step: allocate guest RAM and register it with the VM."""
         from vmm.kvm import GuestMemory
 
         self.memory = GuestMemory(self.memory_size)
         self.memory.register(self.vm)
 
     def setup_irqchip(self) -> None:
+        """Build step: the in-kernel interrupt controllers and PIT."""
         # In-kernel LAPICs, IOAPIC and 8259s: interrupts and INIT/SIPI never reach Python.
         self.vm.create_irqchip()
         self.vm.create_pit2(PIT_SPEAKER_DUMMY)
 
     def load_kernel(self) -> None:
+        """Build step: write the kernel image into guest memory (vmm.machine.loader)."""
         self.loaded = loaded = loader.load_kernel(self.memory, self.memory_size, self.kernel,
                                                   self.decompress_in_guest)
         self._kernel_bytes, self._elf, self._bzimage = loaded.image, loaded.elf, loaded.bzimage
@@ -255,6 +250,7 @@ class MachineBuilder:
         return not _is_pvm_host()
 
     def load_initrd(self) -> None:
+        """Build step: place the initrd (or the default one a Linux kernel gets) high in RAM."""
         if self.initrd is None and self.is_linux and self._default_initrd is not None:
             self.initrd = self._default_initrd()
         if self.initrd is None:
@@ -263,6 +259,8 @@ class MachineBuilder:
                                                self.kernel_end, self._bzimage)
 
     def compose_cmdline(self) -> str:
+        """The command line the guest gets: the one given, or the default for the kernel; PVM
+        hosts add what Linux needs there."""
         if self.requested_cmdline is not None:
             cmdline = self.requested_cmdline
         else:
@@ -272,6 +270,7 @@ class MachineBuilder:
         return cmdline
 
     def write_boot_params(self) -> None:
+        """Build step: the zero page (boot_params), e820 map and command line."""
         zp = bp.BootParams()
         if self._bzimage is not None and self.decompress_in_guest:
             zp.copy_setup_header(self._bzimage.data)
@@ -323,6 +322,8 @@ class MachineBuilder:
             self.memory.write(L.ACPI_START, blob)
 
     def create_vcpus(self) -> None:
+        """Build step: the vCPUs with CPUID, boot MSRs and FPU set; the boot vCPU's registers
+        at the entry (the others wait for INIT/SIPI)."""
         from vmm.machine.cpu import cpuid_to_list
 
         supported = cpuid_to_list(self.kvm.supported_cpuid())
@@ -348,6 +349,7 @@ class MachineBuilder:
             # that is INIT-wait (MP_STATE_UNINITIALIZED) until the guest sends INIT/SIPI.
 
     def setup_devices(self) -> None:
+        """Build step: COM1, the i8042, the exit and report ports and ACPI PM on the port bus."""
         vm = self.vm
         self.serial = Serial16550(
             L.COM1_PORT,
@@ -357,11 +359,11 @@ class MachineBuilder:
         )
         vm.set_serial_fast(self.serial.fast_path)
         self.port_bus.register(L.COM1_PORT, L.COM1_PORT_COUNT, self.serial)
-        i8042 = I8042(reset=lambda: self._finish("reset", 0, "the guest asked for a reset (i8042 0xFE)"))
+        i8042 = I8042(reset=lambda: self._finish(ExitReason.RESET, 0, "the guest asked for a reset (i8042 0xFE)"))
         self.port_bus.register(L.I8042_DATA_PORT, 1, i8042)
         self.port_bus.register(L.I8042_COMMAND_PORT, 1, i8042)
         self.port_bus.register(L.EXIT_PORT, 1, ExitPort(
-            on_exit=lambda code: self._finish("exit-code", code, f"the guest wrote {code} to the exit port")))
+            on_exit=lambda code: self._finish(ExitReason.EXIT_CODE, code, f"the guest wrote {code} to the exit port")))
         self.port_bus.register(L.REPORT_PORT, 4, self.report_port)
         if self.acpi:
             pm = AcpiPm(L.ACPI_PM1_EVT_PORT, L.ACPI_PM1_CNT_PORT, sleep=self._acpi_sleep)
@@ -375,7 +377,7 @@ class MachineBuilder:
 
     def _acpi_sleep(self, sleep_type: int) -> None:
         if sleep_type == SLP_TYP_S5:
-            self._finish("stopped", 0, "the guest powered off (ACPI S5)")
+            self._finish(ExitReason.STOPPED, 0, "the guest powered off (ACPI S5)")
         else:
             self.notes.append(f"the guest asked for ACPI sleep type {sleep_type}; ignored")
 
@@ -383,18 +385,24 @@ class MachineBuilder:
     # The vCPU threads call the machine; port and MMIO exits go on to self.exits (which owns
     # the buses). They stay methods of the machine so that a caller can wrap one (tests do).
     def io_in(self, vcpu_index: int, port: int, size: int) -> int:
+        """A vCPU's port read, forwarded to the port bus."""
         return self.exits.io_in(vcpu_index, port, size)
 
     def io_out(self, vcpu_index: int, port: int, size: int, value: int) -> None:
+        """A vCPU's port write, forwarded to the port bus."""
         self.exits.io_out(vcpu_index, port, size, value)
 
     def mmio_read(self, vcpu_index: int, addr: int, size: int) -> int:
+        """A vCPU's MMIO read, forwarded to the MMIO bus."""
         return self.exits.mmio_read(vcpu_index, addr, size)
 
     def mmio_write(self, vcpu_index: int, addr: int, size: int, value: int) -> None:
+        """A vCPU's MMIO write, forwarded to the MMIO bus."""
         self.exits.mmio_write(vcpu_index, addr, size, value)
 
     def on_internal_error(self, vcpu) -> bool:
+        """A KVM internal error: True when a PVM assist handled it (re-enter); else its
+        description is kept for the VM's exit."""
         on_pvm = _is_pvm_host()
         if on_pvm and self.pvm_assists and pvm.assist_internal_error(vcpu, self.memory):
             return True
@@ -407,18 +415,20 @@ class MachineBuilder:
         self._internal_error_detail[vcpu.index] = detail
         return False
 
-    def on_stop(self, vcpu_index: int, reason: str, detail: str) -> None:
-        if reason == "stopped":
+    def on_stop(self, vcpu_index: int, reason: StopReason, detail: str) -> None:
+        """A vCPU thread stopped: ends the VM with the matching ExitReason (a host stop is
+        already recorded)."""
+        if reason == StopReason.STOPPED:
             return  # we asked for it: _finish has recorded why
-        if reason == "shutdown":
-            self._finish("shutdown", EXIT_CODE_CRASH, f"{detail} (the guest triple-faulted or shut down)")
-        elif reason == "system-event" and "reset" in detail:
-            self._finish("reset", 0, detail)
-        elif reason == "system-event" and "shutdown" in detail:
-            self._finish("shutdown", EXIT_CODE_CRASH, detail)
+        if reason == StopReason.SHUTDOWN:
+            self._finish(ExitReason.SHUTDOWN, EXIT_CODE_CRASH, f"{detail} (the guest triple-faulted or shut down)")
+        elif reason == StopReason.SYSTEM_EVENT and "reset" in detail:
+            self._finish(ExitReason.RESET, 0, detail)
+        elif reason == StopReason.SYSTEM_EVENT and "shutdown" in detail:
+            self._finish(ExitReason.SHUTDOWN, EXIT_CODE_CRASH, detail)
         else:  # internal-error, fail-entry, error, a crash event
             extra = self._internal_error_detail.get(vcpu_index)
-            self._finish("internal-error", EXIT_CODE_CRASH, detail + (f"; {extra}" if extra else ""))
+            self._finish(ExitReason.INTERNAL_ERROR, EXIT_CODE_CRASH, detail + (f"; {extra}" if extra else ""))
 
     # === internals =======================================================================================
     def _serial_out(self, data: bytes) -> None:
@@ -427,9 +437,9 @@ class MachineBuilder:
 
     def _console_sink(self, data: bytes) -> None:
         if self.console_log.append(data):
-            self._finish("panic", EXIT_CODE_CRASH, self.console_log.panic_line())
+            self._finish(ExitReason.PANIC, EXIT_CODE_CRASH, self.console_log.panic_line())
 
-    def _finish(self, reason: str, exit_code: int, detail: str) -> None:
+    def _finish(self, reason: ExitReason, exit_code: int, detail: str) -> None:
         """Records why the VM ended (the first reason wins) and stops every vCPU."""
         with self._exit_lock:
             if self._exit is None:
@@ -444,6 +454,7 @@ class MachineBuilder:
         (vmm.runtime.Machine); an assembly alone has no vCPU threads."""
 
     def start(self) -> "MachineBuilder":
+        """Refused: an assembly does not run (use vmm.runtime.Machine or vmm.Machine)."""
         raise VmmError("a MachineBuilder only assembles a VM; run it as vmm.runtime.Machine "
                        "(or vmm.Machine)")
 

@@ -16,6 +16,8 @@ from vmm.machine import tables
 
 @dataclass(frozen=True)
 class MachineConfig:
+    """A machine's options, checked once (ConfigError) and frozen."""
+
     kernel: Any  # a path or the image's bytes (vmlinux ELF or bzImage)
     cpus: int
     memory_size: int  # bytes
@@ -32,6 +34,7 @@ class MachineConfig:
                initrd: Any = None, timeout: float | None = None,
                boot_via_decompressor: bool | None = None, topology: Any = None,
                pvm_assists: bool = True, acpi: bool = True) -> "MachineConfig":
+        """Check every option once and return the frozen config; ConfigError names a bad one."""
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= L.MAX_CPUS:
             raise ConfigError(f"cpus must be an integer from 1 to {L.MAX_CPUS}, not {cpus!r}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):

@@ -16,6 +16,8 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 
 
 class ConsoleLog:
+    """The guest's console output: kept, forwarded, scanned for a panic, waited on."""
+
     def __init__(self, out: Callable[[bytes], None] | None = None):
         self.out = out
         self._data = bytearray()
@@ -37,10 +39,12 @@ class ConsoleLog:
         return panicked
 
     def notify(self) -> None:
+        """Wake every waiter on `changed`."""
         with self.changed:
             self.changed.notify_all()
 
     def text(self) -> str:
+        """The whole console so far, decoded."""
         with self._lock:
             return self.text_locked()
 
@@ -49,14 +53,17 @@ class ConsoleLog:
         return self._data.decode("utf-8", "replace")
 
     def as_bytes(self) -> bytes:
+        """The whole console so far, as bytes."""
         with self._lock:
             return bytes(self._data)
 
     def tail(self, nbytes: int) -> str:
+        """The last `nbytes` bytes, decoded."""
         with self._lock:
             return bytes(self._data[-nbytes:]).decode("utf-8", "replace")
 
     def panic_line(self) -> str:
+        """The console's last kernel-panic line (the VM's exit detail)."""
         text = self.text()
         i = text.rfind(PANIC_MARKER.decode())
         return text[i:].splitlines()[0] if i >= 0 else "kernel panic"

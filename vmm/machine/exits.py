@@ -11,6 +11,8 @@ from vmm.machine.devices import MmioBus, PortBus
 
 
 class ExitDispatcher:
+    """Owns the port and MMIO buses and forwards a vCPU thread's exits to them."""
+
     def __init__(self, on_internal_error: Callable[[object], bool],
                  on_stop: Callable[[int, str, str], None]):
         self.port_bus = PortBus()
@@ -35,4 +37,5 @@ class ExitDispatcher:
         return self._on_internal_error(vcpu)
 
     def on_stop(self, vcpu_index: int, reason: str, detail: str) -> None:
+        """A vCPU thread stopped: passed on to the machine."""
         self._on_stop(vcpu_index, reason, detail)

@@ -68,18 +68,22 @@ class Entry:
 
 
 def directory(path: str, mode: int = 0o755) -> Entry:
+    """A directory entry for create_initramfs."""
     return Entry(path, b"", stat.S_IFDIR | (mode & 0o7777))
 
 
 def file(path: str, data: bytes, mode: int = 0o644) -> Entry:
+    """A regular-file entry for create_initramfs."""
     return Entry(path, data, stat.S_IFREG | (mode & 0o7777))
 
 
 def symlink(path: str, target: str) -> Entry:
+    """A symbolic-link entry for create_initramfs."""
     return Entry(path, target.encode(), stat.S_IFLNK | 0o777)
 
 
 def char_device(path: str, major: int, minor: int, mode: int = 0o600) -> Entry:
+    """A character-device entry (major, minor) for create_initramfs."""
     return Entry(path, b"", stat.S_IFCHR | (mode & 0o7777), (major, minor))
 
 

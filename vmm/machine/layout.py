@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 
 from vmm.arch.x86.layout import MMIO_GAP_END, MMIO_GAP_START  # noqa: F401 (part of the map)
+from vmm.arch.x86.paging import PAGE_SIZE  # noqa: F401 (part of the map)
 from vmm.errors import ConfigError
 
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-PAGE_SIZE = 0x1000
 
 # --- low memory: boot structures -----------------------------------------------
 GDT_START = 0x500
@@ -57,7 +57,7 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 KVM_TSS_ADDR = 0xFFFBD000
 
 # --- I/O ports ----------------------------------------------------------------------
-COM1_PORT = 0x3F8
+COM1_PORT = 0x3F8  # the C core's console fast path (ffi/vcpu.c COM1_THR) names it too
 COM1_PORT_COUNT = 8
 COM1_IRQ = 4
 I8042_DATA_PORT = 0x60
@@ -76,8 +76,22 @@ E820_RAM = 1
 E820_RESERVED = 2
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a string like "512M", "2G", "1GiB", "1.5G" or "65536" (binary units);
+    the one size parser (the CLI's --memory too). ConfigError when not understood."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"size {text!r} is not understood; use e.g. '512M' or '2G'")
+    number, unit = match.group(1), _UNITS[match.group(2).upper()]
+    if "." in number:
+        if not unit > 1:
+            raise ConfigError(f"size {text!r} is not a whole number of bytes; use e.g. '512M' or '2G'")
+        return int(float(number) * unit)
+    return int(number) * unit
 
 
 def parse_memory_size(size: int | str) -> int:
@@ -87,10 +101,10 @@ def parse_memory_size(size: int | str) -> int:
     if isinstance(size, int):
         value = size
     elif isinstance(size, str):
-        match = _SIZE_RE.match(size)
-        if not match:
-            raise ConfigError(f"memory size {size!r} is not understood; use e.g. '512M' or '2G'")
-        value = int(match.group(1)) * _UNITS[match.group(2).upper()]
+        try:
+            value = parse_size(size)
+        except ConfigError:
+            raise ConfigError(f"memory size {size!r} is not understood; use e.g. '512M' or '2G'") from None
     else:
         raise ConfigError(f"memory size must be an int or a string like '512M', not {type(size).__name__}")
     if value < MIN_MEMORY:

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from vmm.errors import ImageError
-from vmm.machine import bootparams as bp
-from vmm.machine import images
+from vmm.image import bootparams as bp
+from vmm.image import formats as images
 from vmm.machine import layout as L
 
 
 @dataclass(frozen=True)
 class LoadedKernel:
+    """What load_kernel wrote into guest memory: entry point, end, whether it is Linux, and the
+    parsed image."""
+
     entry: int  # where the boot vCPU starts
     kernel_end: int  # first byte past the kernel (the initrd goes above)
     is_linux: bool

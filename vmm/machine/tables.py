@@ -49,6 +49,7 @@ class Topology:
 
     @classmethod
     def flat(cls, cpus: int) -> "Topology":
+        """`cpus` cores in one socket, one thread each."""
         return cls(1, cpus, 1)
 
     @classmethod
@@ -80,23 +81,28 @@ class Topology:
 
     @property
     def cpus(self) -> int:
+        """sockets x cores x threads."""
         return self.sockets * self.cores * self.threads
 
     @property
     def thread_bits(self) -> int:
+        """Bits of the APIC id that number the threads of a core."""
         return (self.threads - 1).bit_length()
 
     @property
     def core_bits(self) -> int:
+        """Bits of the APIC id that number the cores of a socket."""
         return (self.cores - 1).bit_length()
 
     def apic_id(self, index: int) -> int:
+        """The APIC id of CPU `index` (socket, core and thread fields)."""
         thread = index % self.threads
         core = (index // self.threads) % self.cores
         socket = index // (self.threads * self.cores)
         return (socket << (self.core_bits + self.thread_bits)) | (core << self.thread_bits) | thread
 
     def apic_ids(self) -> list[int]:
+        """The APIC ids of every CPU, in CPU order."""
         return [self.apic_id(i) for i in range(self.cpus)]
 
 
@@ -113,6 +119,7 @@ MP_EXTINT = 3
 
 
 def mp_table_size(cpus: int) -> int:
+    """Bytes the MP floating pointer and configuration table take for `cpus` CPUs."""
     return (MP_FLOATING_SIZE + MP_CONFIG_HEADER_SIZE + cpus * MP_PROCESSOR_SIZE
             + MP_ENTRY_SIZE * (2 + ISA_IRQS + 2))
 
@@ -184,6 +191,7 @@ def rsdp(xsdt_addr: int) -> bytes:
 
 
 def madt(apic_ids: list[int]) -> bytes:
+    """The ACPI MADT: a local APIC per id, the IOAPIC, the SCI's interrupt override, LINT1 as NMI."""
     ioapic_id = max(apic_ids) + 1
     body = struct.pack("<II", L.LAPIC_START, MADT_PCAT_COMPAT)
     for uid, apic_id in enumerate(apic_ids):
@@ -227,6 +235,7 @@ def fadt(dsdt_addr: int, facs_addr: int, hw_reduced: bool = False) -> bytes:
 
 
 def facs() -> bytes:
+    """The ACPI FACS (version 2, no waking vector)."""
     # Signature, length, hardware signature, waking vectors, global lock, flags, version 2.
     return struct.pack("<4sIIIIIQB31x", b"FACS", FACS_SIZE, 0, 0, 0, 0, 0, 2)
 

@@ -23,7 +23,9 @@ Rules (the seed contract as docs/CONTRACTS.md and README.md state it, followed t
 
 from __future__ import annotations
 
+import enum
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
@@ -31,7 +33,15 @@ from ..errors import BatchError, GuestMemoryError, TargetError, VmmError
 from .targets import KernelTarget, Location, Resolver
 from .values import Bytes, KernelValue, OrU32, U32, U64, value_from_bytes
 
-COLD, HOT = "cold", "hot"
+class Mode(enum.StrEnum):
+    """How a batch meets the guest: COLD while every vCPU is parked, HOT while it runs.
+    Equal to the strings "cold" and "hot" it replaced."""
+
+    COLD = "cold"
+    HOT = "hot"
+
+
+COLD, HOT = Mode.COLD, Mode.HOT
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,18 @@ class Op:
     """A batch of kernel-memory operations; build with the four constructors."""
 
     action: str  # "write" or "read"
-    path: str  # COLD or HOT
+    mode: Mode  # COLD or HOT (was `path`, which read like a field path)
     entries: tuple
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
+
+    @property
+    def path(self) -> Mode:
+        """Deprecated name of `mode`."""
+        warnings.warn("Op.path is deprecated: use Op.mode (COLD or HOT)", DeprecationWarning,
+                      stacklevel=2)
+        return self.mode
 
     @staticmethod
     def WriteKernelCold(batch: Iterable[tuple[KernelTarget, KernelValue]]) -> "Op":
@@ -103,6 +123,8 @@ class EntryResult:
 
 @dataclass
 class OpResult:
+    """What a batch did: a result per entry and where the time went."""
+
     op: Op
     entries: list[EntryResult] = field(default_factory=list)
     apply_seconds: float = 0.0  # resolve+validate+apply time inside the rendezvous
@@ -134,14 +156,14 @@ def _check_value(value: KernelValue, loc: Location) -> None:
                               + (f" ({loc.type_name})" if loc.type_name else ""))
 
 
-def _check_host(value: KernelValue, loc: Location, memory: Any, path: str) -> int:
+def _check_host(value: KernelValue, loc: Location, memory: Any, mode: Mode) -> int:
     """The target's guest-physical range is RAM (and aligned where it must be); its host
     address."""
     try:
         host = memory.host_address(loc.gpa, value.width)
     except GuestMemoryError as exc:
         raise TargetError(f"{loc.description}: {exc}") from exc
-    if path == HOT and isinstance(value, OrU32) and host % 4:
+    if mode == HOT and isinstance(value, OrU32) and host % 4:
         raise TargetError(f"misaligned hot-path OrU32 target {loc.description} at host "
                           f"address {host:#x}: an atomic OR needs 4-byte alignment "
                           "(use WriteKernelCold, which is atomic by quiesce)")
@@ -149,10 +171,10 @@ def _check_host(value: KernelValue, loc: Location, memory: Any, path: str) -> in
 
 
 def _check_write(index: int, target: KernelTarget, value: KernelValue, loc: Location,
-                 memory: Any, path: str) -> int:
+                 memory: Any, mode: Mode) -> int:
     """Everything that must hold before a single byte of the batch is written."""
     _check_value(value, loc)
-    return _check_host(value, loc, memory, path)
+    return _check_host(value, loc, memory, mode)
 
 
 def _check_read(loc: Location, memory: Any) -> int:
@@ -162,7 +184,7 @@ def _check_read(loc: Location, memory: Any) -> int:
         raise TargetError(f"{loc.description}: {exc}") from exc
 
 
-def _store(memory: Any, loc: Location, value: KernelValue, path: str) -> tuple[KernelValue, KernelValue]:
+def _store(memory: Any, loc: Location, value: KernelValue, mode: Mode) -> tuple[KernelValue, KernelValue]:
     """Apply one validated write; return (before, after)."""
     gpa = loc.gpa
     if isinstance(value, U32):
@@ -174,7 +196,7 @@ def _store(memory: Any, loc: Location, value: KernelValue, path: str) -> tuple[K
         memory.write_u64(gpa, value.value)
         return before, value
     if isinstance(value, OrU32):
-        if path == HOT:
+        if mode == HOT:
             old = memory.fetch_or_u32(gpa, value.mask)
         else:
             # Atomic by quiesce: every vCPU is parked, we are the only writer.
@@ -220,7 +242,7 @@ def apply_op(op: Op, memory: Any, resolver_factory: Callable[[Any], Resolver],
     freeze snapshot; ``resolver_factory(snapshot_or_None)`` builds the resolver (a cold
     op resolves with the registers captured at the freeze, e.g. CR3 for page walks).
     """
-    if op.path == COLD:
+    if op.mode == COLD:
         return _apply_cold(op, memory, resolver_factory, freeze)
     result = OpResult(op)
     resolver = resolver_factory(None)
@@ -231,11 +253,11 @@ def apply_op(op: Op, memory: Any, resolver_factory: Callable[[Any], Resolver],
         return result
     for i, ((target, value), loc) in enumerate(zip(op.entries, locations)):
         try:
-            _check_write(i, target, value, loc, memory, op.path)
+            _check_write(i, target, value, loc, memory, op.mode)
         except VmmError as exc:
             raise BatchError(i, exc) from exc
     for (target, value), loc in zip(op.entries, locations):
-        before, after = _store(memory, loc, value, op.path)
+        before, after = _store(memory, loc, value, op.mode)
         result.entries.append(EntryResult(target, loc, value, before, after))
     memory.release_fence()
     return result

@@ -29,6 +29,7 @@ USE_NATIVE = True
 
 
 def native_available(memory: Any) -> bool:
+    """True when the memory can apply a packed plan in C (and it is not switched off)."""
     return USE_NATIVE and hasattr(memory, "apply_plan") and memory.plan_supported()
 
 
@@ -50,6 +51,7 @@ class Plan:
         return int(self.ffi.cast("uintptr_t", cdata))
 
     def set_write(self, i: int, host: int, value: KernelValue) -> None:
+        """Row i: the write of `value` at host address `host`."""
         if isinstance(value, U32):
             row = (host, value.value, 0, 4, STORE)
         elif isinstance(value, U64):
@@ -68,6 +70,7 @@ class Plan:
         ENTRY.pack_into(self.buf, ENTRY.size * i, *row)
 
     def set_read(self, i: int, host: int, size: int) -> None:
+        """Row i: a read of `size` bytes at host address `host`."""
         if size in (4, 8):
             row = (host, 0, 0, size, LOAD)
         else:
@@ -78,17 +81,21 @@ class Plan:
         ENTRY.pack_into(self.buf, ENTRY.size * i, *row)
 
     def run(self) -> None:
+        """Apply every row in one C call."""
         if self.n:
             self.memory.apply_plan(self.ffi.from_buffer("struct vmm_plan_entry[]", self.buf),
                                    self.n)
 
     def befores(self) -> list[int]:
+        """Each row's previous value (integer rows)."""
         return memoryview(self.buf).cast("Q")[2::4].tolist()
 
     def old_bytes(self, i: int, n: int) -> bytes:
+        """The n bytes row i read or found before its write."""
         return bytes(self.ffi.buffer(self.bufs[i], n))
 
     def write_result(self, i: int, value: KernelValue, old: int) -> tuple[KernelValue, KernelValue]:
+        """(before, after) values of write row i."""
         if isinstance(value, U32):
             return U32(old), value
         if isinstance(value, U64):
@@ -98,6 +105,7 @@ class Plan:
         return Bytes(self.old_bytes(i, value.width)), value
 
     def read_result(self, i: int, loc: Location, old: int) -> KernelValue:
+        """The value read by row i, typed by the location's size."""
         if loc.size == 4:
             return U32(old)
         if loc.size == 8:
@@ -106,4 +114,5 @@ class Plan:
 
 
 def host_for(memory: Any, loc: Location, width: Optional[int] = None) -> int:
+    """The host address of a location's bytes (checked against guest RAM by GuestMemory)."""
     return memory.host_address(loc.gpa, width if width is not None else loc.size)

@@ -26,10 +26,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
+from ..arch.x86.regs import MASK64
 from ..errors import TargetError, TranslationError, VmmError
 from .targets import Location
-
-MASK64 = (1 << 64) - 1
 
 
 class Deferred(Exception):
@@ -127,6 +126,7 @@ class RecordingReader:
         self.reads: dict[tuple[int, int], bytes] = {}
 
     def read(self, gpa: int, n: int) -> bytes:
+        """Guest bytes at gpa, read once per (gpa, n) and recorded for the freeze's check."""
         # Staging reads only boot-time constants, so a range read twice (nr_cpu_ids,
         # once per CPU) is read once; the freeze checks it again anyway.
         data = self.reads.get((gpa, n))
@@ -182,6 +182,8 @@ class StagedResolver(LiveResolver):
         self.guards = self.recorder.ranges()
 
     def translate(self, kva: int, size: Optional[int], what: str) -> Optional[int]:
+        """The gpa of [kva, kva+size) through the kernel's linear maps, or None to leave it to
+        the freeze's page walk."""
         gpa = self.live.linear_kva_to_gpa(kva)
         if gpa is None:
             return None

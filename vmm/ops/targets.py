@@ -52,17 +52,17 @@ class KernelTarget:
         raise NotImplementedError
 
     @staticmethod
-    def symbol(name: str, size: Optional[int] = None, type: Optional[str] = None) -> "Symbol":
+    def symbol(name: str, size: Optional[int] = None, type: Optional[str] = None) -> "SymbolTarget":
         """The whole object a symbol names (``jiffies``)."""
-        return Symbol(name, size, type)
+        return SymbolTarget(name, size, type)
 
     @staticmethod
-    def field(name: str, path: str, type: Optional[str] = None) -> "Field":
+    def field(name: str, path: str, type: Optional[str] = None) -> "FieldTarget":
         """A BTF field of a global: ``KernelTarget.field("init_uts_ns", "name.nodename")``.
 
         BTF describes the types of per-CPU variables only (pahole's default), so for
         other globals the type is looked up by name or given: ``type="struct foo"``."""
-        return Field(name, path, type)
+        return FieldTarget(name, path, type)
 
     @staticmethod
     def per_cpu(name: str, cpu: int, path: Optional[str] = None,
@@ -93,7 +93,9 @@ def _check_size(size: Optional[int]) -> None:
 
 
 @dataclass(frozen=True)
-class Symbol(KernelTarget):
+class SymbolTarget(KernelTarget):
+    """The whole object a symbol names; `size` overrides the symbol table's (KernelTarget.symbol)."""
+
     name: str
     size: Optional[int] = None
     type: Optional[str] = None
@@ -114,7 +116,9 @@ class Symbol(KernelTarget):
 
 
 @dataclass(frozen=True)
-class Field(KernelTarget):
+class FieldTarget(KernelTarget):
+    """A field of a global, by BTF field path (KernelTarget.field)."""
+
     name: str
     path: str
     type: Optional[str] = None
@@ -132,6 +136,8 @@ class Field(KernelTarget):
 
 @dataclass(frozen=True)
 class PerCpu(KernelTarget):
+    """CPU `cpu`'s copy of a per-CPU variable, or a field path in it (KernelTarget.per_cpu)."""
+
     name: str
     cpu: int
     path: Optional[str] = None
@@ -162,6 +168,8 @@ def _check_address(kind: str, address) -> None:
 
 @dataclass(frozen=True)
 class Kva(KernelTarget):
+    """A kernel virtual address, translated through the guest's page tables (KernelTarget.kva)."""
+
     address: int
     size: Optional[int] = None
 
@@ -178,6 +186,8 @@ class Kva(KernelTarget):
 
 @dataclass(frozen=True)
 class Gpa(KernelTarget):
+    """A guest-physical address (KernelTarget.gpa)."""
+
     address: int
     size: Optional[int] = None
 
@@ -208,6 +218,7 @@ class Typed(KernelTarget):
 
     @staticmethod
     def from_drgn(obj: Any) -> "Typed":
+        """The target of a drgn object: its address and type, checked against BTF when resolved."""
         # Duck-typed (drgn.Object: address_, type_, bit_field_size_): vmm.ops does not
         # import drgn.
         try:
@@ -256,8 +267,12 @@ class Typed(KernelTarget):
         return f"({self.type_name}) kva {self.address:#x}"
 
 
-KernelTarget.Symbol = Symbol  # type: ignore[attr-defined]
-KernelTarget.Field = Field  # type: ignore[attr-defined]
+# The target classes are named ...Target so that they do not read as vmm.kernel's Symbol
+# (a symbol table entry) and Field (a BTF member); the old names stay as aliases.
+Symbol = SymbolTarget
+Field = FieldTarget
+KernelTarget.Symbol = SymbolTarget  # type: ignore[attr-defined]
+KernelTarget.Field = FieldTarget  # type: ignore[attr-defined]
 KernelTarget.PerCpu = PerCpu  # type: ignore[attr-defined]
 KernelTarget.Kva = Kva  # type: ignore[attr-defined]
 KernelTarget.Gpa = Gpa  # type: ignore[attr-defined]

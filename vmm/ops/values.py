@@ -25,10 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vmm.arch.x86.regs import MASK32 as _U32_MAX, MASK64 as _U64_MAX
 from vmm.errors import InvalidValue, InvalidValueType
-
-_U32_MAX = (1 << 32) - 1
-_U64_MAX = (1 << 64) - 1
 
 
 class KernelValue:
@@ -54,10 +52,12 @@ class KernelValue:
     # Per-variant constructors, as the seed asks ("prefer them over variant literals").
     @staticmethod
     def u32(value: int) -> "U32":
+        """A U32 store of v."""
         return U32(value)
 
     @staticmethod
     def u64(value: int) -> "U64":
+        """A U64 store of v."""
         return U64(value)
 
     @staticmethod
@@ -67,6 +67,7 @@ class KernelValue:
 
     @staticmethod
     def bytes(data: "bytes | bytearray | memoryview") -> "Bytes":  # noqa: A003
+        """A Bytes copy of b."""
         return Bytes(data)
 
     @staticmethod
@@ -85,6 +86,8 @@ def _check_int(name: str, value: int, maximum: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class U32(KernelValue):
+    """A 32-bit store (one aligned store instruction)."""
+
     value: int
     kind: ClassVar[str] = "u32"
 
@@ -93,9 +96,11 @@ class U32(KernelValue):
 
     @property
     def width(self) -> int:
+        """4 bytes."""
         return 4
 
     def encode(self) -> bytes:
+        """The value as 4 little-endian bytes."""
         return self.value.to_bytes(4, "little")
 
     def __repr__(self) -> str:
@@ -104,6 +109,8 @@ class U32(KernelValue):
 
 @dataclass(frozen=True, slots=True)
 class U64(KernelValue):
+    """A 64-bit store (one aligned store instruction)."""
+
     value: int
     kind: ClassVar[str] = "u64"
 
@@ -112,9 +119,11 @@ class U64(KernelValue):
 
     @property
     def width(self) -> int:
+        """8 bytes."""
         return 8
 
     def encode(self) -> bytes:
+        """The value as 8 little-endian bytes."""
         return self.value.to_bytes(8, "little")
 
     def __repr__(self) -> str:
@@ -123,6 +132,8 @@ class U64(KernelValue):
 
 @dataclass(frozen=True, slots=True)
 class Bytes(KernelValue):
+    """A byte copy followed by a release fence."""
+
     data: bytes
     kind: ClassVar[str] = "bytes"
 
@@ -135,9 +146,11 @@ class Bytes(KernelValue):
 
     @property
     def width(self) -> int:
+        """The payload's length."""
         return len(self.data)
 
     def encode(self) -> bytes:
+        """The payload."""
         return self.data
 
     def __repr__(self) -> str:
@@ -148,6 +161,8 @@ class Bytes(KernelValue):
 
 @dataclass(frozen=True, slots=True)
 class OrU32(KernelValue):
+    """OR a 32-bit mask in: read-OR-write while frozen (cold), an atomic OR when hot."""
+
     mask: int
     kind: ClassVar[str] = "or_u32"
 
@@ -156,13 +171,16 @@ class OrU32(KernelValue):
 
     @property
     def width(self) -> int:
+        """4 bytes."""
         return 4
 
     @property
     def is_rmw(self) -> bool:
+        """True: a read-modify-write."""
         return True
 
     def encode(self) -> bytes:
+        """The mask as 4 little-endian bytes."""
         raise InvalidValueType("OrU32 is a read-modify-write: it has no fixed bytes to store")
 
     def __repr__(self) -> str:

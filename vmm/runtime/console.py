@@ -20,6 +20,8 @@ _BATCH_DELAY_S = 0.002
 
 
 class ConsolePump(threading.Thread):
+    """A thread that drains the C core's COM1 ring and hands the bytes to a sink."""
+
     def __init__(self, vm, sink):
         super().__init__(name="console-pump", daemon=True)
         self.vm_native = getattr(vm, "native", vm)
@@ -50,6 +52,7 @@ class ConsolePump(threading.Thread):
         return self.vm_native.serial_dropped
 
     def run(self) -> None:
+        """The thread: wait for COM1 bytes, drain them to the sink, until stop()."""
         _, lib = native()
         while not self._stopping:
             if lib.vmm_serial_wait(self.vm_native, _WAKE_INTERVAL_NS) and not self._stopping:

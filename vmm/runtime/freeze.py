@@ -43,10 +43,12 @@ class VcpuSnapshot:
 
     @property
     def rip(self) -> int:
+        """The vCPU's RIP when it parked."""
         return self.regs.rip
 
     @property
     def cr3(self) -> int:
+        """The vCPU's CR3 when it parked."""
         return self.sregs.cr3
 
 
@@ -62,6 +64,7 @@ class FreezeSnapshot:
 
     @property
     def frozen(self) -> bool:
+        """True while this freeze holds the vCPUs."""
         c = self._coordinator
         return c is not None and c.depth > 0 and c.generation == self.generation
 
@@ -99,6 +102,7 @@ def thread_syscall(tid: int) -> str:
 
 
 def thread_syscall_number(tid: int) -> int | None:
+    """The system call thread `tid` of this process is in (/proc), or None."""
     try:
         with open(f"/proc/self/task/{tid}/syscall") as f:
             return int(f.read().split()[0])
@@ -134,6 +138,8 @@ class FreezeCoordinator:
             raise VmClosed(f"{what}: the VM was stopped")
 
     def freeze(self, timeout: float = 30.0) -> FreezeSnapshot:
+        """Park every vCPU and return a FreezeSnapshot (a context manager that thaws);
+        FreezeTimeout names the vCPUs that did not park."""
         with self._lock, self._vm_lock():
             return self._freeze(timeout)
 
@@ -234,6 +240,7 @@ class FreezeCoordinator:
 
     @property
     def frozen(self) -> bool:
+        """True while any freeze holds the vCPUs."""
         return self.depth > 0
 
     def parked_tids(self) -> list[int]:

@@ -14,7 +14,8 @@ import threading
 import time
 
 from vmm.errors import GuestBootError, VmmError
-from vmm.machine.builder import EXIT_CODE_CRASH, MachineBuilder, VmExit
+from vmm.machine.builder import MachineBuilder
+from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop
@@ -32,6 +33,7 @@ class Machine(MachineBuilder):
 
     @property
     def running(self) -> bool:
+        """True between start() and the VM's end."""
         return self.started_at is not None and not self._done.is_set()
 
     def __enter__(self) -> "Machine":
@@ -62,11 +64,12 @@ class Machine(MachineBuilder):
         if self.started_at is None:
             raise VmmError("wait() before start()")
         if not self._done.wait(timeout):
-            self._finish("timeout", EXIT_CODE_CRASH, f"wait() timed out after {timeout:g} s")
+            self._finish(ExitReason.TIMEOUT, EXIT_CODE_CRASH, f"wait() timed out after {timeout:g} s")
         self._teardown()
         return self._exit
 
     def run(self, timeout: float | None = None) -> VmExit:
+        """start() then wait(): run the VM to its end and return why it ended."""
         self.start()
         return self.wait(timeout)
 
@@ -135,6 +138,8 @@ class Machine(MachineBuilder):
         return "\n".join(lines)
 
     def describe_state(self) -> str:
+        """Kernel, vCPUs, threads, unclaimed ports and notes in a few lines (for failure
+        reports)."""
         lines = [f"kernel {self.kernel}, {self.cpus} vCPU(s), {self.memory_size >> 20} MiB, "
                  f"cmdline {self.cmdline!r}"]
         lines.append(f"running: {self.running}; exit: {self._exit}")
@@ -155,6 +160,7 @@ class Machine(MachineBuilder):
         return self.coordinator.freeze(timeout)
 
     def thaw(self) -> None:
+        """Release the vCPUs a freeze() parked."""
         self.coordinator.thaw()
 
     def _start(self) -> None:
@@ -169,7 +175,7 @@ class Machine(MachineBuilder):
             t.wait_started(5.0)
         if self.timeout is not None:
             self._timer = threading.Timer(self.timeout, self._finish, args=(
-                "timeout", EXIT_CODE_CRASH, f"the VM ran longer than its timeout of {self.timeout:g} s"))
+                ExitReason.TIMEOUT, EXIT_CODE_CRASH, f"the VM ran longer than its timeout of {self.timeout:g} s"))
             self._timer.daemon = True
             self._timer.start()
 

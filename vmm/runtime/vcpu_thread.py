@@ -12,8 +12,9 @@ freeze parking, and returns only when Python must act. Exits go to a handler obj
     on_hlt(vcpu_index) -> bool          # optional; only without in-kernel irqchip.
                                         # True: re-enter; absent/False: stop ("hlt")
 
-Stop reasons: "shutdown", "internal-error", "fail-entry", "system-event", "stopped",
-"hlt", "error" (KVM_RUN failed, unexpected exit, or the handler raised).
+Stop reasons (vmm.machine.vmexit.StopReason, equal to these strings): "shutdown",
+"internal-error", "fail-entry", "system-event", "stopped", "hlt", "error" (KVM_RUN
+failed, unexpected exit, or the handler raised).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import threading
 
 from vmm.kvm.native import native
+from vmm.machine.vmexit import StopReason
 
 # Readable names for exit reasons in stop details.
 _EXIT_NAMES = {
@@ -33,6 +35,7 @@ _EXIT_NAMES = {
 
 
 def exit_reason_name(reason: int) -> str:
+    """KVM_EXIT_* name of an exit reason number."""
     _, lib = native()
     for name in _EXIT_NAMES:
         if getattr(lib, name) == reason:
@@ -51,7 +54,7 @@ class VcpuThread(threading.Thread):
         self.vm_native = getattr(vm, "native", vm)
         self.vcpu = vcpu
         self.handler = handler
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.stop_detail: str = ""
         self.python_exits = 0  # exits that reached Python (diagnostics, benchmarks)
         self._entered = threading.Event()
@@ -68,6 +71,7 @@ class VcpuThread(threading.Thread):
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
+        """The thread: run the vCPU in C, dispatch exits that need Python, until it stops."""
         ffi, lib = native()
         nat = self.vcpu.native
         lib.vmm_vcpu_thread_enter(nat)
@@ -81,8 +85,8 @@ class VcpuThread(threading.Thread):
 
     def _finish(self, reason: str, detail: str) -> None:
         if self.stop_reason is None:
-            self.stop_reason, self.stop_detail = reason, detail
-            self.handler.on_stop(self.vcpu.index, reason, detail)
+            self.stop_reason, self.stop_detail = StopReason(reason), detail
+            self.handler.on_stop(self.vcpu.index, self.stop_reason, detail)
 
     def _loop(self, ffi, lib, nat) -> None:
         run = self.vcpu.run

@@ -32,6 +32,7 @@ class MemOperand:
     addr32: bool = False  # 0x67 prefix: 32-bit address arithmetic
 
     def describe(self) -> str:
+        """The operand in assembler syntax, e.g. `[rip+0x10]` or `[rax+rbx*8-0x8]`."""
         if self.rip_relative:
             inner = f"rip{self.disp:+#x}"
         else:
@@ -48,6 +49,8 @@ class MemOperand:
 
 @dataclass(frozen=True)
 class MxcsrInstruction:
+    """A decoded ldmxcsr/stmxcsr (legacy or VEX): direction, length and memory operand."""
+
     store: bool  # True: stmxcsr m32 (MXCSR -> memory); False: ldmxcsr m32
     length: int  # bytes, prefixes included
     operand: MemOperand
@@ -55,6 +58,7 @@ class MxcsrInstruction:
 
     @property
     def mnemonic(self) -> str:
+        """'ldmxcsr', 'stmxcsr' or their VEX forms 'vldmxcsr', 'vstmxcsr'."""
         return ("v" if self.vex else "") + ("stmxcsr" if self.store else "ldmxcsr")
 
 

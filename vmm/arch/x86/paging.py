@@ -29,6 +29,7 @@ MAX_INSTRUCTION = 15  # the longest x86 instruction, in bytes
 
 
 def is_canonical(va: int, la57: bool = False) -> bool:
+    """True when va is canonical for 48-bit (or, with la57, 57-bit) virtual addresses."""
     bits = 57 if la57 else 48
     top = va >> (bits - 1)
     return top == 0 or top == (1 << (65 - bits)) - 1

@@ -24,6 +24,8 @@ SLP_TYP_S5 = 5  # matches the \_S5 package in tables.dsdt()
 
 
 class AcpiPm:
+    """The PM1a event and control registers; a write of SLP_EN calls sleep(type)."""
+
     def __init__(self, event_port: int, control_port: int,
                  sleep: Callable[[int], None] | None = None):
         self.event_port = event_port

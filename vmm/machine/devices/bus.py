@@ -17,6 +17,7 @@ from vmm.errors import ConfigError
 
 
 def all_ones(size: int) -> int:
+    """The value an unclaimed read of `size` bytes returns (all bits set)."""
     return (1 << (8 * size)) - 1
 
 
@@ -64,6 +65,8 @@ class _RangeBus:
 
 
 class PortBus(_RangeBus):
+    """I/O ports to devices (io_in/io_out); unclaimed ports are counted."""
+
     kind = "port"
 
     @staticmethod
@@ -89,6 +92,8 @@ class PortBus(_RangeBus):
 
 
 class MmioBus(_RangeBus):
+    """MMIO ranges to devices (mmio_read/mmio_write); unclaimed accesses are counted."""
+
     kind = "mmio"
 
     @staticmethod

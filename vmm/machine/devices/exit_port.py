@@ -10,6 +10,8 @@ from typing import Callable
 
 
 class ExitPort:
+    """The exit port: the first write ends the VM with that code."""
+
     def __init__(self, on_exit: Callable[[int], None] | None = None):
         self.on_exit = on_exit or (lambda code: None)
         self.exit_code: int | None = None

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-DATA_PORT = 0x60
-COMMAND_PORT = 0x64
+# The ports are the port map's (vmm.machine.layout); named here as the device knows them.
+from vmm.machine.layout import I8042_COMMAND_PORT as COMMAND_PORT
+from vmm.machine.layout import I8042_DATA_PORT as DATA_PORT  # noqa: F401
+
 CMD_PULSE_RESET = 0xFE
 CMD_READ_OUTPUT_PORT = 0xD0
 STATUS_SYSTEM_FLAG = 0x04  # set after a successful self-test (POST done)
 
 
 class I8042:
+    """An i8042 that only resets: 0xFE to the command port calls reset()."""
+
     def __init__(self, reset: Callable[[], None] | None = None):
         self.reset = reset or (lambda: None)
         self.reset_requests = 0

@@ -10,6 +10,8 @@ import threading
 
 
 class ReportPort:
+    """The report port: records (vcpu, value) for each write; wait_for() blocks on a count."""
+
     def __init__(self):
         self.reports: list[tuple[int, int]] = []
         self._lock = threading.Lock()

@@ -22,6 +22,8 @@ import threading
 from collections import deque
 from typing import Callable
 
+from vmm.machine.layout import COM1_PORT, COM1_PORT_COUNT
+
 # IER bits
 IER_RDI = 0x01  # received data available
 IER_THRI = 0x02  # transmitter holding register empty
@@ -63,9 +65,11 @@ RX_FIFO_LIMIT = 1 << 16  # bytes buffered from feed() before new input counts as
 
 
 class Serial16550:
-    PORT_COUNT = 8
+    """A 16550 UART (COM1): transmit to out(), input through feed(), interrupts through irq()."""
 
-    def __init__(self, base: int = 0x3F8,
+    PORT_COUNT = COM1_PORT_COUNT  # eight registers from the base port
+
+    def __init__(self, base: int = COM1_PORT,
                  out: Callable[[bytes], None] | None = None,
                  irq: Callable[[bool], None] | None = None,
                  fast_path_changed: Callable[[bool], None] | None = None):

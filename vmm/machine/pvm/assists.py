@@ -65,6 +65,7 @@ def get_mxcsr(vcpu: AssistVcpu) -> tuple[int, int]:
 
 
 def set_mxcsr(vcpu: AssistVcpu, value: int) -> None:
+    """Set the vCPU's MXCSR through its XSAVE area (and mark the SSE state present)."""
     buf = vcpu.get_xsave()
     struct.pack_into("<I", buf, XSAVE_MXCSR, value)
     (xstate_bv,) = struct.unpack_from("<Q", buf, XSAVE_XSTATE_BV)

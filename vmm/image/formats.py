@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmm.errors import ImageError
-from vmm.machine import bootparams as bp
+from vmm.image import bootparams as bp
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
@@ -52,6 +52,8 @@ MAX_VMLINUX_SIZE = 2 << 30
 
 @dataclass
 class LoadSegment:
+    """One PT_LOAD segment: where it goes, its file bytes and its size in memory."""
+
     paddr: int
     data: bytes  # p_filesz bytes; the rest up to memsz is zero (bss)
     memsz: int
@@ -68,10 +70,12 @@ class ElfKernel:
 
     @property
     def start(self) -> int:
+        """Lowest guest-physical address a segment loads at."""
         return min(s.paddr for s in self.segments)
 
     @property
     def end(self) -> int:
+        """First guest-physical byte past the highest segment (bss included)."""
         return max(s.paddr + s.memsz for s in self.segments)
 
 
@@ -95,14 +99,17 @@ class BzImage:
 
     @property
     def protected_mode_code(self) -> bytes:
+        """The file from the protected-mode code on (what a boot through the decompressor loads)."""
         return self.data[self.protected_mode_offset:]
 
     @property
     def payload(self) -> bytes:
+        """The compressed vmlinux inside the protected-mode code."""
         return self.data[self.payload_offset:self.payload_offset + self.payload_length]
 
     @property
     def compression(self) -> str:
+        """The payload's compression (gzip, zstd, xz, lzma, bzip2, lz4)."""
         return detect_compression(self.payload)
 
 
@@ -262,6 +269,7 @@ def parse_bzimage(data: bytes) -> BzImage:
 
 
 def detect_compression(payload: bytes) -> str:
+    """The compression of a bzImage payload from its magic bytes; ImageError when unknown."""
     for magic, name in COMPRESSION_MAGICS:
         if payload.startswith(magic):
             return name

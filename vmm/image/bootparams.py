@@ -121,6 +121,8 @@ class BootParams:
         self.data[SETUP_HEADER_OFFSET:end] = image[SETUP_HEADER_OFFSET:end]
 
     def set_e820(self, entries: list[tuple[int, int, int]]) -> None:
+        """Write the e820 table (addr, size, type) and its entry count; ConfigError when it
+        does not fit."""
         if len(entries) > E820_MAX_ENTRIES:
             raise ConfigError(f"{len(entries)} e820 entries exceed the zero page's {E820_MAX_ENTRIES}")
         for i, (addr, size, kind) in enumerate(entries):
@@ -128,10 +130,12 @@ class BootParams:
         self["e820_entries"] = len(entries)
 
     def e820(self) -> list[tuple[int, int, int]]:
+        """The e820 table as [(addr, size, type)]."""
         return [struct.unpack_from("<QQI", self.data, E820_TABLE_OFFSET + i * E820_ENTRY_SIZE)
                 for i in range(self["e820_entries"])]
 
     def to_bytes(self) -> bytes:
+        """The zero page as 4 KiB of bytes."""
         return bytes(self.data)
 
 

@@ -1,0 +1,128 @@
+"""The CLI's run and inject job: boot, optionally inject the scx clock, and report.
+
+``run_session`` drives a vmm.Machine for ``vmm run`` / ``vmm inject``; ``SessionReport``
+is what it did, for printing or --json, with the exit status the CLI returns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import GuestBootError, KernelFeatureMissing, VmmError
+from .machine.vmexit import EXIT_CODE_CRASH, ExitReason
+from .ops.scx import ScxInjection
+from .session import INIT_MARKER, Machine
+
+
+@dataclass
+class SessionReport:
+    """What the CLI's run/inject did, for printing or --json."""
+
+    kernel: str
+    cmdline: str
+    exit: Any = None
+    boot_seconds: Optional[float] = None
+    injection: Optional[ScxInjection] = None
+    extra: dict = field(default_factory=dict)
+    error: Optional[str] = None
+    job_status: Optional[int] = None  # the guest job's (--exec) status line, when it ran
+
+    @property
+    def exit_status(self) -> int:
+        """The CLI's exit code: the job's status, 1 for a failed injection, the guest's exit
+        code, 0 reset/stopped, else 255."""
+        if self.error:
+            return EXIT_CODE_CRASH
+        if self.job_status is not None:
+            return self.job_status
+        if self.injection is not None and not self.injection.ok:
+            return 1
+        if self.exit is None:
+            return 0
+        if self.exit.reason == ExitReason.EXIT_CODE:
+            return self.exit.exit_code
+        return 0 if self.exit.reason in (ExitReason.RESET, ExitReason.STOPPED) else EXIT_CODE_CRASH
+
+    def describe(self) -> str:
+        """What happened, as the CLI prints it."""
+        out = [f"vmm: kernel {self.kernel}", f"vmm: cmdline {self.cmdline}"]
+        if self.boot_seconds is not None:
+            out.append(f"vmm: reached the boot marker in {self.boot_seconds:.2f} s")
+        if self.injection is not None:
+            out.append(self.injection.describe())
+        for k, v in self.extra.items():
+            out.append(f"vmm: {k}: {v}")
+        if self.error:
+            out.append(f"vmm: error: {self.error}")
+        if self.exit is not None:
+            out.append(f"vmm: {self.exit}")
+        return "\n".join(out)
+
+    def as_dict(self) -> dict:
+        """What happened, as plain data (for --json)."""
+        return {"kernel": self.kernel, "cmdline": self.cmdline, "boot_seconds": self.boot_seconds,
+                "injection": self.injection.as_dict() if self.injection else None,
+                "exit": None if self.exit is None else {
+                    "reason": self.exit.reason, "exit_code": self.exit.exit_code,
+                    "detail": self.exit.detail},
+                "exit_status": self.exit_status, "extra": self.extra, "error": self.error}
+
+
+def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optional[str] = None,
+                initrd: Optional[str] = None, timeout: Optional[float] = None,
+                inject_scx: bool = False, wait_for: Optional[str] = None,
+                stream: Any = None, vmlinux: Optional[str] = None,
+                system_map: Optional[str] = None, check_config: bool = True,
+                boot_via_decompressor: Optional[bool] = None,
+                exec: Optional[str] = None, include: Any = None) -> SessionReport:
+    """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop.
+    With ``exec``, the guest job's status (``vmm-job: exit N``) is the exit status."""
+    m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
+                console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
+                requires=("sched_ext", "btf") if inject_scx else (),
+                check_config=check_config, boot_via_decompressor=boot_via_decompressor,
+                exec=exec, include=include)
+    report = SessionReport(kernel=str(kernel), cmdline="")
+    m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
+    try:
+        report.cmdline = m.cmdline
+        if not inject_scx:
+            report.exit = m.wait()
+            if m.job is not None:
+                report.job_status = m.job_status
+            return report
+        marker = wait_for or (INIT_MARKER if m.is_linux else r"cpus up")
+        t0 = time.monotonic()
+        try:
+            m.wait_for_console(marker, timeout=timeout)
+        except VmmError as exc:
+            raise GuestBootError(f"the guest did not print {marker!r}: {exc}\n"
+                                 f"last console lines:\n{m.console_tail(20)}") from exc
+        report.boot_seconds = time.monotonic() - (m.started_at or t0)
+        report.extra["kernel files"] = m.introspection_sources()
+        report.injection = m.inject_scx_clock()
+        try:  # where KASLR put the kernel (vmm.kernel.live.LiveKernel.describe_layout)
+            report.extra["kernel layout"] = m.live().describe_layout()
+        except VmmError as exc:
+            report.extra["kernel layout"] = f"not found: {exc}"
+        jiffies0 = _try_read(m, "jiffies")
+        time.sleep(0.5)
+        jiffies1 = _try_read(m, "jiffies")
+        if jiffies0 is not None and jiffies1 is not None:
+            report.extra["jiffies after thaw"] = f"{jiffies0} -> {jiffies1} (guest runs on)"
+        report.exit = m.stop()
+    except (KernelFeatureMissing, GuestBootError, VmmError) as exc:
+        report.error = str(exc)
+        report.exit = m.stop()
+    finally:
+        m.stop()
+    return report
+
+
+def _try_read(m: Machine, name: str) -> Optional[int]:
+    try:
+        return m.read(name, hot=True)
+    except VmmError:
+        return None

@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from contextlib import nullcontext
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from .arch.x86.regs import MSR_LSTAR
 from .errors import GuestBootError, VmmError
@@ -31,6 +31,22 @@ from .ops.scx import ScxCpuRow, ScxInjection  # noqa: F401 (ScxCpuRow: re-export
 from .runtime.machine import Machine as RunningMachine
 from .runtime.vcpu_thread import VcpuThread
 
+if TYPE_CHECKING:  # the public signatures' types; nothing here runs
+    from pathlib import Path
+
+    import drgn
+
+    from .debug.gdbstub import GdbStub
+    from .debug.vmcore import VmcoreReport
+    from .kernel import Kernel
+    from .kernel.kconfig import KernelConfig
+    from .kernel.live import LiveKernel
+    from .kvm.memory import GuestMemory
+    from .runtime.freeze import FreezeSnapshot
+
+PathLike = Union[str, "os.PathLike[str]"]
+Target = Union[str, KernelTarget]  # a symbol name, or any KernelTarget (vmm.T)
+
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
 
@@ -40,7 +56,7 @@ def _spin_initramfs() -> str:
     return str(build_initramfs(init="spin"))
 
 
-def _is_spec(kernel: Any) -> bool:
+def _is_spec(kernel: object) -> bool:
     """'debian', 'build', 'build:7.3' name store kernels; anything else is a path."""
     if not isinstance(kernel, str) or os.path.exists(kernel):
         return False
@@ -54,7 +70,7 @@ class _TrackedMemory:
 
     __slots__ = ("_raw", "_machine")
 
-    def __init__(self, raw: Any, machine: "Machine"):
+    def __init__(self, raw: "GuestMemory", machine: "Machine"):
         self._raw = raw
         self._machine = machine
 
@@ -62,7 +78,7 @@ class _TrackedMemory:
         if not isinstance(threading.current_thread(), VcpuThread):
             self._machine.dirty = True
 
-    def write(self, gpa: int, data: Any) -> None:
+    def write(self, gpa: int, data: "bytes | bytearray | memoryview") -> None:
         self._mark()
         self._raw.write(gpa, data)
 
@@ -101,8 +117,9 @@ class Machine(RunningMachine):
     override where symbols and BTF come from (default: the kernel's own files).
     """
 
-    def __init__(self, kernel: Any, *, vmlinux: Any = None, system_map: Any = None,
-                 initrd: Any = None, requires: Iterable[str] = (), check_config: bool = True,
+    def __init__(self, kernel: PathLike, *, vmlinux: Optional[PathLike] = None,
+                 system_map: Optional[PathLike] = None,
+                 initrd: Optional[PathLike] = None, requires: Iterable[str] = (), check_config: bool = True,
                  **options: Any):
         self.artifacts = None
         # What the job needs of the kernel beyond booting (vmm.kernel.kconfig.NEEDS keys:
@@ -142,7 +159,7 @@ class Machine(RunningMachine):
 
     # --- guest memory: every write after the start marks the machine dirty ----------
     @property
-    def memory(self) -> Any:
+    def memory(self) -> "Optional[GuestMemory | _TrackedMemory]":
         raw = self.__dict__.get("_guest_memory")
         if raw is None or self.started_at is None:
             return raw
@@ -152,7 +169,7 @@ class Machine(RunningMachine):
         return tracked
 
     @memory.setter
-    def memory(self, value: Any) -> None:
+    def memory(self, value: "Optional[GuestMemory]") -> None:
         """Guest RAM; after the start, a proxy whose writes mark the machine dirty."""
         self.__dict__["_guest_memory"] = value
 
@@ -163,14 +180,14 @@ class Machine(RunningMachine):
 
     # --- introspection -------------------------------------------------------------
     @property
-    def vmlinux(self) -> Any:
+    def vmlinux(self) -> "Kernel":
         """Deprecated name of `kernel_image` (it is a vmm.kernel.Kernel, not a path)."""
         warnings.warn("Machine.vmlinux is deprecated: use Machine.kernel_image (a vmm.kernel.Kernel)",
                       DeprecationWarning, stacklevel=2)
         return self.kernel_image
 
     @property
-    def kernel_image(self) -> Any:
+    def kernel_image(self) -> "Kernel":
         """The kernel's symbols and BTF (vmm.kernel.Kernel), loaded on first use."""
         if self._introspection is None:
             from .kernel import Kernel
@@ -212,7 +229,7 @@ class Machine(RunningMachine):
         if self.check_config and self.is_linux:
             self._check_kernel_config()
 
-    def kernel_config(self) -> Any:
+    def kernel_config(self) -> "Optional[KernelConfig]":
         """The kernel's config (vmm.kernel.kconfig.KernelConfig) or None: the .config
         found with the kernel (beside it, its build tree, /boot, the store), else the
         IKCONFIG blob in the image."""
@@ -240,7 +257,7 @@ class Machine(RunningMachine):
         self.notes.append(f"kernel config {config.source}: has what this run needs "
                           f"({', '.join(needs)})")
 
-    def live(self, snapshot: Any = None) -> Any:
+    def live(self, snapshot: "Optional[FreezeSnapshot]" = None) -> "LiveKernel":
         """The kernel applied to this guest's memory; registers from ``snapshot`` (a
         freeze) give CR3 for page walks and LSTAR for the KASLR slide."""
         snap = snapshot or self._last_snapshot
@@ -289,7 +306,7 @@ class Machine(RunningMachine):
                         lambda: self.freeze(freeze_timeout))
 
     @staticmethod
-    def _target(target: Any, path: Optional[str], cpu: Optional[int],
+    def _target(target: Target, path: Optional[str], cpu: Optional[int],
                 type: Optional[str]) -> KernelTarget:
         if isinstance(target, KernelTarget):
             return target
@@ -299,8 +316,8 @@ class Machine(RunningMachine):
             return KernelTarget.field(target, path, type)
         return KernelTarget.symbol(target, type=type)
 
-    def read(self, target: Any, path: Optional[str] = None, cpu: Optional[int] = None,
-             hot: bool = False, type: Optional[str] = None) -> Any:
+    def read(self, target: Target, path: Optional[str] = None, cpu: Optional[int] = None,
+             hot: bool = False, type: Optional[str] = None) -> Union[int, bytes]:
         """One value, decoded from its BTF type as ``vmm.kernel.live`` does: an int for
         integers, bools, enums and pointers (signed per type; a bitfield as its own bits),
         bytes otherwise. Cold (frozen) by default; ``hot=True`` reads the running guest."""
@@ -315,7 +332,8 @@ class Machine(RunningMachine):
             return decoded
         return value.data if isinstance(value, Bytes) else value.value
 
-    def _decode(self, t: KernelTarget, raw: bytes, snap: Any) -> Any:
+    def _decode(self, t: KernelTarget, raw: bytes,
+                snap: "Optional[FreezeSnapshot]") -> Optional[Union[int, bytes]]:
         """The live view's decoding of ``raw`` for a symbol target whose BTF field is
         known (same object, same size), else None (raw address targets, sized symbols,
         globals BTF does not describe)."""
@@ -332,7 +350,7 @@ class Machine(RunningMachine):
             return None
         return live.decode(raw, f)
 
-    def write(self, target: Any, value: KernelValue, path: Optional[str] = None,
+    def write(self, target: Target, value: KernelValue, path: Optional[str] = None,
               cpu: Optional[int] = None, hot: bool = False, type: Optional[str] = None) -> OpResult:
         """Write `value` to a symbol or field (one cold batch; hot=True writes the running
         guest)."""
@@ -380,18 +398,18 @@ class Machine(RunningMachine):
     dump_on_panic: Optional[str] = None  # set to a path: a panic writes a vmcore there
     core_path: Optional[str] = None      # the vmcore written on panic, if any
 
-    def drgn(self, vmlinux: Any = None) -> Any:
+    def drgn(self, vmlinux: Optional[PathLike] = None) -> "drgn.Program":
         """A drgn.Program over the guest's memory (reads inside ``with m.freeze():``
         are consistent). Needs drgn (`pip install drgn`) and a vmlinux with DWARF."""
         from .debug.machine import drgn_program
         return drgn_program(self, vmlinux)
 
-    def dump_core(self, path: Any) -> Any:
+    def dump_core(self, path: PathLike) -> "VmcoreReport":
         """Write an ELF vmcore (drgn and crash open it) while frozen -> VmcoreReport."""
         from .debug.machine import dump_core
         return dump_core(self, path)
 
-    def gdb_server(self, port: int = 0, host: str = "127.0.0.1") -> Any:
+    def gdb_server(self, port: int = 0, host: str = "127.0.0.1") -> "GdbStub":
         """A GDB remote stub on host:port (a thread): `gdb vmlinux -ex 'target remote
         :PORT'`; the guest is frozen while gdb is stopped (vmm/debug/gdbstub.py)."""
         from .debug.gdbstub import GdbStub
@@ -405,7 +423,7 @@ class Machine(RunningMachine):
 
 
 # --- the guest job (--exec / --include; vmm.machine.guestjob) ---------------------------
-def _guest_job(command: Optional[str], include: Any) -> Any:
+def _guest_job(command: Optional[str], include: Optional[Iterable[str]]) -> "Optional[Path]":
     """The job's initramfs path, or None without exec/include; refuses on PVM hosts."""
     if command is None and not include:
         return None

@@ -76,6 +76,10 @@ DR6_BS = 1 << 14  # DR6: single step
 # and LEN bits per length.
 DR7_RW = {1: 0b00, 2: 0b01, 4: 0b11}
 DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
+# The target description: only the architecture, so that gdb needs no `set architecture`
+# (nor an exec file) and uses its default x86-64 register layout, which 'g' follows.
+TARGET_XML = (b'<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd">'
+              b"<target><architecture>i386:x86-64</architecture></target>")
 
 
 def checksum(data: bytes) -> int:
@@ -120,6 +124,8 @@ class GdbStub:
         self._controls: dict[int, int] = {}  # KVM_GUESTDBG_* last set per vCPU index
         self._events: list[tuple[int, str]] = []  # (vCPU index, stop reply suffix)
         self._events_lock = threading.Lock()
+        # Debug exits seen, and those given back to the guest (not ours): diagnostics.
+        self.counts = {"debug_exits": 0, "given_back": 0, "pvm_int3": 0}
         self._thread = threading.Thread(target=self._serve, name=f"vmm-gdbstub:{self.port}",
                                         daemon=True)
         self._thread.start()
@@ -287,8 +293,11 @@ class GdbStub:
         Ours: post the stop and wait until the freeze it causes reaches this vCPU (it
         then parks before running any guest code). Not ours: give it to the guest."""
         _, lib = native()
+        self.counts["debug_exits"] += 1
         suffix = self._classify(vcpu.index, info)
         if suffix is None:
+            self.counts["given_back"] += 1
+            self.last_given_back = info
             inject = (lib.KVM_GUESTDBG_INJECT_BP if info.exception == BP_VECTOR
                       else lib.KVM_GUESTDBG_INJECT_DB)
             control = self._controls.get(vcpu.index, 0)
@@ -314,6 +323,7 @@ class GdbStub:
             return False
         if rip not in self.breakpoints:
             return False
+        self.counts["pvm_int3"] += 1
         return self.debug_exit(vcpu, DebugExit(BP_VECTOR, rip, 0, 0))
 
     def _classify(self, index: int, info: DebugExit) -> Optional[str]:
@@ -495,7 +505,11 @@ class GdbStub:
     def _dispatch(self, p: bytes) -> tuple[Optional[bytes], bool]:
         c = p[:1]
         if p.startswith(b"qSupported"):
-            return b"PacketSize=4000;swbreak+;hwbreak+", False
+            return b"PacketSize=4000;swbreak+;hwbreak+;qXfer:features:read+", False
+        if p.startswith(b"qXfer:features:read:target.xml:"):
+            offset, length = (int(x, 16) for x in p.split(b":")[4].split(b","))
+            chunk = TARGET_XML[offset:offset + length]
+            return (b"m" if offset + length < len(TARGET_XML) else b"l") + chunk, False
         if p == b"?":
             return self._stop_reply(SIGTRAP), False
         if p in (b"qAttached",):

@@ -55,6 +55,11 @@ class Client:
 
 
 RIP = 16  # register number of rip in the 'g' layout
+# In the SVM lane (scripts/svm_lane.py), QEMU's TCG emulation of SVM does not turn an int3
+# into the #BP intercept KVM_GUESTDBG_USE_SW_BP asks for (the guest's own handler gets it):
+# there the breakpoint that is hit is a DR0 one; inserting and removing int3s is still
+# checked. On PVM hosts and on VMX/SVM hardware the int3 is hit.
+INT3_HITS = not os.environ.get("VMM_SVM_LANE")
 
 
 @pytest.fixture(params=[0, 3], ids=["ring0", "ring3"])
@@ -76,7 +81,7 @@ def test_breakpoint_step_and_detach(machine):
 
     if machine.cmdline.endswith("ring=3") and is_pvm_host():
         pytest.skip("PVM runs guest CPL 3 natively and delivers neither int3 nor DR0-3 "
-                    "breakpoints there to the VMM (the SVM lane runs this test in both rings)")
+                    "breakpoints there to the VMM (on VMX/SVM this test runs in both rings)")
     stub = machine.gdb_server()
     try:
         c = Client(stub.port)
@@ -89,16 +94,20 @@ def test_breakpoint_step_and_detach(machine):
         gpa = machine.live().kva_to_gpa(target)
         assert machine.memory.read(gpa, 1) == b"\xcc"
         assert c.mem(target, 1) == original  # reads show the kernel's byte, not ours
+        if not INT3_HITS:
+            assert c.ask(b"z0,%x,1" % target) == b"OK"
+            assert machine.memory.read(gpa, 1) == original
+            assert c.ask(b"Z1,%x,1" % target) == b"OK"
 
         stop = c.ask(b"vCont;c")
-        m = re.match(rb"T05thread:([0-9a-f]+);swbreak:;", stop)
-        assert m, stop
+        m = re.match(rb"T05thread:([0-9a-f]+);(swbreak|hwbreak):;", stop)
+        assert m and m.group(2) == (b"swbreak" if INT3_HITS else b"hwbreak"), stop
         tid = int(m.group(1), 16)
         assert c.ask(b"Hg%x" % tid) == b"OK"
         assert c.reg(RIP) == target  # the pc is the breakpoint's address: no adjusting
         assert stub.snapshot is not None  # the whole machine is frozen
 
-        assert c.ask(b"z0,%x,1" % target) == b"OK"
+        assert c.ask(b"z%d,%x,1" % (0 if INT3_HITS else 1, target)) == b"OK"
         assert machine.memory.read(gpa, 1) == original
         other = 2 if tid == 1 else 1
         assert c.ask(b"Hg%x" % other) == b"OK"
@@ -183,6 +192,8 @@ def test_dropped_connection_cleans_up(machine):
         gpa = machine.live().kva_to_gpa(target)
         original = c.mem(target, 1)
         assert c.ask(b"Z0,%x,1" % target) == b"OK"
+        if not INT3_HITS:  # see INT3_HITS: DR0 on the same instruction fires before the int3
+            assert c.ask(b"Z1,%x,1" % target) == b"OK"
         c.s.sendall(frame(b"vCont;c"))
         c.reply()  # it stops on the breakpoint
         c.s.close()  # gdb dies

@@ -49,6 +49,13 @@ CDEF = r"""
 #define KVM_GET_MP_STATE ...
 #define KVM_SET_MP_STATE ...
 #define KVM_KVMCLOCK_CTRL ...
+#define KVM_SET_GUEST_DEBUG ...
+#define KVM_GUESTDBG_ENABLE ...
+#define KVM_GUESTDBG_SINGLESTEP ...
+#define KVM_GUESTDBG_USE_SW_BP ...
+#define KVM_GUESTDBG_USE_HW_BP ...
+#define KVM_GUESTDBG_INJECT_DB ...
+#define KVM_GUESTDBG_INJECT_BP ...
 
 #define KVM_CAP_IRQCHIP ...
 #define KVM_CAP_HLT ...
@@ -71,6 +78,7 @@ CDEF = r"""
 #define KVM_CAP_SIGNAL_MSI ...
 #define KVM_CAP_X2APIC_API ...
 #define KVM_CAP_NR_MEMSLOTS ...
+#define KVM_CAP_SET_GUEST_DEBUG ...
 
 #define KVM_EXIT_UNKNOWN ...
 #define KVM_EXIT_EXCEPTION ...
@@ -147,6 +155,10 @@ struct kvm_userspace_memory_region {
 struct kvm_pit_config { uint32_t flags; ...; };
 struct kvm_irq_level { uint32_t irq; uint32_t level; ...; };
 
+struct kvm_guest_debug_arch { unsigned long long debugreg[8]; };
+struct kvm_guest_debug { uint32_t control; uint32_t pad; struct kvm_guest_debug_arch arch; };
+struct kvm_debug_exit_arch { uint32_t exception; uint32_t pad; uint64_t pc, dr6, dr7; };
+
 struct kvm_run {
     uint8_t request_interrupt_window;
     uint8_t immediate_exit;
@@ -161,6 +173,7 @@ struct kvm_run {
     struct { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; } mmio;
     struct { uint32_t suberror; uint32_t ndata; unsigned long long data[16]; } internal;
     struct { uint32_t type; uint32_t ndata; unsigned long long data[16]; } system_event;
+    struct { struct kvm_debug_exit_arch arch; } debug;
     ...;
 };
 
@@ -184,6 +197,7 @@ struct vmm_vm {
     ...;
 };
 struct vmm_vcpu {
+    struct vmm_vm *vm;
     int fd; int index;
     struct kvm_run *run;
     int thread_registered;
@@ -197,6 +211,7 @@ struct vmm_vcpu {
     uint64_t msr_value[3];
     int nmsrs_captured;
     uint64_t resumed_ns, exits, fast_exits;
+    uint32_t hold;
     ...;
 };
 
@@ -225,6 +240,7 @@ void vmm_vcpu_release_run(struct vmm_vcpu *v);
 void vmm_vcpu_thread_enter(struct vmm_vcpu *v);
 void vmm_vcpu_thread_exit(struct vmm_vcpu *v);
 int vmm_vcpu_run(struct vmm_vcpu *v);
+void vmm_vcpu_set_hold(struct vmm_vcpu *v, int on);
 
 void vmm_serial_set_fast(struct vmm_vm *vm, int on);
 void vmm_claim_ports(struct vmm_vm *vm, uint32_t start, uint32_t count);

@@ -511,6 +511,27 @@ void vmm_request_stop(struct vmm_vm *vm)
 
 /* ---------------------------------------------------------------- run loop */
 
+/* Hold (on) or release a vCPU: a held loop sleeps instead of entering the guest. */
+void vmm_vcpu_set_hold(struct vmm_vcpu *v, int on)
+{
+    STORE(&v->hold, on ? 1u : 0u);
+    if (!on)
+        futex_wake(&v->hold, INT_MAX);
+}
+
+/* A held vCPU sleeps here. The wait is bounded (1 ms) so that a freeze or a stop
+ * requested between the checks and the futex call is seen on the next round even
+ * when its kick signal came too early to interrupt the wait. */
+static void wait_while_held(struct vmm_vcpu *v)
+{
+    const struct timespec ms = {0, 1000000};
+    STORE(&v->activity, VMM_ACT_PARKED);
+    while (LOAD(&v->hold) && LOAD(&v->vm->freeze_gen) == v->seen_freeze_gen &&
+           !LOAD(&v->vm->stop))
+        futex_wait(&v->hold, 1, &ms);
+    STORE(&v->activity, VMM_ACT_RUNNING);
+}
+
 int vmm_vcpu_run(struct vmm_vcpu *v)
 {
     struct vmm_vm *vm = v->vm;
@@ -528,6 +549,10 @@ int vmm_vcpu_run(struct vmm_vcpu *v)
              * requested after our check sets it again after this store. */
             run->immediate_exit = 0;
             FENCE();
+            continue;
+        }
+        if (LOAD(&v->hold)) {
+            wait_while_held(v);
             continue;
         }
         long r = vmm_ioctl(v->fd, KVM_RUN, NULL);

@@ -91,6 +91,11 @@ struct vmm_vcpu {
     uint64_t resumed_ns;  /* CLOCK_MONOTONIC when it last left a freeze (benchmarks) */
     uint64_t exits;       /* KVM_RUN returns (all) */
     uint64_t fast_exits;  /* exits handled in C */
+
+    /* Nonzero: this vCPU does not enter the guest (it sleeps in the loop) while the
+     * others run; it still parks for a freeze and ends on a stop. The gdb stub holds
+     * every vCPU but the one it single-steps. */
+    uint32_t hold;
 };
 
 /* memory.c */
@@ -127,6 +132,7 @@ void vmm_vcpu_release_run(struct vmm_vcpu *v);
 void vmm_vcpu_thread_enter(struct vmm_vcpu *v);
 void vmm_vcpu_thread_exit(struct vmm_vcpu *v);
 int vmm_vcpu_run(struct vmm_vcpu *v);
+void vmm_vcpu_set_hold(struct vmm_vcpu *v, int on);
 void vmm_serial_set_fast(struct vmm_vm *vm, int on);
 void vmm_serial_push(struct vmm_vm *vm, const uint8_t *data, uint32_t n);
 size_t vmm_serial_drain(struct vmm_vm *vm, uint8_t *buf, size_t n);

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 pkgs=(gcc make libc6-dev dwarves cpio zstd xz-utils lz4 bzip2 flex bison bc
       libelf-dev libssl-dev busybox-static qemu-system-x86 ca-certificates crash
-      clang-19 llvm-19 zlib1g-dev)  # clang >= 16, llvm-strip: `vmm scx build` (BPF)
+      clang-19 llvm-19 zlib1g-dev  # clang >= 16, llvm-strip: `vmm scx build` (BPF)
+      gdb)  # the gdb stub's tests drive Debian's gdb
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -421,6 +421,21 @@ class Vcpu:
             return None
         return check("KVM_GET_TSC_KHZ", r, f"vCPU {self.index}") or None
 
+    def set_guest_debug(self, control: int = 0, debugreg=None) -> None:
+        """KVM_SET_GUEST_DEBUG: `control` is KVM_GUESTDBG_* bits (0 turns debugging off:
+        the guest's own #BP/#DB and debug registers work again); `debugreg` up to 8
+        values, DR0-DR3, -, -, -, DR7 (used with KVM_GUESTDBG_USE_HW_BP). The vCPU must
+        not be inside KVM_RUN (call it while frozen, or before the first run)."""
+        ffi, _ = native()
+        dbg = ffi.new("struct kvm_guest_debug *")
+        dbg.control = control
+        regs = list(debugreg or ())
+        if len(regs) > 8:
+            raise InvalidValue(f"set_guest_debug: 8 debug registers at most, not {len(regs)}")
+        for i, value in enumerate(regs):
+            dbg.arch.debugreg[i] = value
+        self._set("KVM_SET_GUEST_DEBUG", dbg)
+
     def kvmclock_ctrl(self) -> bool:
         """Tells KVM the guest was paused (no soft-lockup warning). False when the guest
         has no kvmclock (EINVAL) or the host lacks the ioctl."""

@@ -163,6 +163,15 @@ class Machine(MachineBuilder):
         """Release the vCPUs a freeze() parked."""
         self.coordinator.thaw()
 
+    # Debug exits and the debugger's share of internal errors go to self.exits.debugger.
+    def on_debug(self, vcpu, info) -> bool:
+        return self.exits.on_debug(vcpu, info)
+
+    def on_internal_error(self, vcpu) -> bool:
+        if self.exits.debugger_internal_error(vcpu):
+            return True
+        return super().on_internal_error(vcpu)
+
     def _start(self) -> None:
         self.pump = ConsolePump(self.vm, self._console_sink)
         self.pump.start()

@@ -11,6 +11,8 @@ freeze parking, and returns only when Python must act. Exits go to a handler obj
     on_stop(vcpu_index, reason, detail) # the thread ends right after
     on_hlt(vcpu_index) -> bool          # optional; only without in-kernel irqchip.
                                         # True: re-enter; absent/False: stop ("hlt")
+    on_debug(vcpu, DebugExit) -> bool   # optional; KVM_EXIT_DEBUG (guest debugging on,
+                                        # KVM_SET_GUEST_DEBUG). True: re-enter; else "error"
 
 Stop reasons (vmm.machine.vmexit.StopReason, equal to these strings): "shutdown",
 "internal-error", "fail-entry", "system-event", "stopped", "hlt", "error" (KVM_RUN
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 from vmm.kvm.native import native
 from vmm.machine.vmexit import StopReason
@@ -41,6 +44,17 @@ def exit_reason_name(reason: int) -> str:
         if getattr(lib, name) == reason:
             return name
     return f"exit reason {reason}"
+
+
+@dataclass(frozen=True)
+class DebugExit:
+    """run->debug.arch of a KVM_EXIT_DEBUG: the exception (1 = #DB: single step or a
+    debug register; 3 = #BP: int3), the guest's linear pc, DR6 and DR7."""
+
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
 
 
 class VcpuThread(threading.Thread):
@@ -129,6 +143,15 @@ class VcpuThread(threading.Thread):
                 kind = kinds.get(run.system_event.type, f"type {run.system_event.type}")
                 self._finish("system-event", f"vCPU {index}: system event {kind}")
                 return
+            elif reason == lib.KVM_EXIT_DEBUG:
+                a = run.debug.arch
+                info = DebugExit(a.exception, a.pc, a.dr6, a.dr7)
+                on_debug = getattr(handler, "on_debug", None)
+                if on_debug is not None and on_debug(self.vcpu, info):
+                    continue
+                self._finish("error", f"vCPU {index}: debug exit (exception {info.exception}, "
+                                      f"pc {info.pc:#x}) with no debugger to take it")
+                return
             elif reason == lib.KVM_EXIT_HLT:
                 on_hlt = getattr(handler, "on_hlt", None)
                 if on_hlt is not None and on_hlt(index):
@@ -178,3 +201,18 @@ class VcpuThread(threading.Thread):
 def request_stop(vm) -> None:
     """Makes every vCPU loop of `vm` (Vm or its native block) return promptly."""
     native()[1].vmm_request_stop(getattr(vm, "native", vm))
+
+
+def hold(vcpu, on: bool) -> None:
+    """Holds (True) or releases a vCPU: while held its loop does not enter the guest when
+    the machine is thawed; it still parks for a freeze and ends on a stop."""
+    native()[1].vmm_vcpu_set_hold(vcpu.native, 1 if on else 0)
+
+
+def freeze_requested(vcpu) -> bool:
+    """True once a freeze (or a stop) was requested that this vCPU has not parked for
+    yet: a vCPU thread waiting in an exit handler returns then, and parks at once
+    without running guest code."""
+    nat = vcpu.native
+    vm = nat.vm
+    return vm.freeze_gen != nat.seen_freeze_gen or bool(vm.stop)

@@ -331,6 +331,8 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mkdir -p /newroot/run/svm-lane
 mount --move /io /newroot/run/svm-lane
+# Loopback up: tests talk TCP to their own host (the gdb stub); L1 has no other network.
+ifconfig lo 127.0.0.1 up 2>/dev/null || say "note: loopback not brought up"
 chroot /newroot /bin/sh /run/svm-lane/run.sh </dev/null
 echo $? > /newroot/run/svm-lane/status
 sync

@@ -70,6 +70,92 @@ def test_cpuid_apic_ids_and_topology_leaves():
     assert supported[1]["ebx"] == 0x00010800  # the input list is not modified
 
 
+AMD = dict(ebx=0x68747541, edx=0x69746E65, ecx=0x444D4163)  # "AuthenticAMD"
+INTEL = dict(ebx=0x756E6547, edx=0x49656E69, ecx=0x6C65746E)  # "GenuineIntel"
+
+
+def kvm_amd_list(topoext=False, l1=0, l2=0x02008140, l3=0x00808140):
+    """KVM_GET_SUPPORTED_CPUID as the SVM lane's L1 (Linux 6.1, QEMU's AMD CPU) lists
+    it: leaf 0xB zeroed with no subleaf 1, 0x80000005 empty, L2 and L3 in 0x80000006."""
+    return [entry(0, eax=0xD, **AMD), entry(1, ebx=0x00000800),
+            entry(0xB, 0, flags=1, edx=0), entry(0x80000000, eax=0x8000001E, **AMD),
+            entry(0x80000001, ecx=0x177 | (cpu.CPUID_80000001_ECX_TOPOEXT if topoext else 0)),
+            entry(0x80000005, ecx=l1, edx=l1), entry(0x80000006, ecx=l2, edx=l3),
+            entry(0x80000008, eax=0x3028, ecx=0x00001001),
+            entry(0x8000001D, 0, flags=1, eax=0x121), entry(0x8000001D, 1, flags=1, eax=0x122),
+            entry(0x8000001D, 2, flags=1, eax=0x143), entry(0x8000001D, 3, flags=1, eax=0x4163),
+            entry(0x8000001D, 4, flags=1), entry(0x8000001E)]
+
+
+@pytest.mark.parametrize("shape, index, pkg_bits", [((1, 2, 1), 1, 1), ((1, 4, 2), 5, 3), ((2, 2, 1), 3, 1)])
+def test_cpuid_x2apic_leaf_composed_whole_where_kvm_lists_it_empty(shape, index, pkg_bits):
+    """KVM lists leaf 0xB zeroed and without subleaf 1: the VMM describes the topology
+    (with only an SMT level, Linux made every vCPU a package of its own)."""
+    topo = Topology(*shape)
+    out = cpu.cpuid_entries_for_vcpu(kvm_amd_list(), index, topo)
+    xb = sorted((e for e in out if e["function"] == 0xB), key=lambda e: e["index"])
+    assert [e["index"] for e in xb] == [0, 1, 2]
+    assert all(e["flags"] == cpu.KVM_CPUID_FLAG_SIGNIFCANT_INDEX and e["edx"] == topo.apic_id(index) for e in xb)
+    assert (xb[0]["eax"], xb[0]["ebx"], xb[0]["ecx"]) == (topo.thread_bits, topo.threads, 0x100)
+    assert (xb[1]["eax"], xb[1]["ebx"], xb[1]["ecx"]) == (pkg_bits, topo.threads * topo.cores, 0x201)
+    assert (xb[2]["eax"], xb[2]["ebx"], xb[2]["ecx"] & 0xFF00) == (0, 0, 0)  # the terminator
+    leaf = leaves(out)
+    assert leaf[(0x80000008, 0)]["ecx"] == (pkg_bits << 12) | (topo.threads * topo.cores - 1)
+
+
+def test_cpuid_x2apic_leaf_added_when_kvm_omits_it():
+    out = leaves(cpu.cpuid_entries_for_vcpu([entry(0, eax=0xD, **INTEL), entry(1)], 1, Topology(1, 2, 1)))
+    assert (out[(0xB, 1)]["eax"], out[(0xB, 1)]["ebx"], out[(0xB, 1)]["edx"]) == (1, 2, 1)
+    no_leaf_b = leaves(cpu.cpuid_entries_for_vcpu([entry(0, eax=0xA, **INTEL), entry(1)], 1, Topology(1, 2, 1)))
+    assert (0xB, 0) not in no_leaf_b  # beyond the guest's maximum basic leaf
+
+
+def test_cpuid_amd_empty_l1_cache_leaf_is_filled_without_topoext():
+    """Linux 6.1's KVM lists 0x80000005 empty; an AMD guest without TOPOEXT then failed
+    its whole cacheinfo and sched_ext refused every scheduler (scx_root_enable -22)."""
+    supported = kvm_amd_list()
+    out = leaves(cpu.cpuid_entries_for_vcpu(supported, 0, Topology(1, 2, 1)))
+    l1 = out[(0x80000005, 0)]
+    assert (l1["ecx"], l1["edx"]) == (cpu.AMD_L1_CACHE, cpu.AMD_L1_CACHE)
+    assert (l1["ecx"] >> 24, (l1["ecx"] >> 16) & 0xFF, l1["ecx"] & 0xFF) == (32, 8, 64)  # KiB, ways, line
+    assert (out[(0x80000006, 0)]["ecx"], out[(0x80000006, 0)]["edx"]) == (0x02008140, 0x00808140)  # kept
+    assert supported[5]["ecx"] == 0  # the input is not modified
+
+
+@pytest.mark.parametrize("l2, l3, want_l2, want_l3", [
+    (0, 0x00808140, cpu.AMD_L2_CACHE, 0x00808140),  # empty L2: described
+    (0x02009140, 0x00809140, cpu.AMD_L2_CACHE, 0),  # "see 0x8000001D" without TOPOEXT
+    (0x02008140, 0, 0x02008140, 0)])  # no L3: fine as it is
+def test_cpuid_amd_l2_l3_leaf_made_readable(l2, l3, want_l2, want_l3):
+    out = leaves(cpu.complete_amd_cache_leaves(kvm_amd_list(l2=l2, l3=l3)))
+    assert (out[(0x80000006, 0)]["ecx"], out[(0x80000006, 0)]["edx"]) == (want_l2, want_l3)
+
+
+def test_cpuid_cache_leaves_left_alone_with_topoext_or_on_intel_or_when_present():
+    with_topoext = kvm_amd_list(topoext=True)
+    assert cpu.complete_amd_cache_leaves(with_topoext) == with_topoext
+    intel = [dict(e, **INTEL) if e["function"] in (0, 0x80000000) else e for e in kvm_amd_list()]
+    assert cpu.complete_amd_cache_leaves(intel) == intel
+    real = kvm_amd_list(l1=0x20080140)
+    assert cpu.complete_amd_cache_leaves(real) == real
+
+
+def test_cpuid_cache_sharing_and_amd_extended_topology():
+    """Which CPUs share a cache follows the topology: L1/L2 per core, L3 per package
+    (Linux derives the LLC masks from it); 0x8000001E names the core and its threads."""
+    topo = Topology(1, 4, 2)
+    out = leaves(cpu.cpuid_entries_for_vcpu(kvm_amd_list(topoext=True), 5, topo))
+    sharing = [((out[(0x8000001D, i)]["eax"] >> 14) & 0xFFF) + 1 for i in range(4)]
+    assert sharing == [2, 2, 2, 8]
+    assert out[(0x8000001D, 4)]["eax"] == 0  # the terminator stays empty
+    e = out[(0x8000001E, 0)]
+    assert (e["eax"], e["ebx"] & 0xFF, (e["ebx"] >> 8) & 0xFF, e["ecx"]) == (5, 2, 1, 0)
+    intel = [entry(0, eax=0xD, **INTEL), entry(4, 0, flags=1, eax=0x121), entry(4, 3, flags=1, eax=0x163)]
+    out = leaves(cpu.cpuid_entries_for_vcpu(intel, 0, Topology(2, 2, 1)))
+    assert [((out[(4, i)]["eax"] >> 14) & 0xFFF) + 1 for i in (0, 3)] == [1, 2]
+    assert out[(4, 3)]["eax"] >> 26 == 1  # cores per package - 1
+
+
 def test_boot_msrs_include_fast_strings():
     assert cpu.BOOT_MSRS[cpu.MSR_IA32_MISC_ENABLE] & 1
     assert cpu.BOOT_MSRS[cpu.MSR_MTRR_DEF_TYPE] == 0x806

@@ -118,15 +118,121 @@ def configure_regs(regs, entry: int, zero_page: int = L.ZERO_PAGE_START) -> None
     regs.rbp = L.BOOT_STACK_TOP
 
 
-# --- CPUID -----------------------------------------------------------------------------------
+# --- CPUID ---------------------------------------------------------------------------------------
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1  # <linux/kvm.h>: the entry is for one subleaf (ECX)
+X2APIC_LEVEL_SMT, X2APIC_LEVEL_CORE = 1, 2  # leaf 0xB/0x1F ECX[15:8] level types
+CPUID_80000001_ECX_TOPOEXT = 1 << 22  # AMD: 0x8000001D cache and 0x8000001E topology leaves
+AMD_VENDORS = (b"AuthenticAMD", b"HygonGenuine")
+# AMD's L1/L2 descriptions (0x80000005 ECX/EDX, 0x80000006 ECX) for a KVM that lists
+# them empty: 32 KiB 8-way L1 data and instruction caches, 512 KiB 8-way L2 (0x6 is the
+# "8-way" code of 0x80000006), 64-byte lines, one line per tag; L1 TLBs 64 entries fully
+# associative (0xFF), as a recent AMD core reports them.
+AMD_L1_TLB = 0xFF40FF40
+AMD_L1_CACHE = (32 << 24) | (8 << 16) | (1 << 8) | 64
+AMD_L2_CACHE = (512 << 16) | (0x6 << 12) | (1 << 8) | 64
+AMD_L2_L3_ASSOC_SEE_8000001D = 0x9  # 0x80000006 associativity code: "read 0x8000001D"
+
+
+def cpuid_vendor(entries: list[dict]) -> bytes:
+    leaf0 = next((e for e in entries if e["function"] == 0 and e["index"] == 0), None)
+    if leaf0 is None:
+        return b""
+    return struct.pack("<3I", leaf0["ebx"], leaf0["edx"], leaf0["ecx"])
+
+
+def _max_leaf(entries: list[dict], base: int) -> int:
+    e = next((e for e in entries if e["function"] == base and e["index"] == 0), None)
+    return e["eax"] if e is not None else 0
+
+
+def _cache_sharing(eax: int, topology: Topology) -> int:
+    """A cache leaf's EAX (leaf 4 or 0x8000001D) with its 'logical processors sharing
+    this cache - 1' field (bits 25:14) for `topology`: L1 and L2 are per core (its
+    threads), L3 and beyond per package. Linux derives each cache's id, and so which
+    CPUs share it (the LLC masks the scheduler and sched_ext build), from this field."""
+    if eax & 0x1F == 0:  # no cache: the list's terminator
+        return eax
+    level = (eax >> 5) & 0x7
+    bits = topology.thread_bits if level <= 2 else topology.thread_bits + topology.core_bits
+    return (eax & ~(0xFFF << 14)) | ((((1 << bits) - 1) & 0xFFF) << 14)
+
+
+def _x2apic_leaf(function: int, topology: Topology, apic_id: int) -> list[dict]:
+    """Leaf 0xB/0x1F whole: the SMT level, the core level, the terminator."""
+    smt_bits, core_bits = topology.thread_bits, topology.core_bits
+    regs = [(smt_bits, topology.threads, (X2APIC_LEVEL_SMT << 8) | 0),
+            (smt_bits + core_bits, topology.threads * topology.cores, (X2APIC_LEVEL_CORE << 8) | 1),
+            (0, 0, 2)]
+    return [{"function": function, "index": sub, "flags": KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+             "eax": eax, "ebx": ebx, "ecx": ecx, "edx": apic_id}
+            for sub, (eax, ebx, ecx) in enumerate(regs)]
+
+
+def complete_amd_cache_leaves(entries: list[dict]) -> list[dict]:
+    """Fill AMD's L1/L2 cache leaves where KVM lists them empty (KVM before it passed the
+    host's 0x80000005 on, e.g. Linux 6.1 under the SVM lane's L1), as QEMU always
+    describes its vCPUs' caches.
+
+    Without TOPOEXT, Linux reads an AMD guest's caches from 0x80000005 (L1) and
+    0x80000006 (L2, L3): it counts 3 or 4 cache leaves, and one empty or "see
+    0x8000001D" leaf makes the whole cacheinfo fail ("-EIO"). The CPU is then left with
+    cache leaves whose CPU masks are empty, no /sys/devices/system/cpu/cpu*/cache, and
+    sched_ext's scx_cid_init() refuses every scheduler: its LLC mask does not contain the
+    CPU (a WARN_ON_ONCE, silent without CONFIG_BUG) and scx_root_enable() fails with
+    -EINVAL. A guest with TOPOEXT reads 0x8000001D instead, which KVM passes on; other
+    vendors read leaf 4. Both are left as they are.
+    """
+    if cpuid_vendor(entries) not in AMD_VENDORS:
+        return [dict(e) for e in entries]
+    out = [dict(e) for e in entries]
+    by_fn = {e["function"]: e for e in out if e["index"] == 0}
+    ext1 = by_fn.get(0x80000001)
+    if ext1 is not None and ext1["ecx"] & CPUID_80000001_ECX_TOPOEXT:
+        return out
+    max_ext = _max_leaf(out, 0x80000000)
+    if max_ext >= 0x80000005:
+        l1 = by_fn.get(0x80000005)
+        if l1 is None:
+            l1 = {"function": 0x80000005, "index": 0, "flags": 0, "eax": 0, "ebx": 0, "ecx": 0, "edx": 0}
+            out.append(l1)
+        if not l1["ecx"] or not l1["edx"]:
+            l1.update(eax=AMD_L1_TLB, ebx=AMD_L1_TLB, ecx=AMD_L1_CACHE, edx=AMD_L1_CACHE)
+    if max_ext >= 0x80000006:
+        l2 = by_fn.get(0x80000006)
+        if l2 is None:
+            l2 = {"function": 0x80000006, "index": 0, "flags": 0, "eax": 0, "ebx": 0, "ecx": 0, "edx": 0}
+            out.append(l2)
+        assoc = (l2["ecx"] >> 12) & 0xF
+        if assoc in (0, AMD_L2_L3_ASSOC_SEE_8000001D) or not l2["ecx"] & 0xFF:
+            l2["ecx"] = AMD_L2_CACHE
+        l3_assoc = (l2["edx"] >> 12) & 0xF
+        if l3_assoc == AMD_L2_L3_ASSOC_SEE_8000001D or (l3_assoc and not l2["edx"] & 0xFF):
+            l2["edx"] = 0  # no L3 rather than one Linux cannot read
+    return out
+
+
 def cpuid_entries_for_vcpu(entries: list[dict], index: int, topology: Topology) -> list[dict]:
-    """Rewrite the host-supported CPUID list for vCPU `index`: its APIC id in leaf 1 and
-    in the x2APIC topology leaves 0xB/0x1F, and the topology's level widths there."""
+    """Rewrite the host-supported CPUID list for vCPU `index` so that the guest sees
+    `topology` (as QEMU composes these leaves; KVM describes no topology itself):
+
+    - leaf 1: the APIC id, the logical processor count, HTT;
+    - x2APIC topology, leaf 0xB (and 0x1F where listed): composed whole, SMT level,
+      core level and terminator. KVM lists these leaves zeroed and without subleaf 1
+      ("no topology"): rewriting only what is listed left Linux with an SMT level
+      alone, and then every vCPU was a package of its own;
+    - cache leaves 4 (Intel: cores per package too) and 0x8000001D (AMD, TOPOEXT): the
+      processors sharing each cache, L1/L2 per core, L3 per package;
+    - AMD 0x8000001E (TOPOEXT): extended APIC id, core id, threads per core; AMD
+      0x80000008 ECX: threads per package and the APIC id bits they take;
+    - AMD L1/L2 cache leaves KVM leaves empty: complete_amd_cache_leaves.
+    """
     apic_id = topology.apic_id(index)
     smt_bits, core_bits = topology.thread_bits, topology.core_bits
+    amd = cpuid_vendor(entries) in AMD_VENDORS
+    max_basic = _max_leaf(entries, 0)
     out = []
-    for e in entries:
-        e = dict(e)
+    composed = set()
+    for e in complete_amd_cache_leaves(entries):
         fn, sub = e["function"], e["index"]
         if fn == 1:
             logical = 1 << (smt_bits + core_bits)
@@ -134,17 +240,26 @@ def cpuid_entries_for_vcpu(entries: list[dict], index: int, topology: Topology) 
             if topology.cpus > 1:
                 e["edx"] |= 1 << 28  # HTT: the package has several logical processors
         elif fn == 4:
+            e["eax"] = _cache_sharing(e["eax"], topology)
             e["eax"] = (e["eax"] & 0x03FFFFFF) | ((((1 << core_bits) - 1) & 0x3F) << 26)
         elif fn in (0xB, 0x1F):
-            if sub == 0:
-                e["eax"], e["ebx"], e["ecx"] = smt_bits, topology.threads, (1 << 8) | sub
-            elif sub == 1:
-                e["eax"], e["ebx"] = smt_bits + core_bits, topology.threads * topology.cores
-                e["ecx"] = (2 << 8) | sub
-            else:
-                e["eax"], e["ebx"], e["ecx"] = 0, 0, sub
-            e["edx"] = apic_id
+            if fn not in composed:
+                composed.add(fn)
+                out += _x2apic_leaf(fn, topology, apic_id)
+            continue
+        elif fn == 0x8000001D:
+            e["eax"] = _cache_sharing(e["eax"], topology)
+        elif fn == 0x8000001E and amd:
+            core = (index // topology.threads) % topology.cores
+            e["eax"] = apic_id
+            e["ebx"] = ((topology.threads - 1) << 8) | (core & 0xFF)
+            e["ecx"] = 0  # node 0, one node per package
+        elif fn == 0x80000008 and amd:
+            e["ecx"] = ((e["ecx"] & ~0xF0FF) | (((smt_bits + core_bits) & 0xF) << 12)
+                        | ((topology.threads * topology.cores - 1) & 0xFF))
         out.append(e)
+    if max_basic >= 0xB and 0xB not in composed:
+        out += _x2apic_leaf(0xB, topology, apic_id)
     return out
 
 

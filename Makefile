@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 SVM_LANE := $(PYTHON) scripts/svm_lane.py
 SVM_TIMEOUT ?= 2400
 SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boot.py tests/test_kernel_debian.py \
-	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py tests/test_gdb_linux.py
+	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py tests/test_gdb_linux.py \
+	tests/test_scx_linux.py
 
 .PHONY: deps native guests demo test test-slow test-svm bench bench-svm svm-setup kernel-debian kernel-build clean check-wheel fuzz test-asan
 
@@ -57,6 +58,7 @@ svm-setup:
 	$(MAKE) -C kernels init
 	$(MAKE) kernel-build
 	$(MAKE) -C kernels kernel-debian-dbg
+	$(PYTHON) -m vmm.cli scx build simple --kernel $(KERNEL)  # clang in the host, not in L1
 	$(SVM_LANE) setup
 
 # Figures inside the lane: vmm vs QEMU 10 (-accel kvm, same L1) boot and freeze.

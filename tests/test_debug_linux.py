@@ -129,7 +129,7 @@ def test_drgn_agrees_with_vmm_on_every_cpu(linux, prog):
 
 
 def test_write_targets_a_drgn_object(linux, prog):
-    mask = linux.vmlinux.enum("SCX_RQ_CLK_VALID")
+    mask = linux.kernel_image.enum("SCX_RQ_CLK_VALID")
     with linux.freeze():
         batch = [(T.from_drgn(cpu_rq(prog, cpu).scx.flags), V.or_u32(mask))
                  for cpu in range(CPUS)]

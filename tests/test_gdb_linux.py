@@ -105,7 +105,7 @@ def test_gdb_breaks_in_the_kernel_reads_per_cpu_and_detaches():
         assert text.count("sched_tick in section .text") == 2, text
         assert re.search(r"sched_tick \+ \d+ in section \.text", text), text  # stepped
         pc = int(re.search(r"\$1 = (0x[0-9a-f]+)", text).group(1), 16)
-        sym = m.vmlinux.symbols.lookup("sched_tick").address
+        sym = m.kernel_image.symbols.lookup("sched_tick").address
         assert pc == (sym + slide) & (2**64 - 1)
         # Per-CPU: CPU 1's this_cpu_off holds CPU 1's offset; its cpu_number is 1.
         off = re.search(r"\$2 = (0x[0-9a-f]+)", text).group(1)

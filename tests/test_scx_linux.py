@@ -177,8 +177,8 @@ def test_3_guest_sees_the_scx_state_in_its_own_dump(guest):
             re.findall(r"CPU (\d+)\s*: nr_run=\d+ flags=0x([0-9a-f]+)", dump)}
     assert "SysRq-D" in dump, dump[-3000:]
     assert sorted(rows) == list(range(CPUS)), dump[-3000:]
-    mask = guest.vmlinux.enum("SCX_RQ_CLK_VALID") & 0xFFFFFFFF
-    online = guest.vmlinux.enum("SCX_RQ_ONLINE") & 0xFFFFFFFF
+    mask = guest.kernel_image.enum("SCX_RQ_CLK_VALID") & 0xFFFFFFFF
+    online = guest.kernel_image.enum("SCX_RQ_ONLINE") & 0xFFFFFFFF
     for cpu, flags in rows.items():
         assert flags & online, f"cpu {cpu}: flags {flags:#x} lack SCX_RQ_ONLINE"
         print(f"guest dump: cpu {cpu} rq->scx.flags {flags:#x}, SCX_RQ_CLK_VALID "
@@ -187,7 +187,7 @@ def test_3_guest_sees_the_scx_state_in_its_own_dump(guest):
 
 
 def test_4_freeze_past_the_watchdog_timeout_no_stall(guest):
-    timeout_jiffies = guest.vmlinux.enum("SCX_WATCHDOG_MAX_TIMEOUT")  # scx_simple sets none
+    timeout_jiffies = guest.kernel_image.enum("SCX_WATCHDOG_MAX_TIMEOUT")  # scx_simple sets none
     config = Path(guest.artifacts.config).read_text() if guest.artifacts.config else ""
     hz = int(re.search(r"^CONFIG_HZ=(\d+)", config, re.M).group(1)) if config else 100
     timeout_s = timeout_jiffies / hz

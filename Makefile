@@ -57,8 +57,9 @@ test-svm: deps guests svm-setup
 svm-setup:
 	$(MAKE) -C kernels init
 	$(MAKE) kernel-build
+	$(MAKE) -C kernels kernel-build FRAGMENT=$(CURDIR)/kernels/config/sched_ext-scx.fragment
 	$(MAKE) -C kernels kernel-debian-dbg
-	$(PYTHON) -m vmm.cli scx build simple --kernel $(KERNEL)  # clang in the host, not in L1
+	$(PYTHON) -m vmm.cli scx build simple --kernel $(KERNEL)+scx  # clang in the host, not in L1
 	$(SVM_LANE) setup
 
 # Figures inside the lane: vmm vs QEMU 10 (-accel kvm, same L1) boot and freeze.

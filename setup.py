@@ -9,7 +9,8 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 # Repository files the package needs at run time (vmm/resources.py finds them):
 # copied into the built package as vmm/_data/<same path>.
-SHIPPED = ("kernels/config/sched_ext.fragment", "kernels/init/spin-init.c",
+SHIPPED = ("kernels/config/sched_ext.fragment", "kernels/config/sched_ext-scx.fragment",
+           "kernels/init/spin-init.c",
            "kernels/init/check-init.c", "kernels/init/sys.h",
            "kernels/init/job-init.sh")
 

@@ -59,12 +59,15 @@ def require_guests(*paths):
         pytest.skip("test guests not built (make -C kernels/guests)")
 
 
-def built_kernel_spec():
-    """The store spec of our sched_ext build for the current fragment ("build:7.3"); skips,
-    saying what to run, when it has not been built."""
+def built_kernel_spec(flavour=None):
+    """The store spec of our sched_ext build for the current fragment ("build:7.3", or
+    "build:7.3+scx" for that flavour); skips, saying what to run, when it is not built."""
     from vmm import kernelstore as ks
 
-    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
+    fragment = ks.FLAVOURS[flavour] if flavour else ks.DEFAULT_FRAGMENT
+    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(fragment)}"
+    spec = f"build:{ks.DEFAULT_BUILD_VERSION}" + (f"+{flavour}" if flavour else "")
     if not any(art.name == wanted for art in ks.list_kernels()):
-        pytest.skip(f"kernel {wanted} is not built: run `make kernel-build` (CI does)")
-    return f"build:{ks.DEFAULT_BUILD_VERSION}"
+        how = "make kernel-build" if not flavour else "make svm-setup"
+        pytest.skip(f"kernel {wanted} ({spec}) is not built: run `{how}` (CI does)")
+    return spec

@@ -91,6 +91,28 @@ def test_default_build_key_unchanged():
         ROOT / "kernels/config/sched_ext.fragment")
 
 
+def test_scx_flavour_is_the_default_fragment_plus_its_options(tmp_path, monkeypatch):
+    """build:7.3+scx: the default fragment, byte for byte, then what the tree's
+    schedulers need (so the two kernels differ only there); specs resolve to it, and an
+    unknown flavour is refused by name."""
+    base = ks.DEFAULT_FRAGMENT.read_text()
+    scx = ks.FLAVOURS["scx"].read_text()
+    assert scx.startswith(base) and len(scx) > len(base)
+    extra = ks.parse_config(scx[len(base):])
+    for option in ("CONFIG_NET", "CONFIG_FTRACE", "CONFIG_FUNCTION_TRACER", "CONFIG_BPF_EVENTS",
+                   "CONFIG_MAGIC_SYSRQ"):
+        assert extra.get(option) == "y", option
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+    monkeypatch.setattr("vmm.kernelstore.resolve.build_kernel",
+                        lambda version, fragment=None: seen.append((version, fragment)))
+    ks.resolve_kernel("build:7.3+scx")
+    ks.resolve_kernel("build")
+    assert seen == [("7.3", ks.FLAVOURS["scx"]), ("7.3", None)]
+    with pytest.raises(KernelStoreError, match="no flavour 'nope'"):
+        ks.resolve_kernel("build:7.3+nope")
+
+
 def test_merge_fragment():
     out = ks.merge_fragment("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=1\n",
                             "CONFIG_B=y\nCONFIG_C=n\n")

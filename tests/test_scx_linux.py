@@ -1,7 +1,7 @@
 """A real sched_ext scheduler under test: scx_simple attached in the guest while the
 host freezes every vCPU, injects the scx clock/flag batch and thaws.
 
-One boot (Linux 7.3 from kernels/config/sched_ext.fragment, 2 vCPUs) serves the
+One boot (Linux 7.3 "build:7.3+scx": kernels/config/sched_ext-scx.fragment, 2 vCPUs) serves the
 numbered tests, in order; the guest job below talks to the host over the console (the
 host types commands into COM1, the job answers with "vmm-test: ..." lines).  Guest user
 space must make system calls, so this runs on hosts with VMX/SVM, or here in the SVM
@@ -10,12 +10,13 @@ lane (make test-svm runs it):
     python3 scripts/svm_lane.py run --cwd . -- \\
         python3 -m pytest -m slow -p no:cacheprovider tests/test_scx_linux.py -v
 
-scx_simple is built first on the host (`vmm scx build simple --kernel build:7.3`,
+scx_simple is built first on the host (`vmm scx build simple --kernel build:7.3+scx`,
 clang >= 16; make svm-setup does it): the lane has no network.
 
-What it took (issue 10): the fragment's NET (libbpf's load probe), FTRACE/
+What it took (issue 10): the scx flavour's NET (libbpf's load probe), FTRACE/
 FUNCTION_TRACER/BPF_EVENTS (the tree's fentry program on bpf_scx_reg) and MAGIC_SYSRQ
-(the dump); and a CPUID Linux can read its caches from: without one, sched_ext's
+(the dump), a kernel of its own because those options slow a PVM boot severalfold;
+and a CPUID Linux can read its caches from: without one, sched_ext's
 scx_cid_init() refused every scheduler (scx_root_enable() failed, -22; see
 vmm/machine/cpu.py complete_amd_cache_leaves).
 """
@@ -104,7 +105,7 @@ def _scheduler(kernel):
 def guest():
     from vmm import Machine
 
-    kernel = built_kernel_spec()
+    kernel = built_kernel_spec("scx")
     sched = _scheduler(kernel)
     m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=JOB,
                 include=[f"{sched.binary}:/bin/scx_simple"])
@@ -168,8 +169,8 @@ def test_3_guest_sees_the_scx_state_in_its_own_dump(guest):
     config = Path(guest.artifacts.config).read_text() if guest.artifacts.config else ""
     for option in ("CONFIG_MAGIC_SYSRQ=y", "CONFIG_FTRACE=y"):  # SysRq-D, tracefs
         if option not in config:
-            pytest.skip(f"needs {option} in the kernel: kernels/config/sched_ext.fragment, "
-                        "then `make kernel-build`")
+            pytest.skip(f"needs {option} in the kernel: kernels/config/sched_ext-scx.fragment, "
+                        "then `make svm-setup`")
     start = len(guest.console_text())
     _ask(guest, "dump", r"vmm-test: dumped")
     dump = guest.console_text()[start:]

@@ -35,7 +35,7 @@ to artifacts), cli.py (``python -m vmm.kernelstore``, which kernels/Makefile use
 
 from vmm.kernelstore.apt import (DEBIAN_FLAVOUR, DEFAULT_KEYRING, DEFAULT_MIRROR,
                                  PRIVATE_SUITES, PrivateApt, _configured_mirror, _deb_members)
-from vmm.kernelstore.build import (BUILD_TOOLS, DEFAULT_BUILD_VERSION, DEFAULT_FRAGMENT,
+from vmm.kernelstore.build import (BUILD_TOOLS, DEFAULT_BUILD_VERSION, DEFAULT_FRAGMENT, FLAVOURS,
                                    build_kernel, config_mismatches, fragment_hash, merge_fragment,
                                    parse_config)
 from vmm.kernelstore.cache import (KernelArtifacts, Progress, _store_lock, _version_key,
@@ -44,7 +44,7 @@ from vmm.kernelstore.debian import _is_placeholder_system_map, fetch_debian, fet
 from vmm.kernelstore.resolve import resolve_kernel
 from vmm.kernelstore.cli import main
 
-__all__ = ["BUILD_TOOLS", "DEBIAN_FLAVOUR", "DEFAULT_BUILD_VERSION", "DEFAULT_FRAGMENT", "DEFAULT_KEYRING",
+__all__ = ["BUILD_TOOLS", "DEBIAN_FLAVOUR", "DEFAULT_BUILD_VERSION", "DEFAULT_FRAGMENT", "FLAVOURS", "DEFAULT_KEYRING",
            "DEFAULT_MIRROR", "PRIVATE_SUITES", "KernelArtifacts", "PrivateApt", "Progress", "build_kernel",
            "cache_root", "config_mismatches", "fetch_debian", "fetch_debug_vmlinux", "fragment_hash",
            "list_kernels", "main", "merge_fragment", "parse_config", "prune_sources", "resolve_kernel",

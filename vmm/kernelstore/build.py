@@ -22,6 +22,10 @@ from vmm.resources import shipped
 # The package's own copy when installed, the repository's file otherwise: the cache
 # key is the fragment's content, so both hit the same cached build.
 DEFAULT_FRAGMENT = shipped("kernels/config/sched_ext.fragment")
+# Flavours: "build:7.3+scx" is the default fragment plus what the tree's sched_ext
+# schedulers need at load time (NET, FTRACE, BPF_EVENTS, MAGIC_SYSRQ). A separate kernel,
+# so the everyday one stays small: those options slow a PVM boot severalfold.
+FLAVOURS = {"scx": shipped("kernels/config/sched_ext-scx.fragment")}
 DEFAULT_BUILD_VERSION = "7.3"
 
 # Host tools a kernel build needs, with the Debian package that provides each.

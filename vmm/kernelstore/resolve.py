@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from vmm.errors import KernelStoreError
-from vmm.kernelstore.build import DEFAULT_BUILD_VERSION, build_kernel
+from vmm.kernelstore.build import DEFAULT_BUILD_VERSION, FLAVOURS, build_kernel
 from vmm.kernelstore.cache import KernelArtifacts, _read_manifest, list_kernels
 from vmm.kernelstore.debian import fetch_debian
 
@@ -46,7 +46,8 @@ def _from_path(path: Path) -> KernelArtifacts:
 
 
 def resolve_kernel(spec: str | os.PathLike) -> KernelArtifacts:
-    """A kernel from a spec: "debian", "debian+dbg", "build", "build:7.3", or a path.
+    """A kernel from a spec: "debian", "debian+dbg", "build", "build:7.3", "build:7.3+scx"
+    (the flavour with what the tree's sched_ext schedulers need), or a path.
 
     "debian" and "build" reuse what the store already holds; they fetch or build
     only when nothing suitable is cached.
@@ -60,11 +61,16 @@ def resolve_kernel(spec: str | os.PathLike) -> KernelArtifacts:
             if art.name.startswith("debian-") and (art.system_map is not None or not want_debug):
                 return art
         return fetch_debian(with_debug=want_debug)
-    if s == "build" or s.startswith("build:"):
-        version = s.partition(":")[2] or DEFAULT_BUILD_VERSION
-        return build_kernel(version)
+    if s.split("+")[0] == "build" or s.startswith("build:"):
+        spec_body, _, flavour = s.partition("+")
+        version = spec_body.partition(":")[2] or DEFAULT_BUILD_VERSION
+        if flavour and flavour not in FLAVOURS:
+            raise KernelStoreError(f"kernel spec {s!r}: no flavour {flavour!r}; there is "
+                                   + ", ".join(f"'+{f}'" for f in sorted(FLAVOURS)))
+        return build_kernel(version, FLAVOURS[flavour] if flavour else None)
     if "/" in s or s.startswith(".") or Path(s).exists():
         return _from_path(Path(s).expanduser())
     raise KernelStoreError(
-        f"kernel spec {s!r}: expected 'debian', 'debian+dbg', 'build', 'build:VERSION' or a path"
+        f"kernel spec {s!r}: expected 'debian', 'debian+dbg', 'build', 'build:VERSION', "
+        f"'build:VERSION+scx' or a path"
     )

@@ -1,6 +1,7 @@
 """Shared by the tests that boot our test guests: their report-port record format
 (kernels/guests/README.md) and the "is KVM usable / are the guests built" checks."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,3 +72,14 @@ def built_kernel_spec(flavour=None):
         how = "make kernel-build" if not flavour else "make svm-setup"
         pytest.skip(f"kernel {wanted} ({spec}) is not built: run `{how}` (CI does)")
     return spec
+
+
+def gdb_batch(cmds, timeout):
+    """Runs `gdb -batch -nx -ex CMD...`; its stdout and stderr together. gdb is a foreign
+    program: it gets no sanitizer runtime (make test-asan preloads libasan for our C
+    core only)."""
+    args = ["gdb", "-batch", "-nx"] + [a for c in cmds for a in ("-ex", c)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    return out.stdout + out.stderr

@@ -2,19 +2,17 @@
 the guest's RAM and registers, drgn opens it and reads what vmm reads, the live drgn
 Program reads guest memory, and a panic writes the vmcore the VM end report names."""
 
-import os
 from pathlib import Path
 
 import pytest
 
-from guest_abi import require_guests
+from guest_abi import gdb_batch, require_guests
 from vmm.debug import vmcore, vmcoreinfo
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST = REPO / "kernels" / "guests" / "out" / "guest.elf"
 
-pytestmark = [pytest.mark.kvm,
-              pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")]
+pytestmark = [pytest.mark.kvm]  # tests/conftest.py: skips without a usable /dev/kvm
 
 
 @pytest.fixture
@@ -142,7 +140,6 @@ def test_cli_dump(tmp_path, monkeypatch, capsys):
 
 def test_gdb_reads_threads_registers_and_writes_through_the_stub(machine):
     import shutil
-    import subprocess
 
     if shutil.which("gdb") is None:
         pytest.skip("gdb is not installed")
@@ -158,13 +155,7 @@ def test_gdb_reads_threads_registers_and_writes_through_the_stub(machine):
                     "info threads", f"x/s {release:#x}", "p/x $rip", "thread 2", "p/x $rip",
                     f"set {{unsigned long}}{clock:#x} = 0x1122334455667788",
                     f"x/gx {clock:#x}", f"x/gx 0x{0xdead << 48:x}", "detach"]
-            args = ["gdb", "-batch", "-nx"] + [a for c in cmds for a in ("-ex", c)]
-            # gdb is a foreign program: it gets no sanitizer runtime (make test-asan
-            # preloads libasan for our C core only).
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
-            out = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
-        text = out.stdout + out.stderr
+            text = gdb_batch(cmds, timeout=120)
         print(text)
         assert "vCPU 0" in text and "vCPU 1" in text
         assert '"0.0.0-vmm-guest"' in text

@@ -18,8 +18,7 @@ from vmm import KernelTarget as T, KernelValue as V, Machine, Op
 from vmm.kernel.translate import walk
 from vmm.session import INIT_MARKER
 
-pytestmark = [pytest.mark.slow, pytest.mark.kvm,
-              pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")]
+pytestmark = [pytest.mark.slow, pytest.mark.kvm]  # tests/conftest.py: skips without a usable /dev/kvm
 
 drgn = pytest.importorskip("drgn", reason="drgn not installed (pip install drgn; the test "
                                           "extra has it)")

@@ -20,8 +20,7 @@ from vmm.debug.gdbstub import frame
 REPO = Path(__file__).resolve().parents[1]
 GUEST = REPO / "kernels" / "guests" / "out" / "guest.elf"
 
-pytestmark = [pytest.mark.kvm,
-              pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")]
+pytestmark = [pytest.mark.kvm]  # tests/conftest.py: skips without a usable /dev/kvm
 
 
 class Client:

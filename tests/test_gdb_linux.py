@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_abi import built_kernel_spec
+from guest_abi import built_kernel_spec, gdb_batch
 from vmm.kvm.pvm import is_pvm_host
 from vmm.session import INIT_MARKER
 
@@ -91,11 +91,7 @@ def test_gdb_breaks_in_the_kernel_reads_per_cpu_and_detaches():
                     "continue", "info symbol $pc", "info threads",
                     "delete", "watch jiffies_64", "continue", "delete",
                     "detach"]
-            args = ["gdb", "-batch", "-nx"] + [a for c in cmds for a in ("-ex", c)]
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
-            out = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
-            text = out.stdout + out.stderr
+            text = gdb_batch(cmds, timeout=600)
             print(text)
             print(f"gdb took {time.monotonic() - t0:.1f} s since the start", flush=True)
         finally:

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent
 # copied into the built package as vmm/_data/<same path>.
 SHIPPED = ("kernels/config/sched_ext.fragment", "kernels/config/sched_ext-scx.fragment",
            "kernels/init/spin-init.c",
-           "kernels/init/check-init.c", "kernels/init/sys.h",
+           "kernels/init/check-init.c", "kernels/init/vmm-request.c", "kernels/init/sys.h",
            "kernels/init/job-init.sh")
 
 

@@ -11,8 +11,9 @@ vmm.kernel -> vmm.ops -> vmm.session / vmm.cli / vmm.pytest_plugin.
 
 from .errors import VmmError
 from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult, OrU32, U32, U64
-from .session import Machine, ScxInjection
+from .runtime.requests import Request
+from .session import KernelRequestContext, Machine, ScxInjection
 
-__all__ = ["Bytes", "KernelTarget", "KernelValue", "Machine", "Op", "OpResult", "OrU32",
-           "ScxInjection", "U32", "U64", "VmmError"]
+__all__ = ["Bytes", "KernelRequestContext", "KernelTarget", "KernelValue", "Machine", "Op",
+           "OpResult", "OrU32", "Request", "ScxInjection", "U32", "U64", "VmmError"]
 __version__ = "0.1.0"

@@ -118,3 +118,9 @@ class GuestBootError(VmmError):
 # --- machine configuration ------------------------------------------------------
 class ConfigError(VmmError):
     """A Machine option is invalid (memory size, vCPU count, topology, command line)."""
+
+
+# --- requests from the guest (vmm/runtime/requests.py) -------------------------------
+class GuestRequestError(VmmError):
+    """A request line from the guest is malformed, too long or names no handler; or a
+    handler was registered wrongly. The guest gets the message in an error reply."""

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # What the package carries, relative to the repository root (setup.py copies these).
 SHIPPED = ("kernels/config/sched_ext.fragment", "kernels/config/sched_ext-scx.fragment",
            "kernels/init/spin-init.c",
-           "kernels/init/check-init.c", "kernels/init/sys.h",
+           "kernels/init/check-init.c", "kernels/init/vmm-request.c", "kernels/init/sys.h",
            "kernels/init/job-init.sh")
 
 

@@ -29,6 +29,7 @@ from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_
 from .ops.resolve import LiveResolver
 from .ops.scx import ScxCpuRow, ScxInjection  # noqa: F401 (ScxCpuRow: re-exported)
 from .runtime.machine import Machine as RunningMachine
+from .runtime.requests import Request, RequestContext  # noqa: F401 (Request: re-exported)
 from .runtime.vcpu_thread import VcpuThread
 
 if TYPE_CHECKING:  # the public signatures' types; nothing here runs
@@ -394,6 +395,17 @@ class Machine(RunningMachine):
                             freeze_latency_us=snap.latency_ns / 1000,
                             apply_us=written.apply_seconds * 1e6)
 
+    # --- requests from the guest (vmm.runtime.requests; docs/requests.md) ----------------
+    def on_request(self, name: str, handler, freeze: bool = True) -> None:
+        """Serve the guest's ``vmm-request NAME ARGS...`` with ``handler(ctx, request)``:
+        ``ctx`` is a KernelRequestContext (``ctx.apply(batch)``, ``ctx.inject_scx_clock``,
+        ``ctx.read``, ``ctx.live``), all inside the one freeze around the call; the return
+        value is the reply text, an exception an error reply (vmm.runtime.Machine.on_request)."""
+        super().on_request(name, handler, freeze)
+
+    def _request_context(self, snapshot) -> "KernelRequestContext":
+        return KernelRequestContext(self, snapshot)
+
     # --- kernel debuggers (vmm/debug) ---------------------------------------------------
     dump_on_panic: Optional[str] = None  # set to a path: a panic writes a vmcore there
     core_path: Optional[str] = None      # the vmcore written on panic, if any
@@ -420,6 +432,37 @@ class Machine(RunningMachine):
             from .debug.machine import dump_on_panic
             detail += dump_on_panic(self, self.dump_on_panic)
         super()._finish(reason, exit_code, detail)
+
+
+class KernelRequestContext(RequestContext):
+    """What a handler registered on vmm.Machine gets: the machine (frozen, unless the
+    handler was registered with freeze=False) with its kernel, and Op batches that run
+    inside that same freeze (nested freezes join it: no second rendezvous)."""
+
+    def apply(self, batch: "Union[Op, list]") -> OpResult:
+        """An Op (any of vmm.ops), or a list of (target, value) pairs: one cold write
+        batch. A bad batch is refused whole before any write (vmm.ops)."""
+        op = batch if isinstance(batch, Op) else Op.WriteKernelCold(list(batch))
+        return self.machine.apply(op)
+
+    def inject_scx_clock(self, cpus: Optional[Iterable[int]] = None,
+                         clock: Optional[int] = None) -> "ScxInjection":
+        """The scx clock/flag batch on ``cpus`` (default every possible CPU), with its
+        read-back (vmm.Machine.inject_scx_clock)."""
+        return self.machine.inject_scx_clock(clock=clock, cpus=cpus)
+
+    def read(self, *args: Any, **kwargs: Any) -> Union[int, bytes]:
+        """vmm.Machine.read, in this freeze."""
+        return self.machine.read(*args, **kwargs)
+
+    @property
+    def live(self) -> "LiveKernel":
+        """The kernel over the guest's memory, with this freeze's registers."""
+        return self.machine.live(self.snapshot)
+
+    @property
+    def kernel_image(self) -> "Kernel":
+        return self.machine.kernel_image
 
 
 # --- the guest job (--exec / --include; vmm.machine.guestjob) ---------------------------

@@ -95,6 +95,7 @@ class MachineBuilder:
         self.port_bus = self.exits.port_bus
         self.mmio_bus = self.exits.mmio_bus
         self.serial: Serial16550 | None = None
+        self.request_serial: Serial16550 | None = None  # COM2: requests from the guest
         self.report_port = ReportPort()
         self.cmdline = ""
         self.entry = 0
@@ -349,7 +350,8 @@ class MachineBuilder:
             # that is INIT-wait (MP_STATE_UNINITIALIZED) until the guest sends INIT/SIPI.
 
     def setup_devices(self) -> None:
-        """Build step: COM1, the i8042, the exit and report ports and ACPI PM on the port bus."""
+        """Build step: COM1, COM2 (requests), the i8042, the exit and report ports and ACPI PM
+        on the port bus."""
         vm = self.vm
         self.serial = Serial16550(
             L.COM1_PORT,
@@ -359,6 +361,15 @@ class MachineBuilder:
         )
         vm.set_serial_fast(self.serial.fast_path)
         self.port_bus.register(L.COM1_PORT, L.COM1_PORT_COUNT, self.serial)
+        # COM2 carries requests from the guest (vmm/runtime/requests.py), always there: a
+        # UART costs nothing until used, and Linux's 8250 driver probes it as ttyS1 at boot.
+        # Only Python sees it (the C fast path is COM1's), so COM1 is unchanged.
+        self.request_serial = Serial16550(
+            L.COM2_PORT,
+            out=self._request_bytes,
+            irq=lambda level: vm.irq_line(L.COM2_IRQ, level),
+        )
+        self.port_bus.register(L.COM2_PORT, L.COM2_PORT_COUNT, self.request_serial)
         i8042 = I8042(reset=lambda: self._finish(ExitReason.RESET, 0, "the guest asked for a reset (i8042 0xFE)"))
         self.port_bus.register(L.I8042_DATA_PORT, 1, i8042)
         self.port_bus.register(L.I8042_COMMAND_PORT, 1, i8042)
@@ -434,6 +445,10 @@ class MachineBuilder:
     def _serial_out(self, data: bytes) -> None:
         # The running machine sends these through its console pump instead.
         self._console_sink(data)
+
+    def _request_bytes(self, data: bytes) -> None:
+        """Bytes the guest sent on COM2; the running machine serves them as requests
+        (an assembly alone drops them)."""
 
     def _console_sink(self, data: bytes) -> None:
         if self.console_log.append(data):

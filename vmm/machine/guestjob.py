@@ -7,6 +7,8 @@ boots real Linux with an initramfs built here:
   kernels/init/job-init.sh, which mounts proc/sys/devtmpfs/tmpfs, runs CMD through
   ``busybox sh -c`` with the console as stdin/stdout/stderr, then prints the status
   line ``vmm-job: exit N`` and reboots (``reboot=k``: the i8042 reset ends the VM).
+* ``/bin/vmm-request`` (kernels/init/vmm-request.c): the client for requests to the
+  host (``Machine.on_request``; docs/requests.md);
 * every ``--include``: a file or a directory tree (symlinks kept), at GUEST or, without
   it, at the same absolute path as on the host;
 * for each included dynamically linked ELF: its program interpreter and its DT_NEEDED
@@ -41,6 +43,7 @@ from vmm.machine import initramfs as cpio
 
 JOB_INIT = shipped("kernels/init/job-init.sh")  # package data in a wheel
 JOB_FILE = "vmm/job"  # where the command lives in the initramfs (read by job-init.sh)
+REQUEST_CLIENT = "bin/vmm-request"  # kernels/init/vmm-request.c, in every job
 # The last line the init prints: parsed by job_status(); the job's own output may
 # precede it on the same console, so it is matched at the start of a line.
 STATUS_RE = re.compile(rb"^vmm-job: exit (\d+)\r?$", re.M)
@@ -229,6 +232,9 @@ def job_entries(command: str, includes: Sequence[str] = ()) -> list[cpio.Entry]:
     add(cpio.symlink("bin/sh", "busybox"))
     add(cpio.file("init", init, 0o755))
     add(cpio.file(JOB_FILE, command.encode() + b"\n", 0o644))
+    # The client for requests to the host (COM2, vmm/runtime/requests.py), in every job;
+    # an --include of the same path replaces it.
+    add(cpio.file(REQUEST_CLIENT, cpio.build_request_client().read_bytes(), 0o755))
     libs: dict[str, Path] = {}
     for spec in includes:
         host, guest = parse_include(spec)

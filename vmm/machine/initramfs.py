@@ -306,12 +306,24 @@ def build_init_program(name: str) -> Path:
     """Compile kernels/init/<name>-init.c into the cache (once per source hash)."""
     if name not in INIT_PROGRAMS:
         raise ImageError(f"init program {name!r}: expected one of {', '.join(INIT_PROGRAMS)}")
-    src = INIT_SOURCES / f"{name}-init.c"
-    prebuilt = INIT_SOURCES / "out" / f"{name}-init"
+    return build_static_program(f"{name}-init")
+
+
+def build_request_client() -> Path:
+    """kernels/init/vmm-request.c compiled (cached): the guest's client for requests to
+    the host (vmm/runtime/requests.py); guest jobs carry it as /bin/vmm-request."""
+    return build_static_program("vmm-request")
+
+
+def build_static_program(program: str) -> Path:
+    """Compile kernels/init/<program>.c (freestanding, static, with sys.h) into the cache,
+    once per source hash; `make -C kernels/init` output in out/ when newer saves it."""
+    src = INIT_SOURCES / f"{program}.c"
+    prebuilt = INIT_SOURCES / "out" / program
     try:
         source = src.read_bytes()
     except OSError as e:
-        raise ImageError(f"init program source {src} missing: {e}") from e
+        raise ImageError(f"program source {src} missing: {e}") from e
     # `make -C kernels init` output, when newer than its source, saves a compile.
     header = INIT_SOURCES / "sys.h"
     newest_source = max(src.stat().st_mtime, header.stat().st_mtime if header.exists() else 0)
@@ -320,14 +332,14 @@ def build_init_program(name: str) -> Path:
     if header.exists():
         source += header.read_bytes()
     digest = hashlib.sha256(source + " ".join(INIT_CFLAGS).encode()).hexdigest()[:12]
-    out = _cache_dir() / "bin" / f"{name}-init-{digest}"
+    out = _cache_dir() / "bin" / f"{program}-{digest}"
     if out.exists():
         return out
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
-        raise VmmError(f"building {name}-init needs a C compiler (gcc): apt-get install gcc")
+        raise VmmError(f"building {program} needs a C compiler (gcc): apt-get install gcc")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
     proc = subprocess.run([cc, *INIT_CFLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise ImageError(f"compiling {src.name} failed:\n{proc.stderr.strip()[-2000:]}")

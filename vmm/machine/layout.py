@@ -60,6 +60,11 @@ KVM_TSS_ADDR = 0xFFFBD000
 COM1_PORT = 0x3F8  # the C core's console fast path (ffi/vcpu.c COM1_THR) names it too
 COM1_PORT_COUNT = 8
 COM1_IRQ = 4
+# COM2: the requests channel (vmm/runtime/requests.py); the guest's 8250 driver finds it
+# in its legacy ISA port table as /dev/ttyS1, no kernel option needed.
+COM2_PORT = 0x2F8
+COM2_PORT_COUNT = 8
+COM2_IRQ = 3
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 EXIT_PORT = 0xF4  # QEMU isa-debug-exit's port

@@ -18,6 +18,7 @@ from vmm.machine.builder import MachineBuilder
 from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
+from vmm.runtime.requests import HandlerEntry, Request, RequestChannel, RequestContext
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop
 
 
@@ -29,6 +30,8 @@ class Machine(MachineBuilder):
         self.pump: ConsolePump | None = None
         self.coordinator: FreezeCoordinator | None = None
         self._timer: threading.Timer | None = None
+        # Requests from the guest on COM2 (vmm/runtime/requests.py; docs/requests.md).
+        self.requests = RequestChannel(self._serve_request, self._send_reply)
         super().__init__(*args, **kwargs)
 
     @property
@@ -163,6 +166,33 @@ class Machine(MachineBuilder):
         """Release the vCPUs a freeze() parked."""
         self.coordinator.thaw()
 
+    # --- requests from the guest (COM2; vmm/runtime/requests.py) ------------------------
+    def on_request(self, name: str, handler, freeze: bool = True) -> None:
+        """Serve the guest's requests named ``name`` (``vmm-request NAME ...`` in the guest)
+        with ``handler(context, request)``, on one worker thread, never a vCPU thread. With
+        ``freeze`` (default) every vCPU is parked around the call (one rendezvous) and
+        ``context`` carries the snapshot; the handler's return value is the reply text, an
+        exception an error reply. ``handler=None`` removes it. Before or after start()."""
+        self.requests.on_request(name, handler, freeze)
+
+    def _request_context(self, snapshot) -> RequestContext:
+        """What a handler gets (vmm.Machine's adds the kernel and Op batches)."""
+        return RequestContext(self, snapshot)
+
+    def _serve_request(self, entry: HandlerEntry, request: Request):
+        if not entry.freeze:
+            return entry.handler(self._request_context(None), request)
+        with self.freeze() as snapshot:
+            return entry.handler(self._request_context(snapshot), request)
+
+    def _request_bytes(self, data: bytes) -> None:
+        self.requests.receive(data)  # on the vCPU thread: lines are queued, nothing waits
+
+    def _send_reply(self, reply: bytes) -> None:
+        if self._torn_down or self.request_serial is None or self._done.is_set():
+            raise VmmError("the VM ended before the reply")
+        self.request_serial.feed(reply)
+
     # Debug exits and the debugger's share of internal errors go to self.exits.debugger.
     def on_debug(self, vcpu, info) -> bool:
         return self.exits.on_debug(vcpu, info)
@@ -203,6 +233,7 @@ class Machine(MachineBuilder):
         if self._timer is not None:
             self._timer.cancel()
         self._request_stop()
+        self.requests.close()
         me = threading.current_thread()
         for t in self.threads:
             if t is not me:

@@ -1,4 +1,4 @@
-"""A 16550A UART as a pure state machine (COM1), enough for Linux's 8250 driver.
+"""A 16550A UART as a pure state machine (COM1, COM2), enough for Linux's 8250 driver.
 
 Registers by offset from the base port (DLAB is LCR bit 7):
   0  RBR (read) / THR (write)          DLL when DLAB=1
@@ -65,7 +65,8 @@ RX_FIFO_LIMIT = 1 << 16  # bytes buffered from feed() before new input counts as
 
 
 class Serial16550:
-    """A 16550 UART (COM1): transmit to out(), input through feed(), interrupts through irq()."""
+    """A 16550 UART (COM1 by default; COM2 at another base): transmit to out(), input through
+    feed(), interrupts through irq()."""
 
     PORT_COUNT = COM1_PORT_COUNT  # eight registers from the base port
 

@@ -180,6 +180,12 @@ def test_client_raw_line_is_sent_verbatim(client):
     assert line == b"x\x01y\n" and rc == 1 and "malformed request" in err
 
 
+def test_client_raw_line_may_be_oversized_the_host_decides(client):
+    line, rc, _, err = _serve_pty([client, "-r", "9 " + "z" * 5000],
+                                  lambda l: b"9 error request too long\n")
+    assert len(line) == 5003 and rc == 1 and "request too long" in err
+
+
 def test_client_refuses_bad_usage(client):
     p = subprocess.run([client, "-c", "abc", "x"], capture_output=True, text=True)
     assert p.returncode == 2 and "usage: vmm-request" in p.stderr

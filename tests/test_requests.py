@@ -278,3 +278,26 @@ def test_bad_requests_get_error_replies_and_leave_the_guest_untouched(m):
     assert m.running
     reply = _ask(m, b"6 scx-clock cpu=0 clock=9\n")  # and it goes on serving
     assert reply.startswith(b"6 ok cpu=0 clock=9"), reply
+
+
+@pytest.mark.kvm
+def test_the_guest_asks_over_com2_and_reads_what_the_host_wrote():
+    """End to end on our test guest (kernels/guests, request=NAME): its BSP writes the
+    request to port 0x2f8 itself, polls LSR, reads the reply from RBR, then reads its
+    own rq->scx: what the handler wrote in the freeze is there right after."""
+    if not GUEST.exists():
+        pytest.skip("test guest not built: make guests")
+
+    def scx_clock(ctx, req):
+        inj = ctx.inject_scx_clock(cpus=[req.int_arg("cpu")], clock=123456789)
+        return f"cpu={inj.rows[0].cpu} flags={inj.rows[0].flags_after:#x}"
+
+    m = Machine(kernel=str(GUEST), cpus=2, cmdline="mode=loop cpus=2 request=scx-clock")
+    m.on_request("scx-clock", scx_clock)
+    with m:
+        got = m.wait_for_console(r"vmm-guest: reply: (.*)\r?\nvmm-guest: after the reply rq 0 "
+                                 r"scx.flags=0x([0-9a-f]+) scx.clock=(\d+)", timeout=60)
+        mask = m.kernel_image.enum("SCX_RQ_CLK_VALID")
+        assert got.group(1) == f"1 ok cpu=0 flags={int(got.group(2), 16):#x}"
+        assert int(got.group(2), 16) & mask and int(got.group(3)) == 123456789
+        assert m.requests.history[0][0] == "1 scx-clock cpu=0"

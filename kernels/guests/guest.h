@@ -20,6 +20,9 @@ typedef _Bool bool;
 #define COM1_PORT 0x3f8
 #define COM1_LSR (COM1_PORT + 5)
 #define LSR_THRE 0x20           /* transmit holding register empty */
+#define LSR_DR 0x01             /* received data ready */
+#define COM2_PORT 0x2f8         /* requests to the host (vmm/runtime/requests.py) */
+#define COM2_LSR (COM2_PORT + 5)
 #define EXIT_PORT 0xf4
 #define REPORT_PORT 0x600
 #define OUTLOOP_DEFAULT_PORT 0x601

@@ -102,6 +102,43 @@ static __attribute__((noreturn)) void run_fault(void)
 	guest_exit(EXIT_NOT_REACHED);
 }
 
+/* request=NAME (mode=loop): before its work loop the BSP asks the host over COM2
+ * (vmm/runtime/requests.py) with "1 NAME cpu=0", reads the one-line reply and prints
+ * it with what it then reads of its own rq->scx (flags, clock). */
+static void ask_host(const char *name)
+{
+	char reply[160];
+	u32 n = 0;
+	const char *parts[3] = { "1 ", name, " cpu=0\n" };
+	for (u32 i = 0; i < 3; i++)
+		for (const char *p = parts[i]; *p; p++) {
+			for (u32 k = 0; k < 1000 && !(inb(COM2_LSR) & LSR_THRE); k++)
+				cpu_relax();
+			outb(COM2_PORT, (u8)*p);
+		}
+	for (;;) {
+		u8 lsr = inb(COM2_LSR);
+		if (lsr == 0xff) { /* no UART there */
+			puts_serial("vmm-guest: no COM2\n");
+			return;
+		}
+		if (!(lsr & LSR_DR)) {
+			cpu_relax();
+			continue;
+		}
+		char c = (char)inb(COM2_PORT);
+		if (c == '\n')
+			break;
+		if (n < sizeof(reply) - 1)
+			reply[n++] = c;
+	}
+	reply[n] = 0;
+	struct rq *rq = cpu_rq(0);
+	printf_serial("vmm-guest: reply: %s\nvmm-guest: after the reply rq 0 scx.flags=%x scx.clock=%d\n",
+		      reply, (u64)__atomic_load_n(&rq->scx.flags, __ATOMIC_ACQUIRE),
+		      READ_ONCE(rq->scx.clock));
+}
+
 __attribute__((noreturn)) void boot_main(u32 protocol, unsigned long info)
 {
 	boot_protocol = protocol;
@@ -168,5 +205,8 @@ __attribute__((noreturn)) void boot_main(u32 protocol, unsigned long info)
 	percpu_setup(work_params.nr_cpus, (u32)possible);
 	if (work_params.nr_cpus > 1)
 		smp_boot_aps(work_params.nr_cpus);
+	char request[64];
+	if (cmdline_get("request", request, sizeof(request)) && request[0])
+		ask_host(request);
 	cpu_work_start(0);
 }

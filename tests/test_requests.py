@@ -5,6 +5,7 @@ thread would deliver the guest's bytes)."""
 
 import os
 import pty
+import re
 import select
 import subprocess
 import threading
@@ -296,8 +297,23 @@ def test_the_guest_asks_over_com2_and_reads_what_the_host_wrote():
     m.on_request("scx-clock", scx_clock)
     with m:
         got = m.wait_for_console(r"vmm-guest: reply: (.*)\r?\nvmm-guest: after the reply rq 0 "
-                                 r"scx.flags=0x([0-9a-f]+) scx.clock=(\d+)", timeout=60)
+                                 r"scx.flags=0x([0-9a-f]+) scx.clock=(\d+)\r?\n", timeout=60)  # the whole line
         mask = m.kernel_image.enum("SCX_RQ_CLK_VALID")
         assert got.group(1) == f"1 ok cpu=0 flags={int(got.group(2), 16):#x}"
         assert int(got.group(2), 16) & mask and int(got.group(3)) == 123456789
         assert m.requests.history[0][0] == "1 scx-clock cpu=0"
+
+
+@pytest.mark.kvm
+def test_vmm_run_serve_scx_clock_answers_the_guest():
+    """`vmm run --serve-scx-clock`: the built-in scx-clock request (vmm.session
+    scx_clock_request), asked for by the test guest's BSP."""
+    if not GUEST.exists():
+        pytest.skip("test guest not built: make guests")
+    import sys
+    r = subprocess.run([sys.executable, "-m", "vmm.cli", "run", "--kernel", str(GUEST), "--cpus", "2",
+                        "--cmdline", "mode=loop cpus=2 loop=100000 exit=5 request=scx-clock",
+                        "--serve-scx-clock"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 5, r.stderr
+    assert re.search(r"vmm-guest: reply: 1 ok cpus=0 clock=\d+ flags=0x[0-9a-f]+->0x[0-9a-f]+ ok=1",
+                     r.stdout), r.stdout

@@ -35,6 +35,8 @@ examples:
   vmm btf vmlinux 'struct rq' scx.flags
   vmm kernel build 7.3 ; vmm kernel fetch ; vmm kernel list
   vmm inject --kernel build:7.3 --cpus 2 --json
+  vmm run --kernel build:7.3+scx --cpus 2 --serve-scx-clock --exec 'vmm-request -c 1 scx-clock'
+                                                        # the guest asks for the batch (VMX/SVM)
 
 exit codes: 0 ok, N the guest's exit-port code, 255 panic/crash/timeout,
             2 usage error, 1 other error
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 'Run /init as init process' for real Linux)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", action="store_true", help="do not stream the console")
+    run.add_argument("--serve-scx-clock", action="store_true",
+                     help="serve the guest's 'scx-clock [cpu=N] [clock=N]' requests (COM2, "
+                          "/dev/ttyS1; in a job: vmm-request -c 1 scx-clock): freeze, the scx "
+                          "batch on that CPU, thaw, reply (docs/requests.md)")
     _add_job_options(run)
     _add_scx_parser(sub)
 
@@ -280,7 +286,8 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         wait_for=args.wait_for, stream=None if args.quiet or args.json else sys.stdout.buffer,
         vmlinux=args.vmlinux, system_map=args.system_map, check_config=args.config_check,
         boot_via_decompressor=args.boot_via_decompressor,
-        exec=getattr(args, "exec", None), include=getattr(args, "include", None))
+        exec=getattr(args, "exec", None), include=getattr(args, "include", None),
+        serve_scx_clock=getattr(args, "serve_scx_clock", False))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:

@@ -406,6 +406,12 @@ class Machine(RunningMachine):
     def _request_context(self, snapshot) -> "KernelRequestContext":
         return KernelRequestContext(self, snapshot)
 
+    def serve_scx_clock(self, name: str = "scx-clock") -> None:
+        """Serve the built-in request ``NAME [cpu=N] [clock=N]`` (scx_clock_request): the
+        scx clock/flag batch on CPU N (default every possible CPU) when the guest asks,
+        e.g. ``vmm-request -c 1 scx-clock``; `vmm run --serve-scx-clock` turns it on."""
+        self.on_request(name, scx_clock_request)
+
     # --- kernel debuggers (vmm/debug) ---------------------------------------------------
     dump_on_panic: Optional[str] = None  # set to a path: a panic writes a vmcore there
     core_path: Optional[str] = None      # the vmcore written on panic, if any
@@ -463,6 +469,20 @@ class KernelRequestContext(RequestContext):
     @property
     def kernel_image(self) -> "Kernel":
         return self.machine.kernel_image
+
+
+def scx_clock_request(ctx: KernelRequestContext, request: Request) -> str:
+    """The built-in "scx-clock" request: ``cpu=N`` (default: every possible CPU) and
+    ``clock=N`` (default: the guest's kvm-clock at the freeze); replies
+    ``cpus=0,1 clock=N flags=0x9->0x29,... ok=1`` (flags before->after per CPU, the first
+    16) after writing and reading back inside the request's freeze."""
+    cpus = [request.int_arg("cpu")] if "cpu" in request.kwargs else None
+    clock = request.int_arg("clock") if "clock" in request.kwargs else None
+    inj = ctx.inject_scx_clock(cpus=cpus, clock=clock)
+    rows = inj.rows[:16]
+    return (f"cpus={','.join(str(r.cpu) for r in rows)} clock={inj.clock} flags="
+            + ",".join(f"{r.flags_before:#x}->{r.flags_after:#x}" for r in rows)
+            + f" ok={int(inj.ok)}")
 
 
 # --- the guest job (--exec / --include; vmm.machine.guestjob) ---------------------------

@@ -81,7 +81,7 @@ vmm-request -r "$(printf 'x\001y')" 2>&1; rc=$?
 echo "vmm-test: malformed rc=$rc"; [ $rc -eq 1 ] || fail=1
 vmm-request no-such-request a b 2>&1; rc=$?
 echo "vmm-test: unknown rc=$rc"; [ $rc -eq 1 ] || fail=1
-vmm-request -r "77 $(head -c 5000 /dev/zero | tr '\0' z)" 2>&1; rc=$?
+vmm-request -r "77 $(printf '%5000s' '' | tr ' ' z)" 2>&1; rc=$?
 echo "vmm-test: oversized rc=$rc"; [ $rc -eq 1 ] || fail=1
 
 R=$(vmm-request -c 0 scx-clock 2>&1); rc=$?

@@ -400,7 +400,10 @@ class Machine(RunningMachine):
         """Serve the guest's ``vmm-request NAME ARGS...`` with ``handler(ctx, request)``:
         ``ctx`` is a KernelRequestContext (``ctx.apply(batch)``, ``ctx.inject_scx_clock``,
         ``ctx.read``, ``ctx.live``), all inside the one freeze around the call; the return
-        value is the reply text, an exception an error reply (vmm.runtime.Machine.on_request)."""
+        value is the reply text, an exception an error reply (vmm.runtime.Machine.on_request).
+        Marks the machine dirty: the pytest plugin does not hand it, handler and all, to
+        another test."""
+        self.dirty = True
         super().on_request(name, handler, freeze)
 
     def _request_context(self, snapshot) -> "KernelRequestContext":

@@ -317,3 +317,24 @@ def test_vmm_run_serve_scx_clock_answers_the_guest():
     assert r.returncode == 5, r.stderr
     assert re.search(r"vmm-guest: reply: 1 ok cpus=0 clock=\d+ flags=0x[0-9a-f]+->0x[0-9a-f]+ ok=1",
                      r.stdout), r.stdout
+
+
+def test_any_bytes_get_exactly_one_bounded_reply_line():
+    """Whatever the guest sends (seeded random lines, any bytes), the host answers one
+    printable line of at most MAX_LINE bytes and never raises."""
+    import random
+    rng = random.Random(10)
+    replies = []
+    ch = RequestChannel(lambda entry, req: entry.handler(None, req), replies.append)
+    ch.on_request("n", lambda ctx, req: "\x00\n" * rng.randrange(3000))
+    lines = 0
+    for _ in range(300):
+        body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 6000)))
+        if rng.random() < 0.5:
+            body = b"%d n " % rng.randrange(99) + body.replace(b"\n", b"")
+        for line in LineAssembler().feed(body + b"\n"):
+            reply = ch.handle(line)
+            lines += 1
+            assert reply.endswith(b"\n") and reply.count(b"\n") == 1 and len(reply) <= MAX_LINE
+            assert all(0x20 <= b <= 0x7E for b in reply[:-1]), reply[:80]
+    assert lines >= 300

@@ -179,3 +179,21 @@ def test_3_job_status_reaches_the_host(guest):
     text = guest.console_text()
     assert re.search(r"vmm-test: done fail=0", text), text[-3000:]
     assert status == 42, text[-3000:]
+
+
+def test_4_vmm_run_serve_scx_clock_from_the_shell():
+    """The same from the command line: `vmm run --serve-scx-clock --exec` on the plain
+    sched_ext build (no scheduler attached: the batch needs only the kernel's BTF)."""
+    import subprocess
+    import sys
+
+    kernel = built_kernel_spec()
+    job = "vmm-request -c 1 scx-clock && vmm-request -t 5 nope; echo rc=$?; exit 9"
+    r = subprocess.run([sys.executable, "-m", "vmm.cli", "run", "--kernel", kernel, "--cpus", "2",
+                        "--serve-scx-clock", "--exec", job], capture_output=True, text=True,
+                       timeout=BOOT_TIMEOUT, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 9, r.stdout[-3000:] + r.stderr[-2000:]
+    assert re.search(r"^cpus=1 clock=\d+ flags=0x[0-9a-f]+->0x[0-9a-f]+ ok=1\r?$", r.stdout, re.M), \
+        r.stdout[-3000:]
+    assert "error: unknown request 'nope'; the host serves: scx-clock" in r.stdout
+    assert re.search(r"^rc=1\r?$", r.stdout, re.M), r.stdout[-3000:]

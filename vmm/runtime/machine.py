@@ -18,8 +18,8 @@ from vmm.machine.builder import MachineBuilder
 from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
-from vmm.runtime.requests import HandlerEntry, Request, RequestChannel, RequestContext
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop
+from vmm.runtime.requests import HandlerEntry, Request, RequestChannel, RequestContext
 
 
 class Machine(MachineBuilder):

@@ -26,6 +26,56 @@ from vmm.errors import VmmError  # noqa: E402
 from vmm.session import INIT_MARKER  # noqa: E402
 
 
+def _host_symbols() -> list[tuple[int, str]]:
+    """This host's own kernel symbols (/proc/kallsyms, root only), sorted: a guest register
+    that holds an address of the host's kernel is host state that leaked into the guest
+    (as under a nested hypervisor that saves the wrong state on a #VMEXIT)."""
+    out = []
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                addr = int(parts[0], 16)
+                if addr:
+                    mod = f" {parts[3]}" if len(parts) > 3 else ""
+                    out.append((addr, parts[2] + mod))
+    except (OSError, ValueError, IndexError):
+        return []
+    out.sort()
+    return out
+
+
+def _host_symbol(host: list[tuple[int, str]], addr: int) -> str:
+    import bisect
+
+    i = bisect.bisect_right(host, (addr, "\U0010ffff")) - 1
+    if i < 0 or addr - host[i][0] > 0x10000:
+        return ""
+    return f"host's {host[i][1]}+{addr - host[i][0]:#x}"
+
+
+def _look(m: Machine, host: list[tuple[int, str]]) -> str:
+    """Every vCPU's registers under one short freeze, each address also tried against the
+    host's kernel symbols."""
+    if not m.running:
+        return "  (the VM is not running)"
+    lines = []
+    try:
+        with m.freeze(timeout=5.0) as snap:
+            for v, s in zip(m.vcpus, snap.vcpus):
+                if s is None:
+                    continue
+                r, sr = s.regs, s.sregs
+                extra = [x for x in (_host_symbol(host, r.rip), _host_symbol(host, r.rsp)) if x]
+                lines.append(
+                    f"  vCPU {v.index}: RIP {r.rip:#x} RSP {r.rsp:#x} RFLAGS {r.rflags:#x} "
+                    f"CS {sr.cs.selector:#x} CR0 {sr.cr0:#x} CR2 {sr.cr2:#x} CR3 {sr.cr3:#x} "
+                    f"CR4 {sr.cr4:#x} EFER {sr.efer:#x}" + (f" [{'; '.join(extra)}]" if extra else ""))
+    except VmmError as e:
+        lines.append(f"  {e}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernel", default="build:7.3", help="a store spec or an image path")
@@ -37,7 +87,10 @@ def main() -> int:
     ap.add_argument("--cmdline", default=None, help="replace the default command line")
     ap.add_argument("--until", default=INIT_MARKER, help="console regex that means booted")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per boot")
+    ap.add_argument("--looks", type=int, default=3,
+                    help="after a stalled boot, look at the vCPUs this many more times, 1 s apart")
     args = ap.parse_args()
+    host = _host_symbols()
 
     kernel = args.kernel
     if args.elf:
@@ -56,6 +109,10 @@ def main() -> int:
         except VmmError as e:  # GuestBootError says where the vCPUs are when still running
             outcome = "FAILED"
             print(f"--- boot {i + 1}: {e}\n{m.describe_state()}", flush=True)
+            for look in range(args.looks):  # does the guest move? whose address is it?
+                time.sleep(1.0)
+                print(f"--- boot {i + 1}, look {look + 1} (+{look + 1} s):\n{_look(m, host)}",
+                      flush=True)
         finally:
             m.stop()
         outcomes.append(outcome)

@@ -14,6 +14,7 @@ import threading
 import time
 
 from vmm.errors import GuestBootError, VmmError
+from vmm.kvm.kvm import MP_STATE_NAMES
 from vmm.machine.builder import MachineBuilder
 from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
@@ -113,8 +114,6 @@ class Machine(MachineBuilder):
         thread that is stuck."""
         if not self.running or self.coordinator is None:
             return "  (the VM is not running)"
-        mp_states = {0: "runnable", 1: "waiting for INIT/SIPI", 2: "INIT received",
-                     3: "halted", 4: "SIPI received"}
         lines = []
         try:
             with self.freeze(timeout=freeze_timeout) as snap:
@@ -125,7 +124,7 @@ class Machine(MachineBuilder):
                     rip = s.regs.rip
                     name = self._symbolize(rip)
                     try:
-                        state = mp_states.get(v.get_mp_state(), "unknown run state")
+                        state = MP_STATE_NAMES.get(v.get_mp_state(), "unknown run state")
                     except VmmError:
                         state = "run state unavailable"
                     lines.append(

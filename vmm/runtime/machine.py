@@ -19,6 +19,7 @@ from vmm.machine.builder import MachineBuilder
 from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
+from vmm.runtime.hostsyms import leaked_host_state
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop
 
 
@@ -111,7 +112,8 @@ class Machine(MachineBuilder):
         """One line per vCPU: RIP (with the kernel symbol when known), RSP, IF, CR3 and the
         KVM run state, taken under a short freeze; or, when a vCPU does not park, what its
         thread is doing. For telling a guest that loops from one that waits from a vmm
-        thread that is stuck."""
+        thread that is stuck, and both from a host that put its own state into a vCPU (a
+        RIP in the host's KVM, vmm.runtime.hostsyms)."""
         if not self.running or self.coordinator is None:
             return "  (the VM is not running)"
         lines = []
@@ -132,6 +134,9 @@ class Machine(MachineBuilder):
                         + (f" ({name})" if name else "")
                         + f", RSP {s.regs.rsp:#x}, IF {(s.regs.rflags >> 9) & 1}, "
                         f"CR3 {s.sregs.cr3:#x}")
+                    leaked = leaked_host_state(rip)
+                    if leaked:
+                        lines.append(f"    {leaked}")
         except VmmError as e:  # FreezeTimeout names the threads that did not park
             lines.append(f"  {e}")
         return "\n".join(lines)

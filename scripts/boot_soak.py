@@ -29,40 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmm import Machine  # noqa: E402
 from vmm.errors import VmmError  # noqa: E402
+from vmm.runtime.hostsyms import host_symbol  # noqa: E402
 from vmm.session import INIT_MARKER  # noqa: E402
 
 
-def _host_symbols() -> list[tuple[int, str]]:
-    """This host's own kernel symbols (/proc/kallsyms, root only), sorted: a guest register
-    that holds an address of the host's kernel is host state that leaked into the guest
-    (as under a nested hypervisor that saves the wrong state on a #VMEXIT)."""
-    out = []
-    try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                parts = line.split()
-                addr = int(parts[0], 16)
-                if addr:
-                    mod = f" {parts[3]}" if len(parts) > 3 else ""
-                    out.append((addr, parts[2] + mod))
-    except (OSError, ValueError, IndexError):
-        return []
-    out.sort()
-    return out
+def _host(addr: int) -> str:
+    found = host_symbol(addr)
+    return f"host's {found[0]}+{found[2]:#x} [{found[1] or 'vmlinux'}]" if found else ""
 
 
-def _host_symbol(host: list[tuple[int, str]], addr: int) -> str:
-    import bisect
-
-    i = bisect.bisect_right(host, (addr, "\U0010ffff")) - 1
-    if i < 0 or addr - host[i][0] > 0x10000:
-        return ""
-    return f"host's {host[i][1]}+{addr - host[i][0]:#x}"
-
-
-def _look(m: Machine, host: list[tuple[int, str]]) -> str:
-    """Every vCPU's registers under one short freeze, each address also tried against the
-    host's kernel symbols."""
+def _look(m: Machine) -> str:
+    """Every vCPU's registers under one short freeze, RIP and RSP also tried against the
+    host's own kernel symbols (a nested host that leaks its state shows here)."""
     if not m.running:
         return "  (the VM is not running)"
     lines = []
@@ -72,7 +50,7 @@ def _look(m: Machine, host: list[tuple[int, str]]) -> str:
                 if s is None:
                     continue
                 r, sr = s.regs, s.sregs
-                extra = [x for x in (_host_symbol(host, r.rip), _host_symbol(host, r.rsp)) if x]
+                extra = [x for x in (_host(r.rip), _host(r.rsp)) if x]
                 lines.append(
                     f"  vCPU {v.index}: RIP {r.rip:#x} RSP {r.rsp:#x} RFLAGS {r.rflags:#x} "
                     f"CS {sr.cs.selector:#x} CR0 {sr.cr0:#x} CR2 {sr.cr2:#x} CR3 {sr.cr3:#x} "
@@ -134,7 +112,7 @@ def _qemu_boot(args, argv: list[str], i: int) -> str:
     return outcome
 
 
-def _vmm_boot(args, kernel: str, i: int, host: list[tuple[int, str]]) -> str:
+def _vmm_boot(args, kernel: str, i: int) -> str:
     m = Machine(kernel=kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
                 console=None)
     t0 = time.monotonic()
@@ -146,7 +124,7 @@ def _vmm_boot(args, kernel: str, i: int, host: list[tuple[int, str]]) -> str:
         print(f"--- boot {i + 1}: {e}\n{m.describe_state()}", flush=True)
         for look in range(args.looks):  # does the guest move? whose address is it?
             time.sleep(1.0)
-            print(f"--- boot {i + 1}, look {look + 1} (+{look + 1} s):\n{_look(m, host)}",
+            print(f"--- boot {i + 1}, look {look + 1} (+{look + 1} s):\n{_look(m)}",
                   flush=True)
         return "FAILED"
     finally:
@@ -170,7 +148,6 @@ def main() -> int:
     ap.add_argument("--looks", type=int, default=3,
                     help="after a stalled boot, look at the vCPUs this many more times, 1 s apart")
     args = ap.parse_args()
-    host = _host_symbols()
 
     kernel = args.kernel
     if args.elf:
@@ -184,7 +161,7 @@ def main() -> int:
     outcomes: dict[str, list[str]] = {p: [] for p in peers}
     for i in range(args.boots):
         for peer in peers:
-            outcome = (_vmm_boot(args, kernel, i, host) if peer == "vmm"
+            outcome = (_vmm_boot(args, kernel, i) if peer == "vmm"
                        else _qemu_boot(args, qemu_argv, i))
             outcomes[peer].append(outcome)
             print(f"boot {i + 1}/{args.boots} ({peer}): {outcome}", flush=True)

@@ -13,6 +13,7 @@ import re
 import threading
 import time
 
+from vmm.arch.x86.regs import CR0_PG
 from vmm.errors import GuestBootError, VmmError
 from vmm.kvm.kvm import MP_STATE_NAMES
 from vmm.machine.builder import MachineBuilder
@@ -137,6 +138,11 @@ class Machine(MachineBuilder):
                     leaked = leaked_host_state(rip)
                     if leaked:
                         lines.append(f"    {leaked}")
+                    cr3 = s.sregs.cr3 & ~0xFFF & ((1 << 52) - 1)
+                    if s.sregs.cr0 & CR0_PG and not self.memory.contains(cr3, 0x1000):
+                        lines.append(f"    CR3 {cr3:#x} is outside the guest's RAM: no page "
+                                     "table of the guest's own (host state, or a guest that "
+                                     "lost its way)")
         except VmmError as e:  # FreezeTimeout names the threads that did not park
             lines.append(f"  {e}")
         return "\n".join(lines)

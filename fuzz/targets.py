@@ -105,6 +105,7 @@ def make_seeds(guest_elf: bytes) -> dict[str, dict[str, bytes]]:
     real images. `python fuzz/run.py --make-seeds` rewrites them."""
     import gzip
 
+    from fuzz.synthetic_images import make_bzimage, make_elf
     from vmm.kernel.elf import ElfImage
     from vmm.machine.initramfs import create_initramfs, file, symlink
 
@@ -112,43 +113,16 @@ def make_seeds(guest_elf: bytes) -> dict[str, dict[str, bytes]]:
     syms = ElfImage(guest_elf).symbols()
     sysmap = "".join(f"{s.address:016x} {s.type} {s.name}\n" for s in syms[:40]).encode()
     code = b"\xf4" * 64
-    kernel = _tiny_elf(code)
+    kernel = make_elf(code)
     return {
         "btf": {"guest.btf": btf},
         "elf": {"guest-small.elf": guest_elf},
         "kernel_elf": {"tiny.elf": kernel, "guest-small.elf": guest_elf},
         "sysmap": {"guest.map": sysmap},
-        "bzimage": {"tiny-gzip.bzImage": _tiny_bzimage(gzip.compress(kernel, 9)
-                                                        + struct.pack("<I", len(kernel)))},
+        "bzimage": {"tiny-gzip.bzImage": make_bzimage(gzip.compress(kernel, 9)
+                                                       + struct.pack("<I", len(kernel)))},
         "cpio": {"init.cpio.gz": create_initramfs([file("init", b"#!/bin/sh\n", 0o755),
                                                    symlink("sbin/init", "/init")]),
                  "init.cpio": create_initramfs([file("init", b"x" * 40, 0o755)],
                                                compress=False)},
     }
-
-
-def _tiny_elf(code: bytes, paddr=0x1000000, vaddr=0xFFFFFFFF81000000) -> bytes:
-    ph = struct.pack("<IIQQQQQQ", 1, 5, 120, vaddr, paddr, len(code), len(code), 0x200000)
-    eh = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + b"\0" * 9, 2, 62, 1,
-                     paddr, 64, 0, 0, 64, 56, 1, 64, 0, 0)
-    return eh + ph + code
-
-
-def _tiny_bzimage(payload: bytes, setup_sects: int = 1) -> bytes:
-    setup = bytearray((setup_sects + 1) * 512)
-    pm = b"\x90" * 0x100 + payload
-    struct.pack_into("<B", setup, 0x1F1, setup_sects)
-    struct.pack_into("<I", setup, 0x1F4, (len(pm) + 15) // 16)
-    struct.pack_into("<H", setup, 0x1FE, 0xAA55)
-    setup[0x201] = 0x6A
-    setup[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", setup, 0x206, 0x020F)
-    struct.pack_into("<I", setup, 0x22C, 0x7FFFFFFF)
-    struct.pack_into("<I", setup, 0x230, 0x200000)
-    setup[0x234] = 1
-    struct.pack_into("<I", setup, 0x238, 2048)
-    struct.pack_into("<I", setup, 0x248, 0x100)
-    struct.pack_into("<I", setup, 0x24C, len(payload))
-    struct.pack_into("<Q", setup, 0x258, 0x1000000)
-    struct.pack_into("<I", setup, 0x260, 0x800000)
-    return bytes(setup) + pm + b"\0" * (-len(pm) % 16)

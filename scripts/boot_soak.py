@@ -5,6 +5,12 @@ that shows once in dozens of boots (a hang, an early triple fault).
     scripts/boot_soak.py --kernel build:7.3 --boots 20 --cpus 2
     scripts/boot_soak.py --kernel build:7.3 --elf --boots 10      # the vmlinux, no decompressor
     scripts/svm_lane.py run -- python3 scripts/boot_soak.py --boots 20   # the plain path
+    scripts/svm_lane.py run -- python3 scripts/boot_soak.py --peer qemu --boots 20
+
+--peer qemu boots the same bzImage, command line, vCPUs and memory under QEMU
+(-M microvm -accel kvm -cpu host, the lane's QEMU) instead: the control for telling a
+failure of vmm from one of the host's virtualization; --peer both alternates the two,
+boot by boot, under the same conditions.
 
 Each boot waits for "Run /init" (or --until); a boot that does not get there prints
 the console tail and, when the guest still runs, where each vCPU is (RIP and its kernel
@@ -23,7 +29,106 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmm import Machine  # noqa: E402
 from vmm.errors import VmmError  # noqa: E402
+from vmm.runtime.hostsyms import host_symbol  # noqa: E402
 from vmm.session import INIT_MARKER  # noqa: E402
+
+
+def _host(addr: int) -> str:
+    found = host_symbol(addr)
+    return f"host's {found[0]}+{found[2]:#x} [{found[1] or 'vmlinux'}]" if found else ""
+
+
+def _look(m: Machine) -> str:
+    """Every vCPU's registers under one short freeze, RIP and RSP also tried against the
+    host's own kernel symbols (a nested host that leaks its state shows here)."""
+    if not m.running:
+        return "  (the VM is not running)"
+    lines = []
+    try:
+        with m.freeze(timeout=5.0) as snap:
+            for v, s in zip(m.vcpus, snap.vcpus):
+                if s is None:
+                    continue
+                r, sr = s.regs, s.sregs
+                extra = [x for x in (_host(r.rip), _host(r.rsp)) if x]
+                lines.append(
+                    f"  vCPU {v.index}: RIP {r.rip:#x} RSP {r.rsp:#x} RFLAGS {r.rflags:#x} "
+                    f"CS {sr.cs.selector:#x} CR0 {sr.cr0:#x} CR2 {sr.cr2:#x} CR3 {sr.cr3:#x} "
+                    f"CR4 {sr.cr4:#x} EFER {sr.efer:#x}" + (f" [{'; '.join(extra)}]" if extra else ""))
+    except VmmError as e:
+        lines.append(f"  {e}")
+    return "\n".join(lines)
+
+
+def _qemu_argv(args, kernel: str) -> list[str]:
+    """QEMU's command line for the same boot (the bzImage, command line, vCPUs, memory
+    and spin initramfs that vmm boots)."""
+    import os
+
+    from vmm import kernelstore
+    from vmm.machine.builder import DEFAULT_LINUX_CMDLINE
+    from vmm.machine.initramfs import build_initramfs
+
+    qemu = os.environ.get("VMM_QEMU") or os.environ.get("VMM_SVM_QEMU") or "qemu-system-x86_64"
+    if not Path(kernel).exists() or args.elf:
+        kernel = str(kernelstore.resolve_kernel(args.kernel).boot_image)
+    return [qemu, "-accel", "kvm", "-M", "microvm", "-cpu", "host",
+            "-m", args.memory.rstrip("MmIi"), "-smp", str(args.cpus), "-nographic",
+            "-no-reboot", "-display", "none", "-serial", "stdio", "-monitor", "none",
+            "-nodefaults", "-kernel", kernel, "-initrd", str(build_initramfs("spin")),
+            "-append", args.cmdline or DEFAULT_LINUX_CMDLINE]
+
+
+def _qemu_boot(args, argv: list[str], i: int) -> str:
+    """One boot under QEMU: "ok N s", "ended (status S)" (QEMU exits on a triple fault
+    with -no-reboot, and on panic=-1's reboot) or "FAILED: hung" (no match in time)."""
+    import os
+    import re
+    import select
+    import subprocess
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    buf, outcome = b"", "FAILED: hung"
+    until = re.compile(args.until)
+    try:
+        while time.monotonic() - t0 < args.timeout:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                outcome = f"FAILED: ended (status {proc.wait()})"
+                break
+            buf += chunk
+            if until.search(buf.decode(errors="replace")):
+                return f"ok {time.monotonic() - t0:.1f} s"
+    finally:
+        proc.kill()
+        proc.wait()
+    tail = "\n".join(buf.decode(errors="replace").splitlines()[-15:])
+    print(f"--- boot {i + 1} (QEMU): {outcome}; console tail:\n{tail}", flush=True)
+    return outcome
+
+
+def _vmm_boot(args, kernel: str, i: int) -> str:
+    m = Machine(kernel=kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
+                console=None)
+    t0 = time.monotonic()
+    try:
+        m.start()
+        m.wait_for_console(args.until, timeout=args.timeout)
+        return f"ok {time.monotonic() - t0:.1f} s"
+    except VmmError as e:  # GuestBootError says where the vCPUs are when still running
+        print(f"--- boot {i + 1}: {e}\n{m.describe_state()}", flush=True)
+        for look in range(args.looks):  # does the guest move? whose address is it?
+            time.sleep(1.0)
+            print(f"--- boot {i + 1}, look {look + 1} (+{look + 1} s):\n{_look(m)}",
+                  flush=True)
+        return "FAILED"
+    finally:
+        m.stop()
 
 
 def main() -> int:
@@ -37,6 +142,11 @@ def main() -> int:
     ap.add_argument("--cmdline", default=None, help="replace the default command line")
     ap.add_argument("--until", default=INIT_MARKER, help="console regex that means booted")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per boot")
+    ap.add_argument("--peer", choices=("vmm", "qemu", "both"), default="vmm",
+                    help="which VMM boots the kernel (qemu: the control; both: alternate, "
+                    "vmm then QEMU, every boot)")
+    ap.add_argument("--looks", type=int, default=3,
+                    help="after a stalled boot, look at the vCPUs this many more times, 1 s apart")
     args = ap.parse_args()
 
     kernel = args.kernel
@@ -44,28 +154,26 @@ def main() -> int:
         from vmm import kernelstore
 
         kernel = str(kernelstore.resolve_kernel(args.kernel).vmlinux)
-    outcomes = []
+    peers = ["vmm", "qemu"] if args.peer == "both" else [args.peer]
+    qemu_argv = _qemu_argv(args, kernel) if "qemu" in peers else []
+    if qemu_argv:
+        print("QEMU: " + " ".join(qemu_argv), flush=True)
+    outcomes: dict[str, list[str]] = {p: [] for p in peers}
     for i in range(args.boots):
-        m = Machine(kernel=kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
-                    console=None)
-        t0 = time.monotonic()
-        try:
-            m.start()
-            m.wait_for_console(args.until, timeout=args.timeout)
-            outcome = f"ok {time.monotonic() - t0:.1f} s"
-        except VmmError as e:  # GuestBootError says where the vCPUs are when still running
-            outcome = "FAILED"
-            print(f"--- boot {i + 1}: {e}\n{m.describe_state()}", flush=True)
-        finally:
-            m.stop()
-        outcomes.append(outcome)
-        print(f"boot {i + 1}/{args.boots}: {outcome}", flush=True)
-    failed = sum(o == "FAILED" for o in outcomes)
-    times = [float(o.split()[1]) for o in outcomes if o != "FAILED"]
-    span = f"; to {args.until!r} in {min(times):.1f}-{max(times):.1f} s" if times else ""
-    print(f"{args.boots - failed} of {args.boots} boots ok, {failed} failed ({kernel}, "
-          f"{args.cpus} vCPUs){span}")
-    return 1 if failed else 0
+        for peer in peers:
+            outcome = (_vmm_boot(args, kernel, i) if peer == "vmm"
+                       else _qemu_boot(args, qemu_argv, i))
+            outcomes[peer].append(outcome)
+            print(f"boot {i + 1}/{args.boots} ({peer}): {outcome}", flush=True)
+    failed_any = False
+    for peer, got in outcomes.items():
+        failed = sum(not o.startswith("ok") for o in got)
+        failed_any |= bool(failed)
+        times = [float(o.split()[1]) for o in got if o.startswith("ok")]
+        span = f"; to {args.until!r} in {min(times):.1f}-{max(times):.1f} s" if times else ""
+        print(f"{peer}: {args.boots - failed} of {args.boots} boots ok, {failed} failed "
+              f"({kernel}, {args.cpus} vCPUs){span}")
+    return 1 if failed_any else 0
 
 
 if __name__ == "__main__":

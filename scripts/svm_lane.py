@@ -472,7 +472,8 @@ def _run_script(cmd: list[str], cwd: str) -> str:
 def qemu_command(manifest: dict, io: Path, cpus: int, memory: str) -> list[str]:
     return [
         manifest["qemu"],
-        "-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "max,+svm,+npt",
+        "-M", "pc", "-accel", "tcg," + os.environ.get("VMM_SVM_TCG", "thread=multi"),
+        "-cpu", "max,+svm,+npt",
         "-smp", str(cpus), "-m", memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
         "-serial", "stdio", "-no-reboot",

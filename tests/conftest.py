@@ -9,7 +9,8 @@
   or fail (the boot, try, finally: stop() the guest tests repeated).
 
 Helpers the test modules share live in plain modules beside them (guest_abi, tinyvm,
-synthetic_images, fake_resolver, page_tables, pahole_text); test modules do not import
+fake_resolver, page_tables, pahole_text); the synthetic kernel images come from
+fuzz.synthetic_images, which also makes the fuzz seeds. Test modules do not import
 one another.
 """
 

@@ -141,7 +141,7 @@ def _bomb(kind: str, size: int) -> bytes:
 
 @pytest.mark.parametrize("kind", ["zstd", "gzip"])
 def test_bzimage_decompression_bomb_is_bounded(kind, tmp_path):
-    from synthetic_images import make_bzimage  # init_size 8 MiB
+    from fuzz.synthetic_images import make_bzimage  # init_size 8 MiB
 
     image = tmp_path / "bzImage"
     image.write_bytes(make_bzimage(_bomb(kind, 768 << 20)))

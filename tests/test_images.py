@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from vmm.errors import ImageError
 from vmm.image import formats as images
 
-from synthetic_images import compress, make_bzimage, make_elf
+from fuzz.synthetic_images import compress, make_bzimage, make_elf
 
 REPO = Path(__file__).resolve().parents[1]
 

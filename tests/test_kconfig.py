@@ -16,7 +16,7 @@ from vmm.kernel import kconfig
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_images import compress, make_bzimage  # noqa: E402
+from fuzz.synthetic_images import compress, make_bzimage  # noqa: E402
 
 GOOD = """CONFIG_SMP=y
 CONFIG_PRINTK=y

@@ -101,7 +101,7 @@ def test_format_helpers():
 def test_load_bzimage_with_system_map(tmp_path):
     """The distro path: BTF from the vmlinux inside a bzImage, symbols from System.map."""
     images = pytest.importorskip("vmm.image.formats")
-    from synthetic_images import compress, make_bzimage
+    from fuzz.synthetic_images import compress, make_bzimage
 
     elf = kfixture.linked()
     stripped = tmp_path / "vmlinux"

@@ -17,7 +17,7 @@ from vmm.kernel import locate as L
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "kernels/guests/out/guest.elf"
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_images import compress, make_bzimage  # noqa: E402
+from fuzz.synthetic_images import compress, make_bzimage  # noqa: E402
 
 needs_guest = pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests")
 needs_kvm = pytest.mark.kvm

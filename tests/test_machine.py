@@ -143,7 +143,7 @@ def test_wait_for_console_timeout_says_where_each_vcpu_is(guest):
 
 
 def test_bzimage_wrapping_our_guest_boots(guest):
-    import synthetic_images
+    from fuzz import synthetic_images
 
     bz = synthetic_images.make_bzimage(synthetic_images.compress("gzip", guest.read_bytes()))
     # Its "decompressor" is a stub: decompress on the host (the automatic choice on PVM).
@@ -182,7 +182,7 @@ def test_boot_via_decompressor_must_be_none_or_bool():
 def test_boot_via_decompressor_enters_at_load_plus_0x200(guest):
     """A stub bzImage whose '64-bit entry' checks RSI points at a zero page holding the
     image's setup header, then writes 42 to the exit port."""
-    import synthetic_images
+    from fuzz import synthetic_images
 
     stub = bytes.fromhex("8b860202000" "0" "3d48647253" "7505" "b02a" "e6f4" "f4" "b001" "e6f4" "f4")
     base = bytearray(synthetic_images.make_bzimage(b"\x1f\x8b" + b"\0" * 64))

@@ -53,13 +53,11 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from typing import Any, Optional
 
-from vmm.errors import KvmIoctlError, VmmError
-from vmm.kvm.native import native
+from vmm.debug.guest_debug import DR7_LEN, GuestDebug
+from vmm.errors import VmmError
 from vmm.kvm.pvm import is_pvm_host
-from vmm.runtime.vcpu_thread import DebugExit, freeze_requested, hold
 
 # The i386:x86-64 'g' packet without a target description: 16 GPRs and rip (8 bytes),
 # eflags, cs, ss, ds, es, fs, gs (4 bytes), then x87 (8 x 10), its control words
@@ -69,13 +67,6 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
 SEGS = ("cs", "ss", "ds", "es", "fs", "gs")
 UNAVAILABLE_BYTES = 8 * 10 + 8 * 4 + 16 * 16 + 4
 SIGTRAP, SIGINT = 5, 2
-INT3 = 0xCC
-BP_VECTOR, DB_VECTOR = 3, 1
-DR6_BS = 1 << 14  # DR6: single step
-# DR7 R/W bits per Z type (1 execute, 2 write, 4 access; x86 has no read-only watch)
-# and LEN bits per length.
-DR7_RW = {1: 0b00, 2: 0b01, 4: 0b11}
-DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
 # The target description: only the architecture, so that gdb needs no `set architecture`
 # (nor an exec file) and uses its default x86-64 register layout, which 'g' follows.
 TARGET_XML = (b'<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd">'
@@ -115,22 +106,18 @@ class GdbStub:
         self.closed = False
         self.error: Optional[BaseException] = None
         self.last_refusal = ""  # why the last Z/s was refused (also in the E reply's log)
-        # Software breakpoints: kva -> (gpa, original byte). Hardware slots DR0-DR3:
-        # (Z type, kva, length) or None. stepping: the vCPU index being single-stepped.
-        self.breakpoints: dict[int, tuple[int, int]] = {}
-        self.hw_slots: list[Optional[tuple[int, int, int]]] = [None] * 4
-        self.stepping: Optional[int] = None
-        self.attached = False
-        self._controls: dict[int, int] = {}  # KVM_GUESTDBG_* last set per vCPU index
-        self._events: list[tuple[int, str]] = []  # (vCPU index, stop reply suffix)
-        self._events_lock = threading.Lock()
-        # Debug exits seen, and those given back to the guest (not ours): diagnostics.
-        self.counts = {"debug_exits": 0, "given_back": 0, "pvm_int3": 0}
+        # Breakpoints, DR0-DR3 slots, the step, and the debug exits they cause.
+        self.debug = GuestDebug(machine)
         self._thread = threading.Thread(target=self._serve, name=f"vmm-gdbstub:{self.port}",
                                         daemon=True)
         self._thread.start()
 
     # --- connection -----------------------------------------------------------------
+    @property
+    def breakpoints(self) -> dict[int, tuple[int, int]]:
+        """Software breakpoints: kernel virtual address -> (gpa, original byte)."""
+        return self.debug.breakpoints
+
     def close(self) -> None:
         self.closed = True
         try:
@@ -170,33 +157,22 @@ class GdbStub:
         off on every vCPU, nothing held; then thaws. Runs on D, k, a dropped connection
         and close()."""
         try:
-            if self.attached and self.machine.exit is None:
+            if self.debug.attached and self.machine.exit is None:
                 try:
                     self._freeze()
                 except VmmError:
                     pass  # the VM ended meanwhile: nothing left to clean
-            if self.snapshot is not None:
-                for kva in list(self.breakpoints):
-                    self._remove_sw(kva)
-                self.hw_slots = [None] * 4
-                self.stepping = None
-                self._apply_debug()
-                for v in self.machine.vcpus:
-                    hold(v, False)
+            self.debug.clear(frozen=self.snapshot is not None)
         finally:
-            self.breakpoints.clear()
-            self.attached = False
             if getattr(self.machine, "exits", None) is not None \
-                    and self.machine.exits.debugger is self:
+                    and self.machine.exits.debugger is self.debug:
                 self.machine.exits.debugger = None
-            with self._events_lock:
-                self._events.clear()
             self._thaw()
 
     def _session(self, conn: socket.socket) -> None:
         self._freeze()
-        self.attached = True
-        self.machine.exits.debugger = self
+        self.debug.attached = True
+        self.machine.exits.debugger = self.debug
         buf = b""
         running = False
         conn.settimeout(0.05)
@@ -204,7 +180,7 @@ class GdbStub:
             if running and self.machine.exit is not None:
                 conn.sendall(frame(b"W%02x" % (self.machine.exit.exit_code & 0xFF)))
                 return
-            if running and self._events:
+            if running and self.debug.pending():
                 conn.sendall(frame(self._stop_after_event()))
                 running = False
             try:
@@ -245,31 +221,10 @@ class GdbStub:
                 conn.sendall(frame(reply))
 
     # --- stops ------------------------------------------------------------------------
-    def _take_event(self) -> Optional[tuple[int, str]]:
-        """The event to report after a freeze; the step's first, then the oldest. Other
-        vCPUs' breakpoint hits are dropped: they sit on the int3 (or the DR0-3 address)
-        and hit it again when they run; their watchpoint hits are kept for later."""
-        with self._events_lock:
-            events, self._events = self._events, []
-        if not events:
-            return None
-        events.sort(key=lambda e: e[0] != self.stepping)
-        first = events[0]
-        with self._events_lock:
-            self._events = [e for e in events[1:] if "watch:" in e[1]] + self._events
-        return first
-
-    def _after_stop(self) -> None:
-        # Frozen: a held vCPU may be let go now (the next thaw runs it as the others).
-        if self.stepping is not None:
-            for v in self.machine.vcpus:
-                hold(v, False)
-            self.stepping = None
-
     def _stop_after_event(self) -> bytes:
         self._freeze()
-        event = self._take_event()
-        self._after_stop()
+        event = self.debug.take_event()
+        self.debug.step_done()
         if event is None:
             return self._stop_reply(SIGTRAP)
         index, suffix = event
@@ -278,113 +233,20 @@ class GdbStub:
 
     def _stop_after_interrupt(self) -> bytes:
         self._freeze()
-        if self._events:  # a debug exit raced the interrupt: report it instead
-            event = self._take_event()
+        if self.debug.pending():  # a debug exit raced the interrupt: report it instead
+            event = self.debug.take_event()
             if event is not None:
-                self._after_stop()
+                self.debug.step_done()
                 self.thread_g = event[0] + 1
                 return self._stop_reply(SIGTRAP) + event[1].encode()
-        self._after_stop()
+        self.debug.step_done()
         return self._stop_reply(SIGINT)
 
-    # --- debug exits (vCPU threads) ---------------------------------------------------
-    def debug_exit(self, vcpu: Any, info: DebugExit) -> bool:
-        """A KVM_EXIT_DEBUG on ``vcpu``'s own thread (vmm.machine.exits: debugger).
-        Ours: post the stop and wait until the freeze it causes reaches this vCPU (it
-        then parks before running any guest code). Not ours: give it to the guest."""
-        _, lib = native()
-        self.counts["debug_exits"] += 1
-        suffix = self._classify(vcpu.index, info)
-        if suffix is None:
-            self.counts["given_back"] += 1
-            self.last_given_back = info
-            inject = (lib.KVM_GUESTDBG_INJECT_BP if info.exception == BP_VECTOR
-                      else lib.KVM_GUESTDBG_INJECT_DB)
-            control = self._controls.get(vcpu.index, 0)
-            try:
-                vcpu.set_guest_debug(control | inject, self._debugregs())
-            except KvmIoctlError:
-                return False
-            return True
-        with self._events_lock:
-            self._events.append((vcpu.index, suffix))
-        while self.attached and not freeze_requested(vcpu):
-            time.sleep(0.0005)
-        return True
-
-    def internal_error(self, vcpu: Any) -> bool:
-        """PVM: an int3 at CPL 0 is an emulation failure, not a #BP. Ours if the vCPU
-        stands on one of our breakpoints."""
-        if not self.attached or not self.breakpoints:
-            return False
-        try:
-            rip = vcpu.get_regs().rip
-        except KvmIoctlError:
-            return False
-        if rip not in self.breakpoints:
-            return False
-        self.counts["pvm_int3"] += 1
-        return self.debug_exit(vcpu, DebugExit(BP_VECTOR, rip, 0, 0))
-
-    def _classify(self, index: int, info: DebugExit) -> Optional[str]:
-        """The stop reply suffix for a debug exit that is ours, else None."""
-        if info.exception == BP_VECTOR:
-            return "swbreak:;" if info.pc in self.breakpoints else None
-        if self.stepping == index and info.dr6 & DR6_BS:
-            return ""
-        for i, slot in enumerate(self.hw_slots):
-            if slot is not None and info.dr6 & (1 << i):
-                kind, kva, _ = slot
-                if kind == 1:
-                    return "hwbreak:;"
-                return ("watch:%x;" if kind == 2 else "awatch:%x;") % kva
-        if self.stepping == index:  # a step that KVM reported without DR6.BS
-            return ""
-        return None
-
-    # --- guest debug state (while frozen) ---------------------------------------------
-    def _debugregs(self) -> list[int]:
-        regs = [0] * 8
-        dr7 = 0
-        for i, slot in enumerate(self.hw_slots):
-            if slot is None:
-                continue
-            kind, kva, length = slot
-            regs[i] = kva
-            dr7 |= (0b10 << (2 * i)) | ((DR7_RW[kind] | DR7_LEN[length] << 2) << (16 + 4 * i))
-        regs[7] = dr7
-        return regs
-
-    def _apply_debug(self) -> None:
-        """KVM_SET_GUEST_DEBUG on every vCPU from the breakpoints and the step; called
-        while frozen (no vCPU is inside KVM_RUN)."""
-        _, lib = native()
-        base = 0
-        if self.breakpoints and not is_pvm_host():
-            base |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_SW_BP
-        if any(self.hw_slots):
-            base |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
-        regs = self._debugregs()
-        for v in self.machine.vcpus:
-            control = base
-            if self.stepping == v.index:
-                control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
-            if control == self._controls.get(v.index, 0) and not (control & lib.KVM_GUESTDBG_USE_HW_BP):
-                continue
-            try:
-                v.set_guest_debug(control, regs)
-            except KvmIoctlError as exc:
-                raise VmmError(f"gdb stub: this host's KVM refused guest debugging "
-                               f"(KVM_SET_GUEST_DEBUG on vCPU {v.index}: {exc}); "
-                               "breakpoints and single-step are not available here") from exc
-            self._controls[v.index] = control
-
+    # --- resuming ---------------------------------------------------------------------
     def _resume(self, step: Optional[int] = None) -> tuple[Optional[bytes], bool]:
         """Continue (step None) or single-step vCPU ``step`` with the others held."""
-        with self._events_lock:
-            pending = bool(self._events)
-        if pending:  # a watchpoint another vCPU hit at the last stop: report it now
-            event = self._take_event()
+        if self.debug.pending():  # a watchpoint another vCPU hit at the last stop: report it now
+            event = self.debug.take_event()
             if event is not None:
                 self.thread_g = event[0] + 1
                 return self._stop_reply(SIGTRAP) + event[1].encode(), False
@@ -393,61 +255,33 @@ class GdbStub:
                                  "natively: it cannot single-step there (the guest would get "
                                  "the #DB); step kernel code, or use a host with VMX/SVM")
             return b"E01", False
-        self.stepping = step
         try:
-            self._apply_debug()
+            self.debug.prepare_resume(step)
         except VmmError as exc:
-            self.stepping = None
             self.last_refusal = str(exc)
             return b"E01", False
-        if step is not None:
-            for v in self.machine.vcpus:
-                hold(v, v.index != step)
         self._thaw()
         return None, True
 
     # --- breakpoints ------------------------------------------------------------------
-    def _insert_sw(self, kva: int) -> None:
-        if kva in self.breakpoints:
-            return
-        gpa = self._live_for_vcpu().kva_to_gpa(kva)
-        memory = self.machine.memory
-        original = memory.read(gpa, 1)[0]
-        memory.write(gpa, bytes([INT3]))
-        self.breakpoints[kva] = (gpa, original)
-
-    def _remove_sw(self, kva: int) -> None:
-        entry = self.breakpoints.pop(kva, None)
-        if entry is None:
-            return
-        gpa, original = entry
-        memory = self.machine.memory
-        if memory.read(gpa, 1)[0] == INT3:  # the guest did not rewrite it meanwhile
-            memory.write(gpa, bytes([original]))
-
     def _breakpoint(self, insert: bool, p: bytes) -> bytes:
         kind, addr, size = p[1:].split(b",")[:3]
         z, kva, length = int(kind), int(addr, 16), int(size.split(b";")[0], 16)
         if z == 0:
             if insert:
-                self._insert_sw(kva)
+                self.debug.insert_sw(kva, self._live_for_vcpu().kva_to_gpa)
             else:
-                self._remove_sw(kva)
+                self.debug.remove_sw(kva)
             return b"OK"
         if z == 3 or z not in (1, 2, 4):
             return b""  # x86 cannot watch reads alone: gdb says it is not supported
         length = 1 if z == 1 else length
         if length not in DR7_LEN or kva % length:
             return b"E16"
-        if insert:
-            if (z, kva, length) in self.hw_slots:
-                return b"OK"
-            if None not in self.hw_slots:
-                self.last_refusal = "all four debug registers (DR0-DR3) are in use"
-                return b"E1c"  # ENOSPC
-            self.hw_slots[self.hw_slots.index(None)] = (z, kva, length)
-        elif (z, kva, length) in self.hw_slots:
-            self.hw_slots[self.hw_slots.index((z, kva, length))] = None
+        refusal = self.debug.set_hw(insert, z, kva, length)
+        if refusal:
+            self.last_refusal = refusal
+            return b"E1c"  # ENOSPC
         return b"OK"
 
     def symbol_file_command(self, vmlinux: str = "vmlinux") -> str:
@@ -606,14 +440,8 @@ class GdbStub:
         return live
 
     def _read(self, addr: int, n: int) -> bytes:
-        data = self._live_for_vcpu().read_kva(addr, n)
-        if self.breakpoints:  # show the kernel's bytes, not our int3s
-            out = bytearray(data)
-            for kva, (_, original) in self.breakpoints.items():
-                if addr <= kva < addr + len(out):
-                    out[kva - addr] = original
-            data = bytes(out)
-        return data
+        # The kernel's bytes, not our int3s.
+        return self.debug.original_bytes(addr, self._live_for_vcpu().read_kva(addr, n))
 
     def _write(self, addr: int, data: bytes) -> None:
         from vmm.ops import KernelTarget as T, KernelValue as V, Op

@@ -17,6 +17,9 @@ from vmm.kvm.native import check, ioctl, ioctl_int, native
 KVM_API_VERSION = 12
 DEFAULT_KVM_PATH = "/dev/kvm"
 MAX_CPUID_ENTRIES = 256
+# KVM_GET_MP_STATE's answers on x86 (include/uapi/linux/kvm.h), in words.
+MP_STATE_NAMES = {0: "runnable", 1: "waiting for INIT/SIPI", 2: "INIT received",
+                  3: "halted", 4: "SIPI received"}
 
 # Not in the C core's cdef (ffi/build_native.py): called through its generic
 # vmm_ioctl_int with the number from <linux/kvm.h>.

@@ -45,7 +45,6 @@ from vmm.machine.vmexit import (EXIT_CODE_CRASH, REASONS, ExitReason, StopReason
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 CONSOLE_TAIL_BYTES = 4096
 PIT_SPEAKER_DUMMY = 1  # KVM_PIT_SPEAKER_DUMMY: port 0x61 handled in the kernel
-KVM_MP_STATE_UNINITIALIZED = 1
 
 BUILD_STEPS = ("create_vm", "setup_memory", "setup_irqchip", "load_kernel", "load_initrd",
                "write_boot_params", "write_tables", "create_vcpus", "setup_devices", "start")

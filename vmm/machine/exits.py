@@ -3,7 +3,7 @@ vmm/runtime/vcpu_thread.py). It owns the port and MMIO buses; internal errors an
 stops go to the callables the machine gives. The machine is the handler the threads
 hold and forwards to its dispatcher (so a caller may wrap one of its methods).
 
-`debugger`: None, or what a debugger attached (vmm/debug/gdbstub.py): an object with
+`debugger`: None, or what a debugger attached (vmm/debug/guest_debug.py): an object with
 `debug_exit(vcpu, info) -> bool` (a KVM_EXIT_DEBUG; True: handled, re-enter) and
 `internal_error(vcpu) -> bool` (asked first on an internal error: on PVM an int3 at CPL 0
 cannot be emulated and arrives as one; True: it was the debugger's breakpoint)."""

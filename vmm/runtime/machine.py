@@ -13,11 +13,14 @@ import re
 import threading
 import time
 
+from vmm.arch.x86.regs import CR0_PG
 from vmm.errors import GuestBootError, VmmError
+from vmm.kvm.kvm import MP_STATE_NAMES
 from vmm.machine.builder import MachineBuilder
 from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
+from vmm.runtime.hostsyms import leaked_host_state
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop
 from vmm.runtime.requests import HandlerEntry, Request, RequestChannel, RequestContext
 
@@ -113,11 +116,10 @@ class Machine(MachineBuilder):
         """One line per vCPU: RIP (with the kernel symbol when known), RSP, IF, CR3 and the
         KVM run state, taken under a short freeze; or, when a vCPU does not park, what its
         thread is doing. For telling a guest that loops from one that waits from a vmm
-        thread that is stuck."""
+        thread that is stuck, and both from a host that put its own state into a vCPU (a
+        RIP in the host's KVM, vmm.runtime.hostsyms)."""
         if not self.running or self.coordinator is None:
             return "  (the VM is not running)"
-        mp_states = {0: "runnable", 1: "waiting for INIT/SIPI", 2: "INIT received",
-                     3: "halted", 4: "SIPI received"}
         lines = []
         try:
             with self.freeze(timeout=freeze_timeout) as snap:
@@ -128,7 +130,7 @@ class Machine(MachineBuilder):
                     rip = s.regs.rip
                     name = self._symbolize(rip)
                     try:
-                        state = mp_states.get(v.get_mp_state(), "unknown run state")
+                        state = MP_STATE_NAMES.get(v.get_mp_state(), "unknown run state")
                     except VmmError:
                         state = "run state unavailable"
                     lines.append(
@@ -136,6 +138,14 @@ class Machine(MachineBuilder):
                         + (f" ({name})" if name else "")
                         + f", RSP {s.regs.rsp:#x}, IF {(s.regs.rflags >> 9) & 1}, "
                         f"CR3 {s.sregs.cr3:#x}")
+                    leaked = leaked_host_state(rip)
+                    if leaked:
+                        lines.append(f"    {leaked}")
+                    cr3 = s.sregs.cr3 & ~0xFFF & ((1 << 52) - 1)
+                    if s.sregs.cr0 & CR0_PG and not self.memory.contains(cr3, 0x1000):
+                        lines.append(f"    CR3 {cr3:#x} is outside the guest's RAM: no page "
+                                     "table of the guest's own (host state, or a guest that "
+                                     "lost its way)")
         except VmmError as e:  # FreezeTimeout names the threads that did not park
             lines.append(f"  {e}")
         return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Synthetic kernel images for the tests: a minimal ELF, a bzImage skeleton around a
-payload, and the payload compressed the ways the kernel's build does."""
+"""Synthetic kernel images, for the fuzz seeds (fuzz/targets.py) and the tests: a minimal
+ELF, a bzImage skeleton around a payload, and the payload compressed the ways the
+kernel's build does."""
 
 import bz2
 import gzip

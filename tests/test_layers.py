@@ -28,7 +28,7 @@ FLOORS = [
     ("vmm.runtime",),
     ("vmm.kernel",),
     ("vmm.ops",),
-    ("vmm", "vmm.session", "vmm.session_report", "vmm.cli", "vmm.pytest_plugin", "vmm.kernelstore", "vmm.__main__",
+    ("vmm", "vmm.session", "vmm.session_report", "vmm.session_requests", "vmm.cli", "vmm.pytest_plugin", "vmm.kernelstore", "vmm.__main__",
      "vmm.debug", "vmm.scxbuild"),
 ]
 FLOOR_NAMES = ["_native", "errors", "arch/image", "kvm", "machine", "runtime", "kernel", "ops", "top"]

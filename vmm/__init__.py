@@ -12,7 +12,8 @@ vmm.kernel -> vmm.ops -> vmm.session / vmm.cli / vmm.pytest_plugin.
 from .errors import VmmError
 from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult, OrU32, U32, U64
 from .runtime.requests import Request
-from .session import KernelRequestContext, Machine, ScxInjection
+from .session import Machine, ScxInjection
+from .session_requests import KernelRequestContext
 
 __all__ = ["Bytes", "KernelRequestContext", "KernelTarget", "KernelValue", "Machine", "Op",
            "OpResult", "OrU32", "Request", "ScxInjection", "U32", "U64", "VmmError"]

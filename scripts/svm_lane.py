@@ -7,6 +7,9 @@ command inside an L1 Linux guest under QEMU >= 10 in TCG mode with ``-cpu
 max,+svm,+npt``: there ``kvm_amd`` loads, /dev/kvm is hardware-virtualization KVM
 (nested paging on), and vmm takes its plain path by itself.  QEMU 10, not bookworm's
 7.2: under 7.2's nested SVM a Linux 7.3 L2 oopses early (a struct copy loses bytes).
+QEMU 10's multi-threaded TCG still puts L1's own state into an L2 vCPU now and then
+(README: The SVM lane); VMM_SVM_TCG=thread=single swaps that for guest spinlock hangs
+(2 in 9 boots), so multi-threaded TCG stays the default.
 
     scripts/svm_lane.py setup                   fetch and prepare (idempotent; offline when cached)
     scripts/svm_lane.py info                    boot L1 and print what the lane is

@@ -74,6 +74,50 @@ def built_kernel_spec(flavour=None):
     return spec
 
 
+def guest_syscall_marks():
+    """The marks of a test whose guest user space makes system calls: /dev/kvm with
+    VMX/SVM (on our PVM machines: the SVM lane)."""
+    from vmm.kvm.pvm import is_pvm_host
+
+    return [pytest.mark.kvm,
+            pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm"),
+            pytest.mark.skipif(is_pvm_host(), reason=(
+                "guest user space cannot make system calls on a PVM host: run on VMX/SVM or "
+                "in the SVM lane (scripts/svm_lane.py run -- python3 -m pytest ...)"))]
+
+
+# A guest job's start (busybox sh): attach scx_simple, wait for sched_ext to say
+# "enabled" (exit 3 after 60 s), print the state, then keep every CPU busy ($BUSY: the
+# spinners' pids).
+SCX_ATTACH_AND_BUSY = r"""
+scx_simple > /tmp/scx.log 2>&1 &
+SCX=$!
+i=0
+until [ "$(cat /sys/kernel/sched_ext/state)" = enabled ]; do
+  i=$((i+1))
+  if [ $i -gt 600 ]; then echo "vmm-test: scx_simple did not attach"; cat /tmp/scx.log; exit 3; fi
+  sleep 0.1
+done
+echo "vmm-test: attached state=$(cat /sys/kernel/sched_ext/state) ops=$(cat /sys/kernel/sched_ext/root/ops)"
+N=$(grep -c ^processor /proc/cpuinfo)
+BUSY=
+for c in $(seq $N); do (while :; do :; done) & BUSY="$BUSY $!"; done
+"""
+
+
+def scx_simple_for(kernel):
+    """scx_simple built for ``kernel`` (vmm.scxbuild, cached); skips, naming the package,
+    when the toolchain is missing."""
+    from vmm.scxbuild import ScxBuildError, build_scheduler
+
+    try:
+        return build_scheduler("simple", kernel, progress=None)
+    except ScxBuildError as exc:
+        if "apt-get install" in str(exc):  # the toolchain is missing: the message names it
+            pytest.skip(str(exc))
+        raise
+
+
 def gdb_batch(cmds, timeout):
     """Runs `gdb -batch -nx -ex CMD...`; its stdout and stderr together. gdb is a foreign
     program: it gets no sanitizer runtime (make test-asan preloads libasan for our C

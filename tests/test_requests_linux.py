@@ -31,14 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_abi import built_kernel_spec
-from vmm.kvm.pvm import is_pvm_host
+from guest_abi import SCX_ATTACH_AND_BUSY, built_kernel_spec, guest_syscall_marks, scx_simple_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.kvm,
-              pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm"),
-              pytest.mark.skipif(is_pvm_host(), reason=(
-                  "guest user space cannot make system calls on a PVM host: run on VMX/SVM or in "
-                  "the SVM lane (scripts/svm_lane.py run -- python3 -m pytest ...)"))]
+pytestmark = [pytest.mark.slow, *guest_syscall_marks()]
 
 CPUS = 2
 BOOT_TIMEOUT = 900
@@ -48,19 +43,7 @@ REQUESTER_CPU = 1
 # clock/flag batch on CPU 1 from CPU 1, dump sched_ext's state right after, send a
 # malformed, an unknown and an oversized request, ask once more, and detach. Exit 42:
 # every step went as expected (each check prints a "vmm-test:" line the host reads).
-JOB = r"""
-scx_simple > /tmp/scx.log 2>&1 &
-SCX=$!
-i=0
-until [ "$(cat /sys/kernel/sched_ext/state)" = enabled ]; do
-  i=$((i+1))
-  if [ $i -gt 600 ]; then echo "vmm-test: scx_simple did not attach"; cat /tmp/scx.log; exit 3; fi
-  sleep 0.1
-done
-echo "vmm-test: attached state=$(cat /sys/kernel/sched_ext/state) ops=$(cat /sys/kernel/sched_ext/root/ops)"
-N=$(grep -c ^processor /proc/cpuinfo)
-BUSY=
-for c in $(seq $N); do (while :; do :; done) & BUSY="$BUSY $!"; done
+JOB = SCX_ATTACH_AND_BUSY + r"""
 T=/sys/kernel/tracing
 [ -e $T/trace ] || mount -t tracefs nodev $T
 echo 1 > $T/events/sched_ext/sched_ext_dump/enable
@@ -95,17 +78,6 @@ if [ $fail -eq 0 ]; then exit 42; else exit 4; fi
 """
 
 
-def _scheduler(kernel):
-    from vmm.scxbuild import ScxBuildError, build_scheduler
-
-    try:
-        return build_scheduler("simple", kernel, progress=None)
-    except ScxBuildError as exc:
-        if "apt-get install" in str(exc):  # the toolchain is missing: the message names it
-            pytest.skip(str(exc))
-        raise
-
-
 def scx_clock(ctx, request):
     """The host's handler: the scx clock/flag batch on the requester's CPU only, inside
     the request's freeze, and what it wrote and read back."""
@@ -121,7 +93,7 @@ def guest():
     from vmm import Machine
 
     kernel = built_kernel_spec("scx")
-    sched = _scheduler(kernel)
+    sched = scx_simple_for(kernel)
     m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=JOB,
                 include=[f"{sched.binary}:/bin/scx_simple"])
     m.on_request("scx-clock", scx_clock)

@@ -27,14 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_abi import built_kernel_spec
-from vmm.kvm.pvm import is_pvm_host
+from guest_abi import SCX_ATTACH_AND_BUSY, built_kernel_spec, guest_syscall_marks, scx_simple_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.kvm,
-              pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm"),
-              pytest.mark.skipif(is_pvm_host(), reason=(
-                  "guest user space cannot make system calls on a PVM host: run on VMX/SVM or in "
-                  "the SVM lane (scripts/svm_lane.py run -- python3 -m pytest ...)"))]
+pytestmark = [pytest.mark.slow, *guest_syscall_marks()]
 
 CPUS = 2
 BOOT_TIMEOUT = 900
@@ -42,19 +37,7 @@ BOOT_TIMEOUT = 900
 # The guest job: attach scx_simple, keep every CPU busy, then serve the host's commands
 # (typed into the console) until "detach"; its exit status (42: detached cleanly)
 # reaches the host through the job's status line.
-JOB = r"""
-scx_simple > /tmp/scx.log 2>&1 &
-SCX=$!
-i=0
-until [ "$(cat /sys/kernel/sched_ext/state)" = enabled ]; do
-  i=$((i+1))
-  if [ $i -gt 600 ]; then echo "vmm-test: scx_simple did not attach"; cat /tmp/scx.log; exit 3; fi
-  sleep 0.1
-done
-echo "vmm-test: attached state=$(cat /sys/kernel/sched_ext/state) ops=$(cat /sys/kernel/sched_ext/root/ops)"
-N=$(grep -c ^processor /proc/cpuinfo)
-BUSY=
-for c in $(seq $N); do (while :; do :; done) & BUSY="$BUSY $!"; done
+JOB = SCX_ATTACH_AND_BUSY + r"""
 echo "vmm-test: busy on $N cpus"
 while read -r cmd; do
   case "$cmd" in
@@ -90,23 +73,12 @@ STALL = re.compile(r"runnable task stall|failed to run for|watchdog failed to ch
                    r"sched_ext: BPF scheduler .* disabled \((?!unregistered from user space)")
 
 
-def _scheduler(kernel):
-    from vmm.scxbuild import ScxBuildError, build_scheduler
-
-    try:
-        return build_scheduler("simple", kernel, progress=None)
-    except ScxBuildError as exc:
-        if "apt-get install" in str(exc):  # the toolchain is missing: the message names it
-            pytest.skip(str(exc))
-        raise
-
-
 @pytest.fixture(scope="module")
 def guest():
     from vmm import Machine
 
     kernel = built_kernel_spec("scx")
-    sched = _scheduler(kernel)
+    sched = scx_simple_for(kernel)
     m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=JOB,
                 include=[f"{sched.binary}:/bin/scx_simple"])
     m.start()

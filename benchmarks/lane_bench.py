@@ -88,23 +88,12 @@ def vmm_boot(kernel: str, initrd: str) -> dict:
 def qemu_boot(kernel: str, initrd: str, cmdline: str) -> float:
     """Seconds from exec to "Run /init" on QEMU's serial console (same kernel, initrd,
     command line, vCPUs and memory as vmm's boot)."""
-    cmd = qemu_peer._base_cmd(kernel, cmdline, CPUS, MEMORY_MB)
-    cmd[cmd.index("-serial") + 1] = "stdio"
-    cmd += ["-initrd", initrd]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)  # fmt: skip
-    tail = []
-    try:
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode(errors="replace")
-            tail = (tail + [line])[-20:]
-            if RUN_INIT in line:
-                return time.monotonic() - t0
-        raise RuntimeError(f"QEMU ended before {RUN_INIT!r}: {''.join(tail)}")
-    finally:
-        proc.kill()
-        proc.wait()
+    cmd = qemu_peer.linux_boot_cmd(kernel, cmdline, CPUS, MEMORY_MB, initrd)
+    outcome, value, out = qemu_peer.boot_until(cmd, re.escape(RUN_INIT), timeout=1500)
+    if outcome != "ok":
+        tail = "".join(out.decode(errors="replace").splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"QEMU {outcome} before {RUN_INIT!r}: {tail}")
+    return value
 
 
 def boot_figures(rounds: int) -> None:

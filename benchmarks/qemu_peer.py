@@ -36,6 +36,45 @@ def _base_cmd(kernel: str, cmdline: str, cpus: int = 1, memory_mb: int = 256) ->
             "-kernel", kernel, "-append", cmdline]
 
 
+def linux_boot_cmd(kernel: str, cmdline: str, cpus: int, memory_mb: int, initrd: str,
+                   cpu_model: Optional[str] = None) -> list[str]:
+    """_base_cmd for a Linux boot whose serial console is QEMU's stdout, with an initrd
+    (and ``-cpu cpu_model`` when given: "host" needs VMX/SVM)."""
+    cmd = _base_cmd(kernel, cmdline, cpus, memory_mb)
+    cmd[cmd.index("-serial") + 1] = "stdio"
+    cmd += ["-initrd", initrd] + (["-cpu", cpu_model] if cpu_model else [])
+    return cmd
+
+
+def boot_until(cmd: list[str], pattern: str, timeout: float) -> tuple[str, float, bytes]:
+    """Runs QEMU and reads its console (stdout) until the regex ``pattern``; then kills
+    it. ("ok", seconds from exec, output), ("ended", exit status, output) when QEMU
+    exits first (a triple fault under -no-reboot, a reboot) or ("hung", timeout, output)."""
+    import re
+    import select
+
+    until = re.compile(pattern.encode())
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    out = b""
+    try:
+        while time.monotonic() - t0 < timeout:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                return "ended", proc.wait(), out
+            out += chunk
+            if until.search(out):
+                return "ok", time.monotonic() - t0, out
+        return "hung", timeout, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def run_qemu(kernel: str, cmdline: str, cpus: int = 1, timeout: float = 300,
              exit_code: int = 0) -> float:
     """Wall seconds from exec to exit for one guest run that ends with ``exit_code``

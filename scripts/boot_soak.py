@@ -21,16 +21,20 @@ failed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from vmm import Machine  # noqa: E402
 from vmm.errors import VmmError  # noqa: E402
 from vmm.runtime.hostsyms import host_symbol  # noqa: E402
 from vmm.session import INIT_MARKER  # noqa: E402
+
+import qemu_peer  # noqa: E402  (QEMU as the control: its command line and console read)
 
 
 def _host(addr: int) -> str:
@@ -62,52 +66,27 @@ def _look(m: Machine) -> str:
 
 def _qemu_argv(args, kernel: str) -> list[str]:
     """QEMU's command line for the same boot (the bzImage, command line, vCPUs, memory
-    and spin initramfs that vmm boots)."""
-    import os
-
+    and spin initramfs that vmm boots; -cpu host, as vmm passes the host's CPU on)."""
     from vmm import kernelstore
     from vmm.machine.builder import DEFAULT_LINUX_CMDLINE
     from vmm.machine.initramfs import build_initramfs
 
-    qemu = os.environ.get("VMM_QEMU") or os.environ.get("VMM_SVM_QEMU") or "qemu-system-x86_64"
+    qemu_peer.QEMU = os.environ.get("VMM_QEMU") or os.environ.get("VMM_SVM_QEMU") or qemu_peer.QEMU
     if not Path(kernel).exists() or args.elf:
         kernel = str(kernelstore.resolve_kernel(args.kernel).boot_image)
-    return [qemu, "-accel", "kvm", "-M", "microvm", "-cpu", "host",
-            "-m", args.memory.rstrip("MmIi"), "-smp", str(args.cpus), "-nographic",
-            "-no-reboot", "-display", "none", "-serial", "stdio", "-monitor", "none",
-            "-nodefaults", "-kernel", kernel, "-initrd", str(build_initramfs("spin")),
-            "-append", args.cmdline or DEFAULT_LINUX_CMDLINE]
+    return qemu_peer.linux_boot_cmd(kernel, args.cmdline or DEFAULT_LINUX_CMDLINE, args.cpus,
+                                    int(args.memory.rstrip("MmIi")),
+                                    str(build_initramfs("spin")), cpu_model="host")
 
 
 def _qemu_boot(args, argv: list[str], i: int) -> str:
-    """One boot under QEMU: "ok N s", "ended (status S)" (QEMU exits on a triple fault
-    with -no-reboot, and on panic=-1's reboot) or "FAILED: hung" (no match in time)."""
-    import os
-    import re
-    import select
-    import subprocess
-
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    buf, outcome = b"", "FAILED: hung"
-    until = re.compile(args.until)
-    try:
-        while time.monotonic() - t0 < args.timeout:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if not ready:
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                outcome = f"FAILED: ended (status {proc.wait()})"
-                break
-            buf += chunk
-            if until.search(buf.decode(errors="replace")):
-                return f"ok {time.monotonic() - t0:.1f} s"
-    finally:
-        proc.kill()
-        proc.wait()
-    tail = "\n".join(buf.decode(errors="replace").splitlines()[-15:])
+    """One boot under QEMU: "ok N s", "FAILED: ended (status S)" (QEMU exits on a triple
+    fault with -no-reboot, and on panic=-1's reboot) or "FAILED: hung" (no match in time)."""
+    outcome, value, out = qemu_peer.boot_until(argv, args.until, args.timeout)
+    if outcome == "ok":
+        return f"ok {value:.1f} s"
+    outcome = "FAILED: hung" if outcome == "hung" else f"FAILED: ended (status {value})"
+    tail = "\n".join(out.decode(errors="replace").splitlines()[-15:])
     print(f"--- boot {i + 1} (QEMU): {outcome}; console tail:\n{tail}", flush=True)
     return outcome
 

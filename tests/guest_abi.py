@@ -105,17 +105,22 @@ for c in $(seq $N); do (while :; do :; done) & BUSY="$BUSY $!"; done
 """
 
 
-def scx_simple_for(kernel):
-    """scx_simple built for ``kernel`` (vmm.scxbuild, cached); skips, naming the package,
-    when the toolchain is missing."""
+def scx_simple_machine(job, cpus):
+    """An unstarted vmm.Machine on our build:7.3+scx kernel whose guest job (``job``)
+    finds scx_simple (built for that kernel, vmm.scxbuild, cached) at /bin/scx_simple.
+    Skips, saying what to run or install, when the kernel or the toolchain is missing."""
+    from vmm import Machine
     from vmm.scxbuild import ScxBuildError, build_scheduler
 
+    kernel = built_kernel_spec("scx")
     try:
-        return build_scheduler("simple", kernel, progress=None)
+        sched = build_scheduler("simple", kernel, progress=None)
     except ScxBuildError as exc:
         if "apt-get install" in str(exc):  # the toolchain is missing: the message names it
             pytest.skip(str(exc))
         raise
+    return Machine(kernel=kernel, cpus=cpus, memory="512M", console=None, exec=job,
+                   include=[f"{sched.binary}:/bin/scx_simple"])
 
 
 def gdb_batch(cmds, timeout):

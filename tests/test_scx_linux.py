@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_abi import SCX_ATTACH_AND_BUSY, built_kernel_spec, guest_syscall_marks, scx_simple_for
+from guest_abi import SCX_ATTACH_AND_BUSY, guest_syscall_marks, scx_simple_machine
 
 pytestmark = [pytest.mark.slow, *guest_syscall_marks()]
 
@@ -75,12 +75,7 @@ STALL = re.compile(r"runnable task stall|failed to run for|watchdog failed to ch
 
 @pytest.fixture(scope="module")
 def guest():
-    from vmm import Machine
-
-    kernel = built_kernel_spec("scx")
-    sched = scx_simple_for(kernel)
-    m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=JOB,
-                include=[f"{sched.binary}:/bin/scx_simple"])
+    m = scx_simple_machine(JOB, CPUS)
     m.start()
     try:
         yield m

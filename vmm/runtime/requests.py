@@ -121,8 +121,7 @@ def parse_line(raw: bytes) -> Request:
     if raw.endswith(b"\r"):
         raw = raw[:-1]
     words = raw.split(b" ")
-    first = words[0].decode("ascii", "replace")
-    rid = first if TOKEN_RE.match(first) else NO_ID
+    rid = _request_id(raw)
     for i, b in enumerate(raw):
         if not 0x20 <= b <= 0x7E:
             raise _malformed(rid, f"byte {b:#04x} at column {i + 1} is not printable ASCII")
@@ -138,6 +137,12 @@ def parse_line(raw: bytes) -> Request:
     args = words[2:]
     kwargs = dict(a.split("=", 1) for a in args if "=" in a)
     return Request(rid, name, args, raw.decode(), kwargs)
+
+
+def _request_id(line: bytes) -> str:
+    """The line's first word when it is a valid id, else NO_ID."""
+    first = line.split(b" ", 1)[0].decode("ascii", "replace")
+    return first if TOKEN_RE.match(first) else NO_ID
 
 
 def _malformed(rid: str, message: str) -> GuestRequestError:
@@ -220,8 +225,7 @@ class RequestChannel:
         rid = NO_ID
         try:
             if isinstance(line, Oversized):
-                first = line.head.split(b" ", 1)[0].decode("ascii", "replace")
-                rid = first if TOKEN_RE.match(first) else NO_ID
+                rid = _request_id(line.head)
                 return format_reply(rid, False, f"request too long: {line.length} bytes, at most "
                                                 f"{MAX_LINE} with the newline; discarded")
             request = parse_line(line)

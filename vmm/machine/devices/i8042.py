@@ -1,8 +1,16 @@
 """The bit of an i8042 keyboard controller a VM needs: the reset line.
 
 Linux's `reboot=k` writes 0xFE ("pulse output line 0": CPU reset) to the command port
-0x64; that calls `reset()`. Status reads say "no data, input buffer empty", so the
-driver's polling loops finish at once; data port reads return 0.
+0x64; that calls `reset()`. There is no keyboard behind it, and the status port says
+so the way Linux's i8042 driver recognises at once: the output buffer is always full
+(bit 0) and reading it never empties it, so the driver's flush gives up after 16 reads
+("i8042: No controller found"). The input buffer is always empty (bit 1 clear), so
+`reboot=k` (kb_wait, then 0xFE) resets without waiting.
+
+A status of "both buffers empty" looks like a controller that never answers: a kernel
+without ACPI PNP (where the FADT's no-8042 flag is not consulted) then polls for the
+control register's value 10,000 times, 50 us apart ("Can't read CTR while initializing
+i8042"): half a second of every boot on hardware, and 10,000 exits to us.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from vmm.machine.layout import I8042_DATA_PORT as DATA_PORT  # noqa: F401
 
 CMD_PULSE_RESET = 0xFE
 CMD_READ_OUTPUT_PORT = 0xD0
+STATUS_OUTPUT_FULL = 0x01  # a byte waits in the data port
 STATUS_SYSTEM_FLAG = 0x04  # set after a successful self-test (POST done)
 
 
@@ -28,8 +37,8 @@ class I8042:
 
     def io_in(self, port: int, size: int = 1) -> int:
         if port == COMMAND_PORT:
-            # Output buffer full (bit 0) only while a reply is queued; input buffer empty.
-            return STATUS_SYSTEM_FLAG | (1 if self._output else 0)
+            # Output buffer full, input buffer empty: "no controller" (see above).
+            return STATUS_SYSTEM_FLAG | STATUS_OUTPUT_FULL
         if port == DATA_PORT and self._output:
             return self._output.pop(0)
         return 0

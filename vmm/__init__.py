@@ -7,14 +7,29 @@
 
 The layers, bottom up: ffi (C core) -> vmm.kvm -> vmm.machine -> vmm.runtime ->
 vmm.kernel -> vmm.ops -> vmm.session / vmm.cli / vmm.pytest_plugin.
+
+Names load on first use (vmm/lazy.py): `from vmm import Machine` imports what a boot
+needs and not the introspection behind it until it is used.
 """
 
-from .errors import VmmError
-from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult, OrU32, U32, U64
-from .runtime.requests import Request
-from .session import Machine, ScxInjection
-from .session_requests import KernelRequestContext
+from typing import TYPE_CHECKING
 
+from .errors import VmmError
+from .lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(("Bytes", "KernelTarget", "KernelValue", "Op", "OpResult", "OrU32", "U32", "U64"),
+                    "ops"),
+    "Request": "runtime.requests",
+    **dict.fromkeys(("Machine", "ScxInjection"), "session"),
+    "KernelRequestContext": "session_requests",
+})
 __all__ = ["Bytes", "KernelRequestContext", "KernelTarget", "KernelValue", "Machine", "Op",
            "OpResult", "OrU32", "Request", "ScxInjection", "U32", "U64", "VmmError"]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult, OrU32, U32, U64
+    from .runtime.requests import Request
+    from .session import Machine, ScxInjection
+    from .session_requests import KernelRequestContext

@@ -33,16 +33,25 @@ to artifacts), cli.py (``python -m vmm.kernelstore``, which kernels/Makefile use
 """
 
 
-from vmm.kernelstore.apt import (DEBIAN_FLAVOUR, DEFAULT_KEYRING, DEFAULT_MIRROR,
-                                 PRIVATE_SUITES, PrivateApt, _configured_mirror, _deb_members)
-from vmm.kernelstore.build import (BUILD_TOOLS, DEFAULT_BUILD_VERSION, DEFAULT_FRAGMENT, FLAVOURS,
-                                   build_kernel, config_mismatches, fragment_hash, merge_fragment,
-                                   parse_config)
-from vmm.kernelstore.cache import (KernelArtifacts, Progress, _store_lock, _version_key,
-                                   _write_manifest, cache_root, list_kernels, prune_sources)
-from vmm.kernelstore.debian import _is_placeholder_system_map, fetch_debian, fetch_debug_vmlinux
-from vmm.kernelstore.resolve import resolve_kernel
-from vmm.kernelstore.cli import main
+from typing import TYPE_CHECKING
+
+from vmm.lazy import lazy_exports
+
+# Names load on first use (vmm/lazy.py): resolving a cached kernel ("build:7.3") needs
+# neither the private apt nor the build machinery's imports.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(("DEBIAN_FLAVOUR", "DEFAULT_KEYRING", "DEFAULT_MIRROR", "PRIVATE_SUITES",
+                     "PrivateApt", "_configured_mirror", "_deb_members"), "apt"),
+    **dict.fromkeys(("BUILD_TOOLS", "DEFAULT_BUILD_VERSION", "DEFAULT_FRAGMENT", "FLAVOURS",
+                     "build_kernel", "config_mismatches", "fragment_hash", "merge_fragment",
+                     "parse_config"), "build"),
+    **dict.fromkeys(("KernelArtifacts", "Progress", "_store_lock", "_version_key",
+                     "_write_manifest", "cache_root", "list_kernels", "prune_sources"), "cache"),
+    **dict.fromkeys(("_is_placeholder_system_map", "fetch_debian", "fetch_debug_vmlinux"),
+                    "debian"),
+    "resolve_kernel": "resolve",
+    "main": "cli",
+})
 
 __all__ = ["BUILD_TOOLS", "DEBIAN_FLAVOUR", "DEFAULT_BUILD_VERSION", "DEFAULT_FRAGMENT", "FLAVOURS", "DEFAULT_KEYRING",
            "DEFAULT_MIRROR", "PRIVATE_SUITES", "KernelArtifacts", "PrivateApt", "Progress", "build_kernel",
@@ -51,3 +60,15 @@ __all__ = ["BUILD_TOOLS", "DEBIAN_FLAVOUR", "DEFAULT_BUILD_VERSION", "DEFAULT_FR
            # private, for the tests
            "_configured_mirror", "_deb_members", "_is_placeholder_system_map", "_store_lock",
            "_version_key", "_write_manifest"]
+
+if TYPE_CHECKING:
+    from vmm.kernelstore.apt import (DEBIAN_FLAVOUR, DEFAULT_KEYRING, DEFAULT_MIRROR,
+                                     PRIVATE_SUITES, PrivateApt, _configured_mirror, _deb_members)
+    from vmm.kernelstore.build import (BUILD_TOOLS, DEFAULT_BUILD_VERSION, DEFAULT_FRAGMENT, FLAVOURS,
+                                       build_kernel, config_mismatches, fragment_hash, merge_fragment,
+                                       parse_config)
+    from vmm.kernelstore.cache import (KernelArtifacts, Progress, _store_lock, _version_key,
+                                       _write_manifest, cache_root, list_kernels, prune_sources)
+    from vmm.kernelstore.debian import _is_placeholder_system_map, fetch_debian, fetch_debug_vmlinux
+    from vmm.kernelstore.resolve import resolve_kernel
+    from vmm.kernelstore.cli import main

@@ -8,13 +8,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 from vmm.errors import KernelStoreError
 from vmm.kernel import kconfig
-from vmm.kernelstore.apt import PrivateApt, _deb_members
 from vmm.kernelstore.cache import (KernelArtifacts, Progress, _quiet, _read_manifest, _stderr_progress,
                                     _store_lock, _write_manifest, cache_root)
 from vmm.resources import shipped
@@ -75,6 +73,8 @@ def _stream(cmd: list[str], cwd: Path, progress: Progress, t0: float, log: Path)
     with open(log, "a") as logf:
         logf.write(f"$ {' '.join(cmd)}\n")
         try:
+            import subprocess  # here, not at the top: a cached kernel's lookup runs nothing
+
             proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, errors="replace")  # fmt: skip
         except OSError as e:
@@ -190,6 +190,8 @@ def _debian_source(src_root: Path, version: str, progress: Progress, t0: float,
             return tree, json.loads((tree / ".vmm-unpacked").read_text()), False
         except ValueError:
             return tree, None, False
+    from vmm.kernelstore.apt import PrivateApt, _deb_members  # only to fetch: a cached build needs none
+
     apt = PrivateApt(cache_root(), progress)
     deb, provenance = apt.download(f"linux-source-{version}")
     progress(f"build: unpacking {deb.name}")
@@ -246,6 +248,8 @@ def _build_custom(out: Path, version: str, tree: Path | None, config: Path | Non
         if not path.exists():
             raise KernelStoreError(f"build finished but {path} is missing; see {log}")
         shutil.copy2(path, out / name)
+    import subprocess
+
     release = subprocess.run(make + ["-s", "kernelrelease"], cwd=tree, capture_output=True,
                              text=True).stdout.strip()
     art = KernelArtifacts(name=f"build-{out.name}", version=release or version,
@@ -309,6 +313,8 @@ def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force
         if not path.exists():
             raise KernelStoreError(f"build finished but {path} is missing; see {log}")
         shutil.copy2(path, out / name)
+    import subprocess
+
     kernelrelease = subprocess.run(make + ["-s", "--no-print-directory", "kernelrelease"], cwd=tree, capture_output=True, text=True)
     art = KernelArtifacts(
         name=f"build-{version}-{out.name.split('-', 1)[1]}",

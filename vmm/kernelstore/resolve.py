@@ -9,7 +9,6 @@ from pathlib import Path
 from vmm.errors import KernelStoreError
 from vmm.kernelstore.build import DEFAULT_BUILD_VERSION, FLAVOURS, build_kernel
 from vmm.kernelstore.cache import KernelArtifacts, _read_manifest, list_kernels
-from vmm.kernelstore.debian import fetch_debian
 
 
 def _is_elf(path: Path) -> bool:
@@ -60,6 +59,8 @@ def resolve_kernel(spec: str | os.PathLike) -> KernelArtifacts:
         for art in list_kernels():
             if art.name.startswith("debian-") and (art.system_map is not None or not want_debug):
                 return art
+        from vmm.kernelstore.debian import fetch_debian  # the apt machinery, only to fetch
+
         return fetch_debian(with_debug=want_debug)
     if s.split("+")[0] == "build" or s.startswith("build:"):
         spec_body, _, flavour = s.partition("+")

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +339,8 @@ def build_static_program(program: str) -> Path:
         raise VmmError(f"building {program} needs a C compiler (gcc): apt-get install gcc")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
+    import subprocess  # here, not at the top: a cached init (every boot but the first) needs none
+
     proc = subprocess.run([cc, *INIT_CFLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise ImageError(f"compiling {src.name} failed:\n{proc.stderr.strip()[-2000:]}")

@@ -9,6 +9,7 @@ ACPI in the BIOS area at 0xe0000, kernel at 16 MiB). RAM above 3 GiB is moved pa
 from __future__ import annotations
 
 import re
+import struct
 
 from vmm.arch.x86.layout import MMIO_GAP_END, MMIO_GAP_START  # noqa: F401 (part of the map)
 from vmm.arch.x86.paging import PAGE_SIZE  # noqa: F401 (part of the map)
@@ -168,13 +169,12 @@ def identity_page_tables() -> list[tuple[int, bytes]]:
     """
     present_rw = 0x3
     page_size_bit = 0x80
-    pml4 = (PDPT_START | present_rw).to_bytes(8, "little").ljust(PAGE_SIZE, b"\0")
-    pdpt = b"".join(((PD_START + i * PAGE_SIZE) | present_rw).to_bytes(8, "little")
-                    for i in range(PD_COUNT)).ljust(PAGE_SIZE, b"\0")
+    pml4 = struct.pack("<Q", PDPT_START | present_rw).ljust(PAGE_SIZE, b"\0")
+    pdpt = struct.pack(f"<{PD_COUNT}Q", *range(PD_START | present_rw, PD_START + PD_COUNT * PAGE_SIZE,
+                                               PAGE_SIZE)).ljust(PAGE_SIZE, b"\0")
     pages = [(PML4_START, pml4), (PDPT_START, pdpt)]
     for i in range(PD_COUNT):
-        base = i * GiB
-        pd = b"".join((base + j * 2 * MiB | present_rw | page_size_bit).to_bytes(8, "little")
-                      for j in range(512))
+        first = i * GiB | present_rw | page_size_bit
+        pd = struct.pack("<512Q", *range(first, first + 512 * 2 * MiB, 2 * MiB))
         pages.append((PD_START + i * PAGE_SIZE, pd))
     return pages

@@ -1,7 +1,21 @@
 """The running machine: vCPU threads (exit dispatch), the console pump, the freeze
-coordinator, and Machine, which runs an assembly of vmm.machine."""
+coordinator, and Machine, which runs an assembly of vmm.machine.
 
-from vmm.runtime.console import ConsolePump  # noqa: F401
-from vmm.runtime.freeze import FreezeCoordinator, FreezeSnapshot, VcpuSnapshot  # noqa: F401
-from vmm.runtime.vcpu_thread import VcpuThread, request_stop  # noqa: F401
-from vmm.runtime.machine import Machine  # noqa: F401
+Names load on first use (vmm/lazy.py)."""
+
+from typing import TYPE_CHECKING
+
+from vmm.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "ConsolePump": "console",
+    **dict.fromkeys(("FreezeCoordinator", "FreezeSnapshot", "VcpuSnapshot"), "freeze"),
+    **dict.fromkeys(("VcpuThread", "request_stop"), "vcpu_thread"),
+    "Machine": "machine",
+})
+
+if TYPE_CHECKING:
+    from vmm.runtime.console import ConsolePump
+    from vmm.runtime.freeze import FreezeCoordinator, FreezeSnapshot, VcpuSnapshot
+    from vmm.runtime.machine import Machine
+    from vmm.runtime.vcpu_thread import VcpuThread, request_stop

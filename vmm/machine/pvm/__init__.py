@@ -16,8 +16,21 @@ The decoder and the page walk they use live in vmm.arch.x86 (decode, paging).
 README.md ("Hosts") says what a PVM host is.
 """
 
-from vmm.machine.pvm.assists import AssistVcpu, GuestMemoryAccess  # noqa: F401
-from vmm.machine.pvm.assists import assist_counts, assist_internal_error  # noqa: F401
-from vmm.machine.pvm.cmdline import CLEARCPUID_FEATURES, CLEARCPUID_MAX, PVM_CMDLINE_OPTIONS  # noqa: F401
-from vmm.machine.pvm.cmdline import clearcpuid_value, pvm_cmdline  # noqa: F401
-from vmm.machine.pvm.diagnose import describe_failure, identify  # noqa: F401
+from typing import TYPE_CHECKING
+
+from vmm.lazy import lazy_exports
+
+# Names load on first use (vmm/lazy.py): a host with hardware virtualization never does.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(("AssistVcpu", "GuestMemoryAccess", "assist_counts", "assist_internal_error"),
+                    "assists"),
+    **dict.fromkeys(("CLEARCPUID_FEATURES", "CLEARCPUID_MAX", "PVM_CMDLINE_OPTIONS",
+                     "clearcpuid_value", "pvm_cmdline"), "cmdline"),
+    **dict.fromkeys(("describe_failure", "identify"), "diagnose"),
+})
+
+if TYPE_CHECKING:
+    from vmm.machine.pvm.assists import AssistVcpu, GuestMemoryAccess, assist_counts, assist_internal_error
+    from vmm.machine.pvm.cmdline import (CLEARCPUID_FEATURES, CLEARCPUID_MAX, PVM_CMDLINE_OPTIONS,
+                                         clearcpuid_value, pvm_cmdline)
+    from vmm.machine.pvm.diagnose import describe_failure, identify

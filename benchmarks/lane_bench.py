@@ -5,11 +5,14 @@ TCG), where vmm and QEMU 10 `-M microvm -accel kvm` (the lane's own QEMU, visibl
 L1 through the shared host root) use the same /dev/kvm.  It runs on any VMX/SVM host
 too (with the system's qemu-system-x86_64 unless VMM_QEMU names another).
 
-    python benchmarks/lane_bench.py [--rounds 2] [--cycles 200] [--qmp-rounds 100]
+    python benchmarks/lane_bench.py [--rounds 3] [--cycles 200] [--qmp-rounds 100]
+                                    [--skip-boot] [--skip-freeze]
 
 Prints:
   1. boot of the same kernel + initramfs to "Run /init": vmm (split into Python import,
-     image load + VM build, guest boot) vs QEMU -M microvm -accel kvm;
+     image load + VM build, guest boot; vmm byte-compiled as an install leaves it) vs
+     QEMU -M microvm -accel kvm -cpu host, each from exec, with the CPUs each guest
+     brought up;
   2. freeze (request -> every vCPU parked) and freeze+thaw round trip, vmm, vs QMP
      stop and stop+cont, QEMU, on our test guest spinning in ring 3 at 1, 2, 4 vCPUs.
 Absolute figures under emulated SVM are far above those of real hardware (every L2
@@ -52,11 +55,33 @@ m.start()
 t_started = time.monotonic()
 m.wait_for_console(r"Run /init as init process", timeout=1200)
 t_init = time.monotonic()
-cmdline = m.cmdline
+cmdline, console = m.cmdline, m.console_text()
 m.stop()
 print(json.dumps(dict(exec=t_exec, imported=t_import, started=t_started, init=t_init,
-                      cmdline=cmdline)))
+                      cmdline=cmdline, console=console)))
 """
+
+# "smpboot: Total of N processors activated": how many CPUs the guest brought up.
+CPUS_UP = re.compile(r"Total of (\d+) processors activated")
+
+
+def cpus_up(console: str) -> str:
+    m = CPUS_UP.search(console)
+    return m.group(1) if m else "?"
+
+
+def installed_python_env() -> dict:
+    """The environment of vmm's boot process: vmm byte-compiled once beforehand, as `pip
+    install` leaves it, into a private cache (PYTHONPYCACHEPREFIX: the checkout gets no
+    __pycache__), even where PYTHONDONTWRITEBYTECODE is set. Without it every round would
+    compile ~100 modules from source, which is not what a user's start-up costs."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"vmm-bench-pycache-{os.getuid()}"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "vmm")],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", "import vmm.session"], env=env, cwd=ROOT, check=True)
+    return env
 
 
 def _kernel():
@@ -69,10 +94,10 @@ def _kernel():
     sys.exit(f"kernel {wanted} is not built: run `make kernel-build`")
 
 
-def vmm_boot(kernel: str, initrd: str) -> dict:
+def vmm_boot(kernel: str, initrd: str, env: dict) -> dict:
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", VMM_BOOT, kernel, initrd, str(CPUS), f"{MEMORY_MB}M"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=1500)  # fmt: skip
+                         capture_output=True, text=True, cwd=ROOT, timeout=1500, env=env)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"vmm boot failed: {out.stderr[-2000:]}")
     t = json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,18 +107,21 @@ def vmm_boot(kernel: str, initrd: str) -> dict:
         "guest": t["init"] - t["started"],  # the guest's own boot to "Run /init"
         "total": t["init"] - t0,
         "cmdline": t["cmdline"],
+        "cpus_up": cpus_up(t["console"]),
     }
 
 
-def qemu_boot(kernel: str, initrd: str, cmdline: str) -> float:
+def qemu_boot(kernel: str, initrd: str, cmdline: str) -> tuple[float, str]:
     """Seconds from exec to "Run /init" on QEMU's serial console (same kernel, initrd,
-    command line, vCPUs and memory as vmm's boot)."""
-    cmd = qemu_peer.linux_boot_cmd(kernel, cmdline, CPUS, MEMORY_MB, initrd)
+    command line, vCPUs and memory as vmm's boot; `-cpu host`, the CPU vmm's guest gets),
+    and how many CPUs its guest brought up."""
+    cmd = qemu_peer.linux_boot_cmd(kernel, cmdline, CPUS, MEMORY_MB, initrd, cpu_model="host")
     outcome, value, out = qemu_peer.boot_until(cmd, re.escape(RUN_INIT), timeout=1500)
+    text = out.decode(errors="replace")
     if outcome != "ok":
-        tail = "".join(out.decode(errors="replace").splitlines(keepends=True)[-20:])
+        tail = "".join(text.splitlines(keepends=True)[-20:])
         raise RuntimeError(f"QEMU {outcome} before {RUN_INIT!r}: {tail}")
-    return value
+    return value, cpus_up(text)
 
 
 def boot_figures(rounds: int) -> None:
@@ -104,28 +132,39 @@ def boot_figures(rounds: int) -> None:
     print(f"\n1. boot to {RUN_INIT!r}: {art.name} ({os.path.basename(kernel)}, our "
           f"sched_ext build), spin initramfs, {CPUS} vCPUs, {MEMORY_MB} MiB; {rounds} rounds")
     print(f"   {'round':5} {'vmm total':>10} {'= import':>9} {'+ load':>8} {'+ guest':>8}"
-          f"   {'QEMU microvm':>12}   (seconds)")
+          f"   {'QEMU microvm':>12}   (seconds; CPUs each guest brought up)")
     # vmm loads it as `vmm run --kernel build:7.3` does (the store's entry: the image and
     # its vmlinux are known, nothing is searched); QEMU gets the same bzImage file.
     from vmm import kernelstore as ks
     spec = f"build:{ks.DEFAULT_BUILD_VERSION}"
     print(f"   vmm: Machine(kernel={spec!r}); QEMU: -kernel {kernel}")
+    env = installed_python_env()
+    bare = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+        bare.append(time.monotonic() - t0)
+    print(f"   vmm's import column includes the interpreter's own start-up: `python -c pass` "
+          f"takes {min(bare):.2f} s here (this environment's site hooks included)")
     ours, theirs = [], []
     for r in range(1, rounds + 1):
-        v = vmm_boot(spec, initrd)
+        v = vmm_boot(spec, initrd, env)
         q = qemu_boot(kernel, initrd, v["cmdline"]) if qemu_peer.qemu_available() else None
         ours.append(v)
         theirs.append(q)
-        qs = f"{q:12.2f}" if q is not None else f"{'-':>12}"
+        qs = f"{q[0]:12.2f} ({q[1]})" if q is not None else f"{'-':>12}"
         print(f"   {r:5d} {v['total']:10.2f} {v['import']:9.2f} {v['load']:8.2f} {v['guest']:8.2f}"
-              f"   {qs}", flush=True)
+              f" ({v['cpus_up']})   {qs}", flush=True)
     print(f"   vmm command line: {ours[0]['cmdline']}")
     if all(q is not None for q in theirs):
-        best_v = min(v["total"] for v in ours)
-        best_g = min(v["guest"] for v in ours)
-        best_q = min(theirs)
-        print(f"   best: vmm {best_v:.2f} s from exec ({best_g:.2f} s guest boot alone), "
-              f"QEMU {best_q:.2f} s from exec")
+        tv, tg, tq = ([v["total"] for v in ours], [v["guest"] for v in ours],
+                      [q[0] for q in theirs])  # fmt: skip
+        print(f"   median (best): vmm {statistics.median(tv):.2f} ({min(tv):.2f}) s from exec, "
+              f"guest boot alone {statistics.median(tg):.2f} ({min(tg):.2f}) s; "
+              f"QEMU {statistics.median(tq):.2f} ({min(tq):.2f}) s from exec")
+        if any(q[1] != str(CPUS) for q in theirs):
+            print(f"   QEMU's guest did not bring up all {CPUS} CPUs: SeaBIOS (microvm's firmware) "
+                  f"listed fewer in its MP table; its figure is for a smaller SMP bring-up")
 
 
 def _freeze_loop(cpus: int, cycles: int) -> tuple[list[float], list[float]]:
@@ -182,10 +221,11 @@ def describe_host() -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2, help="boot rounds (each side)")
+    ap.add_argument("--rounds", type=int, default=3, help="boot rounds (each side)")
     ap.add_argument("--cycles", type=int, default=200, help="freeze cycles per vCPU count")
     ap.add_argument("--qmp-rounds", type=int, default=100)
     ap.add_argument("--skip-boot", action="store_true")
+    ap.add_argument("--skip-freeze", action="store_true")
     args = ap.parse_args(argv)
     # The QEMU to compare with: the lane's QEMU 10 (the lane exports its path), else VMM_QEMU,
     # else the system's.
@@ -200,7 +240,8 @@ def main(argv=None) -> None:
     t0 = time.monotonic()
     if not args.skip_boot:
         boot_figures(args.rounds)
-    freeze_figures(args.cycles, args.qmp_rounds)
+    if not args.skip_freeze:
+        freeze_figures(args.cycles, args.qmp_rounds)
     print(f"\n(lane_bench: {time.monotonic() - t0:.0f} s)")
 
 

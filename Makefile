@@ -55,7 +55,8 @@ test-asan: guests
 # guest's RAM: about 1 boot in 30 under vmm, none in 190 under QEMU as the L2 VMM; see
 # scripts/boot_soak.py). A test whose boot failed that way, or triple-faulted before
 # init, runs again (at most twice, pytest-rerunfailures); any other failure fails at once.
-SVM_RERUN ?= --reruns 2 --only-rerun "(?s)GuestBootError: .*(the host's own|outside the guest's RAM|triple fault)"
+# -rR prints each rerun's reason in the summary.
+SVM_RERUN ?= -rR --reruns 2 --only-rerun "(?s)GuestBootError: .*(the host's own|outside the guest's RAM|triple fault)"
 test-svm: deps guests svm-setup
 	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) -- $(PYTHON) -m pytest -q -m "slow or svm" \
 		-p no:cacheprovider $(SVM_RERUN) $(SVM_TESTS) $(PYTEST_ARGS)

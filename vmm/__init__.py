@@ -21,7 +21,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(("Bytes", "KernelTarget", "KernelValue", "Op", "OpResult", "OrU32", "U32", "U64"),
                     "ops"),
     "Request": "runtime.requests",
-    **dict.fromkeys(("Machine", "ScxInjection"), "session"),
+    "Machine": "session",
+    "ScxInjection": "ops.scx",
     "KernelRequestContext": "session_requests",
 })
 __all__ = ["Bytes", "KernelRequestContext", "KernelTarget", "KernelValue", "Machine", "Op",
@@ -31,5 +32,6 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult, OrU32, U32, U64
     from .runtime.requests import Request
-    from .session import Machine, ScxInjection
+    from .ops.scx import ScxInjection
+    from .session import Machine
     from .session_requests import KernelRequestContext

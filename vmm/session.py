@@ -24,13 +24,12 @@ from .arch.x86.regs import MSR_LSTAR
 from .errors import GuestBootError, VmmError
 from .kernel.kaslr import slide_from_lstar
 from .machine.vmexit import ExitReason
-from .ops import (Bytes, KernelTarget, KernelValue, Op, OpResult, apply_op, clk_valid_mask,
-                  scx_clock_batch)
-from .ops.resolve import LiveResolver
-from .ops.scx import ScxCpuRow, ScxInjection  # noqa: F401 (ScxCpuRow: re-exported)
 from .runtime.machine import Machine as RunningMachine
 from .runtime.vcpu_thread import VcpuThread
-from .session_requests import KernelRequestContext, scx_clock_request
+
+# The op machinery and the request context are not imported until they are used: a boot
+# (`from vmm import Machine`, then start) needs none of them (vmm/lazy.py).
+from . import ops
 
 if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from pathlib import Path
@@ -43,10 +42,13 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .kernel.kconfig import KernelConfig
     from .kernel.live import LiveKernel
     from .kvm.memory import GuestMemory
+    from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult
+    from .ops.scx import ScxInjection
     from .runtime.freeze import FreezeSnapshot
+    from .session_requests import KernelRequestContext
 
 PathLike = Union[str, "os.PathLike[str]"]
-Target = Union[str, KernelTarget]  # a symbol name, or any KernelTarget (vmm.T)
+Target = Union[str, "KernelTarget"]  # a symbol name, or any KernelTarget (vmm.T)
 
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
@@ -303,19 +305,22 @@ class Machine(RunningMachine):
         """Run an Op batch (see vmm.ops): a cold batch is one freeze rendezvous."""
         if op.action == "write":
             self.dirty = True
-        return apply_op(op, self.__dict__.get("_guest_memory"), lambda snap: LiveResolver(self.live(snap)),
-                        lambda: self.freeze(freeze_timeout))
+        from .ops.resolve import LiveResolver
+
+        return ops.apply_op(op, self.__dict__.get("_guest_memory"),
+                            lambda snap: LiveResolver(self.live(snap)),
+                            lambda: self.freeze(freeze_timeout))
 
     @staticmethod
     def _target(target: Target, path: Optional[str], cpu: Optional[int],
                 type: Optional[str]) -> KernelTarget:
-        if isinstance(target, KernelTarget):
+        if isinstance(target, ops.KernelTarget):
             return target
         if cpu is not None:
-            return KernelTarget.per_cpu(target, cpu, path, type)
+            return ops.KernelTarget.per_cpu(target, cpu, path, type)
         if path:
-            return KernelTarget.field(target, path, type)
-        return KernelTarget.symbol(target, type=type)
+            return ops.KernelTarget.field(target, path, type)
+        return ops.KernelTarget.symbol(target, type=type)
 
     def read(self, target: Target, path: Optional[str] = None, cpu: Optional[int] = None,
              hot: bool = False, type: Optional[str] = None) -> Union[int, bytes]:
@@ -325,13 +330,13 @@ class Machine(RunningMachine):
         t = self._target(target, path, cpu, type)
         hold = nullcontext(None) if hot else self.freeze()
         with hold as snap:
-            op = Op.ReadKernelHot([t]) if hot else Op.ReadKernelCold([t])
+            op = ops.Op.ReadKernelHot([t]) if hot else ops.Op.ReadKernelCold([t])
             value = self.apply(op).values[0]
-            raw = value.data if isinstance(value, Bytes) else value.encode()
+            raw = value.data if isinstance(value, ops.Bytes) else value.encode()
             decoded = self._decode(t, raw, snap)
         if decoded is not None:
             return decoded
-        return value.data if isinstance(value, Bytes) else value.value
+        return value.data if isinstance(value, ops.Bytes) else value.value
 
     def _decode(self, t: KernelTarget, raw: bytes,
                 snap: "Optional[FreezeSnapshot]") -> Optional[Union[int, bytes]]:
@@ -356,7 +361,7 @@ class Machine(RunningMachine):
         """Write `value` to a symbol or field (one cold batch; hot=True writes the running
         guest)."""
         t = self._target(target, path, cpu, type)
-        op = Op.WriteKernelHot([(t, value)]) if hot else Op.WriteKernelCold([(t, value)])
+        op = ops.Op.WriteKernelHot([(t, value)]) if hot else ops.Op.WriteKernelCold([(t, value)])
         return self.apply(op)
 
     def possible_cpus(self) -> list[int]:
@@ -369,7 +374,9 @@ class Machine(RunningMachine):
         """The mission in one call: one cold batch that, for every possible CPU, writes
         ``rq->scx.clock`` then ORs ``SCX_RQ_CLK_VALID`` into ``rq->scx.flags``; then a
         cold read-back of both fields on every CPU."""
-        clk_valid_mask(self.kernel_image)  # refuses a kernel without the flag before freezing
+        from .ops.scx import ScxCpuRow, ScxInjection
+
+        ops.clk_valid_mask(self.kernel_image)  # refuses a kernel without the flag before freezing
         self._require_symbols()
         with self.freeze() as snap:
             live = self.live(snap)
@@ -377,10 +384,10 @@ class Machine(RunningMachine):
             if clock is None:
                 # The guest's own notion of now where there is one, so time stays monotonic.
                 clock = snap.clock if snap.clock else time.monotonic_ns()
-            batch = scx_clock_batch(self.kernel_image, cpu_list, clock)
-            before = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
-            written = self.apply(Op.WriteKernelCold(batch))
-            after = self.apply(Op.ReadKernelCold([t for t, _ in batch]))
+            batch = ops.scx_clock_batch(self.kernel_image, cpu_list, clock)
+            before = self.apply(ops.Op.ReadKernelCold([t for t, _ in batch]))
+            written = self.apply(ops.Op.WriteKernelCold(batch))
+            after = self.apply(ops.Op.ReadKernelCold([t for t, _ in batch]))
         mask = batch[1][1].mask
         rows = []
         for i, cpu in enumerate(cpu_list):
@@ -407,12 +414,16 @@ class Machine(RunningMachine):
         super().on_request(name, handler, freeze)
 
     def _request_context(self, snapshot) -> "KernelRequestContext":
+        from .session_requests import KernelRequestContext
+
         return KernelRequestContext(self, snapshot)
 
     def serve_scx_clock(self, name: str = "scx-clock") -> None:
         """Serve the built-in request ``NAME [cpu=N] [clock=N]`` (scx_clock_request): the
         scx clock/flag batch on CPU N (default every possible CPU) when the guest asks,
         e.g. ``vmm-request -c 1 scx-clock``; `vmm run --serve-scx-clock` turns it on."""
+        from .session_requests import scx_clock_request
+
         self.on_request(name, scx_clock_request)
 
     # --- kernel debuggers (vmm/debug) ---------------------------------------------------

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .kernel import Kernel
     from .kernel.kconfig import KernelConfig
     from .kernel.live import LiveKernel
+    from .kernel.locate import KernelFiles
     from .kvm.memory import GuestMemory
     from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult
     from .ops.scx import ScxInjection
@@ -130,6 +131,7 @@ class Machine(RunningMachine):
         self.requires = set(requires)
         self.check_config = check_config
         self.kernel_files = None
+        self._kernel_path = None  # a kernel given as a path whose vmlinux search waits
         self.job = _guest_job(options.pop("exec", None), options.pop("include", None))
         if self.job is not None:
             initrd = initrd or str(self.job)
@@ -143,8 +145,12 @@ class Machine(RunningMachine):
         elif isinstance(kernel, (str, os.PathLike)):
             # A path: an image file or a directory (build tree, loose files); symbols
             # and types come from the files found with it, not the stripped payload.
+            # The search for the image's unstripped vmlinux (which may decompress the
+            # image to compare build ids: 65-100 ms natively, seconds under emulation)
+            # waits for the first use of the symbols (_searched_kernel_files).
             from .kernel.locate import locate
-            self.kernel_files = locate(kernel, vmlinux=vmlinux, system_map=system_map)
+            self.kernel_files = locate(kernel, vmlinux=vmlinux, system_map=system_map, search=False)
+            self._kernel_path = kernel
             boot = str(self.kernel_files.boot)
         from .kernel import image_symbols
         options.setdefault("symbol_table", image_symbols)  # names RIPs in crash reports
@@ -203,7 +209,7 @@ class Machine(RunningMachine):
                 self._vmlinux_path = self.artifacts.vmlinux
                 self._system_map_path = self.artifacts.system_map
             if self.kernel_files is not None:
-                self._introspection = self.kernel_files.load()
+                self._introspection = self._searched_kernel_files().load()
                 return self._introspection
             source = self._vmlinux_path or self.kernel
             with open(source, "rb") as f:
@@ -218,12 +224,22 @@ class Machine(RunningMachine):
         """A kernel loaded without a symbol table: say so and what to pass, before any
         lookup says "no kernel symbol named ..."."""
         from .kernel.locate import require_symbols
-        require_symbols(self.kernel_image, self.kernel_files or self._vmlinux_path or self.kernel)
+        kernel = self.kernel_image
+        require_symbols(kernel, self.kernel_files or self._vmlinux_path or self.kernel)
+
+    def _searched_kernel_files(self) -> "KernelFiles":
+        """kernel_files with the vmlinux search done (once; deferred from the start)."""
+        if self._kernel_path is not None:
+            from .kernel.locate import locate
+            self.kernel_files = locate(self._kernel_path, vmlinux=self._vmlinux_path,
+                                       system_map=self._system_map_path)
+            self._kernel_path = None
+        return self.kernel_files
 
     def introspection_sources(self) -> str:
         """Which files the symbols and the types come from, in words."""
         if self.kernel_files is not None:
-            return self.kernel_files.describe()
+            return self._searched_kernel_files().describe()
         k = self.kernel_image
         return ", ".join(k.sources) or "?"
 

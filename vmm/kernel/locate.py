@@ -166,9 +166,11 @@ def _tree_of_image(image: Path) -> Optional[Path]:
 
 def locate(path: PathLike, *, vmlinux: Optional[PathLike] = None,
            system_map: Optional[PathLike] = None, debug_root: PathLike = DEBUG_ROOT,
-           boot_dir: PathLike = BOOT_DIR) -> KernelFiles:
+           boot_dir: PathLike = BOOT_DIR, search: bool = True) -> KernelFiles:
     """The files of the kernel at ``path`` (an image file or a directory); explicit
-    ``vmlinux`` / ``system_map`` win over anything found."""
+    ``vmlinux`` / ``system_map`` win over anything found. ``search=False`` skips the
+    search for an unstripped vmlinux matching an image file (the image's System.map and
+    config are still found): what booting needs, without the build-id comparison."""
     p = Path(path).expanduser()
     if not p.exists():
         raise KernelStoreError(f"kernel {os.fspath(path)!r}: no such file or directory")
@@ -177,7 +179,7 @@ def locate(path: PathLike, *, vmlinux: Optional[PathLike] = None,
     else:
         # A vmlinux given explicitly ends the search for one (which would decompress the
         # image to compare build ids: seconds on a slow host, before every boot).
-        files = _from_file(p, Path(debug_root), Path(boot_dir), search=vmlinux is None)
+        files = _from_file(p, Path(debug_root), Path(boot_dir), search=search and vmlinux is None)
     if vmlinux is not None:
         files.vmlinux = Path(vmlinux)
         files.notes.append(f"vmlinux {vmlinux} (given)")

@@ -229,3 +229,16 @@ def test_cli_run_in_a_build_tree_boots_its_kernel(tmp_path):
     assert r.returncode == 5, r.stderr
     r = vmm("run", "--cmdline", "mode=hello exit=5", cwd=tmp_path)
     assert r.returncode == 2 and "--kernel" in r.stderr
+
+
+def test_session_defers_the_vmlinux_search_to_the_first_symbol_use(tmp_path):
+    """Booting a bzImage needs none of its symbols: the session finds its System.map and
+    config at once, and the unstripped vmlinux beside it (a build-id comparison) only
+    when the symbols are first used."""
+    from vmm.session import Machine
+
+    bz, _ = make_kernel(tmp_path / "k", build_id=b"\x03" * 20)
+    m = Machine(kernel=str(bz), check_config=False)
+    assert m.kernel_files.vmlinux is None and m.kernel_files.system_map == tmp_path / "k" / "System.map"
+    assert "vmlinux" in m.introspection_sources() and m.kernel_files.vmlinux == tmp_path / "k" / "vmlinux"
+    assert m.kernel_image.symbols.lookup("boot_main") is not None

@@ -145,7 +145,7 @@ def printed_after(text: str, header: str, value: str, within: int = 6) -> bool:
     """Whether init printed `value` as a line within `within` lines after `header`: the
     kernel's own console messages (the clocksource watchdog's, say) share the tty and
     may land between the two."""
-    return re.search(rf"^{re.escape(header)}\n(?:.*\n){{0,{within}}}?{re.escape(value)}$", text,
+    return re.search(rf"{re.escape(header)}\n(?:.*\n){{0,{within}}}?{re.escape(value)}$", text,
                      re.MULTILINE) is not None
 
 

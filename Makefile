@@ -54,9 +54,10 @@ test-asan: guests
 # guest vCPU (its RIP becomes kvm_amd's __svm_vcpu_run+0x9c, its CR3 a page outside the
 # guest's RAM: about 1 boot in 30 under vmm, none in 190 under QEMU as the L2 VMM; see
 # scripts/boot_soak.py). A test whose boot failed that way, or triple-faulted before
-# init, runs again (at most twice, pytest-rerunfailures); any other failure fails at once.
+# init, runs again (at most 3 times, pytest-rerunfailures: one CI run needed 2 for one
+# Debian-kernel fixture); any other failure fails at once.
 # -rR prints each rerun's reason in the summary.
-SVM_RERUN ?= -rR --reruns 2 --only-rerun "(?s)GuestBootError: .*(the host's own|outside the guest's RAM|triple fault)"
+SVM_RERUN ?= -rR --reruns 3 --only-rerun "(?s)GuestBootError: .*(the host's own|outside the guest's RAM|triple fault)"
 test-svm: deps guests svm-setup
 	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) -- $(PYTHON) -m pytest -q -m "slow or svm" \
 		-p no:cacheprovider $(SVM_RERUN) $(SVM_TESTS) $(PYTEST_ARGS)

@@ -80,7 +80,6 @@ def installed_python_env() -> dict:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "vmm")],
                    env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-c", "import vmm.session"], env=env, cwd=ROOT, check=True)
     return env
 
 

@@ -224,8 +224,7 @@ class Machine(RunningMachine):
         """A kernel loaded without a symbol table: say so and what to pass, before any
         lookup says "no kernel symbol named ..."."""
         from .kernel.locate import require_symbols
-        kernel = self.kernel_image
-        require_symbols(kernel, self.kernel_files or self._vmlinux_path or self.kernel)
+        require_symbols(self.kernel_image, self.kernel_files or self._vmlinux_path or self.kernel)
 
     def _searched_kernel_files(self) -> "KernelFiles":
         """kernel_files with the vmlinux search done (once; deferred from the start)."""

@@ -11,7 +11,5 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(("DEFAULT_LINUX_CMDLINE", "MachineBuilder", "VmExit"), "builder"),
 })
 
-
-
 if TYPE_CHECKING:
     from vmm.machine.builder import DEFAULT_LINUX_CMDLINE, MachineBuilder, VmExit

@@ -142,6 +142,35 @@ def test_wait_for_console_timeout_says_where_each_vcpu_is(guest):
         assert "IF " in line and "CR3 0x" in line
 
 
+def test_a_silent_vcpu_holding_host_state_fails_the_wait_at_once(guest, monkeypatch):
+    """After STALL_CHECK_S without console output the wait looks where the vCPUs are; a
+    vCPU whose RIP is in the host's KVM (the fault the SVM lane's emulator has: faked
+    here by the lookup, on a real guest) ends the wait at once, not at its timeout."""
+    import time
+
+    from vmm.errors import GuestBootError
+    from vmm.runtime import machine as runtime_machine
+
+    monkeypatch.setattr(runtime_machine, "STALL_CHECK_S", 0.5)
+    with Machine(guest, cpus=2, cmdline="mode=loop cpus=2", timeout=120) as m:
+        m.wait_for_console("2 cpus up", timeout=60)
+        time.sleep(0.2)  # the last line is out: from here the guest prints nothing
+        # A healthy silent guest: looked at every 0.5 s, waited out to its timeout.
+        with pytest.raises(GuestBootError, match="3 s passed"):
+            m.wait_for_console("no such text", timeout=3)
+        assert m.running
+        monkeypatch.setattr(runtime_machine, "leaked_host_state",
+                            lambda rip: f"{rip:#x} is the host's own __svm_vcpu_run+0x9c [kvm_amd]")
+        t0 = time.monotonic()
+        with pytest.raises(GuestBootError) as err:
+            m.wait_for_console("no such text", timeout=60)
+        assert time.monotonic() - t0 < 10
+        assert m.running  # thawed: the caller decides what to do with it
+    text = str(err.value)
+    assert "holds the host's state" in text and "not waiting out the timeout" in text
+    assert text.count("is the host's own __svm_vcpu_run") == 2 and "Console tail:" in text
+
+
 def test_bzimage_wrapping_our_guest_boots(guest):
     from fuzz import synthetic_images
 

@@ -24,6 +24,11 @@ from vmm.runtime.hostsyms import leaked_host_state
 from vmm.runtime.vcpu_thread import VcpuThread, request_stop
 from vmm.runtime.requests import HandlerEntry, Request, RequestChannel, RequestContext
 
+# wait_for_console looks where the vCPUs are after this long without console output, and
+# gives up at once when one holds the host's state instead of the guest's (a fault of the
+# host's virtualization: the guest cannot go on, so the rest of the timeout is waste).
+STALL_CHECK_S = 15.0
+
 
 class Machine(MachineBuilder):
     """A KVM virtual machine running one kernel; see docs/CONTRACTS.md."""
@@ -87,21 +92,39 @@ class Machine(MachineBuilder):
         log = self.console_log
         deadline = None if timeout is None else time.monotonic() + timeout
         flushed = False
+        seen, quiet_since = -1, time.monotonic()
         while True:
             with log.changed:
-                match = regex.search(log.text_locked(), start)
+                text = log.text_locked()
+                match = regex.search(text, start)
                 if match:
                     return match
                 if flushed:
                     why = f"the VM ended ({self._exit})" if self._exit else "the VM is not running"
                     break
-                left = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                left = None if deadline is None else deadline - now
                 if left is not None and left <= 0:
                     why = f"{timeout:g} s passed"
                     break
-                if not self._done.is_set():
+                if len(text) != seen:
+                    seen, quiet_since = len(text), now
+                quiet = not self._done.is_set() and now - quiet_since >= STALL_CHECK_S
+                if not self._done.is_set() and not quiet:
                     log.changed.wait(0.25 if left is None else min(left, 0.25))
                     continue
+            if quiet:  # silent for a while: a vCPU holding the host's state will never speak
+                quiet_since = time.monotonic()
+                lines, leaked = self._vcpu_report(freeze_timeout=2.0)
+                if leaked:
+                    why = (f"a vCPU holds the host's state, not the guest's (seen after "
+                           f"{STALL_CHECK_S:g} s of silence; not waiting out the timeout)")
+                    tail = "\n".join(log.text().splitlines()[-30:])
+                    raise GuestBootError(
+                        f"console never matched {regex.pattern!r}: {why}.\n"
+                        "Where the vCPUs are:\n" + "\n".join(lines)
+                        + f"\nConsole tail:\n{tail}")
+                continue
             # The VM ended: stop the pump after its final drain, then look once more.
             self._teardown()
             flushed = True
@@ -118,9 +141,14 @@ class Machine(MachineBuilder):
         thread is doing. For telling a guest that loops from one that waits from a vmm
         thread that is stuck, and both from a host that put its own state into a vCPU (a
         RIP in the host's KVM, vmm.runtime.hostsyms)."""
+        return "\n".join(self._vcpu_report(freeze_timeout)[0])
+
+    def _vcpu_report(self, freeze_timeout: float) -> tuple[list[str], bool]:
+        """describe_vcpus' lines, and whether some vCPU holds the host's state (its RIP in
+        the host's KVM, or paging on with a CR3 outside the guest's RAM)."""
         if not self.running or self.coordinator is None:
-            return "  (the VM is not running)"
-        lines = []
+            return ["  (the VM is not running)"], False
+        lines, leaked_any = [], False
         try:
             with self.freeze(timeout=freeze_timeout) as snap:
                 for v, s in zip(self.vcpus, snap.vcpus):
@@ -141,14 +169,16 @@ class Machine(MachineBuilder):
                     leaked = leaked_host_state(rip)
                     if leaked:
                         lines.append(f"    {leaked}")
+                        leaked_any = True
                     cr3 = s.sregs.cr3 & ~0xFFF & ((1 << 52) - 1)
                     if s.sregs.cr0 & CR0_PG and not self.memory.contains(cr3, 0x1000):
                         lines.append(f"    CR3 {cr3:#x} is outside the guest's RAM: no page "
                                      "table of the guest's own (host state, or a guest that "
                                      "lost its way)")
+                        leaked_any = True
         except VmmError as e:  # FreezeTimeout names the threads that did not park
             lines.append(f"  {e}")
-        return "\n".join(lines)
+        return lines, leaked_any
 
     def describe_state(self) -> str:
         """Kernel, vCPUs, threads, unclaimed ports and notes in a few lines (for failure

@@ -56,10 +56,15 @@ test-asan: guests
 # scripts/boot_soak.py). A test whose boot failed that way, or triple-faulted before
 # init, runs again (at most 3 times, pytest-rerunfailures: one CI run needed 2 for one
 # Debian-kernel fixture); any other failure fails at once.
-# -rR prints each rerun's reason in the summary.
+# -rR prints each rerun's reason in the summary. A boot that hangs that way is caught
+# after 15 s of console silence (vmm.runtime.machine.STALL_CHECK_S), not at its timeout.
+# The emulator also crashes L1's own kernel now and then (one CI run: a panic 750 s in):
+# --l1-retries boots a fresh L1 where the run resumes (tests/conftest.py), at most twice.
 SVM_RERUN ?= -rR --reruns 3 --only-rerun "(?s)GuestBootError: .*(the host's own|outside the guest's RAM|triple fault)"
+SVM_L1_RETRIES ?= 2
 test-svm: deps guests svm-setup
-	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) -- $(PYTHON) -m pytest -q -m "slow or svm" \
+	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) --l1-retries $(SVM_L1_RETRIES) -- \
+		$(PYTHON) -m pytest -q -m "slow or svm" \
 		-p no:cacheprovider $(SVM_RERUN) $(SVM_TESTS) $(PYTEST_ARGS)
 
 svm-setup:

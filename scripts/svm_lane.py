@@ -13,7 +13,8 @@ QEMU 10's multi-threaded TCG still puts L1's own state into an L2 vCPU now and t
 
     scripts/svm_lane.py setup                   fetch and prepare (idempotent; offline when cached)
     scripts/svm_lane.py info                    boot L1 and print what the lane is
-    scripts/svm_lane.py run [--cwd D] -- CMD... run CMD in L1; exit with CMD's status
+    scripts/svm_lane.py run [--cwd D] [--l1-retries N] -- CMD...
+                                                run CMD in L1; exit with CMD's status
 
 The L1 root file system is the host's own ``/``, shared read-only over 9p with a tmpfs
 overlay for writes (lost when the lane ends), so CMD sees this very checkout, the
@@ -466,6 +467,8 @@ def _run_script(cmd: list[str], cwd: str) -> str:
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     # The lane's identity, for tests that check they run inside it (tests/test_svm_lane.py).
     lines.append('export VMM_SVM_LANE="$(cat /run/svm-lane/identity)"')
+    # Outlives L1 (the io share): a pytest run writes its progress there (tests/conftest.py).
+    lines.append("export VMM_SVM_PROGRESS=/run/svm-lane/progress")
     lines.append(f"export VMM_SVM_QEMU={shlex.quote(str(cache_dir() / 'bin' / 'qemu-system-x86_64'))}")
     lines.append(f"cd {shlex.quote(cwd)} || exit 126")
     lines.append("exec " + " ".join(shlex.quote(c) for c in cmd))
@@ -487,81 +490,114 @@ def qemu_command(manifest: dict, io: Path, cpus: int, memory: str) -> list[str]:
     ]  # fmt: skip
 
 
+# The first lines of an L1 kernel crash, kept to name it when L1 ends without a status.
+L1_CRASH = re.compile(r"Kernel panic - not syncing|\] (BUG|Oops|general protection fault|"
+                      r"kernel BUG|watchdog: BUG)")
+# A fresh L1 after a crash only when this much of --timeout is left.
+MIN_RETRY_S = 300
+
+
+def _boot_l1(manifest: dict, io: Path, cpus: int, memory: str, timeout: float,
+             quiet_identity: bool) -> tuple[int | None, list[str]]:
+    """Boots L1 once and shows its console. QEMU's status (None when killed at
+    ``timeout``) and the lines that said L1's kernel crashed."""
+    t0 = time.monotonic()
+    argv = qemu_command(manifest, io, cpus, memory)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    timed_out = threading.Event()
+    timer = None
+    if timeout:
+        def expire():
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        timer = threading.Timer(timeout, expire)
+        timer.start()
+    started_cmd = None
+    crash: list[str] = []
+
+    def show(line: str) -> None:
+        nonlocal started_cmd
+        if line.rstrip().endswith("reboot: Restarting system"):
+            return  # the init's own reboot -f: not the command's output
+        if line.startswith(f"{MARK} L1 up") and started_cmd is None:
+            started_cmd = time.monotonic() - t0
+            if quiet_identity:
+                return
+            line = line.rstrip("\n") + f" (QEMU started {started_cmd:.1f} s ago)\n"
+        if len(crash) < 3 and L1_CRASH.search(line):
+            crash.append(line.strip())
+        sys.stdout.write(line)
+
+    try:
+        assert proc.stdout is not None
+        pending = ""
+        # Chunks, not lines: pytest's progress dots come without a newline.
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            pending += chunk.decode(errors="replace").replace("\r", "")
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                show(line + "\n")
+            # A partial line goes out now unless it may be one we rewrite or drop.
+            if pending and not pending.startswith(("svm-lane"[: len(pending)], "[")):
+                sys.stdout.write(pending)
+                pending = ""
+            sys.stdout.flush()
+        if pending:
+            show(pending)
+        sys.stdout.flush()
+        proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        if timer:
+            timer.cancel()
+    return (None if timed_out.is_set() else proc.returncode), crash
+
+
 def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAULT_MEMORY,
-        timeout: float = 0, quiet_identity: bool = False) -> int:
+        timeout: float = 0, quiet_identity: bool = False, l1_retries: int = 0) -> int:
+    """Runs ``cmd`` in L1. When L1's kernel dies before the command's status is written
+    (the emulator's fault, not the command's) and ``l1_retries`` allows, the command
+    runs again in a fresh L1, with the same $VMM_SVM_PROGRESS file: a pytest run there
+    resumes (tests/conftest.py) instead of starting over."""
     manifest = setup()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="svm-lane-") as tmp:
         io = Path(tmp)
         (io / "run.sh").write_text(_run_script(cmd, cwd))
-        argv = qemu_command(manifest, io, cpus, memory)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        timed_out = threading.Event()
-
-        timer = None
-        if timeout:
-            def expire():
-                timed_out.set()
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            timer = threading.Timer(timeout, expire)
-            timer.start()
-        started_cmd = None
-
-        def show(line: str) -> None:
-            nonlocal started_cmd
-            if line.rstrip().endswith("reboot: Restarting system"):
-                return  # the init's own reboot -f: not the command's output
-            if line.startswith(f"{MARK} L1 up") and started_cmd is None:
-                started_cmd = time.monotonic() - t0
-                if quiet_identity:
-                    return
-                line = line.rstrip("\n") + f" (QEMU started {started_cmd:.1f} s ago)\n"
-            sys.stdout.write(line)
-
-        try:
-            assert proc.stdout is not None
-            pending = ""
-            # Chunks, not lines: pytest's progress dots come without a newline.
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                pending += chunk.decode(errors="replace").replace("\r", "")
-                *lines, pending = pending.split("\n")
-                for line in lines:
-                    show(line + "\n")
-                # A partial line goes out now unless it may be one we rewrite or drop.
-                if pending and not pending.startswith(("svm-lane"[: len(pending)], "[")):
-                    sys.stdout.write(pending)
-                    pending = ""
-                sys.stdout.flush()
-            if pending:
-                show(pending)
-            sys.stdout.flush()
-            proc.wait()
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-        finally:
-            if timer:
-                timer.cancel()
-        elapsed = time.monotonic() - t0
-        if timed_out.is_set():
-            log(f"TIMEOUT: killed L1 after {timeout:.0f} s")
-            return 124
-        error = io / "lane-error"
-        if error.exists():
-            log(f"FAILED: {error.read_text().strip()}")
-            log("the lane is not SVM: nothing was run")
-            return LANE_FAILED
-        status = io / "status"
-        if not status.exists():
-            log(f"FAILED: L1 ended (QEMU status {proc.returncode}) without the command's "
-                "status: see the console above")
-            return LANE_FAILED
-        code = int(status.read_text().strip() or LANE_FAILED)
-        log(f"command exited {code}; lane total {elapsed:.1f} s")
-        return code
+        for attempt in range(1 + l1_retries):
+            left = timeout - (time.monotonic() - t0) if timeout else 0
+            qemu_status, crash = _boot_l1(manifest, io, cpus, memory, left, quiet_identity)
+            elapsed = time.monotonic() - t0
+            if qemu_status is None:
+                log(f"TIMEOUT: killed L1 after {timeout:.0f} s")
+                return 124
+            error = io / "lane-error"
+            if error.exists():
+                log(f"FAILED: {error.read_text().strip()}")
+                log("the lane is not SVM: nothing was run")
+                return LANE_FAILED
+            status = io / "status"
+            if status.exists():
+                code = int(status.read_text().strip() or LANE_FAILED)
+                log(f"command exited {code}; lane total {elapsed:.1f} s"
+                    + (f", {attempt + 1} L1 boots" if attempt else ""))
+                return code
+            what = f"L1 ended (QEMU status {qemu_status}) without the command's status"
+            if crash:
+                what += ": L1's kernel crashed (" + " / ".join(crash) + ")"
+            left = timeout - elapsed if timeout else MIN_RETRY_S
+            if attempt == l1_retries or left < MIN_RETRY_S:
+                why = "" if attempt == l1_retries else f" ({left:.0f} s left of --timeout)"
+                log(f"FAILED: {what}{why}: see the console above")
+                return LANE_FAILED
+            log(f"{what} after {elapsed:.0f} s: the emulator's fault, not the command's; "
+                f"running it again in a fresh L1 (L1 boot {attempt + 2} of {l1_retries + 1})")
+    return LANE_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=float, default=0, help="kill L1 after this many seconds")
         if name == "run":
             p.add_argument("--cwd", default=os.getcwd(), help="directory to run in (default: here)")
+            p.add_argument("--l1-retries", type=int, default=0, metavar="N",
+                           help="when L1's kernel crashes, run the command again in a fresh "
+                                "L1, at most N times (a pytest run resumes: tests/conftest.py)")
             p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     args = ap.parse_args(argv)
     try:
@@ -592,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             ap.error("run: give the command after --")
-        return run(cmd, os.path.abspath(args.cwd), args.cpus, args.memory, args.timeout)
+        return run(cmd, os.path.abspath(args.cwd), args.cpus, args.memory, args.timeout,
+                   l1_retries=args.l1_retries)
     except (LaneError, ks.KernelStoreError) as e:
         log(f"FAILED: {e}")
         return LANE_FAILED

@@ -7,6 +7,11 @@
   that need a working KVM, not only the device.
 - ``started``: a fixture that starts a Machine and stops it when the test ends, pass
   or fail (the boot, try, finally: stop() the guest tests repeated).
+- In the SVM lane (``VMM_SVM_PROGRESS`` set by scripts/svm_lane.py): each test that
+  starts and each outcome is written down in that file, outside L1. When the lane's
+  emulator crashes L1 it runs the command again in a fresh L1 (``--l1-retries``): the run
+  then leaves out the tests that passed or skipped before the crash, runs the rest, and
+  still fails for the tests that failed before it.
 
 Helpers the test modules share live in plain modules beside them (guest_abi, tinyvm,
 fake_resolver, page_tables, pahole_text); the synthetic kernel images come from
@@ -17,6 +22,7 @@ one another.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +59,75 @@ def started():
     yield start
     for machine in reversed(machines):
         machine.stop()
+
+
+# --- resuming a run after the SVM lane's L1 crashed (scripts/svm_lane.py --l1-retries) --
+FINAL = ("passed", "failed", "skipped")  # a rerun's "rerun" reports are not final
+_outcomes: dict[str, str] = {}
+_earlier_failures: list[str] = []
+_resumed: list[bool] = []
+
+
+def _progress() -> Path | None:
+    path = os.environ.get("VMM_SVM_PROGRESS")
+    return Path(path) if path else None
+
+
+def _write_progress(what: str, nodeid: str) -> None:
+    with open(_progress(), "a") as f:
+        f.write(f"{what} {nodeid}\n")
+        f.flush()
+        os.fsync(f.fileno())  # L1 may die the next moment: the host must see it
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    path = _progress()
+    if path is None or not path.exists():
+        return
+    done, started = {}, None
+    for line in path.read_text().splitlines():
+        what, _, nodeid = line.partition(" ")
+        if what == "start":
+            started = nodeid
+        elif what in FINAL:
+            done[nodeid] = what
+            started = None if started == nodeid else started
+    _resumed.append(True)
+    _earlier_failures[:] = [n for n, what in done.items() if what == "failed"]
+    keep = [item for item in items if item.nodeid not in done]
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+    items[:] = keep
+    print(f"\nsvm lane: resuming after an L1 crash: {len(done)} tests ended before it "
+          f"({len(_earlier_failures)} failed), {len(keep)} to run"
+          + (f"; L1 died during {started}" if started else ""))
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    if _progress() is not None:
+        _outcomes.pop(nodeid, None)
+        _write_progress("start", nodeid)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _progress() is None:
+        return
+    if report.outcome not in FINAL:
+        _outcomes[report.nodeid] = report.outcome  # "rerun": this try does not count
+    elif report.failed or (report.skipped and report.when != "teardown"):
+        _outcomes.setdefault(report.nodeid, report.outcome)
+    if report.when == "teardown":
+        outcome = _outcomes.pop(report.nodeid, "passed")
+        if outcome in FINAL:
+            _write_progress(outcome, report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for nodeid in _earlier_failures:
+        terminalreporter.write_line(f"FAILED {nodeid} (in an earlier L1, before it crashed)")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _resumed and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        # Nothing left to run is no error when the crash came after the last test.
+        failed = pytest.ExitCode.TESTS_FAILED
+        session.exitstatus = failed if _earlier_failures else pytest.ExitCode.OK

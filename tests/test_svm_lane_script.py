@@ -71,3 +71,36 @@ def test_missing_libraries_reads_depends(lane, monkeypatch):
     depends = ("libc6 (>= 2.34), libfdt1 (>= 1.6.1), libfoo1 | libbar2, zlib1g (>= 1:1.2.0), "
                "qemu-system-common (= 1:10.0.2), seabios (>> 1.16.3-1~)")
     assert lane._missing_libraries(depends) == ["libfdt1", "libfoo1"]
+
+
+def test_run_script_points_pytest_at_a_progress_file_outside_l1(lane, tmp_path):
+    script = lane._run_script(["true"], str(tmp_path))
+    assert "export VMM_SVM_PROGRESS=/run/svm-lane/progress" in script  # the io share
+
+
+@pytest.fixture
+def fake_l1(lane, monkeypatch):
+    """A stand-in for QEMU+L1: its first boot 'crashes' (prints a kernel panic, ends
+    without the command's status), every later one writes status 3."""
+    l1 = (r'io=$1; if [ ! -e "$io/crashed" ]; then touch "$io/crashed"; '
+          r'echo "[  752.390816] Kernel panic - not syncing: corrupted stack end detected"; exit 0; fi; '
+          r'echo "svm-lane: L1 up after 1.0 s: fake"; echo 3 > "$io/status"')
+    monkeypatch.setattr(lane, "setup", lambda: {})
+    monkeypatch.setattr(lane, "qemu_command", lambda manifest, io, cpus, mem: ["sh", "-c", l1, "l1", str(io)])
+
+
+def test_an_l1_crash_is_a_lane_failure_that_names_the_panic(lane, fake_l1, tmp_path, capsys):
+    assert lane.run(["true"], str(tmp_path)) == lane.LANE_FAILED
+    out = "".join(capsys.readouterr())
+    assert "FAILED: L1 ended (QEMU status 0) without the command's status: L1's kernel crashed" in out
+    assert "Kernel panic - not syncing: corrupted stack end detected" in out
+
+
+def test_l1_retries_run_the_command_again_in_a_fresh_l1(lane, fake_l1, tmp_path, capsys):
+    assert lane.run(["true"], str(tmp_path), l1_retries=2) == 3
+    out = "".join(capsys.readouterr())
+    assert "running it again in a fresh L1 (L1 boot 2 of 3)" in out
+    assert "command exited 3" in out and "2 L1 boots" in out
+    # No fresh L1 when too little of --timeout is left for it to do anything.
+    assert lane.run(["true"], str(tmp_path), timeout=60, l1_retries=2) == lane.LANE_FAILED
+    assert "s left of --timeout" in capsys.readouterr().err

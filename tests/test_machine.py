@@ -298,3 +298,19 @@ def test_ram_above_the_gap(guest):
         m.stop()
     r = Machine(guest, memory="5G", cmdline="mode=hello exit=4", timeout=30).run()
     assert (r.reason, r.exit_code) == ("exit-code", 4)
+
+
+def test_a_report_names_no_symbol_for_an_address_far_past_it():
+    """describe_vcpus' "name+0xoff": an address megabytes past the last symbol (the
+    host's module space seen from the guest's table) is not any symbol's."""
+    from vmm.machine.builder import MAX_SYMBOL_OFFSET
+
+    class Table:
+        def nearest(self, addr):
+            return "__init_scratch_end", addr - 0xFFFFFFFF84000000
+
+    m = Machine(kernel=b"unused")
+    m._symbolizer = Table()
+    assert m._symbolize(0xFFFFFFFF84000010) == "__init_scratch_end+0x10"
+    assert m._symbolize(0xFFFFFFFF84000000 + MAX_SYMBOL_OFFSET + 1) is None
+    assert m._symbolize(0xFFFFFFFFC050813C) is None

@@ -44,6 +44,9 @@ from vmm.machine.vmexit import (EXIT_CODE_CRASH, REASONS, ExitReason, StopReason
 # bases (vmm.kernel.live). PVM hosts add nokaslr (vmm.machine.pvm.pvm_cmdline).
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 CONSOLE_TAIL_BYTES = 4096
+# A report names an address "symbol+offset" only this close to the symbol (kernel
+# functions are far smaller); an address past the kernel's image names nothing.
+MAX_SYMBOL_OFFSET = 0x100000
 PIT_SPEAKER_DUMMY = 1  # KVM_PIT_SPEAKER_DUMMY: port 0x61 handled in the kernel
 
 BUILD_STEPS = ("create_vm", "setup_memory", "setup_irqchip", "load_kernel", "load_initrd",
@@ -520,7 +523,8 @@ class MachineBuilder:
         for a in candidates:
             try:
                 name, offset = self._symbolizer.nearest(a)
-                return f"{name}+{offset:#x}"
+                if offset <= MAX_SYMBOL_OFFSET:  # farther: past the image, no symbol's own
+                    return f"{name}+{offset:#x}"
             except VmmError:
                 continue
         return None

@@ -92,7 +92,9 @@ def test_acpi_tables(cpus):
     facs_addr = struct.unpack_from("<I", fadt, 36)[0]
     assert facs_addr % 64 == 0 and blob[facs_addr - L.ACPI_START:][:4] == b"FACS"
     assert struct.unpack_from("<BBBBQ", fadt, 116) == (1, 8, 0, 1, 0x64) and fadt[128] == 0xFE
-    assert not struct.unpack_from("<H", fadt, 109)[0] & T.IAPC_BOOT_ARCH_8042  # no keyboard probing
+    boot_arch = struct.unpack_from("<H", fadt, 109)[0]
+    assert not boot_arch & T.IAPC_BOOT_ARCH_8042  # no keyboard probing
+    assert boot_arch & T.IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT  # no rtc_cmos probe of 0x70/0x71
 
     madt = tables[b"APIC"]
     assert struct.unpack_from("<II", madt, 36) == (L.LAPIC_START, 1)

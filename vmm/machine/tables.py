@@ -173,6 +173,7 @@ FADT_HW_REDUCED_ACPI = 1 << 20
 IAPC_BOOT_ARCH_8042 = 1 << 1
 IAPC_BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
 IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED = 1 << 3
+IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT = 1 << 5  # ACPI 5+ (this FADT is revision 6)
 GAS_SYSTEM_IO = 1
 
 
@@ -224,7 +225,10 @@ def fadt(dsdt_addr: int, facs_addr: int, hw_reduced: bool = False) -> bytes:
         put(172, "BBBBQ", GAS_SYSTEM_IO, 16, 0, 0, L.ACPI_PM1_CNT_PORT)  # X_PM1a_CNT_BLK
     # No 8042 flag: our i8042 only implements the reset line, so an ACPI kernel should not
     # probe for a keyboard controller ("reboot=k" still writes 0xFE to port 0x64).
-    put(109, "H", IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
+    # No CMOS RTC at ports 0x70/0x71 either (the guest's wall clock is kvm-clock's): said
+    # so, an ACPI kernel registers no rtc_cmos device, whose probe otherwise polls the
+    # absent update-in-progress bit (12,124 port exits in one Debian-kernel boot).
+    put(109, "H", IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
     flags = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP
     put(112, "I", flags | (FADT_HW_REDUCED_ACPI if hw_reduced else 0))
     put(116, "BBBBQ", GAS_SYSTEM_IO, 8, 0, 1, L.I8042_COMMAND_PORT)  # RESET_REG

@@ -70,12 +70,13 @@ def _qemu_argv(args, kernel: str) -> list[str]:
     from vmm import kernelstore
     from vmm.machine.builder import DEFAULT_LINUX_CMDLINE
     from vmm.machine.initramfs import build_initramfs
+    from vmm.machine.layout import parse_size
 
     qemu_peer.QEMU = os.environ.get("VMM_QEMU") or os.environ.get("VMM_SVM_QEMU") or qemu_peer.QEMU
     if not Path(kernel).exists() or args.elf:
         kernel = str(kernelstore.resolve_kernel(args.kernel).boot_image)
     return qemu_peer.linux_boot_cmd(kernel, args.cmdline or DEFAULT_LINUX_CMDLINE, args.cpus,
-                                    int(args.memory.rstrip("MmIi")),
+                                    parse_size(args.memory) >> 20,
                                     str(build_initramfs("spin")), cpu_model="host")
 
 

@@ -53,10 +53,11 @@ test-asan: guests
 # SVM_RERUN: the lane's emulated SVM (QEMU TCG) sometimes writes L1's own state into a
 # guest vCPU (its RIP becomes kvm_amd's __svm_vcpu_run+0x9c, its CR3 a page outside the
 # guest's RAM: about 1 boot in 30 under vmm, none in 190 under QEMU as the L2 VMM; see
-# scripts/boot_soak.py). A test whose guest showed that, or triple-faulted, runs again (at most 3 times, pytest-rerunfailures: one CI run needed 2 for one
-# Debian-kernel fixture); any other failure fails at once.
-# -rR lists the reruns in the summary. A boot that hangs that way is caught
-# after 15 s of console silence (vmm.runtime.machine.STALL_CHECK_S), not at its timeout.
+# scripts/boot_soak.py). A test whose guest showed that, or triple-faulted, runs again
+# (at most 3 times, pytest-rerunfailures: one CI run needed 2 for one Debian-kernel
+# fixture); any other failure fails at once. -rR lists the reruns in the summary. A
+# boot that hangs that way is caught after 15 s of console silence
+# (vmm.runtime.machine.STALL_CHECK_S), not at its timeout.
 # The emulator also crashes L1's own kernel now and then (one CI run: a panic 750 s in):
 # --l1-retries boots a fresh L1 where the run resumes (tests/conftest.py), at most twice.
 # The phrases are vmm's own (vmm.runtime), so a test that runs the CLI matches too (one

@@ -12,6 +12,8 @@
   emulator crashes L1 it runs the command again in a fresh L1 (``--l1-retries``): the run
   then leaves out the tests that passed or skipped before the crash, runs the rest, and
   still fails for the tests that failed before it.
+- A test that pytest-rerunfailures ran again gets a summary line saying why: the lane
+  fault's phrase when the failure had one (the Makefile's SVM_RERUN), else its last line.
 
 Helpers the test modules share live in plain modules beside them (guest_abi, tinyvm,
 fake_resolver, page_tables, pahole_text); the synthetic kernel images come from
@@ -22,6 +24,7 @@ one another.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -108,7 +111,18 @@ def pytest_runtest_logstart(nodeid: str, location) -> None:
         _write_progress("start", nodeid)
 
 
+# Why each rerun (pytest-rerunfailures, `make test-svm`) happened: -rR names only the test.
+LANE_FAULT = re.compile(r"the host's own \S+ \[kvm\w*\]|holds the host's state|"
+                        r"CR3 0x[0-9a-f]+ is outside the guest's RAM|vCPU \d+: triple fault")
+_reruns: list[str] = []
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.outcome == "rerun":
+        text = report.longreprtext
+        found = LANE_FAULT.search(text)
+        why = found.group(0) if found else (text.strip().splitlines() or ["?"])[-1][:160]
+        _reruns.append(f"rerun {report.nodeid} ({report.when}): {why}")
     if _progress() is None:
         return
     if report.outcome not in FINAL:
@@ -122,6 +136,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _reruns:
+        terminalreporter.write_line(line)
     for nodeid in _earlier_failures:
         terminalreporter.write_line(f"FAILED {nodeid} (in an earlier L1, before it crashed)")
 

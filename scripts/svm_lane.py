@@ -561,8 +561,8 @@ def _boot_l1(manifest: dict, io: Path, cpus: int, memory: str, timeout: float,
 def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAULT_MEMORY,
         timeout: float = 0, quiet_identity: bool = False, l1_retries: int = 0) -> int:
     """Runs ``cmd`` in L1. When L1's kernel dies before the command's status is written
-    (the emulator's fault, not the command's) and ``l1_retries`` allows, the command
-    runs again in a fresh L1, with the same $VMM_SVM_PROGRESS file: a pytest run there
+    (in our runs: the emulator's fault; a command can also crash it, so the tries are
+    bounded) and ``l1_retries`` allows, the command runs again in a fresh L1, with the same $VMM_SVM_PROGRESS file: a pytest run there
     resumes (tests/conftest.py) instead of starting over."""
     manifest = setup()
     t0 = time.monotonic()
@@ -595,7 +595,8 @@ def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAUL
                 why = "" if attempt == l1_retries else f" ({left:.0f} s left of --timeout)"
                 log(f"FAILED: {what}{why}: see the console above")
                 return LANE_FAILED
-            log(f"{what} after {elapsed:.0f} s: the emulator's fault, not the command's; "
+            log(f"{what} after {elapsed:.0f} s (the lane's emulator, or something the command "
+                "did to L1's kernel); "
                 f"running it again in a fresh L1 (L1 boot {attempt + 2} of {l1_retries + 1})")
     return LANE_FAILED
 

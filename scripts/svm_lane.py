@@ -562,8 +562,9 @@ def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAUL
         timeout: float = 0, quiet_identity: bool = False, l1_retries: int = 0) -> int:
     """Runs ``cmd`` in L1. When L1's kernel dies before the command's status is written
     (in our runs: the emulator's fault; a command can also crash it, so the tries are
-    bounded) and ``l1_retries`` allows, the command runs again in a fresh L1, with the same $VMM_SVM_PROGRESS file: a pytest run there
-    resumes (tests/conftest.py) instead of starting over."""
+    bounded) and ``l1_retries`` allows, the command runs again in a fresh L1, with the
+    same $VMM_SVM_PROGRESS file: a pytest run there resumes (tests/conftest.py) instead
+    of starting over."""
     manifest = setup()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="svm-lane-") as tmp:

@@ -92,6 +92,7 @@ class Machine(MachineBuilder):
         log = self.console_log
         deadline = None if timeout is None else time.monotonic() + timeout
         flushed = False
+        where: list[str] | None = None  # where the vCPUs are, when a look ended the wait
         seen, quiet_since = -1, time.monotonic()
         while True:
             with log.changed:
@@ -116,23 +117,20 @@ class Machine(MachineBuilder):
             if quiet:  # silent for a while: a vCPU holding the host's state will never speak
                 quiet_since = time.monotonic()
                 lines, leaked = self._vcpu_report(freeze_timeout=2.0)
-                if leaked:
-                    why = (f"a vCPU holds the host's state, not the guest's (seen after "
-                           f"{STALL_CHECK_S:g} s of silence; not waiting out the timeout)")
-                    tail = "\n".join(log.text().splitlines()[-30:])
-                    raise GuestBootError(
-                        f"console never matched {regex.pattern!r}: {why}.\n"
-                        "Where the vCPUs are:\n" + "\n".join(lines)
-                        + f"\nConsole tail:\n{tail}")
-                continue
+                if not leaked:
+                    continue
+                where = lines
+                why = (f"a vCPU holds the host's state, not the guest's (seen after "
+                       f"{STALL_CHECK_S:g} s of silence; not waiting out the timeout)")
+                break
             # The VM ended: stop the pump after its final drain, then look once more.
             self._teardown()
             flushed = True
         tail = "\n".join(log.text().splitlines()[-30:])
-        where = ""
-        if not flushed:  # still running: say where each vCPU is, so a hang can be told apart
-            where = "\nWhere the vCPUs are:\n" + self.describe_vcpus()
-        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}.{where}\n"
+        if not flushed and where is None:  # still running: say where each vCPU is, so a
+            where = self._vcpu_report(freeze_timeout=5.0)[0]  # hang can be told apart
+        where_text = "" if flushed else "\nWhere the vCPUs are:\n" + "\n".join(where)
+        raise GuestBootError(f"console never matched {regex.pattern!r}: {why}.{where_text}\n"
                              f"Console tail:\n{tail}")
 
     def describe_vcpus(self, freeze_timeout: float = 5.0) -> str:

@@ -12,8 +12,8 @@
   emulator crashes L1 it runs the command again in a fresh L1 (``--l1-retries``): the run
   then leaves out the tests that passed or skipped before the crash, runs the rest, and
   still fails for the tests that failed before it.
-- A test that pytest-rerunfailures ran again gets a summary line saying why: the lane
-  fault's phrase when the failure had one (the Makefile's SVM_RERUN), else its last line.
+- A test that pytest-rerunfailures ran again gets a summary line saying why: the text
+  its ``--only-rerun`` patterns (the Makefile's SVM_RERUN) matched, else its last line.
 
 Helpers the test modules share live in plain modules beside them (guest_abi, tinyvm,
 fake_resolver, page_tables, pahole_text); the synthetic kernel images come from
@@ -112,17 +112,12 @@ def pytest_runtest_logstart(nodeid: str, location) -> None:
 
 
 # Why each rerun (pytest-rerunfailures, `make test-svm`) happened: -rR names only the test.
-LANE_FAULT = re.compile(r"the host's own \S+ \[kvm\w*\]|holds the host's state|"
-                        r"CR3 0x[0-9a-f]+ is outside the guest's RAM|vCPU \d+: triple fault")
-_reruns: list[str] = []
+_reruns: list[tuple[str, str, str]] = []  # (nodeid, phase, failure text)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.outcome == "rerun":
-        text = report.longreprtext
-        found = LANE_FAULT.search(text)
-        why = found.group(0) if found else (text.strip().splitlines() or ["?"])[-1][:160]
-        _reruns.append(f"rerun {report.nodeid} ({report.when}): {why}")
+        _reruns.append((report.nodeid, report.when, report.longreprtext))
     if _progress() is None:
         return
     if report.outcome not in FINAL:
@@ -136,8 +131,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    for line in _reruns:
-        terminalreporter.write_line(line)
+    # The text that --only-rerun's patterns (the Makefile's SVM_RERUN) matched, else the
+    # failure's last line.
+    patterns = terminalreporter.config.getoption("only_rerun", None) or []
+    for nodeid, when, text in _reruns:
+        found = next(filter(None, (re.search(p, text) for p in patterns)), None)
+        why = found.group(0) if found else (text.strip().splitlines() or ["?"])[-1][:160]
+        terminalreporter.write_line(f"rerun {nodeid} ({when}): {why}")
     for nodeid in _earlier_failures:
         terminalreporter.write_line(f"FAILED {nodeid} (in an earlier L1, before it crashed)")
 

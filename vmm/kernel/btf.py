@@ -15,8 +15,10 @@ from array import array
 from vmm.errors import ImageError, KernelFeatureMissing, TypeNotFound
 from vmm.kernel.suggest import hint
 
-# The data model and the two halves of the Btf class live beside this file; their
-# names are re-exported here, where callers have always found them.
+# The data model and the three parts of the Btf class (names, member paths, pahole
+# layouts) live beside this file; their names are re-exported here, where callers have
+# always found them.
+from vmm.kernel.btf_format import TypeLayout
 from vmm.kernel.btf_names import TypeNames
 from vmm.kernel.btf_paths import FieldPaths, parse_path  # noqa: F401
 from vmm.kernel.btf_types import (  # noqa: F401 (CONST ... INT_*, Field, _enter: re-exported)
@@ -33,7 +35,7 @@ _FIXED_EXTRA = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
 _ITEM_SIZE = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
 
 
-class Btf(TypeNames, FieldPaths):
+class Btf(TypeNames, FieldPaths, TypeLayout):
     """A parsed .BTF blob. Construct with Btf(data); raises ImageError when corrupt."""
 
     def __init__(self, data: bytes):
@@ -371,9 +373,3 @@ class Btf(TypeNames, FieldPaths):
     def ids_of_kind(self, kind: int) -> list[int]:
         """The ids of every type of kind `kind`."""
         return [i for i, k in enumerate(self._kinds) if k == kind and i]
-
-    def format_type(self, type_name: str | Type) -> str:
-        """pahole-like layout of a struct/union (offsets, sizes, holes) or enum."""
-        from vmm.kernel.btf_format import format_type
-
-        return format_type(self, type_name)

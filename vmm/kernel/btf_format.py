@@ -1,13 +1,24 @@
-"""pahole-like printing of a BTF struct/union/enum layout."""
+"""pahole-like printing of a BTF struct/union/enum layout: the Btf class's printing half
+(a mixin beside btf_names and btf_paths; Btf supplies get(), resolve(), type(), sizeof(),
+and inherits type_name()/_proto_name() and _bitfield()). It imports only the data model,
+so btf.py imports it and not the other way round."""
 
 from __future__ import annotations
 
-from vmm.kernel.btf import ARRAY, ENUM, ENUM64, FUNC_PROTO, PTR, STRUCT, UNION, Btf, Type, _enter
+from vmm.kernel.btf_types import ARRAY, ENUM, ENUM64, FUNC_PROTO, PTR, STRUCT, UNION, Type, _enter
 
 CACHELINE = 64
 
 
-def _decl(btf: Btf, type_id: int, name: str) -> str:
+class TypeLayout:
+    """format_type(): pahole's view of one type."""
+
+    def format_type(self, type_name: str | Type) -> str:
+        """pahole-like layout of a struct/union (offsets, sizes, holes) or an enum's values."""
+        return format_type(self, type_name)
+
+
+def _decl(btf: TypeLayout, type_id: int, name: str) -> str:
     """C declaration of `name` with type `type_id` ('int a[4]', 'void (*fn)(int)')."""
     t = btf.get(type_id)
     dims = ""
@@ -21,8 +32,9 @@ def _decl(btf: Btf, type_id: int, name: str) -> str:
     return f"{btf.type_name(t):<26} {name}{dims}"
 
 
-def format_type(btf: Btf, type_name: str | Type) -> str:
-    """pahole-like layout of a struct or union (offsets, sizes, holes) or an enum's values."""
+def format_type(btf: TypeLayout, type_name: str | Type) -> str:
+    """pahole-like layout of a struct or union (offsets, sizes, holes) or an enum's values
+    (`btf`: a Btf)."""
     t = btf.type(type_name) if isinstance(type_name, str) else type_name
     r = btf.resolve(t)
     if r.kind in (ENUM, ENUM64):
@@ -45,7 +57,7 @@ def format_type(btf: Btf, type_name: str | Type) -> str:
     return "\n".join(lines)
 
 
-def _members(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str],
+def _members(btf: TypeLayout, t: Type, base_bits: int, depth: int, lines: list[str],
              stack: list[int], seen: set[int]) -> None:
     """Each anonymous type is expanded once (linear); one containing itself is an
     ImageError naming it."""
@@ -56,7 +68,7 @@ def _members(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str],
         stack.pop()
 
 
-def _members_of(btf: Btf, t: Type, base_bits: int, depth: int, lines: list[str],
+def _members_of(btf: TypeLayout, t: Type, base_bits: int, depth: int, lines: list[str],
                 stack: list[int], seen: set[int]) -> None:
     ind = "\t" * depth
     next_free = base_bits  # end (in bits) of the previous member, for holes

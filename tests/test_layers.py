@@ -21,7 +21,7 @@ VMM = Path(__file__).resolve().parent.parent / "vmm"
 # Floors, bottom up. The longest matching prefix decides.
 FLOORS = [
     ("vmm._native",),
-    ("vmm.errors", "vmm.resources", "vmm.lazy"),  # leaves: they import nothing of vmm
+    ("vmm.errors", "vmm.resources", "vmm.lazy", "vmm.hostio"),  # leaves: they import nothing of vmm
     ("vmm.arch", "vmm.image"),  # architecture facts; kernel image formats
     ("vmm.kvm",),
     ("vmm.machine",),

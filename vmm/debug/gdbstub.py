@@ -57,6 +57,7 @@ from typing import Any, Optional
 
 from vmm.debug.guest_debug import DR7_LEN, GuestDebug
 from vmm.errors import VmmError
+from vmm.hostio import LOOPBACK, listen_tcp
 from vmm.kvm.pvm import is_pvm_host
 
 # The i386:x86-64 'g' packet without a target description: 16 GPRs and rip (8 bytes),
@@ -93,12 +94,9 @@ def registers_hex(vcpu: Any) -> bytes:
 class GdbStub:
     """Serves one gdb at a time on ``host:port`` (port 0: any free port, see .port)."""
 
-    def __init__(self, machine: Any, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, machine: Any, host: str = LOOPBACK, port: int = 0):
         self.machine = machine
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(1)
+        self.sock = listen_tcp(port, host)  # loopback unless the caller names an address
         self.port = self.sock.getsockname()[1]
         self.snapshot: Any = None
         self.thread_g = 1  # gdb thread id selected for registers/memory

@@ -18,12 +18,12 @@ how many bytes and how many of them were holes.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterable, Optional, Sequence
 
 from vmm.errors import VmmError
+from vmm.hostio import atomic_output
 
 ELFCLASS64, ELFDATA2LSB, EV_CURRENT = 2, 1, 1
 ET_CORE, EM_X86_64 = 4, 62
@@ -153,9 +153,10 @@ def write(path: str, memory: Any, segments: list[Segment], cpus: Sequence[PrStat
     headers, notes_off = layout(segments, len(blob))
     zero = bytes(chunk)
     ram = holes = 0
-    tmp = f"{path}.partial"
     try:
-        with open(tmp, "wb") as f:
+        # Whole or not at all (a kill mid-write leaves at most a dot-temporary beside
+        # it, swept by the next dump), and readable by its owner only: guest memory.
+        with atomic_output(path, private=True) as f:
             f.write(headers)
             f.seek(notes_off)
             f.write(blob)
@@ -177,13 +178,8 @@ def write(path: str, memory: Any, segments: list[Segment], cpus: Sequence[PrStat
                 ram += seg.size
             end = max([s.offset + s.size for s in segments] + [notes_off + len(blob)])
             f.truncate(end)
-        os.replace(tmp, path)
     except OSError as exc:
-        _unlink(tmp)
         raise VmcoreError(f"writing the vmcore {path}: {exc}") from exc
-    except BaseException:
-        _unlink(tmp)
-        raise
     return VmcoreReport(path=str(path), size=end, segments=segments, ram_bytes=ram,
                         hole_bytes=holes, cpus=len(cpus), vmcoreinfo=vmcoreinfo.decode())
 
@@ -223,13 +219,6 @@ def read_headers(f: BinaryIO) -> tuple[list[tuple], list[tuple[bytes, int, bytes
 
 def _align(v: int, a: int) -> int:
     return (v + a - 1) // a * a
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def ram_segments(regions: Iterable[tuple], page_offset: int) -> list[Segment]:

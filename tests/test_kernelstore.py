@@ -220,14 +220,16 @@ def test_deb_member_extraction(tmp_path):
 
 
 def test_cli_list_and_path(store, capsys, tmp_path):
+    from vmm.cli_kernelstore import main  # what `python -m vmm.kernelstore` runs
+
     art = _cached_entry(store, "build", "7.3-dddddddddddd", "7.3.4")
-    assert ks.main(["list"]) == 0
+    assert main(["list"]) == 0
     assert "build-7.3-dddddddddddd" in capsys.readouterr().out
-    assert ks.main(["path", str(art.vmlinux.parent)]) == 0
+    assert main(["path", str(art.vmlinux.parent)]) == 0
     assert capsys.readouterr().out.strip() == str(art.vmlinux)
-    assert ks.main(["path", "nonsense"]) == 1
+    assert main(["path", "nonsense"]) == 1
     assert "error:" in capsys.readouterr().err
-    assert ks.main(["path", "--field", "system_map", str(art.vmlinux.parent)]) == 1
+    assert main(["path", "--field", "system_map", str(art.vmlinux.parent)]) == 1
 
 
 def test_artifacts_without_image():

@@ -4,11 +4,16 @@ Every import in vmm/ (module level, in functions, relative or absolute) is read 
 ast and placed on the floor of what it names; the order is docs/CONTRACTS.md's:
 
     vmm._native -> errors -> arch, image -> kvm -> machine -> runtime -> kernel -> ops
-    -> session / cli / pytest_plugin / kernelstore (and the vmm package itself)
+    -> top floor, a tree of four sub-floors:
+       tools (kernelstore, scxbuild, debug) -> session (session, session_requests,
+       session_report) -> the vmm package -> entry points (cli, cli_debug,
+       cli_kernelstore, kernelstore/__main__, pytest_plugin)
 
-A module may import its own floor or any lower one. The known exceptions below are
-named with their reason; the test fails on a new violation and on an exception that
-no longer happens (remove it from the list then).
+A module may import its own floor (sub-floor) or any lower one. Within a floor the
+modules may import each other, but the whole import graph of vmm/ (module level and
+function level imports alike) has no cycle; a cycle is reported with its path. The
+known exceptions below are named with their reason; the test fails on a new violation
+and on an exception that no longer happens (remove it from the list then).
 """
 
 from __future__ import annotations
@@ -28,10 +33,16 @@ FLOORS = [
     ("vmm.runtime",),
     ("vmm.kernel",),
     ("vmm.ops",),
-    ("vmm", "vmm.session", "vmm.session_report", "vmm.session_requests", "vmm.cli", "vmm.pytest_plugin", "vmm.kernelstore", "vmm.__main__",
-     "vmm.debug", "vmm.scxbuild"),
+    # The top floor, in four sub-floors, bottom up:
+    ("vmm.kernelstore", "vmm.scxbuild", "vmm.debug"),  # tools: the store, scheduler builds, debuggers
+    ("vmm.session", "vmm.session_requests", "vmm.session_report"),  # the session (vmm.Machine)
+    ("vmm",),  # the package's public names (vmm/__init__.py: lazy exports of the session's)
+    ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore", "vmm.kernelstore.__main__", "vmm.__main__",
+     "vmm.pytest_plugin"),  # entry points: nothing in vmm/ imports them but each other
 ]
-FLOOR_NAMES = ["_native", "errors", "arch/image", "kvm", "machine", "runtime", "kernel", "ops", "top"]
+FLOOR_NAMES = ["_native", "errors", "arch/image", "kvm", "machine", "runtime", "kernel", "ops",
+               "top: tools", "top: session", "top: vmm package", "top: entry points"]
+TOP = FLOOR_NAMES.index("top: tools")  # the first sub-floor of the top floor
 
 # (importer, imported): why it is allowed for now. None left: keep it so.
 EXPECTED: dict[tuple[str, str], str] = {}
@@ -104,6 +115,70 @@ def violations() -> dict[tuple[str, str], list[str]]:
     return found
 
 
+def import_graph() -> dict[str, dict[str, str]]:
+    """{importer: {imported: "file:line" of its first import}} over every module of vmm/,
+    module level and function level imports alike."""
+    graph: dict[str, dict[str, str]] = {}
+    for path in sorted(VMM.rglob("*.py")):
+        edges = graph.setdefault(module_name(path), {})
+        for target, line in imported_modules(path):
+            edges.setdefault(target, f"{path.relative_to(VMM.parent)}:{line}")
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """One cycle [a, b, ..., a] for each strongly connected component that holds one (a
+    module importing itself included), shortest from the component's first name."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan; the graph is ~200 modules deep at most
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    found = []
+    for component in sorted(components):
+        start, members = component[0], set(component)
+        if len(component) == 1 and start not in graph.get(start, ()):
+            continue
+        paths = {start: [start]}  # breadth first: the shortest way back to start
+        queue = [start]
+        while queue:
+            v = queue.pop(0)
+            nxt = sorted(w for w in graph.get(v, ()) if w in members)
+            if start in nxt:
+                found.append(paths[v] + [start])
+                break
+            for w in nxt:
+                if w not in paths:
+                    paths[w] = paths[v] + [w]
+                    queue.append(w)
+    return found
+
+
+def describe_cycle(graph: dict[str, dict[str, str]], cycle: list[str]) -> str:
+    return cycle[0] + "".join(f"\n    -> {b}  ({graph[a][b]})" for a, b in zip(cycle, cycle[1:]))
+
+
 def test_every_module_has_a_floor():
     for path in VMM.rglob("*.py"):
         floor(module_name(path))
@@ -141,3 +216,34 @@ def test_the_walker_sees_imports_inside_functions():
     assert found["vmm.runtime.freeze"] == 8
     assert [floor(m) > floor("vmm.machine.probe") for m in sorted(found)] == [False, True, False, True, True]
     assert dict(imports_in("from .batch import Op\n", "vmm.ops", True)) == {"vmm.ops.batch": 1}
+
+
+def test_no_import_cycle():
+    """Within a floor modules may import each other, but never in a circle: the import
+    graph of vmm/ is acyclic, so the floors (and the top floor's sub-floors) form a tree."""
+    graph = import_graph()
+    found = cycles(graph)
+    assert not found, "import cycles in vmm/:\n" + "\n".join(describe_cycle(graph, c) for c in found)
+
+
+def test_the_cycle_finder_reports_each_cycle_with_its_path():
+    graph = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:2", "e": "b.py:3"}, "c": {"a": "c.py:4"},
+             "d": {"d": "d.py:5"}, "e": {}, "f": {"a": "f.py:6"}}
+    assert cycles(graph) == [["a", "b", "c", "a"], ["d", "d"]]
+    assert describe_cycle(graph, ["d", "d"]) == "d\n    -> d  (d.py:5)"
+    assert cycles({"a": {"b": ""}, "b": {}}) == []
+
+
+def test_the_top_floor_is_ordered():
+    """The top floor's sub-floors: tools -> session -> the vmm package -> entry points.
+    The store's `python -m` entry sits with the entry points, above the store it serves."""
+    tools, session, package, entry = (FLOOR_NAMES.index(n) for n in
+                                      ("top: tools", "top: session", "top: vmm package", "top: entry points"))
+    assert TOP == tools < session < package < entry == len(FLOORS) - 1
+    assert {floor(m) for m in ("vmm.kernelstore.cache", "vmm.kernelstore", "vmm.scxbuild",
+                               "vmm.debug.gdbstub", "vmm.debug")} == {tools}
+    assert {floor(m) for m in ("vmm.session", "vmm.session_report", "vmm.session_requests")} == {session}
+    assert floor("vmm") == package
+    assert {floor(m) for m in ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore",
+                               "vmm.kernelstore.__main__", "vmm.pytest_plugin")} == {entry}
+    assert floor("vmm.ops.scx") < TOP

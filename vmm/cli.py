@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (kf, kb, kp, ksub.choices["list"]):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the result as JSON")
-    from .debug.cli import add_parser as add_dump_parser  # `vmm dump`, `vmm gdb`
+    from .cli_debug import add_parser as add_dump_parser  # `vmm dump`, `vmm gdb`
     add_dump_parser(sub, _add_machine_options)
     return parser
 
@@ -319,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in ("run", "inject"):
             return cmd_run(args, inject=args.command == "inject" or args.inject_scx)
         if args.command in ("dump", "gdb"):
-            from .debug.cli import run as cmd_dump
+            from .cli_debug import run as cmd_dump
             args.kernel = default_kernel(args.kernel)
             return cmd_dump(args, machine_options(args))
     except UsageError as exc:

@@ -4,6 +4,9 @@
     vmm dump vmcore --kernel build:7.3 --on-panic          # run until the guest ends;
                                                            # a panic writes the vmcore
     crash -s ~/.cache/vmm/kernels/build/7.3-*/vmlinux vmcore ;  drgn -c vmcore -s vmlinux
+
+And `vmm gdb`. Part of the command line (vmm/cli.py builds on it): it drives the session
+(vmm.Machine), which uses the debug tools of vmm/debug/.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """python -m vmm.kernelstore: the store's command line, which kernels/Makefile calls.
 
 There is one implementation, ``vmm kernel`` (vmm/cli.py); this hands its arguments
-over: ``fetch-debian`` is ``vmm kernel fetch``, and ``path`` without ``--field``
+over (vmm/kernelstore/__main__.py runs it; it sits beside vmm/cli.py on the top floor,
+above the store itself): ``fetch-debian`` is ``vmm kernel fetch``, and ``path`` without ``--field``
 prints the boot image's path (the Makefile's and scripts' habit), not the summary.
 """
 

@@ -1,6 +1,8 @@
 """Hand the guest to kernel debuggers: drgn on the live guest, ELF vmcores for drgn/crash.
 
-Session level: imports vmm.kernel, vmm.runtime, vmm.ops; nothing below imports it.
+Top floor, below the session: imports vmm.kernel, vmm.runtime, vmm.ops (never the session);
+the session (vmm/session.py) imports it, and `vmm dump`/`vmm gdb` (vmm/cli_debug.py) reach
+it through the session.
 
     prog = machine.drgn()                 # drgn.Program over guest-physical memory
     machine.dump_core("vmcore")           # ELF vmcore: VMCOREINFO, PRSTATUS per vCPU, RAM

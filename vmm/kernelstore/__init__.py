@@ -29,7 +29,9 @@ Layout under ``cache_root()`` (``$VMM_CACHE_DIR/kernels``, default ``~/.cache/vm
 The package: cache.py (where the store lives, artifacts, manifests, the lock, listing
 and pruning), apt.py (the private apt), debian.py (Debian's prebuilt kernel and its
 -dbg vmlinux), build.py (building from linux-source or your tree), resolve.py (a spec
-to artifacts), cli.py (``python -m vmm.kernelstore``, which kernels/Makefile uses).
+to artifacts). Its command line is ``vmm kernel`` (vmm/cli.py); ``python -m
+vmm.kernelstore`` (__main__.py, which kernels/Makefile uses) hands over to it through
+vmm/cli_kernelstore.py: the entry points sit above the store, which imports none of them.
 """
 
 
@@ -50,13 +52,12 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(("_is_placeholder_system_map", "fetch_debian", "fetch_debug_vmlinux"),
                     "debian"),
     "resolve_kernel": "resolve",
-    "main": "cli",
 })
 
 __all__ = ["BUILD_TOOLS", "DEBIAN_FLAVOUR", "DEFAULT_BUILD_VERSION", "DEFAULT_FRAGMENT", "FLAVOURS", "DEFAULT_KEYRING",
            "DEFAULT_MIRROR", "PRIVATE_SUITES", "KernelArtifacts", "PrivateApt", "Progress", "build_kernel",
            "cache_root", "config_mismatches", "fetch_debian", "fetch_debug_vmlinux", "fragment_hash",
-           "list_kernels", "main", "merge_fragment", "parse_config", "prune_sources", "resolve_kernel",
+           "list_kernels", "merge_fragment", "parse_config", "prune_sources", "resolve_kernel",
            # private, for the tests
            "_configured_mirror", "_deb_members", "_is_placeholder_system_map", "_store_lock",
            "_version_key", "_write_manifest"]
@@ -71,4 +72,3 @@ if TYPE_CHECKING:
                                        _write_manifest, cache_root, list_kernels, prune_sources)
     from vmm.kernelstore.debian import _is_placeholder_system_map, fetch_debian, fetch_debug_vmlinux
     from vmm.kernelstore.resolve import resolve_kernel
-    from vmm.kernelstore.cli import main

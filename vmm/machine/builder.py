@@ -28,7 +28,7 @@ from vmm.machine import loader
 from vmm.machine import layout as L
 from vmm.machine import pvm, tables
 from vmm.machine.config import MachineConfig
-from vmm.machine.console_log import PANIC_MARKER, ConsoleLog, console_writer  # noqa: F401 (re-exported)
+from vmm.machine.console_log import DEFAULT_WINDOW, PANIC_MARKER, ConsoleLog, console_writer  # noqa: F401 (re-exported)
 from vmm.machine.devices import ExitPort, I8042, ReportPort, Serial16550
 from vmm.machine.devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, SLP_TYP_S5, AcpiPm
 from vmm.machine.diagnose import describe_vcpu
@@ -65,7 +65,8 @@ class MachineBuilder:
                  boot_via_decompressor: bool | None = None, topology=None, pvm_assists: bool = True,
                  acpi: bool = True, symbol_table: Callable[[bytes], object] | None = None,
                  default_initrd: Callable[[], Any] | None = None,
-                 after_build: Callable[[], None] | None = None):
+                 after_build: Callable[[], None] | None = None,
+                 console_window: int | str = DEFAULT_WINDOW, console_log=None):
         """`default_initrd`: for a Linux kernel given no initrd, called at load_initrd for
         one (the session's spinning init). `after_build`: called once every step but start
         has run, before any vCPU does; it may refuse (the session's kernel config check),
@@ -84,7 +85,9 @@ class MachineBuilder:
         self.boot_via_decompressor = config.boot_via_decompressor
         self.pvm_assists = config.pvm_assists
         self.acpi = config.acpi
-        self.console_log = ConsoleLog(console_writer(console))
+        # The console kept in memory is its last `console_window` bytes; `console_log`
+        # (a path) gets every byte, owner-only (vmm/machine/console_log.py).
+        self.console_log = ConsoleLog(console_writer(console), console_window, console_log)
         self._symbol_table = symbol_table
         self._default_initrd = default_initrd
         self._after_build = after_build

@@ -16,7 +16,7 @@ import time
 from vmm.arch.x86.regs import CR0_PG
 from vmm.errors import GuestBootError, VmmError
 from vmm.kvm.kvm import MP_STATE_NAMES
-from vmm.machine.builder import MachineBuilder
+from vmm.machine.builder import CONSOLE_TAIL_BYTES, MachineBuilder
 from vmm.machine.vmexit import EXIT_CODE_CRASH, ExitReason, VmExit
 from vmm.runtime.console import ConsolePump
 from vmm.runtime.freeze import FreezeCoordinator
@@ -86,18 +86,24 @@ class Machine(MachineBuilder):
 
     def wait_for_console(self, pattern: str | re.Pattern, timeout: float | None = None,
                          start: int = 0) -> re.Match:
-        """The first match of `pattern` in the console text (from offset `start`).
-        GuestBootError with the console tail when the VM ends or `timeout` passes first."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        """The first match of `pattern` in the console from absolute byte offset `start`
+        (0: the guest's first byte; `console_position()` now: only what comes next; the
+        same as an offset into console_text() while nothing was dropped from the window).
+        Each wakeup searches only what arrived since the last (and a small overlap, so a
+        match spanning appends is found: vmm.machine.console_log.ConsoleScan); the match
+        is made on that piece (`match.string`). Two waits for the same pattern from the
+        same `start` find the same match. GuestBootError with the console tail when the
+        VM ends or `timeout` passes first."""
         log = self.console_log
+        scan = log.scan(pattern, start)
+        regex = scan.regex
         deadline = None if timeout is None else time.monotonic() + timeout
         flushed = False
         where: list[str] | None = None  # where the vCPUs are, when a look ended the wait
         seen, quiet_since = -1, time.monotonic()
         while True:
             with log.changed:
-                text = log.text_locked()
-                match = regex.search(text, start)
+                match = scan.search_locked()
                 if match:
                     return match
                 if flushed:
@@ -108,8 +114,8 @@ class Machine(MachineBuilder):
                 if left is not None and left <= 0:
                     why = f"{timeout:g} s passed"
                     break
-                if len(text) != seen:
-                    seen, quiet_since = len(text), now
+                if log.total != seen:
+                    seen, quiet_since = log.total, now
                 quiet = not self._done.is_set() and now - quiet_since >= STALL_CHECK_S
                 if not self._done.is_set() and not quiet:
                     log.changed.wait(0.25 if left is None else min(left, 0.25))
@@ -126,12 +132,17 @@ class Machine(MachineBuilder):
             # The VM ended: stop the pump after its final drain, then look once more.
             self._teardown()
             flushed = True
-        tail = "\n".join(log.text().splitlines()[-30:])
+        tail = "\n".join(log.tail(CONSOLE_TAIL_BYTES).splitlines()[-30:])
         if not flushed and where is None:  # still running: say where each vCPU is, so a
             where = self._vcpu_report(freeze_timeout=5.0)[0]  # hang can be told apart
         where_text = "" if flushed else "\nWhere the vCPUs are:\n" + "\n".join(where)
         raise GuestBootError(f"console never matched {regex.pattern!r}: {why}.{where_text}\n"
                              f"Console tail:\n{tail}")
+
+    def console_position(self) -> int:
+        """Bytes the guest has written to its console so far: the absolute offset of the
+        next one (wait_for_console's `start` for "from now on")."""
+        return self.console_log.total
 
     def describe_vcpus(self, freeze_timeout: float = 5.0) -> str:
         """One line per vCPU: RIP (with the kernel symbol when known), RSP, IF, CR3 and the
@@ -278,6 +289,7 @@ class Machine(MachineBuilder):
                 t.join(10.0)
         if self.pump is not None:
             self.pump.stop()
+        self.console_log.close()  # after the pump's final drain: the log file is complete
 
     def _memory_unused(self) -> bool:
         return not any(t.is_alive() for t in self.threads)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import VmmError
+from .hostio import atomic_copy, atomic_write
 from .resources import cache_dir
 
 MIN_CLANG = 16
@@ -181,6 +182,7 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
             f"(first build of this tree: libbpf and bpftool too, a few minutes)")
         log_path = out / "build.log"
         vmlinux_h = out / "build" / "include" / "vmlinux.h"
+        _drop_truncated_header(vmlinux_h)
         with open(log_path, "w") as log:
             # First vmlinux.h (and the bpftool that dumps it), then the scheduler.
             rc = _make(cmd + [str(vmlinux_h)], log, say, t0)
@@ -199,18 +201,38 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
             raise ScxBuildError(f"building scx_{name} failed (make exit {rc}); log {log_path}:"
                                 f"\n{tail}{hint}")
         binary.parent.mkdir(exist_ok=True)
-        tmp = binary.with_suffix(".tmp")
-        shutil.copy2(built, tmp)
-        tmp.replace(binary)
+        atomic_copy(built, binary)  # the binary is the entry's "complete" mark: whole or absent
         seconds = time.monotonic() - t0
         manifest = out / "manifest.json"
-        data = json.loads(manifest.read_text()) if manifest.exists() else {}
+        data = _read_json(manifest)
         data.update({"kernel": art.name, "source": str(src), "hash": digest,
                      "clang": tools.clang_version, "vmlinux": str(art.vmlinux)})
         data.setdefault("schedulers", {})[name] = {"binary": str(binary), "seconds": round(seconds, 1)}
-        manifest.write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write(manifest, json.dumps(data, indent=2) + "\n")
         say(f"vmm scx: built {binary} in {seconds:.1f} s")
         return Scheduler(name, binary, art.name, out, False, seconds)
+
+
+def _drop_truncated_header(vmlinux_h: Path) -> None:
+    """Remove a vmlinux.h that bpftool did not finish (killed mid-dump: no closing
+    ``#endif``): make would take it as up to date and every later build would fail."""
+    try:
+        with open(vmlinux_h, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 256))
+            tail = f.read()
+    except OSError:
+        return
+    if b"#endif" not in tail:
+        vmlinux_h.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict:
+    """The manifest's data; {} when absent or unreadable (never fatal: it is a record)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _make(cmd: list[str], log, say: Callable[[str], None], t0: float) -> int:
@@ -255,4 +277,6 @@ def _complete_ops(vmlinux_h: Path, src: Path, say: Callable[[str], None]) -> Non
     say(f"vmm scx: this kernel's sched_ext_ops lacks {', '.join(missing)} (named by compat.h): "
         "declared in vmlinux.h, left NULL")
     extra = "".join(f"\tvoid (*{n})(void);\t/* vmm: absent from this kernel */\n" for n in missing)
-    vmlinux_h.write_text(text[:m.end(1)] + extra + text[m.end(1):])
+    # Atomic: make takes an existing vmlinux.h as up to date, so a half-written one
+    # (a kill mid-write) would break every later build of this entry.
+    atomic_write(vmlinux_h, text[:m.end(1)] + extra + text[m.end(1):])

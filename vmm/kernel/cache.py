@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from vmm.hostio import atomic_output
 from vmm.resources import cache_dir
 
 T = TypeVar("T")
@@ -76,14 +75,10 @@ def store(key: str, value) -> None:
     path = entry_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pickle")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump((FORMAT_VERSION, key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)  # atomic: readers never see half an entry
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        # Atomic (temp name, fsync, os.replace): readers never see half an entry, and a
+        # writer killed mid-dump leaves only a temporary that the next store sweeps.
+        with atomic_output(path) as f:
+            pickle.dump((FORMAT_VERSION, key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
     except OSError:
         pass
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from vmm.errors import KernelStoreError
+from vmm.hostio import atomic_output, atomic_write
 from vmm.kernelstore.cache import Progress, _sha256, _stderr_progress, cache_root
 
 DEBIAN_FLAVOUR = "cloud-amd64"
@@ -80,7 +81,7 @@ class PrivateApt:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         uri, keyring = _configured_mirror()
         lines = [f"deb [signed-by={keyring}] {uri} {suite} main" for suite in PRIVATE_SUITES]
-        (self.root / "sources.list").write_text("\n".join(lines) + "\n")
+        atomic_write(self.root / "sources.list", "\n".join(lines) + "\n")
 
     def _run(self, tool: str, args: list[str], cwd: Path | None = None) -> str:
         if shutil.which(tool) is None:
@@ -175,7 +176,7 @@ def _deb_members(deb: Path, want: Callable[[str], str | None], dest: Path) -> di
                     continue
                 out = dest / key
                 src = tar.extractfile(member)
-                with open(out, "wb") as f:
+                with atomic_output(out) as f:  # a kill mid-member leaves no partial `out`
                     shutil.copyfileobj(src, f, 1 << 20)
                 found[key] = out
     except tarfile.TarError as e:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from vmm.errors import KernelStoreError
+from vmm.hostio import atomic_copy, atomic_write
 from vmm.kernel import kconfig
 from vmm.kernelstore.cache import (KernelArtifacts, Progress, _quiet, _read_manifest, _stderr_progress,
                                     _store_lock, _write_manifest, cache_root)
@@ -204,7 +205,7 @@ def _debian_source(src_root: Path, version: str, progress: Progress, t0: float,
     tarball.unlink()
     if not tree.is_dir():
         raise KernelStoreError(f"{tarball.name} did not unpack to {tree}")
-    (tree / ".vmm-unpacked").write_text(json.dumps(provenance) + "\n")
+    atomic_write(tree / ".vmm-unpacked", json.dumps(provenance) + "\n")  # last: the tree is whole
     return tree, provenance, True
 
 
@@ -233,7 +234,7 @@ def _build_custom(out: Path, version: str, tree: Path | None, config: Path | Non
             _stream(make + ["tinyconfig"], tree, _quiet, t0, log)
         (obj / ".config").write_text(merge_fragment((obj / ".config").read_text(), frag_text))
         _stream(make + ["olddefconfig"], tree, _quiet, t0, log)
-        stamp.write_text(out.name + "\n")
+        atomic_write(stamp, out.name + "\n")
         progress(f"[{time.monotonic() - t0:6.0f}s] build: configure done in "
                  f"{time.monotonic() - t:.1f} s")
     mismatches = config_mismatches(frag_opts, parse_config((obj / ".config").read_text()))
@@ -244,10 +245,7 @@ def _build_custom(out: Path, version: str, tree: Path | None, config: Path | Non
     built = time.monotonic() - t
     files = {"bzImage": obj / "arch" / "x86" / "boot" / "bzImage", "vmlinux": obj / "vmlinux",
              "System.map": obj / "System.map", "config": obj / ".config"}
-    for name, path in files.items():
-        if not path.exists():
-            raise KernelStoreError(f"build finished but {path} is missing; see {log}")
-        shutil.copy2(path, out / name)
+    _publish(out, files, log)
     import subprocess
 
     release = subprocess.run(make + ["-s", "kernelrelease"], cwd=tree, capture_output=True,
@@ -261,6 +259,18 @@ def _build_custom(out: Path, version: str, tree: Path | None, config: Path | Non
                     seconds=round(time.monotonic() - t0, 1))  # fmt: skip
     progress(f"build: {art.name} ready in {time.monotonic() - t0:.0f} s")
     return art
+
+
+def _publish(out: Path, files: dict[str, Path], log: Path) -> None:
+    """Copy the built files into the entry. The old manifest goes first (a rebuild, or
+    force=True, must not leave it vouching for a mix of old and new files if killed
+    half way); each copy is atomic; the caller writes the new manifest last."""
+    for path in files.values():
+        if not path.exists():
+            raise KernelStoreError(f"build finished but {path} is missing; see {log}")
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name, path in files.items():
+        atomic_copy(path, out / name)
 
 
 def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force: bool,
@@ -293,7 +303,7 @@ def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force
         merge = ["./scripts/kconfig/merge_config.sh", "-m", ".config", str(fragment.resolve())]
         _stream(merge, tree, _quiet, t0, log)
         _stream(make + ["olddefconfig"], tree, _quiet, t0, log)
-        configured.write_text(out.name + "\n")
+        atomic_write(configured, out.name + "\n")
         phase("configure", t)
     mismatches = config_mismatches(frag_opts, parse_config((tree / ".config").read_text()))
     for m in mismatches:
@@ -309,10 +319,7 @@ def _build_into(out: Path, version: str, fragment: Path, jobs: int | None, force
         "System.map": tree / "System.map",
         "config": tree / ".config",
     }
-    for name, path in files.items():
-        if not path.exists():
-            raise KernelStoreError(f"build finished but {path} is missing; see {log}")
-        shutil.copy2(path, out / name)
+    _publish(out, files, log)
     import subprocess
 
     kernelrelease = subprocess.run(make + ["-s", "--no-print-directory", "kernelrelease"], cwd=tree, capture_output=True, text=True)

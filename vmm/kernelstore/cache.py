@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from vmm.errors import KernelStoreError
+from vmm.hostio import atomic_write
 from vmm.resources import cache_dir
 
 Progress = Callable[[str], None]
@@ -127,9 +128,8 @@ def _store_lock(progress: Progress):
 
 def _write_manifest(directory: Path, artifacts: KernelArtifacts, **extra) -> None:
     data = {"artifacts": artifacts.to_json(), **extra}
-    tmp = directory / "manifest.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(directory / "manifest.json")  # atomic: a manifest means "complete"
+    # Written last and atomically (fsynced, renamed): a manifest means "complete".
+    atomic_write(directory / "manifest.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _read_manifest(directory: Path) -> KernelArtifacts | None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from vmm.errors import ImageError, KernelStoreError
+from vmm.hostio import atomic_write
 from vmm.image.formats import extract_vmlinux
 from vmm.kernelstore.apt import DEBIAN_FLAVOUR, PRIVATE_SUITES, PrivateApt, _deb_members
 from vmm.kernelstore.cache import (KernelArtifacts, Progress, _read_manifest, _stderr_progress, _store_lock,
@@ -139,7 +140,7 @@ def _fetch_debian(with_debug: bool, abi: str | None, progress: Progress) -> Kern
 def _vmlinux_from_bzimage(bzimage: Path, dest: Path, progress: Progress) -> Path | None:
     """Decompress a bzImage's payload with vmm.image's extractor (the one decompressor)."""
     try:
-        dest.write_bytes(extract_vmlinux(bzimage.read_bytes()))
+        atomic_write(dest, extract_vmlinux(bzimage.read_bytes()))
     except ImageError as e:
         progress(f"debian: could not extract vmlinux from {bzimage.name}: {e}")
         return None

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Union
 
 from vmm.errors import ImageError, VmmError
+from vmm.hostio import atomic_write, sweep_stale, temp_name
 from vmm.resources import shipped
 
 NEWC_MAGIC = b"070701"
@@ -338,7 +339,8 @@ def build_static_program(program: str) -> Path:
     if cc is None:
         raise VmmError(f"building {program} needs a C compiler (gcc): apt-get install gcc")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    sweep_stale(out)  # a compile killed earlier: its temp (its writer is gone) goes
+    tmp = temp_name(out)
     import subprocess  # here, not at the top: a cached init (every boot but the first) needs none
 
     proc = subprocess.run([cc, *INIT_CFLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True)
@@ -395,9 +397,7 @@ def build_initramfs(init: str = "spin", extra: Iterable = (), compress: bool = T
     out = _cache_dir() / f"{init}-{digest}.cpio{'.gz' if compress else ''}"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_bytes(image)
-        tmp.replace(out)
+        atomic_write(out, image)  # a per-writer temp name: parallel builders never share one
     return out
 
 

@@ -77,6 +77,11 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
                    help="guest RAM, e.g. 512M, 2G (default 512M)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds before the VM is stopped (reason: timeout)")
+    p.add_argument("--console-log", metavar="FILE", default=None,
+                   help="write the whole console to FILE (created owner-only, 0600; "
+                        "memory keeps only the last --console-window bytes)")
+    p.add_argument("--console-window", metavar="SIZE", type=parse_size, default=None,
+                   help="console bytes kept in memory, e.g. 4M (default 4M)")
     p.add_argument("--no-config-check", dest="config_check", action="store_false",
                    help="boot even when the kernel's config (.config beside the image, in "
                         "its build tree, /boot/config-*, or IKCONFIG) lacks what the run "
@@ -271,7 +276,14 @@ def machine_options(args: argparse.Namespace) -> dict:
     return dict(cpus=args.cpus, memory=args.memory, cmdline=args.cmdline, initrd=args.initrd,
                 timeout=args.timeout, vmlinux=args.vmlinux, system_map=args.system_map,
                 check_config=args.config_check,
-                boot_via_decompressor=args.boot_via_decompressor)
+                boot_via_decompressor=args.boot_via_decompressor,
+                **console_options(args))
+
+
+def console_options(args: argparse.Namespace) -> dict:
+    """--console-log / --console-window as Machine keyword arguments (only those given)."""
+    opts = {"console_log": args.console_log, "console_window": args.console_window}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def cmd_run(args: argparse.Namespace, inject: bool) -> int:
@@ -287,7 +299,7 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         vmlinux=args.vmlinux, system_map=args.system_map, check_config=args.config_check,
         boot_via_decompressor=args.boot_via_decompressor,
         exec=getattr(args, "exec", None), include=getattr(args, "include", None),
-        serve_scx_clock=getattr(args, "serve_scx_clock", False))
+        serve_scx_clock=getattr(args, "serve_scx_clock", False), **console_options(args))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:

@@ -77,15 +77,16 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                 system_map: Optional[str] = None, check_config: bool = True,
                 boot_via_decompressor: Optional[bool] = None,
                 exec: Optional[str] = None, include: Any = None,
-                serve_scx_clock: bool = False) -> SessionReport:
+                serve_scx_clock: bool = False, **console: Any) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop.
     With ``exec``, the guest job's status (``vmm-job: exit N``) is the exit status.
-    ``serve_scx_clock``: the guest may ask for the scx batch (Machine.serve_scx_clock)."""
+    ``serve_scx_clock``: the guest may ask for the scx batch (Machine.serve_scx_clock).
+    ``console``: ``console_log`` (a file for the whole console), ``console_window``."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
                 console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
                 requires=("sched_ext", "btf") if inject_scx else (),
                 check_config=check_config, boot_via_decompressor=boot_via_decompressor,
-                exec=exec, include=include)
+                exec=exec, include=include, **console)
     report = SessionReport(kernel=str(kernel), cmdline="")
     if serve_scx_clock:
         m.serve_scx_clock()

@@ -6,7 +6,8 @@
         print(m.inject_scx_clock().describe())
 
 The layers, bottom up: ffi (C core) -> vmm.kvm -> vmm.machine -> vmm.runtime ->
-vmm.kernel -> vmm.ops -> vmm.session / vmm.cli / vmm.pytest_plugin.
+vmm.kernel -> vmm.ops -> the tools (vmm.kernelstore, vmm.scxbuild, vmm.debug) -> vmm.session
+-> this package -> the entry points (vmm.cli, vmm.pytest_plugin). Nothing below imports it.
 
 Names load on first use (vmm/lazy.py): `from vmm import Machine` imports what a boot
 needs and not the introspection behind it until it is used.

@@ -2,7 +2,9 @@
 
 This floor only assembles: it validates the options, writes the kernel, initrd, boot
 parameters and tables into guest memory, creates the vCPUs and devices, dispatches
-exits to the buses and records why the VM ended. The running machine (vCPU threads,
+exits to the buses and records why the VM ended. The last three (the devices wiring,
+the exit handler protocol, the VM's end) are exit_handling.ExitHandling, a mixin this
+class inherits; this file is the assembly itself. The running machine (vCPU threads,
 the console pump, the freeze coordinator) is vmm.runtime.machine.Machine, a subclass;
 symbolizing RIPs with the kernel's symbols is passed down as `symbol_table`.
 

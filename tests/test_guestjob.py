@@ -13,7 +13,7 @@ import pytest
 from vmm.errors import ConfigError, VmmError
 from vmm.kvm.pvm import is_pvm_host
 from vmm.machine import guestjob
-from vmm.machine.initramfs import parse_newc
+from vmm.machine.initramfs import build_static_program, parse_newc
 
 needs_busybox = pytest.mark.skipif(
     shutil.which("busybox") is None, reason="needs busybox-static: apt-get install busybox-static")
@@ -23,12 +23,26 @@ def _by_path(entries):
     return {e.path: e for e in entries}
 
 
+def _is_static_elf(data: bytes) -> bool:
+    """An x86-64 ELF executable without PT_INTERP (no loader needed)."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    elf = ELFFile(io.BytesIO(data))
+    return (elf["e_machine"] == "EM_X86_64" and elf["e_type"] == "ET_EXEC"
+            and not any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()))
+
+
 @needs_busybox
 def test_job_initramfs_has_init_busybox_and_command(tmp_path):
     image = guestjob.build_job_initramfs("echo hello; exit 7")
     entries = _by_path(parse_newc(image.read_bytes()))
-    assert entries["init"].data.startswith(b"#!/bin/busybox sh")
-    assert stat.S_IMODE(entries["init"].mode) == 0o755
+    # /init is job-init.c built as a static ELF: the kernel needs only CONFIG_BINFMT_ELF
+    # to start it (a script would need CONFIG_BINFMT_SCRIPT too)
+    assert entries["init"].data == build_static_program("job-init").read_bytes()
+    assert _is_static_elf(entries["init"].data)
+    assert stat.S_IMODE(entries["init"].mode) == 0o755 and stat.S_ISREG(entries["init"].mode)
     assert entries["vmm/job"].data == b"echo hello; exit 7\n"
     assert entries["bin/sh"].data == b"busybox"  # a symlink to busybox
     assert stat.S_ISCHR(entries["dev/console"].mode)
@@ -109,3 +123,209 @@ def test_exec_refused_at_once_on_pvm():
     assert proc.returncode == 1
     assert "make system calls" in proc.stderr and "VMX/SVM" in proc.stderr
     assert isinstance(guestjob.GuestJobError("x"), VmmError)
+
+
+# --------------------------------------------------------------------------------------
+# A job that cannot start: the kernel's lines and the init's, turned into the cause
+# --------------------------------------------------------------------------------------
+BOOT = """[    0.000000] Linux version 7.3.0 (root@host) (gcc 14.2.0) #1 SMP
+[    0.402113] Freeing unused kernel image (initmem) memory: 1100K
+[    0.402514] Write protecting the kernel read-only data: 12288k
+"""
+FALLBACK_TO_SH = """[    0.403911] Run /sbin/init as init process
+[    0.404230] Run /etc/init as init process
+[    0.404533] Run /bin/init as init process
+[    0.404811] Run /bin/sh as init process
+/bin/sh: can't access tty; job control turned off
+~ # """
+
+
+def test_no_binfmt_elf_is_named_from_the_kernels_line():
+    # What a kernel built without CONFIG_BINFMT_ELF prints (or one without
+    # CONFIG_BINFMT_SCRIPT for a script /init): init/main.c's pr_err, then its fallbacks.
+    text = BOOT + "[    0.403001] Run /init as init process\n" \
+        "[    0.403312] Failed to execute /init (error -8)\n" + FALLBACK_TO_SH
+    why = guestjob.init_failure(text)
+    assert "'Failed to execute /init (error -8)'" in why  # the kernel's line, quoted
+    assert "-8 ENOEXEC" in why and "CONFIG_BINFMT_ELF" in why and "CONFIG_BINFMT_SCRIPT" in why
+    assert why.endswith("Kernel options to check: CONFIG_BINFMT_ELF")
+    assert "Run /bin/sh as init process" in why  # what the kernel did next
+    assert guestjob.init_failure(text.encode()) == why  # bytes as well as text
+
+
+@pytest.mark.parametrize("err, words", [
+    (-2, ["-2 ENOENT", "interpreter", "PT_INTERP"]),
+    (-13, ["-13 EACCES", "not executable"]),
+    (-12, ["-12 ENOMEM", "--memory"]),
+    (-7, ["-7 E2BIG"]),
+    (-40, ["-40 ELOOP"]),
+    (-5, ["-5 EIO", "Input/output error"]),  # not in the table: errno's own words
+])
+def test_exec_errors_map_to_their_causes(err, words):
+    text = f"[    0.41] Run /init as init process\n[    0.42] Failed to execute /init (error {err})\n"
+    why = guestjob.init_failure(text)
+    for w in words:
+        assert w in why, why
+    assert "Kernel options to check" not in why  # none of these is a missing option
+
+
+@pytest.mark.parametrize("line, option", [
+    ("vmm-job: error mount devtmpfs on /dev: -19 ENODEV (CONFIG_DEVTMPFS)", "CONFIG_DEVTMPFS"),
+    ("vmm-job: error mount proc on /proc: -19 ENODEV (CONFIG_PROC_FS)", "CONFIG_PROC_FS"),
+    ("vmm-job: error mount sysfs on /sys: -19 ENODEV (CONFIG_SYSFS)", "CONFIG_SYSFS"),
+])
+def test_init_setup_errors_name_the_option(line, option):
+    text = BOOT + "[    0.403001] Run /init as init process\r\n\r\n" + line + "\r\n"
+    why = guestjob.init_failure(text)
+    assert repr(line) in why and f"built without {option}" in why, why
+    assert why.endswith(f"Kernel options to check: {option}")
+    assert guestjob.JOB_END_RE.search(text).group(0).strip() == line
+
+
+def test_init_setup_error_without_an_option():
+    why = guestjob.init_failure("Run /init as init process\nvmm-job: error open /vmm/job: -2 ENOENT\n")
+    assert "'vmm-job: error open /vmm/job: -2 ENOENT'" in why and "could not set up" in why
+    assert "Kernel options" not in why
+
+
+def test_no_console_and_no_initramfs():
+    why = guestjob.init_failure(BOOT + "[    0.40] Warning: unable to open an initial console.\n")
+    assert "CONFIG_TTY" in why and "stdin" in why
+    # The initramfs was not unpacked (no CONFIG_RD_GZIP for a .cpio.gz): no /init, so the
+    # kernel tries a root device and panics.
+    text = BOOT + ("[    0.30] Initramfs unpacking failed: invalid magic at start of compressed archive\n"
+                   "[    0.41] VFS: Cannot open root device \"\" or unknown-block(0,0): error -6\n"
+                   "[    0.41] Please append a correct \"root=\" boot option; here are the available partitions:\n"
+                   "[    0.41] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n")
+    why = guestjob.init_failure(text)
+    assert "Unable to mount root fs on unknown-block(0,0)" in why
+    assert "invalid magic" in why and "CONFIG_BLK_DEV_INITRD" in why and "CONFIG_RD_GZIP" in why
+
+
+def test_no_working_init_alone_and_fallback_alone():
+    why = guestjob.init_failure("[ 1.0] Kernel panic - not syncing: No working init found.  Try passing "
+                                "init= option to kernel.\n")
+    assert "No working init found" in why
+    assert "did not run" in guestjob.init_failure(BOOT + FALLBACK_TO_SH)
+
+
+def test_a_job_that_started_is_not_a_failed_init():
+    assert guestjob.init_failure(BOOT + "[    0.40] Run /init as init process\n") is None
+    # after the init's start line, whatever the job prints is its own business
+    text = (BOOT + "[    0.40] Run /init as init process\nvmm-job: start\n"
+            "Failed to execute /init (error -8)\nvmm-job: error mount x\nNo working init found\n"
+            "\nvmm-job: exit 0\n")
+    assert guestjob.init_failure(text) is None
+    assert guestjob.job_status(text) == 0
+
+
+def test_job_end_pattern():
+    end = guestjob.JOB_END_RE
+    assert end.search("hello\nvmm-job: exit 3\r\n").group(0).startswith("vmm-job: exit 3")
+    assert end.search("[    0.4] Failed to execute /init (error -2)\n")
+    assert end.search("[    0.4] Run /bin/sh as init process\n")
+    assert end.search("[    0.4] Warning: unable to open an initial console.\n")
+    assert not end.search(BOOT + "[    0.40] Run /init as init process\nvmm-job: start\nhi\n")
+    assert not end.search("echo vmm-job: exit 3\n")  # not at a line start
+
+
+class _FakeMachine:
+    """What _watch_job uses of a Machine: the console, the wait, the end, stop()."""
+
+    def __init__(self, text, ended=False):
+        self.text, self.exit, self.stopped = text, ("reset" if ended else None), False
+
+    def console_text(self):
+        return self.text
+
+    def wait_for_console(self, pattern, timeout=None):
+        import re
+
+        from vmm.errors import GuestBootError
+
+        m = re.compile(pattern).search(self.text)
+        if m is None:
+            raise GuestBootError("console never matched: the VM ended")
+        return m
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_session_stops_and_raises_at_once_when_the_job_cannot_start():
+    from vmm.session import _watch_job
+
+    m = _FakeMachine(BOOT + "[    0.40] Failed to execute /init (error -8)\n" + FALLBACK_TO_SH)
+    with pytest.raises(guestjob.GuestInitError, match="CONFIG_BINFMT_ELF") as e:
+        _watch_job(m)
+    assert m.stopped and isinstance(e.value, guestjob.GuestJobError)
+    ok = _FakeMachine(BOOT + "vmm-job: start\nhi\nvmm-job: exit 0\n")
+    _watch_job(ok)
+    assert not ok.stopped
+    ended = _FakeMachine(BOOT + "Kernel panic - not syncing: Fatal exception\n", ended=True)
+    _watch_job(ended)  # the VM ended without either line: wait_job's GuestBootError says so
+    assert not ended.stopped
+
+
+# --------------------------------------------------------------------------------------
+# The init itself, run on the host as PID 1 of a new PID and mount namespace
+# --------------------------------------------------------------------------------------
+def _can_run_init_in_namespace():
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("busybox") is None:
+        return False
+    r = subprocess.run(["unshare", "--fork", "--pid", "--mount", "--propagation", "private",
+                        "true"], capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
+def _run_init(root, timeout=60):
+    # In a PID namespace of its own, init's reboot(RESTART) ends that namespace (its PID 1
+    # gets SIGHUP), not the host; its mounts stay in its own mount namespace.
+    return subprocess.run(["unshare", "--fork", "--pid", "--mount", "--propagation", "private",
+                           "chroot", str(root), "/init"], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _job_root(tmp_path, command, entries=None):
+    root = tmp_path / "root"
+    for e in entries if entries is not None else guestjob.job_entries(command):
+        path = root / e.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if stat.S_ISDIR(e.mode):
+            path.mkdir(exist_ok=True)
+        elif stat.S_ISLNK(e.mode):
+            os.symlink(e.data.decode(), path)
+        elif stat.S_ISREG(e.mode):
+            path.write_bytes(e.data)
+            path.chmod(stat.S_IMODE(e.mode))
+        # device nodes: the init mounts devtmpfs over /dev; stdio comes from the test
+    return root
+
+
+@pytest.mark.skipif(not _can_run_init_in_namespace(),
+                    reason="needs root, unshare (util-linux) and busybox-static")
+def test_job_init_runs_the_job_as_pid_1(tmp_path):
+    root = _job_root(tmp_path, "echo job-says $0 pid $$; echo PATH=$PATH HOME=$HOME TERM=$TERM; "
+                               "ls /proc/self/ >/dev/null && ls /sys/kernel >/dev/null && "
+                               "test -c /dev/null && echo mounts-ok; sleep 30 & exit 7\n\n")
+    r = _run_init(root)
+    out = r.stdout
+    assert "vmm-job: start\n" in out, out + r.stderr
+    assert "job-says sh pid 3" in out  # busybox --install ran as pid 2, the job is pid 3
+    assert "PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/ TERM=dumb" in out
+    assert "mounts-ok" in out, out
+    assert out.endswith("\nvmm-job: exit 7\n") and guestjob.job_status(out) == 7
+    assert guestjob.init_failure(out) is None
+    # a job killed by a signal: 128 + the signal, as a shell says
+    r = _run_init(_job_root(tmp_path / "k", "kill -9 $$"))
+    assert guestjob.job_status(r.stdout) == 137, r.stdout
+
+
+@pytest.mark.skipif(not _can_run_init_in_namespace(),
+                    reason="needs root, unshare (util-linux) and busybox-static")
+def test_job_init_reports_a_failed_setup_and_the_host_maps_it(tmp_path):
+    entries = [e for e in guestjob.job_entries("echo never") if e.path != "sys"]
+    r = _run_init(_job_root(tmp_path, "", entries))
+    assert "\nvmm-job: error mount sysfs on /sys: -2 ENOENT\n" in r.stdout, r.stdout + r.stderr
+    assert "vmm-job: start" not in r.stdout and guestjob.job_status(r.stdout) is None
+    assert "mount sysfs on /sys: -2 ENOENT" in guestjob.init_failure(r.stdout)

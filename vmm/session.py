@@ -265,6 +265,8 @@ class Machine(RunningMachine):
             needs.append("initramfs")
         if self.cpus > 1:
             needs.append("smp")
+        if self.job is not None:
+            needs.append("job")  # the job's /init: ELF, proc/sys/devtmpfs, the console
         needs += sorted(self.requires)
         config = self.kernel_config()
         if config is None:
@@ -485,10 +487,30 @@ def _job_status(self: Machine) -> Optional[int]:
     return job_status(self.console_text())
 
 
+def _watch_job(self: Machine, timeout: Optional[float] = None) -> None:
+    """Wait for the job's status line, a console line saying the job cannot start, the
+    VM's end or `timeout`; GuestInitError (the VM stopped) for the second
+    (vmm.machine.guestjob.init_failure names the cause and the kernel option)."""
+    from .machine.guestjob import JOB_END_RE, GuestInitError, init_failure
+    t0 = time.monotonic()
+    try:
+        self.wait_for_console(JOB_END_RE, timeout=timeout)
+    except GuestBootError:
+        if self.exit is None and (timeout is None or time.monotonic() - t0 < timeout):
+            raise  # neither the end nor the timeout: a stuck vCPU, said by wait_for_console
+    failure = init_failure(self.console_text())
+    if failure is not None:
+        self.stop()
+        raise GuestInitError(failure)
+
+
 def _wait_job(self: Machine, timeout: Optional[float] = None) -> int:
     """Wait for the VM to end (the job's init reboots after the job) and return the job's
-    status; GuestBootError when the VM ended without the status line."""
-    vm_exit = self.wait(timeout=timeout)
+    status; GuestInitError at once when the job cannot start (_watch_job), GuestBootError
+    when the VM ended without the status line."""
+    t0 = time.monotonic()
+    _watch_job(self, timeout)
+    vm_exit = self.wait(timeout=None if timeout is None else max(0.0, timeout - (time.monotonic() - t0)))
     status = self.job_status
     if status is None:
         raise GuestBootError(f"the guest job printed no 'vmm-job: exit N' line ({vm_exit}); "
@@ -498,3 +520,4 @@ def _wait_job(self: Machine, timeout: Optional[float] = None) -> int:
 
 Machine.job_status = property(_job_status)  # type: ignore[attr-defined]
 Machine.wait_job = _wait_job  # type: ignore[attr-defined]
+Machine.watch_job = _watch_job  # type: ignore[attr-defined]

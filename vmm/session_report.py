@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import GuestBootError, KernelFeatureMissing, VmmError
+from .machine.guestjob import GuestInitError
 from .machine.vmexit import EXIT_CODE_CRASH, ExitReason
 from .ops.scx import ScxInjection
 from .session import INIT_MARKER, Machine
@@ -94,6 +95,8 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
     try:
         report.cmdline = m.cmdline
         if not inject_scx:
+            if m.job is not None:
+                m.watch_job()  # GuestInitError at once when the job cannot start (exit 1)
             report.exit = m.wait()
             if m.job is not None:
                 report.job_status = m.job_status
@@ -118,6 +121,8 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
         if jiffies0 is not None and jiffies1 is not None:
             report.extra["jiffies after thaw"] = f"{jiffies0} -> {jiffies1} (guest runs on)"
         report.exit = m.stop()
+    except GuestInitError:
+        raise  # the kernel cannot run the job: an error naming the option, as the config check's
     except (KernelFeatureMissing, GuestBootError, VmmError) as exc:
         report.error = str(exc)
         report.exit = m.stop()

@@ -4,9 +4,11 @@
 boots real Linux with an initramfs built here:
 
 * ``/bin/busybox`` (the host's busybox-static) and its applets, ``/init`` =
-  kernels/init/job-init.sh, which mounts proc/sys/devtmpfs/tmpfs, runs CMD through
-  ``busybox sh -c`` with the console as stdin/stdout/stderr, then prints the status
-  line ``vmm-job: exit N`` and reboots (``reboot=k``: the i8042 reset ends the VM).
+  kernels/init/job-init.c, a static ELF program without libc (so the kernel needs
+  CONFIG_BINFMT_ELF and not CONFIG_BINFMT_SCRIPT to start it), which mounts
+  proc/sys/devtmpfs (and tmpfs on /tmp when it can), runs CMD through ``busybox sh -c``
+  with the console as stdin/stdout/stderr, then prints the status line
+  ``vmm-job: exit N`` and reboots (``reboot=k``: the i8042 reset ends the VM).
 * ``/bin/vmm-request`` (kernels/init/vmm-request.c): the client for requests to the
   host (``Machine.on_request``; docs/requests.md);
 * every ``--include``: a file or a directory tree (symlinks kept), at GUEST or, without
@@ -20,6 +22,13 @@ The exit status reaches the host through that final console line (see
 docs/CONTRACTS.md "Guest job"): our kernel fragment has no IOPL/ioperm, so guest user
 space cannot write the exit port, and a tinyconfig kernel without ACPI cannot power off
 through \\_S5; a marker line parsed by the host works on any kernel with a console.
+
+A job that cannot start fails at once instead of waiting out the timeout:
+``init_failure()`` reads the console for the kernel's own lines ("Failed to execute
+/init (error -8)", "No working init found", "Unable to mount root fs", "unable to open
+an initial console") and for the init's ``vmm-job: error ...`` lines (a mount the
+kernel cannot do), and names the cause and the kernel option; the session waits for
+``JOB_END_RE`` (the status line or one of those) and raises ``GuestInitError``.
 
 PVM hosts cannot run it (guest user space cannot make system calls there):
 ``check_host()`` refuses at once, saying where it works.
@@ -42,8 +51,8 @@ from vmm.resources import cache_dir, shipped
 from vmm.kvm.pvm import is_pvm_host
 from vmm.machine import initramfs as cpio
 
-JOB_INIT = shipped("kernels/init/job-init.sh")  # package data in a wheel
-JOB_FILE = "vmm/job"  # where the command lives in the initramfs (read by job-init.sh)
+JOB_INIT = shipped("kernels/init/job-init.c")  # package data; compiled here, cached
+JOB_FILE = "vmm/job"  # where the command lives in the initramfs (read by job-init.c)
 REQUEST_CLIENT = "bin/vmm-request"  # kernels/init/vmm-request.c, in every job
 # The last line the init prints: parsed by job_status(); the job's own output may
 # precede it on the same console, so it is matched at the start of a line.
@@ -55,6 +64,12 @@ DEFAULT_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib6
 
 class GuestJobError(VmmError):
     """The guest job cannot be assembled or cannot run on this host."""
+
+
+class GuestInitError(GuestJobError):
+    """The guest kernel could not start the job's /init, or the init could not set up
+    what the job runs in (the message quotes the console line and names the cause and
+    the kernel option)."""
 
 
 def check_host() -> None:
@@ -214,9 +229,9 @@ def job_entries(command: str, includes: Sequence[str] = ()) -> list[cpio.Entry]:
     if not isinstance(command, str) or not command.strip():
         raise ConfigError("--exec needs a command (run through busybox sh -c in the guest)")
     try:
-        init = JOB_INIT.read_bytes()
-    except OSError as e:
-        raise GuestJobError(f"the guest job's init {JOB_INIT} is missing: {e}") from e
+        init = cpio.build_static_program("job-init").read_bytes()
+    except (OSError, VmmError) as e:  # no compiler, a failed compile
+        raise GuestJobError(f"the guest job's init ({JOB_INIT}) cannot be built: {e}") from e
     entries: dict[str, cpio.Entry] = {}
 
     def add(e: cpio.Entry) -> None:
@@ -277,6 +292,126 @@ def job_status(console: bytes | str) -> Optional[int]:
         console = console.encode("utf-8", "replace")
     found = STATUS_RE.findall(console)
     return int(found[-1]) if found else None
+
+
+# --------------------------------------------------------------------------------------
+# A job that cannot start
+# --------------------------------------------------------------------------------------
+# What the kernel prints when it cannot start the initramfs's /init (init/main.c:
+# kernel_init, run_init_process, try_to_run_init_process, console_on_rootfs; a line may
+# carry a "[    1.234567] " timestamp), and the line job-init.c prints when a step before
+# the job fails.
+_KERNEL_FAILED_INIT = r"Failed to execute /init \(error (-\d+)\)"
+_KERNEL_FALLBACK = r"Run (?!/init as )(/\S+) as init process"
+_KERNEL_CANNOT_EXEC = r"Starting init: (\S+) exists but couldn't execute it \(error (-\d+)\)"
+_KERNEL_NO_INIT = r"Kernel panic - not syncing: No working init found\.?"
+_KERNEL_NO_ROOT = r"Kernel panic - not syncing: VFS: Unable to mount root[^\r\n]*"
+_KERNEL_NO_CONSOLE = r"Warning: unable to open an initial console\."
+_INIT_ERROR = r"^vmm-job: error [^\r\n]*"
+INIT_FAILURE_RE = re.compile("|".join(f"(?:{p})" for p in (
+    _KERNEL_FAILED_INIT, _KERNEL_FALLBACK, _KERNEL_CANNOT_EXEC, _KERNEL_NO_INIT,
+    _KERNEL_NO_ROOT, _KERNEL_NO_CONSOLE, _INIT_ERROR)), re.M)
+# What the session waits for: the job's status line or a sign that the job never starts.
+JOB_END_RE = re.compile(r"^vmm-job: exit \d+\r?$|" + INIT_FAILURE_RE.pattern, re.M)
+_START_RE = re.compile(r"^vmm-job: start\r?$", re.M)
+_OPTION_RE = re.compile(r"\((CONFIG_[A-Z0-9_]+)\)")
+
+# errno of a failed execve of /init -> (name, cause).  The job's /init is a static
+# x86-64 ELF program (kernels/init/job-init.c).
+EXEC_ERRNO_CAUSES: dict[int, tuple[str, str]] = {
+    8: ("ENOEXEC", "the kernel has no handler for /init's format: the job's /init is a "
+                   "static ELF program, which needs CONFIG_BINFMT_ELF (a '#!' script needs "
+                   "CONFIG_BINFMT_SCRIPT, a 32-bit ELF CONFIG_IA32_EMULATION; a file in "
+                   "none of these formats runs on no kernel)"),
+    2: ("ENOENT", "/init names an interpreter that is not in the initramfs (its '#!' line, "
+                  "or an ELF's PT_INTERP loader)"),
+    13: ("EACCES", "/init is not executable (no x bit, or not a regular file) or its "
+                   "filesystem is mounted noexec"),
+    12: ("ENOMEM", "the guest ran out of memory starting /init: give it more (--memory)"),
+    7: ("E2BIG", "/init's arguments and environment are too long (the kernel command "
+                 "line's words after '--' and its unknown parameters)"),
+    40: ("ELOOP", "too many symbolic links or nested '#!' interpreters"),
+    20: ("ENOTDIR", "a component of /init's path or of its interpreter's is not a directory"),
+    22: ("EINVAL", "the kernel refused /init's ELF headers (corrupt, or for another "
+                   "architecture)"),
+    26: ("ETXTBSY", "/init is open for writing"),
+    1: ("EPERM", "the kernel refused to run /init (a security module, or a setuid "
+                 "restriction)"),
+}
+
+
+def exec_error_cause(err: int) -> str:
+    """'-8 ENOEXEC: <cause>' for the error a failed execve of /init returned (negative
+    or positive errno)."""
+    err = abs(err)
+    if err in EXEC_ERRNO_CAUSES:
+        name, cause = EXEC_ERRNO_CAUSES[err]
+        return f"-{err} {name}: {cause}"
+    import errno as errno_mod
+    name = errno_mod.errorcode.get(err, "?")
+    return f"-{err} {name}: {os.strerror(err)}"
+
+
+def _options(text: str) -> list[str]:
+    return list(dict.fromkeys(_OPTION_RE.findall(text)))
+
+
+def init_failure(console: bytes | str) -> Optional[str]:
+    """Why the guest job never started, from the console, or None.
+
+    Looks only at what precedes the init's ``vmm-job: start`` line (the job's own
+    output cannot trigger it): the kernel's lines when it could not execute /init
+    (the errno mapped to its cause and the kernel option), its fallback to another
+    init, a root-mount panic (the initramfs was not unpacked), no initial console,
+    and job-init.c's ``vmm-job: error ...`` lines.  The message quotes the lines."""
+    if isinstance(console, bytes):
+        console = console.decode("utf-8", "replace")
+    start = _START_RE.search(console)
+    if start is not None:
+        console = console[:start.start()]
+    causes: list[str] = []
+    options: list[str] = []  # the kernel options the causes point to, first the likeliest
+    fallback: list[str] = []
+    for m in INIT_FAILURE_RE.finditer(console):
+        line = m.group(0).strip()
+        if line.startswith("vmm-job: error"):
+            opts = _options(line)
+            why = (f"the kernel was built without {', '.join(opts)} (a mount that fails with "
+                   f"ENODEV: it does not know the filesystem)" if opts and "ENODEV" in line
+                   else "the init could not set up what the job runs in")
+            causes.append(f"the job's init said {line!r}: {why}")
+            options += opts
+        elif line.startswith("Failed to execute"):
+            err = int(re.search(r"error (-\d+)", line).group(1))
+            causes.append(f"the kernel said {line!r}: {exec_error_cause(err)}")
+            options += ["CONFIG_BINFMT_ELF"] if abs(err) == 8 else []
+        elif line.startswith("Warning: unable to open an initial console"):
+            causes.append(f"the kernel said {line!r}: /dev/console has no device behind it, so "
+                          "the job would have no stdin/stdout (CONFIG_TTY, and a serial console: "
+                          "CONFIG_SERIAL_8250_CONSOLE with console=ttyS0)")
+            options += ["CONFIG_TTY", "CONFIG_SERIAL_8250_CONSOLE"]
+        elif "Unable to mount root" in line:
+            unpack = re.search(r"Initramfs unpacking failed: [^\r\n]*", console)
+            causes.append(f"the kernel said {line!r}: it found no /init, so the initramfs was "
+                          "not unpacked"
+                          + (f" ({unpack.group(0).strip()!r})" if unpack else "")
+                          + ": CONFIG_BLK_DEV_INITRD, and CONFIG_RD_GZIP for vmm's .cpio.gz")
+            options += ["CONFIG_BLK_DEV_INITRD", "CONFIG_RD_GZIP"]
+        elif line.startswith("Run ") or line.startswith("Starting init"):
+            fallback.append(line)
+        elif "No working init found" in line:
+            if not causes:
+                causes.append(f"the kernel said {line!r}: it could run no init at all")
+    if not causes and fallback:
+        causes.append(f"the kernel said {fallback[0]!r}: /init did not run")
+    if not causes:
+        return None
+    text = "the guest job never started: " + "; ".join(causes)
+    if fallback:
+        text += f" (then: {fallback[-1]!r})"
+    if options:
+        text += f". Kernel options to check: {', '.join(dict.fromkeys(options))}"
+    return text
 
 
 def includes_list(include: Optional[Iterable[str] | str]) -> list[str]:

@@ -1,0 +1,292 @@
+/* job-init: /init of vmm's guest job (vmm/machine/guestjob.py).
+ *
+ * A static ELF program without libc, so that the kernel needs nothing beyond
+ * CONFIG_BINFMT_ELF to start it (a "#!" script would also need CONFIG_BINFMT_SCRIPT).
+ *
+ * 1. makes sure fds 0-2 are the console (the kernel opens /dev/console for init;
+ *    when it could not, we try once more);
+ * 2. mounts proc on /proc, sysfs on /sys, devtmpfs on /dev (each required) and tmpfs
+ *    on /tmp (optional: without CONFIG_TMPFS /tmp stays on the initramfs);
+ * 3. runs `/bin/busybox --install -s` (the applets as symlinks);
+ * 4. prints "vmm-job: start", runs the command in /vmm/job as `sh -c CMD` through
+ *    /bin/busybox with the console as stdio and PATH/HOME/TERM set, and reaps every
+ *    child (PID 1 adopts orphans) until the shell ends;
+ * 5. prints "\nvmm-job: exit N" (N: the shell's status, 128+signal when killed) and
+ *    reboots (reboot=k on the command line: the i8042 reset ends the VM).
+ *
+ * A step that fails before the job starts prints one machine-readable line and
+ * reboots without a status line:
+ *
+ *     vmm-job: error <what>: -<errno> <ENAME> (CONFIG_<OPTION>)
+ *
+ * the option being the kernel's that the failure points to, when there is one (a
+ * mount that fails with ENODEV: the kernel does not know the filesystem).  The host
+ * turns that line into its error (vmm.machine.guestjob.init_failure).
+ */
+#include "sys.h"
+
+#define SYS_dup2 33
+#define SYS_fork 57
+#define SYS_execve 59
+#define SYS_wait4 61
+#define SYS_sync 162
+
+#define O_RDWR 2
+#define ENOENT 2
+#define EINTR 4
+#define ENODEV 19
+#define LINUX_REBOOT_CMD_RESTART 0x01234567UL
+
+/* The kernel passes at most MAX_ARG_STRLEN (32 pages) in one argument, NUL included. */
+#define MAX_COMMAND (32 * 4096)
+#define MAX_ENV 64
+
+static char command[MAX_COMMAND];
+static char *environment[MAX_ENV + 4];
+
+static size_t str_len(const char *s)
+{
+	size_t n = 0;
+	while (s[n])
+		n++;
+	return n;
+}
+
+static int starts_with(const char *s, const char *prefix)
+{
+	while (*prefix)
+		if (*s++ != *prefix++)
+			return 0;
+	return 1;
+}
+
+static void put(const char *s)
+{
+	sys3(SYS_write, 1, (long)s, (long)str_len(s));
+}
+
+static void put_int(long v)
+{
+	char buf[24];
+	int i = sizeof(buf) - 1;
+	unsigned long u = v < 0 ? -(unsigned long)v : (unsigned long)v;
+	buf[i] = 0;
+	do {
+		buf[--i] = (char)('0' + u % 10);
+		u /= 10;
+	} while (u && i > 1);
+	if (v < 0)
+		buf[--i] = '-';
+	put(buf + i);
+}
+
+static const char *errno_name(long err)
+{
+	switch (-err) {
+	case 1: return "EPERM";
+	case 2: return "ENOENT";
+	case 5: return "EIO";
+	case 7: return "E2BIG";
+	case 8: return "ENOEXEC";
+	case 11: return "EAGAIN";
+	case 12: return "ENOMEM";
+	case 13: return "EACCES";
+	case 14: return "EFAULT";
+	case 16: return "EBUSY";
+	case 19: return "ENODEV";
+	case 20: return "ENOTDIR";
+	case 22: return "EINVAL";
+	case 24: return "EMFILE";
+	case 28: return "ENOSPC";
+	case 38: return "ENOSYS";
+	case 40: return "ELOOP";
+	}
+	return "";
+}
+
+static void reboot_now(void)
+{
+	sys3(SYS_sync, 0, 0, 0);
+	sys5(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_RESTART, 0, 0);
+	/* Refused (it is not, for PID 1): exit, the kernel panics "Attempted to kill
+	 * init", and panic=-1 reboots. */
+	sys3(SYS_exit, 1, 0, 0);
+}
+
+/* "vmm-job: error WHAT: -N ENAME (OPTION)", then the end of the VM. */
+static void fail(const char *what, long err, const char *option)
+{
+	put("\nvmm-job: error ");
+	put(what);
+	put(": ");
+	put_int(err);
+	if (*errno_name(err)) {
+		put(" ");
+		put(errno_name(err));
+	}
+	if (option) {
+		put(" (");
+		put(option);
+		put(")");
+	}
+	put("\n");
+	reboot_now();
+}
+
+static void console(void)
+{
+	long fd;
+
+	if (sys3(SYS_write, 1, (long)"", 0) >= 0)
+		return; /* the kernel gave us /dev/console */
+	fd = sys3(SYS_open, (long)"/dev/console", O_RDWR, 0);
+	if (fd < 0)
+		return; /* no console (the kernel said "unable to open an initial console") */
+	for (long i = 0; i < 3; i++)
+		if (fd != i)
+			sys3(SYS_dup2, fd, i, 0);
+	if (fd > 2)
+		sys3(SYS_close, fd, 0, 0);
+}
+
+struct mount_point {
+	const char *source, *target, *type, *option, *what;
+	int required;
+};
+
+static const struct mount_point mounts[] = {
+	{"proc", "/proc", "proc", "CONFIG_PROC_FS", "mount proc on /proc", 1},
+	{"sysfs", "/sys", "sysfs", "CONFIG_SYSFS", "mount sysfs on /sys", 1},
+	{"devtmpfs", "/dev", "devtmpfs", "CONFIG_DEVTMPFS", "mount devtmpfs on /dev", 1},
+	{"tmpfs", "/tmp", "tmpfs", "CONFIG_TMPFS", "mount tmpfs on /tmp", 0},
+};
+
+static void mount_all(void)
+{
+	for (size_t i = 0; i < sizeof(mounts) / sizeof(mounts[0]); i++) {
+		const struct mount_point *m = &mounts[i];
+		long r = sys5(SYS_mount, (long)m->source, (long)m->target, (long)m->type, 0, 0);
+		/* ENODEV: the kernel does not know the filesystem type: it was built without it. */
+		const char *option = r == -ENODEV ? m->option : 0;
+
+		if (r >= 0)
+			continue;
+		if (m->required)
+			fail(m->what, r, option);
+		put("vmm-job: note ");
+		put(m->what);
+		put(": ");
+		put_int(r);
+		put(option ? " (" : "");
+		put(option ? option : "");
+		put(option ? "); /tmp stays on the initramfs\n" : "\n");
+	}
+}
+
+/* Wait for `pid`, reaping any other child on the way; its wait status, or -errno. */
+static long reap_until(long pid)
+{
+	for (;;) {
+		int status = 0;
+		long r = sys5(SYS_wait4, -1, (long)&status, 0, 0, 0);
+		if (r == -EINTR)
+			continue;
+		if (r < 0)
+			return r;
+		if (r == pid)
+			return status;
+	}
+}
+
+/* fork + execve(path, argv, environment); the child's wait status, or fail(). */
+static long run(const char *what, const char *path, char *const argv[])
+{
+	long pid = sys3(SYS_fork, 0, 0, 0);
+
+	if (pid < 0)
+		fail(what, pid, 0);
+	if (pid == 0) {
+		long r = sys3(SYS_execve, (long)path, (long)argv, (long)environment);
+		put("\nvmm-job: error execve ");
+		put(path);
+		put(": ");
+		put_int(r);
+		put(" ");
+		put(errno_name(r));
+		put("\n");
+		sys3(SYS_exit, 127, 0, 0);
+	}
+	return reap_until(pid);
+}
+
+/* The kernel's environment for init (HOME=/, TERM=linux, unknown command-line words
+ * with "="), with PATH, HOME and TERM set as the job expects. */
+static void make_environment(char **envp)
+{
+	size_t n = 0;
+
+	for (; envp && *envp && n < MAX_ENV; envp++)
+		if (!starts_with(*envp, "PATH=") && !starts_with(*envp, "HOME=") &&
+		    !starts_with(*envp, "TERM="))
+			environment[n++] = *envp;
+	environment[n++] = "PATH=/bin:/sbin:/usr/bin:/usr/sbin";
+	environment[n++] = "HOME=/";
+	environment[n++] = "TERM=dumb";
+	environment[n] = 0;
+}
+
+/* /vmm/job into command[], trailing newlines dropped (as "$(cat /vmm/job)" would). */
+static void read_command(void)
+{
+	long fd = sys3(SYS_open, (long)"/vmm/job", O_RDONLY, 0);
+	size_t len = 0;
+	long got;
+
+	if (fd < 0)
+		fail("open /vmm/job", fd, 0);
+	while ((got = sys3(SYS_read, fd, (long)command + len, sizeof(command) - 1 - len)) > 0)
+		len += (size_t)got;
+	if (got < 0)
+		fail("read /vmm/job", got, 0);
+	if (len >= sizeof(command) - 1) {
+		put("\nvmm-job: error read /vmm/job: the command is longer than the kernel passes "
+		    "in one argument (131071 bytes)\n");
+		reboot_now();
+	}
+	sys3(SYS_close, fd, 0, 0);
+	while (len && command[len - 1] == '\n')
+		len--;
+	command[len] = 0;
+}
+
+void init_main(long *sp)
+{
+	long argc = sp[0];
+	char **envp = (char **)(sp + 1 + argc + 1);
+	char *install[] = {"/bin/busybox", "--install", "-s", 0};
+	char *shell[] = {"sh", "-c", command, 0};
+	long status;
+
+	console();
+	make_environment(envp);
+	mount_all();
+	status = run("fork for busybox --install", "/bin/busybox", install);
+	if (status != 0) {
+		put("\nvmm-job: error /bin/busybox --install -s: wait status ");
+		put_int(status);
+		put("\n");
+		reboot_now();
+	}
+	read_command();
+	put("vmm-job: start\n");
+	status = run("fork for the job", "/bin/busybox", shell);
+	if (status < 0)
+		fail("wait for the job", status, 0);
+	status = (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;
+	put("\nvmm-job: exit ");
+	put_int(status);
+	put("\n");
+	reboot_now();
+}
+
+DEFINE_START(init_main);

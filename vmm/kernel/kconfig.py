@@ -34,6 +34,16 @@ NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
     "smp": (("CONFIG_SMP", "more than one CPU (--cpus > 1)"),),
     "btf": (("CONFIG_DEBUG_INFO_BTF", "the struct layouts vmm writes fields by"),),
     "sched_ext": (("CONFIG_SCHED_CLASS_EXT", "struct scx_rq and SCX_RQ_CLK_VALID"),),
+    # The guest job (--exec; vmm/machine/guestjob.py): its /init is kernels/init/job-init.c,
+    # a static ELF that mounts proc, sysfs and devtmpfs (tmpfs on /tmp only when it can)
+    # and runs the job through busybox (static ELF too) with /dev/console as its stdio.
+    "job": (("CONFIG_BLK_DEV_INITRD", "unpacking the job's initramfs"),
+            ("CONFIG_RD_GZIP", "the job's initramfs is gzip-compressed"),
+            ("CONFIG_BINFMT_ELF", "running the job's /init and busybox, static ELF programs"),
+            ("CONFIG_PROC_FS", "/proc, which the job's init mounts"),
+            ("CONFIG_SYSFS", "/sys, which the job's init mounts"),
+            ("CONFIG_DEVTMPFS", "/dev, which the job's init mounts (devtmpfs)"),
+            ("CONFIG_TTY", "/dev/console, the job's stdin, stdout and stderr")),
 }
 
 
@@ -113,11 +123,13 @@ class KernelConfig:
         return self.values.get(option, "n") == "y"
 
     def missing(self, needs: Iterable[str]) -> list[tuple[str, str, str]]:
-        """[(need, option, why)] of every option a need requires that is not set."""
-        out = []
+        """[(need, option, why)] of every option a need requires that is not set (an
+        option two needs share, once)."""
+        out, seen = [], set()
         for need in needs:
             for option, why in NEEDS[need]:
-                if not self.enabled(option):
+                if not self.enabled(option) and option not in seen:
+                    seen.add(option)
                     out.append((need, option, why))
         return out
 

@@ -12,9 +12,9 @@
 #define HVM_CMDLINE_PADDR 24
 
 enum guest_mode { MODE_HELLO, MODE_LOOP, MODE_OUTLOOP, MODE_RESET, MODE_TRIPLE,
-		  MODE_BADINSN, MODE_FAULT };
+		  MODE_BADINSN, MODE_FAULT, MODE_FLOOD };
 static const char *const mode_names[] = { "hello", "loop", "outloop", "reset", "triple",
-					  "badinsn", "fault" };
+					  "badinsn", "fault", "flood" };
 
 u32 boot_protocol;
 
@@ -75,6 +75,24 @@ static __attribute__((noreturn)) void run_outloop(void)
 	if (work_params.ring == 3)
 		enter_ring3((void (*)(u64))outloop_body, 0, user_stack_top(0) - 8);
 	outloop_body(0);
+	guest_exit(work_params.exit_code);
+}
+
+/* mode=flood: console lines without pause, "vmm-guest: flood N " and padding to 64
+ * bytes with the newline, N counting from 0; n lines (0, the default: forever), then
+ * "vmm-guest: flood done" and exit (bounded console memory on the host). */
+static __attribute__((noreturn)) void run_flood(void)
+{
+	u64 n = cmdline_u64("n", 0);
+	for (u64 i = 0; !n || i < n; i++) {
+		/* "vmm-guest: flood " is 17 bytes; the number and the dots fill 46. */
+		u64 digits = 1;
+		for (u64 v = i; v >= 10; v /= 10)
+			digits++;
+		printf_serial("vmm-guest: flood %d %s\n", i,
+			      "................................................" + 48 - (46 - 1 - digits));
+	}
+	puts_serial("vmm-guest: flood done\n");
 	guest_exit(work_params.exit_code);
 }
 
@@ -198,6 +216,8 @@ __attribute__((noreturn)) void boot_main(u32 protocol, unsigned long info)
 	case MODE_FAULT:
 		puts_serial("vmm-guest: page fault\n");
 		run_fault();
+	case MODE_FLOOD:
+		run_flood();
 	case MODE_LOOP:
 		break;
 	}

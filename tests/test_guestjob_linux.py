@@ -30,3 +30,32 @@ def test_cli_exec_exit_status():
     assert "job-says-hello" in proc.stdout, proc.stdout[-3000:] + proc.stderr
     assert "Linux version" in proc.stdout, proc.stdout[-3000:]
     assert proc.returncode == 7, proc.stdout[-3000:] + proc.stderr
+
+
+@pytest.mark.parametrize("init, words", [
+    # neither ELF nor '#!': no binfmt handler takes it, as a kernel without
+    # CONFIG_BINFMT_ELF would say of the job's real /init
+    (b"\x01\x02 not an executable in any format\n" * 8, ["error -8", "ENOEXEC", "CONFIG_BINFMT_ELF"]),
+    # a script whose interpreter is not in the initramfs
+    (b"#!/nonexistent/interpreter\necho never\n", ["error -2", "ENOENT", "interpreter"]),
+])
+def test_cli_exec_fails_at_once_when_the_kernel_cannot_start_init(tmp_path, init, words):
+    """A job whose /init the kernel cannot execute ends `vmm run --exec` with status 1 and
+    the kernel's line and its cause, as soon as the kernel says so (not 255 after the
+    timeout). The broken initramfs (--initrd replaces the job's) costs one boot."""
+    from vmm.machine import initramfs as cpio
+
+    image = tmp_path / "broken.cpio.gz"
+    image.write_bytes(cpio.create_initramfs([
+        cpio.directory("dev"), cpio.char_device("dev/console", 5, 1), cpio.file("init", init, 0o755)]))
+    kernel = built_kernel_spec()
+    timeout = BOOT_TIMEOUT * 2
+    proc = subprocess.run([sys.executable, "-m", "vmm.cli", "run", "--kernel", kernel,
+                           "--timeout", str(timeout), "--initrd", str(image), "--exec", "true"],
+                          capture_output=True, text=True, timeout=timeout + 60)
+    out = proc.stdout[-3000:] + proc.stderr
+    assert proc.returncode == 1, out
+    assert "vmm: error: the guest job never started: the kernel said 'Failed to execute /init" in proc.stderr, out
+    for w in words:
+        assert w in proc.stderr, out
+    assert "timeout" not in proc.stderr and "vmm-job: exit" not in proc.stdout, out

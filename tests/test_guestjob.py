@@ -225,7 +225,10 @@ def test_job_end_pattern():
     assert end.search("[    0.4] Failed to execute /init (error -2)\n")
     assert end.search("[    0.4] Run /bin/sh as init process\n")
     assert end.search("[    0.4] Warning: unable to open an initial console.\n")
-    assert not end.search(BOOT + "[    0.40] Run /init as init process\nvmm-job: start\nhi\n")
+    assert not end.search(BOOT + "[    0.40] Run /init as init process\n")
+    # the start line ends the watch: what the job prints after it is never searched
+    started = BOOT + "[    0.40] Run /init as init process\nvmm-job: start\nFailed to execute /init (error -8)\n"
+    assert end.search(started).group(0) == "vmm-job: start"
     assert not end.search("echo vmm-job: exit 3\n")  # not at a line start
 
 
@@ -262,6 +265,10 @@ def test_session_stops_and_raises_at_once_when_the_job_cannot_start():
     ok = _FakeMachine(BOOT + "vmm-job: start\nhi\nvmm-job: exit 0\n")
     _watch_job(ok)
     assert not ok.stopped
+    # the job's own output, however alarming, is the job's
+    job = _FakeMachine(BOOT + "vmm-job: start\nvmm-job: error x (CONFIG_Y)\nNo working init found\n")
+    _watch_job(job)
+    assert not job.stopped
     ended = _FakeMachine(BOOT + "Kernel panic - not syncing: Fatal exception\n", ended=True)
     _watch_job(ended)  # the VM ended without either line: wait_job's GuestBootError says so
     assert not ended.stopped

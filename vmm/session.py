@@ -488,13 +488,15 @@ def _job_status(self: Machine) -> Optional[int]:
 
 
 def _watch_job(self: Machine, timeout: Optional[float] = None) -> None:
-    """Wait for the job's status line, a console line saying the job cannot start, the
-    VM's end or `timeout`; GuestInitError (the VM stopped) for the second
+    """Wait until the job starts (its init's start line), a console line says it cannot
+    start, the VM ends or `timeout` passes; GuestInitError (the VM stopped) for the second
     (vmm.machine.guestjob.init_failure names the cause and the kernel option)."""
     from .machine.guestjob import JOB_END_RE, GuestInitError, init_failure
     t0 = time.monotonic()
     try:
-        self.wait_for_console(JOB_END_RE, timeout=timeout)
+        line = self.wait_for_console(JOB_END_RE, timeout=timeout).group(0)
+        if line.startswith("vmm-job: ") and not line.startswith("vmm-job: error"):
+            return  # the job runs (or ran): from here its end is the VM's
     except GuestBootError:
         if self.exit is None and (timeout is None or time.monotonic() - t0 < timeout):
             raise  # neither the end nor the timeout: a stuck vCPU, said by wait_for_console

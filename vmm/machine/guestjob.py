@@ -28,7 +28,7 @@ A job that cannot start fails at once instead of waiting out the timeout:
 /init (error -8)", "No working init found", "Unable to mount root fs", "unable to open
 an initial console") and for the init's ``vmm-job: error ...`` lines (a mount the
 kernel cannot do), and names the cause and the kernel option; the session waits for
-``JOB_END_RE`` (the status line or one of those) and raises ``GuestInitError``.
+``JOB_END_RE`` (the init's start line or one of those) and raises ``GuestInitError``.
 
 PVM hosts cannot run it (guest user space cannot make system calls there):
 ``check_host()`` refuses at once, saying where it works.
@@ -311,8 +311,10 @@ _INIT_ERROR = r"^vmm-job: error [^\r\n]*"
 INIT_FAILURE_RE = re.compile("|".join(f"(?:{p})" for p in (
     _KERNEL_FAILED_INIT, _KERNEL_FALLBACK, _KERNEL_CANNOT_EXEC, _KERNEL_NO_INIT,
     _KERNEL_NO_ROOT, _KERNEL_NO_CONSOLE, _INIT_ERROR)), re.M)
-# What the session waits for: the job's status line or a sign that the job never starts.
-JOB_END_RE = re.compile(r"^vmm-job: exit \d+\r?$|" + INIT_FAILURE_RE.pattern, re.M)
+# What the session waits for: the init's start line (from there on the job runs and only
+# the VM's end matters; the job's own output can never look like a failed init), its
+# status line, or a sign that the job never starts.
+JOB_END_RE = re.compile(r"^vmm-job: (?:start|exit \d+)\r?$|" + INIT_FAILURE_RE.pattern, re.M)
 _START_RE = re.compile(r"^vmm-job: start\r?$", re.M)
 _OPTION_RE = re.compile(r"\((CONFIG_[A-Z0-9_]+)\)")
 

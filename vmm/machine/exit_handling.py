@@ -90,8 +90,10 @@ class ExitHandling:
     def _acpi_sleep(self, sleep_type: int) -> None:
         if sleep_type == SLP_TYP_S5:
             self._finish(ExitReason.STOPPED, 0, "the guest powered off (ACPI S5)")
-        else:
-            self.notes.append(f"the guest asked for ACPI sleep type {sleep_type}; ignored")
+        else:  # once per type (SLP_TYP is 3 bits): a guest asking in a loop adds no more
+            note = f"the guest asked for ACPI sleep type {sleep_type}; ignored"
+            if note not in self.notes:
+                self.notes.append(note)
 
     # === exit handler protocol (vmm/runtime/vcpu_thread.py) ===========================================
     # The vCPU threads call the machine; port and MMIO exits go on to self.exits (which owns

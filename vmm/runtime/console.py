@@ -13,6 +13,9 @@ import time
 from vmm.kvm.native import native
 
 _DRAIN_CHUNK = 65536
+# One hand-over to the sink is at most this much (the C ring holds 64 KiB; a guest that
+# writes as fast as the pump drains cannot make one drain() grow without end).
+_DRAIN_LIMIT = 16 * _DRAIN_CHUNK
 _WAKE_INTERVAL_NS = 200_000_000  # re-check the stop flag this often even when idle
 # After a wake-up, let output accumulate briefly: one drain per burst instead of a
 # futex wake and a context switch per byte (which would slow the printing vCPU).
@@ -36,15 +39,17 @@ class ConsolePump(threading.Thread):
         if data:
             lib.vmm_serial_push(self.vm_native, ffi.from_buffer(bytes(data)), len(data))
 
-    def drain(self) -> bytes:
-        """Everything pending now (also usable without the thread running)."""
+    def drain(self, limit: int = _DRAIN_LIMIT) -> bytes:
+        """What is pending now, up to about `limit` bytes (also usable without the
+        thread running)."""
         ffi, lib = native()
         out = bytearray()
-        while True:
+        while len(out) < limit:
             n = lib.vmm_serial_drain(self.vm_native, self._buf, _DRAIN_CHUNK)
             if n == 0:
-                return bytes(out)
+                break
             out += ffi.buffer(self._buf, n)
+        return bytes(out)
 
     @property
     def dropped(self) -> int:
@@ -60,8 +65,10 @@ class ConsolePump(threading.Thread):
             data = self.drain()
             if data:
                 self.sink(data)
-        data = self.drain()
-        if data:
+        for _ in range(16):  # the final drain (the vCPUs have stopped: one piece is all)
+            data = self.drain()
+            if not data:
+                break
             self.sink(data)
 
     def stop(self, timeout: float | None = 5.0) -> None:

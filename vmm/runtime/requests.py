@@ -34,6 +34,10 @@ from typing import Any, Callable, Optional
 
 from vmm.errors import GuestRequestError, VmmError
 
+# What the guest can make the host keep is bounded: the line being assembled (at most
+# MAX_LINE bytes; an oversized one keeps only its 80-byte head and a count), MAX_PENDING
+# queued lines of at most MAX_LINE each, and HISTORY (line, reply) pairs of at most
+# MAX_LINE each: about (1 + MAX_PENDING + 2 * HISTORY) * MAX_LINE = 780 KiB in all.
 MAX_LINE = 4096  # bytes of a request or reply line, newline included
 MAX_PENDING = 64  # lines waiting for the worker
 HISTORY = 64  # (request line, reply) pairs kept for tests and failure reports

@@ -16,6 +16,13 @@ from typing import Any
 from vmm.errors import ConfigError
 
 
+# Unclaimed accesses are counted per address for the first MAX_MISS_ADDRESSES distinct
+# addresses (every port fits; MMIO addresses are guest-chosen, so a guest sweeping the
+# gap would grow the Counter without end); accesses to further ones go to
+# `unhandled_other`.
+MAX_MISS_ADDRESSES = 4096
+
+
 def all_ones(size: int) -> int:
     """The value an unclaimed read of `size` bytes returns (all bits set)."""
     return (1 << (8 * size)) - 1
@@ -28,6 +35,7 @@ class _RangeBus:
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, Any, bool]] = []  # (start, end, device, wants_vcpu)
         self.unhandled: Counter[int] = Counter()
+        self.unhandled_other = 0  # misses at addresses past MAX_MISS_ADDRESSES distinct ones
         self._count_lock = threading.Lock()
 
     def register(self, start: int, length: int, device: Any) -> None:
@@ -57,7 +65,10 @@ class _RangeBus:
 
     def _miss(self, addr: int) -> None:
         with self._count_lock:
-            self.unhandled[addr] += 1
+            if addr in self.unhandled or len(self.unhandled) < MAX_MISS_ADDRESSES:
+                self.unhandled[addr] += 1
+            else:
+                self.unhandled_other += 1
 
     @staticmethod
     def _write_method(device: Any):

@@ -23,6 +23,9 @@ from vmm.machine.layout import I8042_DATA_PORT as DATA_PORT  # noqa: F401
 
 CMD_PULSE_RESET = 0xFE
 CMD_READ_OUTPUT_PORT = 0xD0
+# Bytes waiting in the data port: a real controller holds one; a guest that asks without
+# reading gets no more than this many queued.
+OUTPUT_LIMIT = 16
 STATUS_OUTPUT_FULL = 0x01  # a byte waits in the data port
 STATUS_SYSTEM_FLAG = 0x04  # set after a successful self-test (POST done)
 
@@ -50,5 +53,5 @@ class I8042:
         if value == CMD_PULSE_RESET:
             self.reset_requests += 1
             self.reset()
-        elif value == CMD_READ_OUTPUT_PORT:
+        elif value == CMD_READ_OUTPUT_PORT and len(self._output) < OUTPUT_LIMIT:
             self._output.append(0x01)  # output port: system reset line inactive (high)

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import threading
 
+# Reports kept: the first MAX_REPORTS (our guests send a few dozen records); a guest
+# that writes the port without end gets the rest counted in `dropped`, not stored.
+MAX_REPORTS = 1 << 16
+
 
 class ReportPort:
     """The report port: records (vcpu, value) for each write; wait_for() blocks on a count."""
 
     def __init__(self):
         self.reports: list[tuple[int, int]] = []
+        self.dropped = 0  # reports past MAX_REPORTS
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
@@ -22,6 +27,9 @@ class ReportPort:
 
     def io_out(self, port: int, size: int, value: int, vcpu: int = -1) -> None:
         with self._changed:
+            if len(self.reports) >= MAX_REPORTS:
+                self.dropped += 1
+                return
             self.reports.append((vcpu, value & ((1 << (8 * size)) - 1)))
             self._changed.notify_all()
 

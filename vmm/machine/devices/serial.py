@@ -61,7 +61,11 @@ MSR_DCD = 0x80
 # A connected terminal: carrier, data set ready, clear to send.
 DEFAULT_MSR = MSR_DCD | MSR_DSR | MSR_CTS
 
-RX_FIFO_LIMIT = 1 << 16  # bytes buffered from feed() before new input counts as overrun
+# The one queue a UART keeps: bytes buffered from feed() (host input, and the guest's own
+# bytes in loopback) before new input counts as overrun. Transmitted bytes are not
+# queued here: they go to `out` at once (COM1: the console pump's 64 KiB C ring, then the
+# ConsoleLog's window; COM2: the request channel's bounded line assembler).
+RX_FIFO_LIMIT = 1 << 16
 
 
 class Serial16550:

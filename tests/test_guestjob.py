@@ -336,3 +336,59 @@ def test_job_init_reports_a_failed_setup_and_the_host_maps_it(tmp_path):
     assert "\nvmm-job: error mount sysfs on /sys: -2 ENOENT\n" in r.stdout, r.stdout + r.stderr
     assert "vmm-job: start" not in r.stdout and guestjob.job_status(r.stdout) is None
     assert "mount sysfs on /sys: -2 ENOENT" in guestjob.init_failure(r.stdout)
+
+
+# --------------------------------------------------------------------------------------
+# vmm run --exec, end to end on KVM with our test guest standing in for the kernel
+# --------------------------------------------------------------------------------------
+GUEST = os.path.join(os.path.dirname(__file__), "..", "kernels", "guests", "out", "guest.elf")
+
+
+def _linux_looking_guest(tmp_path):
+    """Our test guest as a bzImage (so vmm treats it as Linux and checks its config), with a
+    .config that has everything a job needs."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from fuzz.synthetic_images import compress, make_bzimage
+
+    from test_kconfig import JOB_GOOD
+
+    shutil.copy(GUEST, tmp_path / "vmlinux")
+    data = open(GUEST, "rb").read()
+    (tmp_path / "bzImage").write_bytes(make_bzimage(compress("gzip", data)))
+    (tmp_path / ".config").write_text(JOB_GOOD)
+    return str(tmp_path / "bzImage")
+
+
+@pytest.mark.kvm
+@needs_busybox
+@pytest.mark.skipif(not os.path.exists(GUEST), reason="test guest not built: make guests")
+def test_cli_exec_exits_1_at_once_when_the_kernel_cannot_start_init(tmp_path, monkeypatch, capsys):
+    """The kernel's line arrives on the console (here appended to the console log while
+    our looping test guest runs): `vmm run --exec` stops the VM and exits 1 with the cause,
+    long before its --timeout."""
+    import threading
+    import time
+
+    from vmm import cli, session
+
+    monkeypatch.setattr(guestjob, "check_host", lambda: None)  # the PVM refusal, off
+    start = session.Machine.start
+
+    def start_then_fail_init(self, *a, **kw):
+        out = start(self, *a, **kw)
+        threading.Timer(0.5, self.console_log.append, [
+            b"[    0.403001] Run /init as init process\n"
+            b"[    0.403312] Failed to execute /init (error -8)\n"
+            b"[    0.404811] Run /bin/sh as init process\n"]).start()
+        return out
+
+    monkeypatch.setattr(session.Machine, "start", start_then_fail_init)
+    t0 = time.monotonic()
+    rc = cli.main(["run", "--kernel", _linux_looking_guest(tmp_path), "--cmdline", "mode=loop",
+                   "--timeout", "120", "--quiet", "--exec", "true"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert time.monotonic() - t0 < 60, err  # not the timeout
+    assert err.startswith("vmm: error: the guest job never started: the kernel said "
+                          "'Failed to execute /init (error -8)': -8 ENOEXEC"), err
+    assert err.rstrip().endswith("Kernel options to check: CONFIG_BINFMT_ELF"), err

@@ -114,7 +114,7 @@ def test_gdb_breaks_in_the_kernel_reads_per_cpu_and_detaches():
         assert "Detaching from program" in text or "detached" in text, text
         assert stub.breakpoints == {} and m.exits.debugger is None
         # The guest runs on: the job prints again.
-        m.wait_for_console(r"alive-\d+", timeout=120, start=len(m.console_text()))
+        m.wait_for_console(r"alive-\d+", timeout=120, start=m.console_position())
         assert m.exit is None
     finally:
         m.stop()

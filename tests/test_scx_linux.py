@@ -85,7 +85,7 @@ def guest():
 
 def _ask(m, command, answer, timeout=120):
     """Type a command into the guest's console; wait for its answer (after this point)."""
-    start = len(m.console_text())
+    start = m.console_position()  # an absolute byte offset, valid when the window moves
     m.feed_console(command.encode() + b"\n")
     return m.wait_for_console(answer, timeout=timeout, start=start)
 

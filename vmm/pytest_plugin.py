@@ -2,7 +2,9 @@
 
 Fixture ``vmm_machine``: a booted :class:`vmm.Machine` built from the
 ``@pytest.mark.vmm(cpus=2, memory="512M", cmdline=..., kernel=..., wait_for=...)``
-marker and the ``--vmm-kernel`` / ``--vmm-cpus`` / ``--vmm-memory`` options.
+marker and the ``--vmm-kernel`` / ``--vmm-cpus`` / ``--vmm-memory`` options. Any other
+Machine option goes in the marker too, e.g. ``console_window="1M"`` and
+``console_log="console.log"`` (the whole console in a file; memory keeps the window).
 
 Boots are reused: machines with the same options (the boot marker ``wait_for``
 included, and for a kernel file its size and modification time) are shared across

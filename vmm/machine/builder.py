@@ -159,11 +159,12 @@ class MachineBuilder(ExitHandling):
     close = stop
 
     def console_text(self) -> str:
-        """Everything the guest printed so far, decoded (invalid UTF-8 replaced)."""
+        """What the guest printed, decoded (invalid UTF-8 replaced): all of it, or its last
+        `console_window` bytes once it printed more (the `console_log` file has all)."""
         return self.console_log.text()
 
     def console_bytes(self) -> bytes:
-        """Everything the guest printed so far, as bytes."""
+        """console_text()'s bytes: the console window (console_log.dropped bytes before it)."""
         return self.console_log.as_bytes()
 
     def console_tail(self, lines: int = 50) -> str:

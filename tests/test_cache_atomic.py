@@ -266,3 +266,34 @@ def test_vmcore_killed_mid_write_leaves_no_core_and_a_private_temp(tmp_path, cac
     vmcore.write(str(out), Ram(), vmcore.ram_segments([(0, 8192)], 0xFFFF888000000000),
                  [vmcore.PrStatus(0, {n: 0 for n in vmcore.GREGS})], b"")
     assert os.listdir(out.parent) == ["vmcore"]
+
+
+def test_store_lock_of_a_killed_process_is_free(cache):
+    """The kernel store's lock (flock) goes with the process that held it."""
+    import fcntl
+
+    from vmm.kernelstore import cache as store
+
+    env = dict(os.environ, VMM_CACHE_DIR=str(cache))
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""\
+        import sys, time
+        from vmm.kernelstore.cache import _store_lock
+        with _store_lock(print):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        lock = store.cache_root() / ".lock"
+        with open(lock) as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free at once
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()

@@ -212,3 +212,34 @@ def test_every_bind_in_vmm_goes_through_listen_tcp():
     import inspect
 
     assert inspect.signature(hostio.listen_tcp).parameters["host"].default == "127.0.0.1"
+
+
+@pytest.mark.kvm
+def test_dump_core_and_dump_on_panic_are_0600_whatever_the_umask(tmp_path, monkeypatch, umask_022):
+    """On a live test guest: m.dump_core(path) and the vmcore a panic writes
+    (m.dump_on_panic), also over an existing world-readable file."""
+    from guest_abi import REPO, require_guests
+    from vmm import Machine
+
+    guest = REPO / "kernels" / "guests" / "out" / "guest.elf"
+    require_guests(guest)
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
+    core, panic_core = tmp_path / "core", tmp_path / "panic.core"
+    for p in (core, panic_core):
+        p.write_bytes(b"old")
+        os.chmod(p, 0o644)
+    m = Machine(str(guest), cpus=2, memory="64M", cmdline="mode=loop cpus=2", timeout=120,
+                console=None)
+    m.dump_on_panic = str(panic_core)
+    m.start()
+    try:
+        m.wait_for_console("2 cpus up", timeout=60)
+        m.dump_core(core)
+        assert _mode(core) == 0o600
+        m._console_sink(b"Kernel panic - not syncing: test\n")  # as the console pump does
+        end = m.wait(timeout=60)
+    finally:
+        m.stop()
+    assert end.reason == "panic" and m.core_path == str(panic_core)
+    assert _mode(panic_core) == 0o600 and panic_core.stat().st_size > 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "core", "panic.core"]

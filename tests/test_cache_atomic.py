@@ -297,3 +297,27 @@ def test_store_lock_of_a_killed_process_is_free(cache):
             child.kill()
             child.wait()
         child.stdout.close()
+
+
+def test_prune_killed_half_way_leaves_no_trusted_tree(cache):
+    """prune_sources killed while deleting a source tree: the tree's "unpacked" mark is
+    already gone, so the next build unpacks it again rather than build from a remnant."""
+    from vmm.kernelstore import cache as store
+
+    d = store.cache_root() / "build" / "7.3-abc"
+    tree = d / "src" / "linux-source-7.3"
+    (tree / "kernel").mkdir(parents=True)
+    (tree / "kernel" / "sched.c").write_text("x")
+    (tree / ".vmm-unpacked").write_text("{}\n")
+    (d / "bzImage").write_bytes(b"k")
+    store._write_manifest(d, store.KernelArtifacts("build-7.3-abc", "7.3", d / "bzImage", None,
+                                                   None, None), source="build")
+    run_killed("""
+        import os, shutil, signal
+        from vmm.kernelstore import cache
+        shutil.rmtree = lambda path, *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        cache.prune_sources()
+    """, cache)
+    assert (tree / "kernel" / "sched.c").exists()  # the kill came before the tree went
+    assert not (tree / ".vmm-unpacked").exists()
+    assert store._read_manifest(d) is not None  # the built kernel itself stays usable

@@ -179,6 +179,10 @@ def prune_sources() -> int:
     pruned = 0
     for d in sorted((cache_root() / "build").glob("*")):
         if (d / "src").is_dir() and _read_manifest(d) is not None:
+            # The "unpacked" marks go first: a prune killed half way leaves a tree that
+            # the next build unpacks again instead of building from what is left.
+            for mark in (d / "src").glob("*/.vmm-unpacked"):
+                mark.unlink()
             shutil.rmtree(d / "src")
             pruned += 1
     return pruned

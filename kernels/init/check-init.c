@@ -18,22 +18,6 @@
 
 #define EXIT_PORT 0xf4
 
-static size_t str_len(const char *s)
-{
-	size_t n = 0;
-	while (s[n])
-		n++;
-	return n;
-}
-
-static int starts_with(const char *s, const char *prefix)
-{
-	while (*prefix)
-		if (*s++ != *prefix++)
-			return 0;
-	return 1;
-}
-
 static int console = 1;
 
 static void put(const char *s)

@@ -44,22 +44,6 @@
 static char command[MAX_COMMAND];
 static char *environment[MAX_ENV + 4];
 
-static size_t str_len(const char *s)
-{
-	size_t n = 0;
-	while (s[n])
-		n++;
-	return n;
-}
-
-static int starts_with(const char *s, const char *prefix)
-{
-	while (*prefix)
-		if (*s++ != *prefix++)
-			return 0;
-	return 1;
-}
-
 static void put(const char *s)
 {
 	sys3(SYS_write, 1, (long)s, (long)str_len(s));

@@ -48,6 +48,23 @@ static inline long sys5(long nr, long a, long b, long c, long d, long e)
 	return ret;
 }
 
+/* String helpers the init programs share (no libc). */
+static inline size_t str_len(const char *s)
+{
+	size_t n = 0;
+	while (s[n])
+		n++;
+	return n;
+}
+
+static inline int starts_with(const char *s, const char *prefix)
+{
+	while (*prefix)
+		if (*s++ != *prefix++)
+			return 0;
+	return 1;
+}
+
 /* The kernel enters init with argc at [rsp], then argv[], NULL, envp[], NULL.
  * _start hands that pointer to init_main() with the stack 16-byte aligned. */
 #define DEFINE_START(fn)                                                   \

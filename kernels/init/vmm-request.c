@@ -90,14 +90,6 @@ struct pollfd_k {
 	short events, revents;
 };
 
-static size_t str_len(const char *s)
-{
-	size_t n = 0;
-	while (s[n])
-		n++;
-	return n;
-}
-
 static int str_eq(const char *a, const char *b)
 {
 	while (*a && *a == *b)

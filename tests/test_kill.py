@@ -43,7 +43,7 @@ VARIANTS = {  # argv after `vmm`, with {out} the output directory; the clean run
     "run": (["run", *LOOP, "--timeout", "1"], 255),  # the VM runs out its timeout: 255
     "inject": (["inject", *LOOP], 0),  # boot, freeze, apply, read back, stop
     "dump": (["dump", "{out}/vmcore", *LOOP, "--memory", "64M"], 0),  # freeze, write a vmcore
-    "gdb": (["gdb", *LOOP, "--port", "0", "--timeout", "2"], 0),  # a gdb session, frozen
+    "gdb": (["gdb", *LOOP, "--port", "0", "--timeout", "2"], 255),  # a gdb session; then the timeout
 }
 MAX_DELAY = 1.6  # s: past a clean run's end on this host (python start, boot, work)
 

@@ -107,4 +107,6 @@ def run_gdb(args: argparse.Namespace, options: dict) -> int:
     finally:
         m.stop()
     print(f"vmm: {end}", file=sys.stderr)
-    return 0
+    # The VM's own status, as `vmm run` returns it (README "Exit codes"): the guest's
+    # exit port code, 255 for a panic, crash or timeout, 0 when stopped here (Ctrl-C).
+    return end.exit_code if end is not None else 0

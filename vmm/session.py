@@ -45,7 +45,9 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .kvm.memory import GuestMemory
     from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult
     from .ops.scx import ScxInjection
+    from .kernel.scx_state import ScxView
     from .runtime.freeze import FreezeSnapshot
+    from .runtime.monitor import Monitor
     from .session_requests import KernelRequestContext
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -418,6 +420,62 @@ class Machine(RunningMachine):
         return ScxInjection(clock=clock, mask=mask, rows=rows,
                             freeze_latency_us=snap.latency_ns / 1000,
                             apply_us=written.apply_seconds * 1e6)
+
+    # --- sched_ext verdicts from the host (vmm/kernel/scx_state.py, rq_sample.py;
+    #     vmm/runtime/monitor.py) ------------------------------------------------------
+    def _sampling_live(self) -> "LiveKernel":
+        """A live view for reads that do not freeze: made once, in one short freeze (the
+        slide, phys_base and bases it finds do not change while the kernel runs)."""
+        live = self.__dict__.get("_sampling_live_view")
+        if live is None:
+            with self.freeze() as snap:
+                live = self.live(snap)
+            self.__dict__["_sampling_live_view"] = live
+        return live
+
+    def _config_hz(self) -> Optional[int]:
+        config = self.kernel_config()
+        value = config.values.get("CONFIG_HZ") if config is not None else None
+        return int(value) if value and value.isdigit() else None
+
+    def _write_kva_u64(self, kva: int, value: int) -> None:
+        self.apply(ops.Op.WriteKernelCold([(ops.KernelTarget.kva(kva, 8), ops.KernelValue.u64(value))]))
+
+    @property
+    def scx(self) -> "ScxView":
+        """sched_ext's state from the host (vmm.kernel.scx_state.ScxView): ``m.scx.state()``
+        -> ScxState(state, ops, exit_kind, exit_reason, exit_msg, ...),
+        ``m.scx.wait_for_exit(timeout)``, ``m.scx.watchdog_timeout`` (seconds; settable)."""
+        view = self.__dict__.get("_scx_view")
+        if view is None:
+            from .kernel.scx_state import ScxView
+
+            coordinator = lambda: self.coordinator  # noqa: E731 (set at the start)
+            view = ScxView(self.kernel_image, live=self._sampling_live, freeze=self.freeze,
+                           frozen=lambda: bool(coordinator() is not None and coordinator().frozen),
+                           write_u64=self._write_kva_u64, hz=self._config_hz,
+                           running=lambda: self.running)
+            self.__dict__["_scx_view"] = view
+        return view
+
+    def monitor(self, interval: float = 0.1, fields: Optional[Iterable[str]] = None,
+                cpus: Optional[Iterable[int]] = None) -> "Monitor":
+        """Start sampling every CPU's run queue every ``interval`` s without freezing
+        (vmm.runtime.monitor.Monitor, already started; ``with`` stops it): fields
+        vmm.kernel.rq_sample.RQ_FIELDS (nr_running, scx.nr_running, clock, scx.flags,
+        scx.local_dsq.nr) where this kernel has them (the rest in ``.skipped``),
+        addresses resolved once now. ``.samples``, ``.column(field, cpu)``,
+        ``.stalls(window_s)``, ``.to_json()``. VmmError at once when the VM is not
+        running."""
+        if not self.running:
+            raise VmmError("the VM is not running: start it before m.monitor()")
+        from .kernel.rq_sample import RQ_FIELDS, plan_rq_sampling
+        from .runtime.monitor import Monitor
+
+        plan = plan_rq_sampling(self._sampling_live(), RQ_FIELDS if fields is None else fields, cpus)
+        return Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
+                       threads=self.threads, interval=interval, running=lambda: self.running,
+                       skipped=plan.skipped).start()
 
     # --- requests from the guest (vmm.runtime.requests; docs/requests.md) ----------------
     def on_request(self, name: str, handler, freeze: bool = True) -> None:

@@ -1,0 +1,302 @@
+"""A sampling thread over guest memory that never freezes the guest, and the stall verdict
+over its samples.
+
+The monitor knows nothing of kernels: it is given guest-physical addresses and widths
+(vmm.kernel.rq_sample resolves them through BTF once, at the start: per-CPU addresses
+never move) and reads each with one load of that width through GuestMemory.read_u8/16/
+32/64 (vmm_load_*: a single volatile load when aligned). An aligned load of 8 bytes or
+less cannot tear, so each value is one the guest really stored; a misaligned slot (none
+of the run-queue fields is) is read twice until two reads agree and counted in
+``Monitor.reread``. Values of different fields and CPUs in one sample are NOT one
+instant: the guest runs between the loads (freeze for that).
+
+Every sample also records each vCPU thread's own host CPU time
+(/proc/self/task/TID/schedstat, else utime+stime of .../stat), which tells a stalled
+CPU from a vCPU the host did not run (find_stalls). Linux CPU n is taken to run on
+vCPU n (vmm lists the vCPUs' APIC ids in order, and Linux numbers CPUs in that order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+from vmm.errors import VmmError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample: t seconds since the monitor started (time.monotonic), each vCPU
+    thread's host CPU seconds so far (None: thread gone or unreadable), and one dict
+    {field: value} per CPU (in Monitor.cpus order)."""
+
+    t: float
+    vcpu_cpu_time: tuple[Optional[float], ...]
+    rows: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class Stall:
+    """CPU ``cpu`` had runnable tasks while its rq clock stood at ``clock`` from ``start``
+    to ``end`` (monitor seconds) and its vCPU thread ran ``vcpu_cpu_s`` host CPU seconds
+    meanwhile (None: unknown). nr_running / scx_nr_running: the most seen in the window
+    (None where the kernel has no such field)."""
+
+    cpu: int
+    start: float
+    end: float
+    nr_running: Optional[int]
+    scx_nr_running: Optional[int]
+    clock: int
+    vcpu_cpu_s: Optional[float]
+    samples: int
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    def describe(self) -> str:
+        queued = ", ".join(f"{k} {v}" for k, v in (("nr_running", self.nr_running),
+                                                  ("scx.nr_running", self.scx_nr_running))
+                           if v is not None)
+        ran = "?" if self.vcpu_cpu_s is None else f"{self.vcpu_cpu_s:.3f}"
+        return (f"cpu {self.cpu} stalled {self.start:.3f}-{self.end:.3f} s ({self.duration:.3f} s): "
+                f"{queued} runnable, rq clock stuck at {self.clock}, its vCPU ran {ran} s "
+                f"of host CPU")
+
+
+def thread_cpu_seconds(tid: Optional[int]) -> Optional[float]:
+    """Host CPU seconds of thread ``tid`` of this process (None when it is gone)."""
+    if tid is None:
+        return None
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def find_stalls(samples: Sequence[Sample], cpus: Sequence[int], window_s: float = 1.0,
+                min_cpu_fraction: float = 0.1, cpu_vcpu: Optional[Sequence[Optional[int]]] = None,
+                clock_field: str = "clock",
+                runnable_fields: Iterable[str] = ("nr_running", "scx.nr_running")) -> list[Stall]:
+    """Stalls in a sample series: a run of consecutive samples on one CPU, at least
+    ``window_s`` long, in which the CPU had runnable tasks (any of ``runnable_fields`` >
+    0) and its ``clock_field`` did not change, while its vCPU thread got host CPU
+    time for at least ``min_cpu_fraction`` of that run (0.1: 10%). An idle CPU (nothing runnable) is
+    not stalled; neither is a vCPU the host did not run (frozen, descheduled, held): its
+    clock cannot advance. Unknown vCPU time (None) does not excuse a stall.
+    ``cpu_vcpu[i]``: the vCPU index of cpus[i] (default: the same number)."""
+    if window_s <= 0:
+        raise VmmError(f"stall window must be positive, not {window_s}")
+    runnable_fields = tuple(runnable_fields)
+    out: list[Stall] = []
+    for ci, cpu in enumerate(cpus):
+        vcpu = cpu_vcpu[ci] if cpu_vcpu is not None else cpu
+
+        def cpu_time(s: Sample) -> Optional[float]:
+            if vcpu is None or vcpu >= len(s.vcpu_cpu_time):
+                return None
+            return s.vcpu_cpu_time[vcpu]
+
+        def close(a: int, b: int) -> None:
+            first, last = samples[a], samples[b]
+            if b <= a or last.t - first.t < window_s:
+                return
+            t0, t1 = cpu_time(first), cpu_time(last)
+            ran = None if t0 is None or t1 is None else t1 - t0
+            if ran is not None and ran < min_cpu_fraction * (last.t - first.t):
+                return
+            run = samples[a:b + 1]
+
+            def most(name: str) -> Optional[int]:
+                vals = [s.rows[ci].get(name) for s in run]
+                return None if all(v is None for v in vals) else max(v or 0 for v in vals)
+            out.append(Stall(cpu, first.t, last.t, most("nr_running"), most("scx.nr_running"),
+                             first.rows[ci][clock_field], ran, len(run)))
+
+        start: Optional[int] = None
+        for i, s in enumerate(samples):
+            row = s.rows[ci]
+            busy = any((row.get(f) or 0) > 0 for f in runnable_fields)
+            if (busy and start is not None
+                    and row.get(clock_field) == samples[start].rows[ci].get(clock_field)):
+                continue
+            if start is not None:
+                close(start, i - 1)
+            start = i if busy and row.get(clock_field) is not None else None
+        if start is not None:
+            close(start, len(samples) - 1)
+    out.sort(key=lambda st: (st.start, st.cpu))
+    return out
+
+
+class Monitor:
+    """Samples guest memory every ``interval`` seconds on its own thread, unfrozen.
+
+    memory: GuestMemory; cpus: the CPU numbers of the rows; fields: the field names;
+    slots: [(row, gpa, width)] (each row's fields in ``fields`` order); threads: the vCPU
+    threads (VcpuThread: .tid); running: () -> whether the VM runs (sampling ends when
+    it does not); skipped: {field: why} for the record. A context manager: ``with``
+    starts (if not started) and stops it. ``.samples`` grows while it runs; ``.ended``
+    says why sampling ended on its own (the VM stopped, memory closed)."""
+
+    def __init__(self, memory, cpus: Sequence[int], fields: Sequence[str],
+                 slots: Sequence[tuple[int, int, int]], threads: Sequence = (),
+                 interval: float = 0.1, running: Callable[[], bool] = lambda: True,
+                 skipped: Optional[dict] = None, cpu_vcpu: Optional[Sequence[Optional[int]]] = None):
+        if not interval > 0:
+            raise VmmError(f"monitor interval must be positive, not {interval}")
+        self.memory = memory
+        self.cpus = tuple(cpus)
+        self.fields = tuple(fields)
+        self.skipped = dict(skipped or {})
+        self.interval = interval
+        self.threads = list(threads)
+        self.cpu_vcpu = tuple(cpu_vcpu) if cpu_vcpu is not None else tuple(
+            c if c < len(self.threads) else None for c in self.cpus)
+        self._running = running
+        readers = {1: memory.read_u8, 2: memory.read_u16, 4: memory.read_u32, 8: memory.read_u64}
+        per_row: list[list] = [[] for _ in self.cpus]
+        for row, gpa, width in slots:
+            if width not in readers:
+                raise VmmError(f"monitor slot at gpa {gpa:#x}: width {width} is not 1/2/4/8")
+            per_row[row].append((readers[width], gpa, gpa % width == 0))
+        for row, entries in enumerate(per_row):
+            if len(entries) != len(self.fields):
+                raise VmmError(f"monitor row {row}: {len(entries)} slots for {len(self.fields)} fields")
+        self._rows = per_row
+        self.samples: list[Sample] = []
+        self.reread = 0             # misaligned slots that needed more than one pair of reads
+        self.sample_cpu_s = 0.0     # host CPU seconds the sampling itself took
+        self.ended: Optional[str] = None
+        self.t0: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # --- the thread -----------------------------------------------------------------
+    def start(self) -> "Monitor":
+        """Start sampling (once); returns self."""
+        if self._thread is None:
+            if not self._running():
+                raise VmmError("the VM is not running: nothing to monitor")
+            self.t0 = time.monotonic()
+            self._thread = threading.Thread(target=self._loop, name="vmm-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> "Monitor":
+        """Stop sampling and wait for the thread; returns self."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "Monitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        assert self.t0 is not None
+        due = self.t0
+        while not self._stop.is_set():
+            if not self._running():
+                self.ended = "the VM stopped"
+                return
+            c0 = time.thread_time()
+            try:
+                self.samples.append(self.sample())
+            except VmmError as e:  # memory closed under us: the VM ended
+                self.ended = f"sampling failed: {e}"
+                return
+            self.sample_cpu_s += time.thread_time() - c0
+            due += self.interval
+            now = time.monotonic()
+            if due < now:
+                due = now  # fell behind (host busy): no burst to catch up
+            self._stop.wait(due - now)
+
+    def _load(self, read, gpa: int, aligned: bool) -> int:
+        if aligned:
+            return read(gpa)
+        first = read(gpa)
+        for _ in range(8):
+            second = read(gpa)
+            if second == first:
+                return first
+            self.reread += 1
+            first = second
+        return first
+
+    def sample(self) -> Sample:
+        """Take one sample now (the thread calls this every interval)."""
+        t = time.monotonic() - (self.t0 if self.t0 is not None else time.monotonic())
+        cpu_time = tuple(thread_cpu_seconds(getattr(th, "tid", None)) for th in self.threads)
+        rows = tuple({name: self._load(read, gpa, aligned)
+                      for name, (read, gpa, aligned) in zip(self.fields, entries)}
+                     for entries in self._rows)
+        return Sample(t, cpu_time, rows)
+
+    # --- the series -----------------------------------------------------------------
+    def times(self) -> list[float]:
+        return [s.t for s in self.samples]
+
+    def column(self, field: str, cpu: int) -> list:
+        """The values of ``field`` on CPU ``cpu``, one per sample."""
+        if field not in self.fields:
+            why = self.skipped.get(field)
+            raise VmmError(f"no column {field!r}" + (f": skipped, {why}" if why else
+                                                     f"; sampled: {', '.join(self.fields)}"))
+        try:
+            row = self.cpus.index(cpu)
+        except ValueError:
+            raise VmmError(f"cpu {cpu} is not sampled (cpus {list(self.cpus)})") from None
+        return [s.rows[row][field] for s in list(self.samples)]
+
+    def vcpu_column(self, cpu: int) -> list[Optional[float]]:
+        """CPU ``cpu``'s vCPU thread's host CPU seconds, one per sample."""
+        v = self.cpu_vcpu[self.cpus.index(cpu)]
+        return [None if v is None or v >= len(s.vcpu_cpu_time) else s.vcpu_cpu_time[v]
+                for s in list(self.samples)]
+
+    def stalls(self, window_s: float = 1.0, min_cpu_fraction: float = 0.1) -> list[Stall]:
+        """find_stalls over the samples so far (needs the ``clock`` field)."""
+        if "clock" not in self.fields:
+            raise VmmError("stall detection needs the rq clock ('clock'): "
+                           + self.skipped.get("clock", "not sampled"))
+        return find_stalls(list(self.samples), self.cpus, window_s, min_cpu_fraction,
+                           self.cpu_vcpu)
+
+    def overhead(self) -> Optional[float]:
+        """Host CPU seconds per sample the sampling thread spent (None before any)."""
+        n = len(self.samples)
+        return self.sample_cpu_s / n if n else None
+
+    def as_dict(self) -> dict:
+        return {
+            "interval": self.interval, "cpus": list(self.cpus), "fields": list(self.fields),
+            "skipped": self.skipped, "cpu_vcpu": list(self.cpu_vcpu), "ended": self.ended,
+            "reread": self.reread, "overhead_cpu_s_per_sample": self.overhead(),
+            "samples": [{"t": s.t, "vcpu_cpu_time": list(s.vcpu_cpu_time),
+                         "cpus": [dict(r) for r in s.rows]} for s in list(self.samples)],
+        }
+
+    def to_json(self, **kwargs) -> str:
+        """The whole series as JSON (as_dict)."""
+        return json.dumps(self.as_dict(), **kwargs)

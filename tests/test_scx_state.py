@@ -1,8 +1,10 @@
 """m.scx: sched_ext's state read through BTF (vmm/kernel/scx_state.py).
 
-Offline: the field paths against the real BTF of our Linux 7.3 build (skipped when it is
-not built), with the kernel's structures laid out at those offsets in a sparse fake
-memory; the refusals; wait_for_exit and the watchdog over fakes. Slow (`-m slow`): a real
+Offline, over two kernels: tests/data/scx_fixture.c (sched_ext's 7.x declarations,
+compiled with BTF: always) and the real BTF of our Linux 7.3 build (skipped when it is
+not built), which proves the field paths against the kernel; the structures are laid out
+at the BTF's offsets in a sparse fake memory. Also the refusals, wait_for_exit and the
+watchdog (the 7.x member and the global of the 6.16-like variant) over fakes. Slow (`-m slow`): a real
 7.3 boot on this host's KVM with no scheduler says "disabled", ops None, exit None.
 """
 
@@ -28,7 +30,6 @@ SCH = 0xFFFF888000100000    # where the fake kzalloc'd objects live (direct-map-
 EI = 0xFFFF888000200000
 MSG = 0xFFFF888000300FF0    # crosses a page: read_cstring goes page by page
 REASON = 0xFFFFFFFF82000100
-ROOT, STATE = 0xFFFFFFFF83000000, 0xFFFFFFFF83000040  # used by the minimal kernel below
 
 
 def _built_vmlinux():
@@ -36,13 +37,35 @@ def _built_vmlinux():
     return found[0] if found else None
 
 
-@pytest.fixture(scope="module")
-def k73():
+def build_fixture(tmp: Path, *defines: str) -> Path:
+    """tests/data/scx_fixture.c linked like a vmlinux (kfixture.ld), with .BTF (pahole)."""
+    import subprocess
+
+    import kfixture
+    why = kfixture.missing_tools()
+    if why:
+        pytest.skip(f"the sched_ext BTF fixture needs gcc, ld, pahole: {why}")
+    obj, out = tmp / "scx_fixture.o", tmp / "scx_fixture.elf"
+    for cmd in (["gcc", "-g", "-O0", "-fno-pic", "-mcmodel=kernel", "-fno-asynchronous-unwind-tables",
+                 *defines, "-c", str(kfixture.HERE / "scx_fixture.c"), "-o", str(obj)],
+                ["ld", "-static", "-nostdlib", "--build-id=sha1", "-T",
+                 str(kfixture.HERE / "kfixture.ld"), "-o", str(out), str(obj)],
+                ["pahole", "-J", str(out)]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module", params=["fixture", "7.3"])
+def kern(request, tmp_path_factory):
+    """A kernel with sched_ext's 7.x layout: our C fixture of its declarations (always),
+    and the real BTF of our Linux 7.3 build (when it is built)."""
+    from vmm.kernel import Kernel
+    if request.param == "fixture":
+        return Kernel.load(vmlinux=build_fixture(tmp_path_factory.mktemp("scx")))
     path = _built_vmlinux()
     if path is None:
         pytest.skip("Linux 7.3 is not built (~/.cache/vmm/kernels/build/7.3-*/vmlinux): "
                     "make kernel-build; these tests check the field paths against its BTF")
-    from vmm.kernel import Kernel
     return Kernel.load(vmlinux=path)
 
 
@@ -89,7 +112,8 @@ def lay_out(live, lay, *, state, root=SCH, name=b"simple", claimed=0, ei_kind=0,
     live.put(root + lay.name_off, name.ljust(lay.name_len, b"\0"))
     live.u32(root + lay.exit_kind_off, k.enum(claimed) if claimed else 0)
     live.u64(root + lay.exit_info_off, EI)
-    live.u64(root + lay.watchdog_off, 3000)
+    if lay.watchdog_off is not None:
+        live.u64(root + lay.watchdog_off, 3000)
     live.put(EI, bytes(lay.ei_size))
     live.u32(EI + lay.ei_kind_off, k.enum(ei_kind) if ei_kind else 0)
     live.put(EI + lay.ei_cpu_off, struct.pack("<i", cpu))
@@ -100,10 +124,10 @@ def lay_out(live, lay, *, state, root=SCH, name=b"simple", claimed=0, ei_kind=0,
     live.put(MSG, msg + b"\0")
 
 
-# --- the real 7.3 layout --------------------------------------------------------------
-def test_layout_of_73(k73):
-    lay = ScxLayout.of(k73)
-    btf = k73.btf
+# --- the 7.x layout: our fixture of its declarations, and the real 7.3 BTF ------------------
+def test_layout_of(kern):
+    lay = ScxLayout.of(kern)
+    btf = kern.btf
     assert lay.name_off == btf.offsetof("struct scx_sched", "ops.name") and lay.name_len == 128
     assert lay.exit_info_off == btf.offsetof("struct scx_sched", "exit_info")
     assert lay.exit_kind_off == btf.offsetof("struct scx_sched", "exit_kind")
@@ -112,30 +136,30 @@ def test_layout_of_73(k73):
     assert (lay.ei_reason_inline, lay.ei_msg_inline) == (0, 0)  # both char *
     assert lay.msg_len == 1024  # SCX_EXIT_MSG_LEN
     assert lay.states == {0: "enabling", 1: "enabled", 2: "disabling", 3: "disabled"}
-    assert lay.exit_kinds[k73.enum("SCX_EXIT_ERROR_STALL")] == "SCX_EXIT_ERROR_STALL"
+    assert lay.exit_kinds[kern.enum("SCX_EXIT_ERROR_STALL")] == "SCX_EXIT_ERROR_STALL"
     assert lay.exit_kind_name(0) is None
 
 
-def test_no_scheduler_73(k73):
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_DISABLED", root=0)
+def test_no_scheduler(kern):
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_DISABLED", root=0)
     s = read_state(live)
     assert s == ScxState("disabled", None, None, None, None)
     assert not s.attached and not s.exited and s.consistent
 
 
-def test_attached_scheduler_73(k73):
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_ENABLED", name=b"simple")
+def test_attached_scheduler(kern):
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_ENABLED", name=b"simple")
     s = read_state(live)
     assert (s.state, s.ops, s.exit_kind, s.exit_reason, s.exit_msg) == ("enabled", "simple", None, None, None)
     assert s.sched == SCH and s.attached and s.consistent
 
 
-def test_error_exit_73(k73):
-    live = FakeLive(k73)
+def test_error_exit(kern):
+    live = FakeLive(kern)
     msg = b"simple[1]: kworker/0:1[42] failed to run for 30.204s"
-    lay_out(live, ScxLayout.of(k73), state="SCX_DISABLING", name=b"qmap",
+    lay_out(live, ScxLayout.of(kern), state="SCX_DISABLING", name=b"qmap",
             claimed="SCX_EXIT_ERROR_STALL", ei_kind="SCX_EXIT_ERROR_STALL",
             reason=b"runnable task stall", msg=msg, code=0, cpu=1)
     for frozen in (False, True):
@@ -147,29 +171,29 @@ def test_error_exit_73(k73):
     assert "SCX_EXIT_ERROR_STALL (runnable task stall)" in s.describe()
 
 
-def test_claimed_but_not_written_yet_73(k73):
+def test_claimed_but_not_written_yet(kern):
     """exit_kind is claimed before the message is written; exit_info->kind is set after:
     until then reason and message are not reported (they could be half written)."""
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_ENABLED", claimed="SCX_EXIT_ERROR_BPF",
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_ENABLED", claimed="SCX_EXIT_ERROR_BPF",
             ei_kind=None, reason=b"scx_bpf_error", msg=b"half wri")
     s = read_state(live)
     assert s.exit_kind == "SCX_EXIT_ERROR_BPF" and s.exited
     assert s.exit_reason is None and s.exit_msg is None
 
 
-def test_message_is_bounded_73(k73):
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_DISABLING", claimed="SCX_EXIT_ERROR",
+def test_message_is_bounded(kern):
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_DISABLING", claimed="SCX_EXIT_ERROR",
             ei_kind="SCX_EXIT_ERROR", reason=b"runtime error", msg=b"x" * 5000)
     assert read_state(live).exit_msg == "x" * 1024  # SCX_EXIT_MSG_LEN, no NUL needed
 
 
-def test_unfrozen_read_redone_when_root_changes_73(k73):
+def test_unfrozen_read_redone_when_root_changes(kern):
     """scx_root cleared between the first pass and the re-check: the read is redone and
     says what holds after the change, consistently."""
-    live = FakeLive(k73)
-    lay = ScxLayout.of(k73)
+    live = FakeLive(kern)
+    lay = ScxLayout.of(kern)
     lay_out(live, lay, state="SCX_DISABLING", name=b"simple", claimed="SCX_EXIT_UNREG",
             ei_kind="SCX_EXIT_UNREG", reason=b"unregistered from user space")
     root_kva = live.symbol_address("scx_root")
@@ -180,16 +204,16 @@ def test_unfrozen_read_redone_when_root_changes_73(k73):
             seen.append(kva)
             if len(seen) == 2:  # the re-check of the first pass
                 live.u64(root_kva, 0)
-                live.u32(live.symbol_address("scx_enable_state_var"), k73.enum("SCX_DISABLED"))
+                live.u32(live.symbol_address("scx_enable_state_var"), kern.enum("SCX_DISABLED"))
     live.on_read = clear_after_first_pass
     s = read_state(live)
     assert s == ScxState("disabled", None, None, None, None)
     assert len(seen) >= 3
 
 
-def test_unfrozen_read_that_never_settles_says_so_73(k73):
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_ENABLED")
+def test_unfrozen_read_that_never_settles_says_so(kern):
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_ENABLED")
     state_kva = live.symbol_address("scx_enable_state_var")
     flip = [0]
 
@@ -202,16 +226,16 @@ def test_unfrozen_read_that_never_settles_says_so_73(k73):
     assert not s.consistent and "changed" in s.describe()
 
 
-def test_dangling_pointer_is_read_again_73(k73):
+def test_dangling_pointer_is_read_again(kern):
     """An unfrozen read that follows a pointer into nothing (freed, reused) retries."""
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_ENABLED")
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_ENABLED")
     root_kva = live.symbol_address("scx_root")
     live.u64(root_kva, 0xFFFF888077700000)  # nothing there
     calls = []
 
     def fix_it(kva, n):
-        if kva == 0xFFFF888077700000 + ScxLayout.of(k73).name_off:
+        if kva == 0xFFFF888077700000 + ScxLayout.of(kern).name_off:
             calls.append(kva)
             live.u64(root_kva, SCH)
     live.on_read = fix_it
@@ -248,9 +272,9 @@ def view_over(live, **kwargs):
     return view, freezes, writes
 
 
-def test_wait_for_exit_follows_the_kernel_73(k73):
-    live = FakeLive(k73)
-    lay = ScxLayout.of(k73)
+def test_wait_for_exit_follows_the_kernel(kern):
+    live = FakeLive(kern)
+    lay = ScxLayout.of(kern)
     lay_out(live, lay, state="SCX_ENABLED")
     steps = iter([
         dict(state="SCX_ENABLED", claimed="SCX_EXIT_ERROR_BPF"),   # claimed, msg not yet
@@ -276,9 +300,9 @@ def test_wait_for_exit_follows_the_kernel_73(k73):
     assert view.last_exit == s
 
 
-def test_wait_for_exit_when_the_exit_fell_between_polls_73(k73):
-    live = FakeLive(k73)
-    lay = ScxLayout.of(k73)
+def test_wait_for_exit_when_the_exit_fell_between_polls(kern):
+    live = FakeLive(kern)
+    lay = ScxLayout.of(kern)
     lay_out(live, lay, state="SCX_ENABLED")
     view, _, _ = view_over(live)
     assert view.state().ops == "simple"
@@ -295,20 +319,20 @@ def test_wait_for_exit_when_the_exit_fell_between_polls_73(k73):
     assert s.state == "disabled" and s.exit_kind is None and s.ops is None
 
 
-def test_wait_for_exit_times_out_and_refuses_a_stopped_vm_73(k73):
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_ENABLED")
+def test_wait_for_exit_times_out_and_refuses_a_stopped_vm(kern):
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_ENABLED")
     view, _, _ = view_over(live)
     with pytest.raises(ScxTimeout, match="no sched_ext exit within"):
         view.wait_for_exit(timeout=0.05, interval=0.01)
-    stopped = ScxView(k73, live=lambda: live, running=lambda: False)
+    stopped = ScxView(kern, live=lambda: live, running=lambda: False)
     with pytest.raises(VmmError, match="not running"):
         stopped.wait_for_exit(timeout=1)
 
 
-def test_state_frozen_and_in_a_held_freeze_73(k73):
-    live = FakeLive(k73)
-    lay_out(live, ScxLayout.of(k73), state="SCX_ENABLED")
+def test_state_frozen_and_in_a_held_freeze(kern):
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_ENABLED")
     view, freezes, _ = view_over(live)
     before = live.reads
     assert view.state(freeze=True).ops == "simple" and freezes.count == 1
@@ -322,9 +346,9 @@ def test_state_frozen_and_in_a_held_freeze_73(k73):
         assert live.reads - before == frozen_reads  # inside a held freeze: one pass
 
 
-def test_watchdog_timeout_73(k73):
-    live = FakeLive(k73)
-    lay = ScxLayout.of(k73)
+def test_watchdog_timeout(kern):
+    live = FakeLive(kern)
+    lay = ScxLayout.of(kern)
     lay_out(live, lay, state="SCX_ENABLED")
     view, freezes, writes = view_over(live, hz=lambda: 100)
     assert view.watchdog_timeout_jiffies == 3000
@@ -342,6 +366,24 @@ def test_watchdog_timeout_73(k73):
         nohz.hz
     nohz.hz_override = 250
     assert nohz.hz == 250
+
+
+def test_global_watchdog_layout(tmp_path):
+    """The 6.16-like variant: the timeout is the global scx_watchdog_timeout, read and
+    written there whether or not a scheduler is attached."""
+    from vmm.kernel import Kernel
+    kern = Kernel.load(vmlinux=build_fixture(tmp_path, "-DGLOBAL_WATCHDOG"))
+    lay = ScxLayout.of(kern)
+    assert lay.watchdog_off is None and lay.watchdog_global == "scx_watchdog_timeout"
+    live = FakeLive(kern)
+    live.put(SCH, bytes(1024))
+    lay_out(live, lay, state="SCX_DISABLED", root=0)
+    glob_kva = kern.symbols.address("scx_watchdog_timeout")
+    live.u64(glob_kva, 3000)
+    view, _, writes = view_over(live, hz=lambda: 1000)
+    assert view.watchdog_timeout == 3.0
+    view.watchdog_timeout = 0.5
+    assert writes == [(glob_kva, 500, True)]
 
 
 # --- refusals and strings (no kernel build needed) ------------------------------------------

@@ -236,6 +236,10 @@ def test_monitor_and_stalls_on_the_test_guest(tmp_path, monkeypatch):
         idle = held.vcpu_column(1)
         assert idle[-1] - idle[0] < busy[-1] - busy[0]
         json.loads(held.to_json())
+        # the cold write m.scx.watchdog_timeout's setter goes through (a Kva target, u64)
+        kva = m.live().per_cpu_address("runqueues", 0, "scx.clock")
+        m._write_kva_u64(kva, 0x1234567890)
+        assert m.read("runqueues", "scx.clock", cpu=0) == 0x1234567890
     # the VM ended: a new monitor is refused at once, an old one has stopped
     with pytest.raises(VmmError, match="not running"):
         m.monitor()

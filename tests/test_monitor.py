@@ -16,7 +16,8 @@ import time
 import pytest
 
 from vmm.errors import KernelFeatureMissing, VmmError
-from vmm.runtime.monitor import Monitor, Sample, Stall, find_stalls, thread_cpu_seconds
+from vmm.runtime.monitor import (Monitor, Sample, Stall, ThreadClock, find_stalls,
+                                 thread_cpu_seconds)
 
 
 def series(rows_per_cpu, cpu_times, dt=0.1):
@@ -184,6 +185,34 @@ def test_thread_cpu_seconds():
     assert mine is not None and mine > 0
     assert thread_cpu_seconds(None) is None
     assert thread_cpu_seconds(2 ** 31 - 7) is None
+
+
+def test_thread_clock_kept_open_and_a_thread_that_ends():
+    ready, done = threading.Event(), threading.Event()
+    box = {}
+
+    def spin():
+        box["tid"] = threading.get_native_id()
+        ready.set()
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        done.wait()
+    th = threading.Thread(target=spin)
+    th.start()
+    ready.wait()
+    clock = ThreadClock(box["tid"])
+    first = clock.read()
+    time.sleep(0.1)
+    assert first is not None and clock.read() >= first
+    done.set()
+    th.join()
+    deadline = time.monotonic() + 5
+    while clock.read() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert clock.read() is None  # gone: unknown, not zero
+    clock.close()
+    assert ThreadClock(None).read() is None
 
 
 # --- for real: our test guest on KVM ---------------------------------------------------

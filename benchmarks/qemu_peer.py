@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 QEMU = "qemu-system-x86_64"
 
@@ -46,20 +46,26 @@ def linux_boot_cmd(kernel: str, cmdline: str, cpus: int, memory_mb: int, initrd:
     return cmd
 
 
-def boot_until(cmd: list[str], pattern: str, timeout: float) -> tuple[str, float, bytes]:
+def boot_until(cmd: list[str], pattern: str, timeout: float, silence: Optional[float] = None,
+               on_hang: Optional[Callable[[], None]] = None) -> tuple[str, float, bytes]:
     """Runs QEMU and reads its console (stdout) until the regex ``pattern``; then kills
     it. ("ok", seconds from exec, output), ("ended", exit status, output) when QEMU
-    exits first (a triple fault under -no-reboot, a reboot) or ("hung", timeout, output)."""
+    exits first (a triple fault under -no-reboot, a reboot) or ("hung", seconds, output)
+    at ``timeout``, or after ``silence`` seconds without console output once the guest
+    has printed something (vmm's own boots are given up the same way). ``on_hang`` runs
+    while the hung QEMU still lives (to read its registers over QMP)."""
     import re
     import select
 
     until = re.compile(pattern.encode())
-    t0 = time.monotonic()
+    t0 = last = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)  # fmt: skip
     out = b""
     try:
-        while time.monotonic() - t0 < timeout:
+        while (now := time.monotonic()) - t0 < timeout:
+            if silence is not None and out and now - last > silence:
+                break
             ready, _, _ = select.select([proc.stdout], [], [], 1.0)
             if not ready:
                 continue
@@ -67,12 +73,35 @@ def boot_until(cmd: list[str], pattern: str, timeout: float) -> tuple[str, float
             if not chunk:
                 return "ended", proc.wait(), out
             out += chunk
+            last = time.monotonic()
             if until.search(out):
-                return "ok", time.monotonic() - t0, out
-        return "hung", timeout, out
+                return "ok", last - t0, out
+        if on_hang is not None:
+            on_hang()
+        return "hung", time.monotonic() - t0, out
     finally:
         proc.kill()
         proc.wait()
+
+
+def vcpu_registers(qmp_path: str, timeout: float = 10.0) -> list[dict[str, int]]:
+    """Every vCPU's RIP, RSP, CR3 and CPL from a running QEMU's monitor (``info
+    registers -a`` over QMP at ``qmp_path``): [{"cpu", "rip", "rsp", "cr3", "cpl"}]."""
+    import re
+
+    qmp = Qmp(qmp_path, timeout=timeout)
+    try:
+        text = qmp.command("human-monitor-command",
+                           {"command-line": "info registers -a"}).get("return", "")
+    finally:
+        qmp.close()
+    found = []
+    for block in re.split(r"(?m)^CPU#", text)[1:]:
+        fields = dict(re.findall(r"\b(RIP|RSP|CR3|CPL)=([0-9a-fA-F]+)", block))
+        if "RIP" in fields:
+            found.append({"cpu": int(block.split(None, 1)[0]),
+                          **{k.lower(): int(v, 16 if k != "CPL" else 10) for k, v in fields.items()}})
+    return found
 
 
 def run_qemu(kernel: str, cmdline: str, cpus: int = 1, timeout: float = 300,
@@ -129,8 +158,9 @@ class Qmp:
             if "event" not in msg:  # skip STOP/RESUME events
                 return msg
 
-    def command(self, name: str) -> dict:
-        self.file.write(json.dumps({"execute": name}).encode() + b"\n")
+    def command(self, name: str, arguments: Optional[dict] = None) -> dict:
+        msg = {"execute": name, **({"arguments": arguments} if arguments else {})}
+        self.file.write(json.dumps(msg).encode() + b"\n")
         reply = self._read_reply()
         if "error" in reply:
             raise RuntimeError(f"QMP {name}: {reply['error']}")

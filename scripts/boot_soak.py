@@ -21,7 +21,9 @@ failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,13 @@ from vmm.runtime.hostsyms import host_symbol  # noqa: E402
 from vmm.session import INIT_MARKER  # noqa: E402
 
 import qemu_peer  # noqa: E402  (QEMU as the control: its command line and console read)
+
+SMP_UP = re.compile(r"smp: Brought up \d+ nodes?, (\d+) CPUs?")
+SILENCE_S = 15.0  # QEMU's boots are given up after this long without console output, as vmm's
+LANE_FAULT_HOST = "__svm_vcpu_run"  # a vCPU register that points here holds L1's own state
+# vmm's phrases for the same (vmm.runtime's GuestBootError; the Makefile's SVM_RERUN)
+LANE_FAULT = re.compile(r"the host's own \S+ \[kvm|holds the host's state|"
+                        r"CR3 0x[0-9a-f]+ is outside the guest's RAM")
 
 
 def _host(addr: int) -> str:
@@ -80,16 +89,49 @@ def _qemu_argv(args, kernel: str) -> list[str]:
                                     str(build_initramfs("spin")), cpu_model="host")
 
 
+def _cpus_up(console: str) -> str:
+    """", 2 CPUs up" from the guest's "smp: Brought up 1 node, 2 CPUs" line: a fault-rate
+    comparison is fair only between boots that ran the same number of CPUs."""
+    found = SMP_UP.search(console)
+    return f", {found.group(1)} CPU{'s' if found.group(1) != '1' else ''} up" if found else ""
+
+
 def _qemu_boot(args, argv: list[str], i: int) -> str:
     """One boot under QEMU: "ok N s", "FAILED: ended (status S)" (QEMU exits on a triple
-    fault with -no-reboot, and on panic=-1's reboot) or "FAILED: hung" (no match in time)."""
-    outcome, value, out = qemu_peer.boot_until(argv, args.until, args.timeout)
+    fault with -no-reboot, and on panic=-1's reboot) or "FAILED: hung" (no match in time,
+    or 15 s of console silence, as vmm's boots). A hung boot's vCPUs are read over QMP
+    before QEMU is killed: a RIP in the host's own KVM is the lane's fault."""
+    qmp_path = f"/tmp/boot-soak-{os.getpid()}-{i}.qmp"
+    looks: list[str] = []
+
+    def look() -> None:
+        try:
+            for r in qemu_peer.vcpu_registers(qmp_path):
+                host = [x for x in (_host(r["rip"]), _host(r.get("rsp", 0))) if x]
+                looks.append(f"  vCPU {r['cpu']}: RIP {r['rip']:#x} RSP {r.get('rsp', 0):#x} "
+                             f"CR3 {r.get('cr3', 0):#x} CPL {r.get('cpl', '?')}"
+                             + (f" [{'; '.join(host)}]" if host else ""))
+        except (OSError, RuntimeError, ValueError) as e:
+            looks.append(f"  (no registers over QMP: {e})")
+
+    argv = argv + ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    try:
+        outcome, value, out = qemu_peer.boot_until(argv, args.until, args.timeout,
+                                                   silence=SILENCE_S, on_hang=look)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(qmp_path)
+    console = out.decode(errors="replace")
     if outcome == "ok":
-        return f"ok {value:.1f} s"
-    outcome = "FAILED: hung" if outcome == "hung" else f"FAILED: ended (status {value})"
-    tail = "\n".join(out.decode(errors="replace").splitlines()[-15:])
-    print(f"--- boot {i + 1} (QEMU): {outcome}; console tail:\n{tail}", flush=True)
-    return outcome
+        return f"ok {value:.1f} s{_cpus_up(console)}"
+    outcome = (f"FAILED: hung {value:.0f} s" if outcome == "hung"
+               else f"FAILED: ended (status {value})")
+    if any(LANE_FAULT_HOST in line for line in looks):
+        outcome += " (lane fault: a vCPU holds the host's state)"
+    tail = "\n".join(console.splitlines()[-15:])
+    print(f"--- boot {i + 1} (QEMU): {outcome}{_cpus_up(console)}; console tail:\n{tail}"
+          + ("\n--- its vCPUs:\n" + "\n".join(looks) if looks else ""), flush=True)
+    return outcome + _cpus_up(console)
 
 
 def _vmm_boot(args, kernel: str, i: int) -> str:
@@ -99,14 +141,15 @@ def _vmm_boot(args, kernel: str, i: int) -> str:
     try:
         m.start()
         m.wait_for_console(args.until, timeout=args.timeout)
-        return f"ok {time.monotonic() - t0:.1f} s"
+        return f"ok {time.monotonic() - t0:.1f} s{_cpus_up(m.console_text())}"
     except VmmError as e:  # GuestBootError says where the vCPUs are when still running
         print(f"--- boot {i + 1}: {e}\n{m.describe_state()}", flush=True)
         for look in range(args.looks):  # does the guest move? whose address is it?
             time.sleep(1.0)
             print(f"--- boot {i + 1}, look {look + 1} (+{look + 1} s):\n{_look(m)}",
                   flush=True)
-        return "FAILED"
+        fault = " (lane fault: a vCPU holds the host's state)" if LANE_FAULT.search(str(e)) else ""
+        return f"FAILED{fault}{_cpus_up(m.console_text())}"
     finally:
         m.stop()
 
@@ -148,11 +191,18 @@ def main() -> int:
     failed_any = False
     for peer, got in outcomes.items():
         failed = sum(not o.startswith("ok") for o in got)
+        faults = sum("lane fault" in o for o in got)
         failed_any |= bool(failed)
         times = [float(o.split()[1]) for o in got if o.startswith("ok")]
         span = f"; to {args.until!r} in {min(times):.1f}-{max(times):.1f} s" if times else ""
+        up = {}
+        for o in got:
+            found = re.search(r"(\d+) CPUs? up", o)
+            key = found.group(1) if found else "?"
+            up[key] = up.get(key, 0) + 1
+        cpus = ", ".join(f"{n} with {k} up" for k, n in sorted(up.items()))
         print(f"{peer}: {args.boots - failed} of {args.boots} boots ok, {failed} failed "
-              f"({kernel}, {args.cpus} vCPUs){span}")
+              f"({faults} the lane fault) ({kernel}, {args.cpus} vCPUs; CPUs: {cpus}){span}")
     return 1 if failed_any else 0
 
 

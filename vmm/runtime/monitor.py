@@ -271,7 +271,7 @@ class Monitor:
             due += self.interval
             now = time.monotonic()
             if due < now:
-                due = now  # fell behind (host busy): no burst to catch up
+                due = now + self.interval  # fell behind (host busy): no burst to catch up
             self._stop.wait(due - now)
 
     def _load(self, read, gpa: int, aligned: bool) -> int:

@@ -136,6 +136,22 @@ def test_bad_batch_leaves_the_kernel_untouched(linux):
         assert linux.read("runqueues", "scx.clock", cpu=0) == clock
 
 
+def test_scx_verdicts_without_a_scheduler(linux):
+    """m.scx and m.monitor on the real kernel, read from memory: no scheduler attached."""
+    for s in (linux.scx.state(), linux.scx.state(freeze=True)):
+        assert (s.state, s.ops, s.exit_kind, s.exit_reason, s.exit_msg) == \
+            ("disabled", None, None, None, None), s
+        assert s.consistent
+    assert linux.scx.watchdog_timeout is None  # 7.x: the timeout belongs to a scheduler
+    with linux.monitor(0.05) as mon:
+        time.sleep(1)
+    assert mon.samples and "clock" in mon.fields and "scx.local_dsq.nr" in mon.fields
+    for cpu in mon.cpus:  # ticks move every CPU's rq clock: nothing is stalled
+        clock = mon.column("clock", cpu)
+        assert clock[-1] > clock[0], (cpu, clock)
+    assert mon.stalls(window_s=0.5) == [], [st.describe() for st in mon.stalls(0.5)]
+
+
 def test_stops_cleanly(linux):
     exit_ = linux.stop()
     assert exit_.reason == "stopped", exit_

@@ -4,8 +4,9 @@ Offline, over two kernels: tests/data/scx_fixture.c (sched_ext's 7.x declaration
 compiled with BTF: always) and the real BTF of our Linux 7.3 build (skipped when it is
 not built), which proves the field paths against the kernel; the structures are laid out
 at the BTF's offsets in a sparse fake memory. Also the refusals, wait_for_exit and the
-watchdog (the 7.x member and the global of the 6.16-like variant) over fakes. Slow (`-m slow`): a real
-7.3 boot on this host's KVM with no scheduler says "disabled", ops None, exit None.
+watchdog (the 7.x member and the global of the 6.16-like variant) over fakes. The real
+kernel's check (no scheduler: "disabled", ops None, exit None) shares the one boot of
+tests/test_e2e_linux.py.
 """
 
 import glob
@@ -417,33 +418,5 @@ def test_read_cstring_pages_and_bounds():
     mem.write(0x3000, b"\xff\xfeok\0")
     assert read_cstring(live, 0x3000, 10) == "\ufffd\ufffdok"
 
-
-# --- the real thing (slow) ------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.kvm
-def test_linux_73_without_a_scheduler_is_disabled():
-    """Linux 7.3 booted to init on this host's KVM: no scheduler attached, read from memory."""
-    from vmm import Machine, kernelstore as ks
-    from vmm.kvm.pvm import is_pvm_host
-    from vmm.session import INIT_MARKER
-
-    wanted = f"build-{ks.DEFAULT_BUILD_VERSION}-{ks.fragment_hash(ks.DEFAULT_FRAGMENT)}"
-    if not any(a.name == wanted for a in ks.list_kernels()):
-        pytest.skip(f"kernel {wanted} is not built: make kernel-build")
-    timeout = 1500 if is_pvm_host() else 300
-    with Machine(kernel="build:7.3", cpus=2, timeout=timeout + 60) as m:
-        m.wait_for_console(INIT_MARKER, timeout=timeout)
-        for s in (m.scx.state(), m.scx.state(freeze=True)):
-            assert (s.state, s.ops, s.exit_kind, s.exit_reason, s.exit_msg) == \
-                ("disabled", None, None, None, None), s
-            assert s.consistent
-        assert m.scx.watchdog_timeout is None  # 7.x: the timeout belongs to a scheduler
-        with m.monitor(0.05) as mon:
-            import time
-            time.sleep(1)
-        assert mon.samples and "clock" in mon.fields and "scx.local_dsq.nr" in mon.fields
-        for cpu in mon.cpus:  # ticks move every CPU's rq clock: nothing is stalled
-            clock = mon.column("clock", cpu)
-            assert clock[-1] > clock[0], (cpu, clock)
-        assert mon.stalls(window_s=0.5) == [], [st.describe() for st in mon.stalls(0.5)]
-        print(mon.to_json()[:2000])
+# The real thing (Linux 7.3, and Debian's kernel in the SVM lane) shares the one boot of
+# tests/test_e2e_linux.py: test_scx_verdicts_without_a_scheduler.

@@ -44,6 +44,8 @@ LANE_FAULT_HOST = "__svm_vcpu_run"  # a vCPU register that points here holds L1'
 # vmm's phrases for the same (vmm.runtime's GuestBootError; the Makefile's SVM_RERUN)
 LANE_FAULT = re.compile(r"the host's own \S+ \[kvm|holds the host's state|"
                         r"CR3 0x[0-9a-f]+ is outside the guest's RAM")
+# The fault's other face: an early triple fault (the Makefile's SVM_RERUN reruns both)
+TRIPLE_FAULT = re.compile(r"vCPU [0-9]+: triple fault")
 
 
 def _host(addr: int) -> str:
@@ -128,6 +130,9 @@ def _qemu_boot(args, argv: list[str], i: int) -> str:
                else f"FAILED: ended (status {value})")
     if any(LANE_FAULT_HOST in line for line in looks):
         outcome += " (lane fault: a vCPU holds the host's state)"
+    elif outcome.startswith("FAILED: ended") and "Kernel panic" not in console:
+        # -no-reboot: QEMU exits on a triple fault (a panic would have printed its line)
+        outcome += " (lane fault: triple fault before init)"
     tail = "\n".join(console.splitlines()[-15:])
     print(f"--- boot {i + 1} (QEMU): {outcome}{_cpus_up(console)}; console tail:\n{tail}"
           + ("\n--- its vCPUs:\n" + "\n".join(looks) if looks else ""), flush=True)
@@ -148,7 +153,9 @@ def _vmm_boot(args, kernel: str, i: int) -> str:
             time.sleep(1.0)
             print(f"--- boot {i + 1}, look {look + 1} (+{look + 1} s):\n{_look(m)}",
                   flush=True)
-        fault = " (lane fault: a vCPU holds the host's state)" if LANE_FAULT.search(str(e)) else ""
+        fault = (" (lane fault: a vCPU holds the host's state)" if LANE_FAULT.search(str(e))
+                 else " (lane fault: triple fault before init)" if TRIPLE_FAULT.search(str(e))
+                 else "")
         return f"FAILED{fault}{_cpus_up(m.console_text())}"
     finally:
         m.stop()
@@ -192,6 +199,7 @@ def main() -> int:
     for peer, got in outcomes.items():
         failed = sum(not o.startswith("ok") for o in got)
         faults = sum("lane fault" in o for o in got)
+        triple = sum("triple fault" in o for o in got)
         failed_any |= bool(failed)
         times = [float(o.split()[1]) for o in got if o.startswith("ok")]
         span = f"; to {args.until!r} in {min(times):.1f}-{max(times):.1f} s" if times else ""
@@ -202,7 +210,8 @@ def main() -> int:
             up[key] = up.get(key, 0) + 1
         cpus = ", ".join(f"{n} with {k} up" for k, n in sorted(up.items()))
         print(f"{peer}: {args.boots - failed} of {args.boots} boots ok, {failed} failed "
-              f"({faults} the lane fault) ({kernel}, {args.cpus} vCPUs; CPUs: {cpus}){span}")
+              f"({faults} the lane fault: {faults - triple} a vCPU with the host's state, {triple} "
+              f"an early triple fault) ({kernel}, {args.cpus} vCPUs; CPUs: {cpus}){span}")
     return 1 if failed_any else 0
 
 

@@ -1,0 +1,640 @@
+"""BPF maps read from the host through BTF: every loaded map, and the values of array,
+per-CPU array and global-data (.bss/.data/.rodata) maps decoded with the map's own BTF.
+No agent in the guest, no BPF syscall.
+
+Layout (checked against Linux 7.3: kernel/bpf/syscall.c, include/linux/bpf.h,
+kernel/bpf/arraymap.c, kernel/bpf/btf.c, include/linux/xarray.h, lib/xarray.c):
+
+- ``static DEFINE_IDR(map_idr)``: ``struct idr`` -> ``idr_rt`` (``struct xarray``;
+  radix_tree_root is xarray) -> ``xa_head``. A map's id is its index + ``idr_base``.
+  An entry whose low two bits are ``10`` is internal: above 4096 it is a node
+  (``struct xa_node *`` = entry - 2; ``shift``, ``slots[XA_CHUNK_SIZE]``: slot i of a node
+  at ``shift`` s covers indices base + (i << s)); below it sibling, retry and zero entries
+  (skipped). Low bit 1 is a value entry (never a map; skipped). Anything else is a
+  ``struct bpf_map *``. A head that is not a node is the entry of index 0.
+- ``struct bpf_map``: ``map_type`` (``enum bpf_map_type``; named as bpftool does, the
+  enumerator without ``BPF_MAP_TYPE_``, lower case: "array", "percpu_array"), ``key_size``,
+  ``value_size``, ``max_entries``, ``map_flags``, ``id``, ``name`` (``char[BPF_OBJ_NAME_LEN]``:
+  libbpf names a global-data map "<obj prefix>.bss", cut to 15 characters),
+  ``btf_key_type_id``, ``btf_value_type_id``, ``btf`` (``struct btf *`` or NULL).
+- ``struct bpf_array`` (a map of type array or percpu_array; ``map`` is its first member):
+  ``elem_size`` (value_size rounded up to 8); array: value of key k at ``value + elem_size
+  * k``; percpu_array: ``pptrs[k]`` is a per-CPU pointer, CPU c's copy at ``pptrs[k] +
+  __per_cpu_offset[c]``.
+- ``struct btf`` of a map loaded from an object: standalone BTF (btf_parse): ``data`` /
+  ``data_size`` are the raw blob user space loaded (header included), parsed here with
+  vmm.kernel.btf. A map whose ``btf`` is the kernel's own (``kernel_btf``) is decoded with
+  the vmlinux BTF; a split BTF (``base_btf`` set) is not decoded (raw bytes).
+
+Values: a struct or union becomes a dict of its members (anonymous members merged in,
+bitfields as their bits), a DATASEC (.bss/.data/.rodata) a dict of its variables, an
+integer, enum or pointer an int, an array of ``char`` bytes, other arrays a list, a float
+a float; without BTF the value is the raw bytes.
+
+Writes are planned here and applied by the caller (the session: one cold batch through
+vmm/ops, every vCPU parked): every field named, its width and its value range are checked
+before anything is written; unknown names suggest close ones.
+
+The reader needs ``live.kernel``, ``live.symbol_address``, ``live.read_kva``,
+``live.per_cpu_offset`` and ``live.possible_cpus`` (vmm.kernel.live.LiveKernel).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ContextManager, Optional
+
+from vmm.errors import (FieldPathError, ImageError, InvalidValue, KernelFeatureMissing,
+                        TargetError, VmmError)
+from vmm.kernel.btf import (ARRAY, DATASEC, ENUM, ENUM64, FLOAT, INT, INT_BOOL, INT_CHAR, PTR,
+                            STRUCT, UNION, VAR, Btf)
+from vmm.kernel.suggest import hint
+
+BTF_MAX_SIZE = 16 << 20          # the kernel's own limit on a loaded BTF blob
+MAX_NODES = 1 << 16              # xa_nodes one walk may visit (a corrupt or changing tree)
+MAX_MAPS = 1 << 20
+XA_NODE_MIN = 4096               # xa_is_node: internal entries above this are nodes
+#: enum bpf_map_type values when BTF lacks the enum (6.x .. 7.3), bpftool's spelling.
+ARRAY_TYPES = {"array", "percpu_array"}
+HASH_TYPES = {"hash", "percpu_hash", "lru_hash", "lru_percpu_hash"}
+
+
+class BpfMapError(VmmError, LookupError):
+    """No such map, an unknown field, a key out of range, a map type not supported."""
+
+
+@dataclass(frozen=True)
+class BpfLayout:
+    """Where everything is, from the kernel's symbols and BTF (no guest memory read)."""
+
+    idr_head_off: int
+    idr_base_off: int
+    node_shift_off: int
+    node_slots_off: int
+    chunk: int                       # XA_CHUNK_SIZE (slots per node)
+    map: dict[str, int]              # struct bpf_map member -> offset
+    name_len: int
+    array_elem_size_off: int
+    array_value_off: int
+    array_pptrs_off: int
+    btf_data_off: int
+    btf_data_size_off: int
+    btf_base_off: Optional[int]
+    btf_kernel_off: Optional[int]
+    types: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, kernel) -> "BpfLayout":
+        """The layout of ``kernel`` (a vmm.kernel.Kernel); KernelFeatureMissing naming what
+        this kernel lacks."""
+        if "map_idr" not in kernel.symbols:
+            raise KernelFeatureMissing(
+                "this kernel has no BPF maps to read (no map_idr symbol): build it with "
+                "CONFIG_BPF_SYSCALL=y (and a vmlinux with its local symbols)")
+        if not kernel.has_btf:
+            raise KernelFeatureMissing("this kernel has no BTF (CONFIG_DEBUG_INFO_BTF): BPF "
+                                       "maps are read through it")
+        btf = kernel.btf
+
+        def off(struct_name: str, path: str, optional: bool = False) -> Optional[int]:
+            try:
+                return btf.field(struct_name, path).offset
+            except VmmError as e:
+                if optional:
+                    return None
+                raise KernelFeatureMissing(f"BPF maps: {struct_name} has no {path!r} in this "
+                                           f"kernel's BTF ({e})") from None
+
+        try:
+            slots = btf.field("struct xa_node", "slots")
+        except VmmError as e:
+            raise KernelFeatureMissing(f"BPF maps: no struct xa_node.slots in BTF ({e})") from None
+        chunk = btf.resolve(slots.type).nelems
+        if chunk not in (16, 64):
+            raise KernelFeatureMissing(f"BPF maps: xa_node has {chunk} slots (16 or 64 known)")
+        names = ("map_type", "key_size", "value_size", "max_entries", "map_flags", "id",
+                 "btf_key_type_id", "btf_value_type_id", "btf", "name")
+        mp = {n: off("struct bpf_map", n) for n in names}
+        if off("struct bpf_array", "map") != 0:
+            raise KernelFeatureMissing("BPF maps: struct bpf_array does not start with its map")
+        types: dict[int, str] = {}
+        try:
+            enum = btf.type("enum bpf_map_type")
+            for e in enum.enum_values:
+                short = e.name[len("BPF_MAP_TYPE_"):].lower() if e.name.startswith("BPF_MAP_TYPE_") else e.name
+                if e.value not in types or types[e.value].endswith("_deprecated"):
+                    types[e.value] = short
+        except VmmError:
+            pass
+        return cls(
+            idr_head_off=off("struct idr", "idr_rt.xa_head"),
+            idr_base_off=off("struct idr", "idr_base"),
+            node_shift_off=off("struct xa_node", "shift"), node_slots_off=slots.offset,
+            chunk=chunk, map=mp, name_len=btf.field("struct bpf_map", "name").size,
+            array_elem_size_off=off("struct bpf_array", "elem_size"),
+            array_value_off=off("struct bpf_array", "value"),
+            array_pptrs_off=off("struct bpf_array", "pptrs"),
+            btf_data_off=off("struct btf", "data"),
+            btf_data_size_off=off("struct btf", "data_size"),
+            btf_base_off=off("struct btf", "base_btf", optional=True),
+            btf_kernel_off=off("struct btf", "kernel_btf", optional=True),
+            types=types)
+
+    def type_name(self, value: int) -> str:
+        """"array" for BPF_MAP_TYPE_ARRAY's value; "type N" for one BTF does not name."""
+        return self.types.get(value, f"type {value}")
+
+
+def _u8(b: bytes, off: int = 0) -> int:
+    return b[off]
+
+
+def _u32(b: bytes, off: int = 0) -> int:
+    return struct.unpack_from("<I", b, off)[0]
+
+
+def _u64(b: bytes, off: int = 0) -> int:
+    return struct.unpack_from("<Q", b, off)[0]
+
+
+def walk_xarray(read_kva: Callable[[int, int], bytes], head: int, lay: BpfLayout,
+                max_nodes: int = MAX_NODES) -> list[tuple[int, int]]:
+    """[(index, entry)] of every pointer entry under ``head`` (an xarray's xa_head), in
+    index order (module doc for the encoding). VmmError on a tree that cannot be right
+    (a child's shift not its parent's less one chunk, more than ``max_nodes`` nodes)."""
+    out: list[tuple[int, int]] = []
+    bits = lay.chunk.bit_length() - 1
+    node_size = lay.node_slots_off + 8 * lay.chunk
+    visited = [0]
+
+    def is_node(entry: int) -> bool:
+        return entry & 3 == 2 and entry > XA_NODE_MIN
+
+    def walk(entry: int, base: int, want_shift: Optional[int]) -> None:
+        visited[0] += 1
+        if visited[0] > max_nodes:
+            raise VmmError(f"xarray walk: more than {max_nodes} nodes (a changing or corrupt "
+                           f"tree: read it frozen)")
+        node = entry - 2
+        raw = read_kva(node, node_size)
+        shift = _u8(raw, lay.node_shift_off)
+        if shift % bits or shift > 64 or (want_shift is not None and shift != want_shift):
+            raise VmmError(f"xarray walk: node {node:#x} has shift {shift}"
+                           + (f", expected {want_shift}" if want_shift is not None else "")
+                           + " (a changing or corrupt tree: read it frozen)")
+        slots = struct.unpack_from(f"<{lay.chunk}Q", raw, lay.node_slots_off)
+        for i, child in enumerate(slots):
+            if child == 0:
+                continue
+            index = base + (i << shift)
+            if is_node(child):
+                if shift == 0:
+                    raise VmmError(f"xarray walk: a node below leaf node {node:#x}")
+                walk(child, index, shift - bits)
+            elif child & 3 == 0:
+                out.append((index, child))
+            # else: a value, sibling, retry or zero entry: no map
+
+    if head == 0:
+        return out
+    if is_node(head):
+        walk(head, 0, None)
+    elif head & 3 == 0:
+        out.append((0, head))
+    return out
+
+
+@dataclass(frozen=True)
+class BpfMap:
+    """One loaded BPF map: what bpftool's ``map list`` shows, and where it is.
+
+    type: bpftool's name ("array", "percpu_array", "hash", ".."); type_value: the enum
+    value; kva: its struct bpf_map; btf: its struct btf (0: none). ``read``/``write`` go
+    through the view that listed it (``m.bpf``).
+    """
+
+    id: int
+    name: str
+    type: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+    type_value: int = 0
+    kva: int = 0
+    btf: int = 0
+    btf_key_type_id: int = 0
+    btf_value_type_id: int = 0
+    view: Any = field(default=None, compare=False, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (without the view)."""
+        d = asdict(self)
+        d.pop("view")
+        return d
+
+    def describe(self) -> str:
+        """One line like bpftool's: ``12: array  name scx_qmap.bss  key 4B  value 48B  max_entries 1``."""
+        return (f"{self.id}: {self.type}  name {self.name}  key {self.key_size}B  value "
+                f"{self.value_size}B  max_entries {self.max_entries}")
+
+    def _v(self) -> "BpfView":
+        if self.view is None:
+            raise VmmError(f"BPF map {self.name!r} was not listed through a view (m.bpf)")
+        return self.view
+
+    def read(self, key: int = 0, cpu: Optional[int] = None, freeze: bool = True) -> Any:
+        """The value of ``key`` decoded with the map's BTF (module doc); a per-CPU array
+        gives a list, one value per possible CPU (``cpu=N``: that CPU's only)."""
+        return self._v().read(self, key, cpu=cpu, freeze=freeze)
+
+    def read_raw(self, key: int = 0, cpu: Optional[int] = None, freeze: bool = True) -> Any:
+        """The value's bytes (a list of them per CPU for a per-CPU array)."""
+        return self._v().read(self, key, cpu=cpu, freeze=freeze, raw=True)
+
+    def write(self, key: int, changes: dict, cpu: Optional[int] = None) -> Any:
+        """Write ``{field: value}`` into the value of ``key`` in one cold batch (a per-CPU
+        array: every possible CPU's copy, or ``cpu``'s). Everything is checked first."""
+        return self._v().write(self, key, changes, cpu=cpu)
+
+    def value_type(self) -> Optional[str]:
+        """The C name of the value's BTF type ("struct stats", "DATASEC .bss"), None
+        without BTF."""
+        return self._v().value_type_name(self)
+
+
+@dataclass(frozen=True)
+class WriteEntry:
+    """One planned store: ``width`` bytes at ``kva``; ``value`` an int (width 4 or 8) or
+    bytes (any width; copied)."""
+
+    kva: int
+    width: int
+    value: Any
+    description: str
+
+
+# --- values through a map's BTF -----------------------------------------------------------
+def _int_value(t, raw: bytes) -> int:
+    return int.from_bytes(raw, "little", signed=t.signed)
+
+
+def _is_char(btf: Btf, type_id: int) -> bool:
+    """A plain or signed ``char`` (clang encodes it as a signed 1-byte INT named "char")."""
+    t = btf.resolve(type_id)
+    return t.kind == INT and t.size == 1 and (t.name in ("char", "signed char")
+                                              or bool(t.int_encoding & INT_CHAR))
+
+
+def decode_value(btf: Btf, type_id: int, raw: bytes, _depth: int = 0) -> Any:
+    """``raw`` as BTF type ``type_id`` reads (module doc)."""
+    if _depth > 64:
+        raise ImageError(f"BTF type {type_id}: nested more than 64 deep while decoding")
+    t = btf.resolve(type_id)
+    k = t.kind
+    if k == VAR:
+        return decode_value(btf, t.ref, raw, _depth + 1)
+    if k in (INT, ENUM, ENUM64):
+        if k == INT and t.size == 1 and t.int_encoding & INT_BOOL:
+            return bool(raw[0])
+        return _int_value(t, raw[:t.size])
+    if k == PTR:
+        return _u64(raw)
+    if k == FLOAT and t.size in (4, 8):
+        return struct.unpack("<f" if t.size == 4 else "<d", raw[:t.size])[0]
+    if k == ARRAY:
+        size = btf.sizeof(t.elem_type)
+        if _is_char(btf, t.elem_type):
+            return bytes(raw[:size * t.nelems])
+        return [decode_value(btf, t.elem_type, raw[i * size:(i + 1) * size], _depth + 1)
+                for i in range(t.nelems)]
+    if k in (STRUCT, UNION):
+        out: dict[str, Any] = {}
+        for m in t.members:
+            mt = btf.resolve(m.type_id)
+            bits = m.bitfield_size
+            if not bits and mt.kind == INT and mt.int_bits and mt.int_bits != mt.size * 8:
+                bits = mt.int_bits  # the encoding before kind_flag
+            if bits:
+                start = m.bit_offset // 8
+                span = (m.bit_offset % 8 + bits + 7) // 8
+                v = int.from_bytes(raw[start:start + span], "little") >> (m.bit_offset % 8)
+                v &= (1 << bits) - 1
+                if mt.signed and v >> (bits - 1):
+                    v -= 1 << bits
+                value: Any = v
+            else:
+                start = m.bit_offset // 8
+                value = decode_value(btf, m.type_id, raw[start:start + btf.sizeof(m.type_id)],
+                                     _depth + 1)
+            if not m.name and isinstance(value, dict):
+                out.update(value)
+            else:
+                out[m.name] = value
+        return out
+    if k == DATASEC:
+        out = {}
+        for v in t.secinfo:
+            var = btf.get(v.type_id)
+            out[var.name] = decode_value(btf, var.ref if var.kind == VAR else v.type_id,
+                                         raw[v.offset:v.offset + v.size], _depth + 1)
+        return out
+    return bytes(raw)
+
+
+_FIRST = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(.*)$", re.S)
+
+
+def locate_field(btf: Btf, type_id: int, path: str):
+    """(offset, size, Type, bit_size) of ``path`` in the value type: a member path
+    ("nr_enq", "a.b[2]") of a struct, or a variable (and a path in it: "stats.nr") of a
+    DATASEC. FieldPathError naming close names for an unknown one."""
+    t = btf.resolve(type_id)
+    if t.kind == DATASEC:
+        m = _FIRST.match(path)
+        if not m:
+            raise FieldPathError(f"bad field path {path!r}")
+        name, rest = m.group(1), m.group(2).strip()
+        names = []
+        for v in t.secinfo:
+            var = btf.get(v.type_id)
+            names.append(var.name)
+            if var.name == name:
+                vt = var.ref if var.kind == VAR else v.type_id
+                if not rest:
+                    return v.offset, v.size, btf.get(vt), 0
+                if rest.startswith("."):
+                    rest = rest[1:]
+                f = btf.field(btf.get(vt), rest)
+                return v.offset + f.offset, f.size, f.type, f.bit_size
+        raise FieldPathError(f"{t.name} has no variable {name!r}" + hint(name, names))
+    if t.kind not in (STRUCT, UNION):
+        raise FieldPathError(f"the value is {btf.type_name(t)}, not a struct or a section: "
+                             f"write it whole with the key '' ")
+    f = btf.field(t, path)
+    return f.offset, f.size, f.type, f.bit_size
+
+
+def encode_field(btf: Btf, ftype, size: int, value: Any, what: str) -> Any:
+    """``value`` checked against a field of ``size`` bytes and type ``ftype``: an int for a
+    4/8-byte integer, enum or pointer; bytes otherwise. InvalidValue when it does not fit."""
+    t = btf.resolve(ftype)
+    decl = btf.type_name(ftype)  # as declared: u32, not unsigned int
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if len(data) != size:
+            raise InvalidValue(f"{what}: {len(data)} bytes for a {size}-byte field "
+                               f"({decl}): the width must match")
+        return data
+    if isinstance(value, str) and t.kind == ARRAY and _is_char(btf, t.elem_type):
+        data = value.encode()
+        if len(data) >= size:
+            raise InvalidValue(f"{what}: {value!r} needs {len(data) + 1} bytes with its NUL; "
+                               f"the field has {size}")
+        return data.ljust(size, b"\0")
+    if isinstance(value, int) and t.kind in (INT, ENUM, ENUM64, PTR) and size in (1, 2, 4, 8):
+        bits = size * 8
+        if isinstance(value, bool):
+            value = int(value)
+        lo = -(1 << (bits - 1)) if t.signed else 0
+        hi = (1 << (bits - 1)) - 1 if t.signed else (1 << bits) - 1
+        if t.kind == PTR or (t.kind in (ENUM, ENUM64) and not t.signed):
+            lo = -(1 << (bits - 1))
+        if not lo <= value <= hi:
+            raise InvalidValue(f"{what}: {value} does not fit {decl} "
+                               f"({size} bytes, {lo}..{hi})")
+        value &= (1 << bits) - 1
+        return value if size in (4, 8) else value.to_bytes(size, "little")
+    raise InvalidValue(f"{what}: cannot store {type(value).__name__} {value!r:.40} into "
+                       f"{decl} ({size} bytes): an int for integers, bytes of the "
+                       f"field's width otherwise")
+
+
+# --- the view -----------------------------------------------------------------------------
+class BpfView:
+    """``m.bpf``: the guest kernel's BPF maps from the host (vmm.session builds it).
+
+    live: () -> a live view of the kernel (LiveKernel); freeze: () -> a context manager
+    that parks every vCPU; frozen: () -> True while the caller holds a freeze;
+    write: ([WriteEntry]) -> result, one checked cold batch (the session's ops path).
+    """
+
+    def __init__(self, kernel, live: Callable[[], Any],
+                 freeze: Callable[[], ContextManager] = lambda: nullcontext(),
+                 frozen: Callable[[], bool] = lambda: False,
+                 write: Optional[Callable[[list], Any]] = None):
+        self.kernel = kernel
+        self._live, self._freeze, self._frozen, self._write = live, freeze, frozen, write
+        self._layout: Optional[BpfLayout] = None
+        self._btfs: dict[tuple, Optional[Btf]] = {}
+
+    @property
+    def layout(self) -> BpfLayout:
+        """The kernel's BPF layout (KernelFeatureMissing when it has none)."""
+        if self._layout is None:
+            self._layout = BpfLayout.of(self.kernel)
+        return self._layout
+
+    def _hold(self, freeze: bool) -> ContextManager:
+        return self._freeze() if freeze and not self._frozen() else nullcontext()
+
+    # --- listing ------------------------------------------------------------------------
+    def maps(self, freeze: bool = True) -> list[BpfMap]:
+        """Every loaded map, by id (walks map_idr; ``freeze=False`` walks the running
+        kernel, which may change under the walk: VmmError then)."""
+        lay = self.layout
+        with self._hold(freeze):
+            live = self._live()
+            return self._maps(live, lay)
+
+    def _maps(self, live, lay: BpfLayout) -> list[BpfMap]:
+        idr = live.symbol_address("map_idr")
+        head = _u64(live.read_kva(idr + lay.idr_head_off, 8))
+        base = _u32(live.read_kva(idr + lay.idr_base_off, 4))
+        out = []
+        for index, kva in walk_xarray(live.read_kva, head, lay):
+            m = self._map_at(live, lay, kva)
+            if m.id != index + base:
+                raise VmmError(f"map_idr index {index + base} holds a map whose id reads "
+                               f"{m.id} (kva {kva:#x}): read it frozen")
+            out.append(m)
+            if len(out) > MAX_MAPS:
+                raise VmmError(f"map_idr: more than {MAX_MAPS} maps")
+        return out
+
+    def _map_at(self, live, lay: BpfLayout, kva: int) -> BpfMap:
+        o = lay.map
+        end = max(o.values()) + lay.name_len
+        raw = live.read_kva(kva, end)
+        t = _u32(raw, o["map_type"])
+        name = raw[o["name"]:o["name"] + lay.name_len].split(b"\0", 1)[0].decode("utf-8", "replace")
+        return BpfMap(id=_u32(raw, o["id"]), name=name, type=lay.type_name(t),
+                      key_size=_u32(raw, o["key_size"]), value_size=_u32(raw, o["value_size"]),
+                      max_entries=_u32(raw, o["max_entries"]), flags=_u32(raw, o["map_flags"]),
+                      type_value=t, kva=kva, btf=_u64(raw, o["btf"]),
+                      btf_key_type_id=_u32(raw, o["btf_key_type_id"]),
+                      btf_value_type_id=_u32(raw, o["btf_value_type_id"]), view=self)
+
+    def map(self, name, freeze: bool = True) -> BpfMap:
+        """The map named ``name`` (an int: the map of that id). A section name (".bss")
+        finds the one map whose name ends with it. BpfMapError suggesting close names
+        when there is none, listing the ids when several share the name."""
+        maps = self.maps(freeze=freeze)
+        if isinstance(name, int) and not isinstance(name, bool):
+            hit = [m for m in maps if m.id == name]
+            if not hit:
+                raise BpfMapError(f"no BPF map with id {name}; ids loaded: "
+                                  f"{[m.id for m in maps] or 'none'}")
+            return hit[0]
+        hit = [m for m in maps if m.name == name]
+        if not hit and name.startswith("."):
+            hit = [m for m in maps if m.name.endswith(name)]
+        if len(hit) == 1:
+            return hit[0]
+        if hit:
+            raise BpfMapError(f"{len(hit)} BPF maps match {name!r}: "
+                              + ", ".join(f"id {m.id} {m.name!r}" for m in hit)
+                              + ": pass the id, m.bpf.map(ID)")
+        names = [m.name for m in maps]
+        if not names:
+            raise BpfMapError(f"no BPF map named {name!r}: no map is loaded in the guest")
+        raise BpfMapError(f"no BPF map named {name!r}" + hint(name, names)
+                          + f" ({len(names)} loaded: m.bpf.maps())")
+
+    # --- BTF ----------------------------------------------------------------------------
+    def map_btf(self, m: BpfMap, live=None) -> Optional[Btf]:
+        """The map's own BTF parsed (cached per struct btf), None when it has none or it is
+        split BTF (which is not decoded)."""
+        if not m.btf:
+            return None
+        lay = self.layout
+        live = live or self._live()
+        raw = live.read_kva(m.btf, max(lay.btf_data_size_off + 4, lay.btf_data_off + 8,
+                                       (lay.btf_base_off or 0) + 8, (lay.btf_kernel_off or 0) + 1))
+        data, size = _u64(raw, lay.btf_data_off), _u32(raw, lay.btf_data_size_off)
+        base = _u64(raw, lay.btf_base_off) if lay.btf_base_off is not None else 0
+        kernel_btf = bool(raw[lay.btf_kernel_off]) if lay.btf_kernel_off is not None else False
+        key = (m.btf, data, size, base, kernel_btf)
+        if key in self._btfs:
+            return self._btfs[key]
+        if kernel_btf and not base:
+            btf: Optional[Btf] = self.kernel.btf
+        elif base:
+            btf = None
+        else:
+            if not 0 < size <= BTF_MAX_SIZE:
+                raise VmmError(f"map {m.name!r}: its BTF's data_size reads {size} (not 1 .. "
+                               f"{BTF_MAX_SIZE}): read it frozen")
+            btf = Btf(live.read_kva(data, size))
+        self._btfs[key] = btf
+        return btf
+
+    def value_type_name(self, m: BpfMap) -> Optional[str]:
+        """The C name of ``m``'s value type, None without BTF."""
+        btf = self.map_btf(m)
+        if btf is None or not m.btf_value_type_id:
+            return None
+        t = btf.resolve(m.btf_value_type_id)
+        return f"DATASEC {t.name}" if t.kind == DATASEC else btf.type_name(t)
+
+    # --- values -------------------------------------------------------------------------
+    def _check(self, live, m: BpfMap, key) -> int:
+        if m.type not in ARRAY_TYPES:
+            raise BpfMapError(f"map {m.name!r} is a {m.type} map: values are read for array "
+                              f"and percpu_array maps (and the .bss/.data/.rodata sections, "
+                              f"which are arrays)")
+        if isinstance(key, (bytes, bytearray)) and len(key) == 4:
+            key = int.from_bytes(key, "little")
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise BpfMapError(f"map {m.name!r}: an array's key is an int, not {key!r:.40}")
+        if not 0 <= key < m.max_entries:
+            raise BpfMapError(f"map {m.name!r}: key {key} is out of range (max_entries "
+                              f"{m.max_entries})")
+        now = _u32(live.read_kva(m.kva + self.layout.map["id"], 4))
+        if now != m.id:
+            raise BpfMapError(f"map {m.name!r} (id {m.id}) is gone: its memory now reads id "
+                              f"{now}; list the maps again")
+        return key
+
+    def _value_kvas(self, live, m: BpfMap, key: int, cpu: Optional[int]) -> list[tuple[Optional[int], int]]:
+        """[(cpu or None, kva of the value)]."""
+        lay = self.layout
+        if m.type == "array":
+            if cpu is not None:
+                raise BpfMapError(f"map {m.name!r} is not per-CPU: no cpu= for it")
+            elem = _u32(live.read_kva(m.kva + lay.array_elem_size_off, 4))
+            if elem != (m.value_size + 7) // 8 * 8:  # round_up(value_size, 8)
+                raise VmmError(f"map {m.name!r}: elem_size reads {elem} for value_size "
+                               f"{m.value_size}")
+            return [(None, m.kva + lay.array_value_off + elem * key)]
+        pptr = _u64(live.read_kva(m.kva + lay.array_pptrs_off + 8 * key, 8))
+        cpus = live.possible_cpus() if cpu is None else [cpu]
+        return [(c, (pptr + live.per_cpu_offset(c)) & (1 << 64) - 1) for c in cpus]
+
+    def read(self, m: BpfMap, key: int = 0, cpu: Optional[int] = None, freeze: bool = True,
+             raw: bool = False) -> Any:
+        """BpfMap.read / read_raw."""
+        with self._hold(freeze):
+            live = self._live()
+            key = self._check(live, m, key)
+            places = self._value_kvas(live, m, key, cpu)
+            blobs = [live.read_kva(kva, m.value_size) for _, kva in places]
+            btf = None if raw else self.map_btf(m, live)
+        if btf is not None and m.btf_value_type_id:
+            values = [decode_value(btf, m.btf_value_type_id, b) for b in blobs]
+        else:
+            values = blobs
+        if m.type == "percpu_array" and cpu is None:
+            return values
+        return values[0]
+
+    def plan_write(self, m: BpfMap, key: int, changes: dict, cpu: Optional[int] = None,
+                   live=None) -> list[WriteEntry]:
+        """The stores ``write`` makes, every field, width and value checked (nothing
+        written). ``changes``: {field path: value}; the path "" is the whole value (bytes
+        of value_size)."""
+        if not isinstance(changes, dict) or not changes:
+            raise InvalidValue(f"map {m.name!r}: changes must be a non-empty dict "
+                               f"{{field: value}}, not {changes!r:.40}")
+        live = live or self._live()
+        key = self._check(live, m, key)
+        btf = self.map_btf(m, live)
+        fields = []
+        for path, value in changes.items():
+            what = f"map {m.name!r} key {key} {path or '(whole value)'}"
+            if path == "":
+                if not isinstance(value, (bytes, bytearray)) or len(value) != m.value_size:
+                    raise InvalidValue(f"{what}: the whole value is {m.value_size} bytes")
+                fields.append((0, m.value_size, bytes(value), what))
+                continue
+            if btf is None or not m.btf_value_type_id:
+                raise BpfMapError(f"{what}: this map has no BTF to name fields with; write "
+                                  f"the whole value: {{'': bytes}}")
+            try:
+                off, size, ftype, bit_size = locate_field(btf, m.btf_value_type_id, path)
+            except FieldPathError as e:
+                raise FieldPathError(f"map {m.name!r}: {e}") from None
+            if bit_size:
+                raise TargetError(f"{what} is a {bit_size}-bit bitfield: whole-byte writes "
+                                  f"cannot target it")
+            if off + size > m.value_size:
+                raise TargetError(f"{what}: bytes {off}..{off + size} lie past the value's "
+                                  f"{m.value_size}")
+            fields.append((off, size, encode_field(btf, ftype, size, value, what), what))
+        out = []
+        for c, kva in self._value_kvas(live, m, key, cpu):
+            for off, size, value, what in fields:
+                desc = what + (f" cpu {c}" if c is not None else "")
+                out.append(WriteEntry(kva + off, size, value, desc))
+        return out
+
+    def write(self, m: BpfMap, key: int, changes: dict, cpu: Optional[int] = None) -> Any:
+        """BpfMap.write: planned and checked (plan_write), then one cold batch."""
+        if self._write is None:
+            raise VmmError("this view cannot write guest memory")
+        with self._hold(True):
+            entries = self.plan_write(m, key, changes, cpu)
+            return self._write(entries)

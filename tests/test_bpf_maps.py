@@ -436,3 +436,32 @@ def test_no_map_loaded(guest):
 def test_bpfmap_without_a_view():
     with pytest.raises(VmmError, match="not listed through a view"):
         BpfMap(1, "x", "array", 4, 4, 1).read()
+
+
+def test_session_turns_the_plan_into_one_checked_cold_batch():
+    """m.bpf's writes: the planned stores become raw-kva targets of the field's width
+    through the ops path (its own width checks apply), applied in one rendezvous."""
+    sys.path.insert(0, str(HERE))
+    from fake_resolver import Rendezvous, TableResolver
+
+    from vmm.kvm.memory import GuestMemory
+    from vmm.ops import Op, apply_op
+    from vmm.session import Machine
+
+    base = 0xFFFFFFFF80000000  # TableResolver: gpa = kva - base
+    entries = [WriteEntry(base + 0x100, 8, 1 << 40, "a u64"),
+               WriteEntry(base + 0x108, 4, 0xFFFFFFFF, "a u32"),
+               WriteEntry(base + 0x10C, 2, b"\x34\x12", "a u16"),
+               WriteEntry(base + 0x110, 8, b"abc\0\0\0\0\0", "a char[8]")]
+    batch = Machine._bpf_batch(entries)
+    assert [(str(t), v.width) for t, v in batch] == [
+        (f"kva {base + 0x100:#x}", 8), (f"kva {base + 0x108:#x}", 4),
+        (f"kva {base + 0x10C:#x}", 2), (f"kva {base + 0x110:#x}", 8)]
+    mem = GuestMemory(0x10000)
+    try:
+        rv = Rendezvous()
+        apply_op(Op.WriteKernelCold(batch), mem, lambda snap: TableResolver(), rv)
+        assert rv.count == 1
+        assert mem.read(0x100, 24) == struct.pack("<QIH2x8s", 1 << 40, 0xFFFFFFFF, 0x1234, b"abc")
+    finally:
+        mem.close()

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult
     from .ops.scx import ScxInjection
     from .kernel.scx_state import ScxView
+    from .kernel.bpf_maps import BpfView
     from .runtime.freeze import FreezeSnapshot
     from .runtime.monitor import Monitor
     from .session_requests import KernelRequestContext
@@ -456,6 +457,38 @@ class Machine(RunningMachine):
                            write_u64=self._write_kva_u64, hz=self._config_hz,
                            running=lambda: self.running)
             self.__dict__["_scx_view"] = view
+        return view
+
+    @staticmethod
+    def _bpf_batch(entries) -> list:
+        """vmm.kernel.bpf_maps' planned stores (WriteEntry: kva, width, int or bytes) as
+        one cold batch's entries: raw kva targets of the field's width, U32/U64 for
+        4/8-byte ints, Bytes otherwise (the ops path checks the widths again)."""
+        batch = []
+        for e in entries:
+            if isinstance(e.value, int):
+                value = ops.KernelValue.u32(e.value) if e.width == 4 else ops.KernelValue.u64(e.value)
+            else:
+                value = ops.KernelValue.bytes(e.value)
+            batch.append((ops.KernelTarget.kva(e.kva, e.width), value))
+        return batch
+
+    @property
+    def bpf(self) -> "BpfView":
+        """The guest kernel's BPF maps from the host (vmm.kernel.bpf_maps.BpfView):
+        ``m.bpf.maps()`` -> [BpfMap(id, name, type, key_size, value_size, max_entries)],
+        ``m.bpf.map(name).read(key=0)`` (decoded with the map's BTF),
+        ``.write(key, {field: value})`` (one checked cold batch)."""
+        view = self.__dict__.get("_bpf_view")
+        if view is None:
+            from .kernel.bpf_maps import BpfView
+
+            coordinator = lambda: self.coordinator  # noqa: E731 (set at the start)
+            view = BpfView(self.kernel_image, live=self._sampling_live, freeze=self.freeze,
+                           frozen=lambda: bool(coordinator() is not None and coordinator().frozen),
+                           write=lambda entries: self.apply(ops.Op.WriteKernelCold(
+                               self._bpf_batch(entries))))
+            self.__dict__["_bpf_view"] = view
         return view
 
     def monitor(self, interval: float = 0.1, fields: Optional[Iterable[str]] = None,

@@ -417,12 +417,84 @@ def test_kernel_without_bpf_syscall_or_btf_is_refused():
         BpfLayout.of(SimpleNamespace(symbols={"map_idr": 1}, has_btf=False))
 
 
-def test_hash_maps_are_refused_for_values(guest):
-    guest.live.u32(ARRAY_MAP + guest.lay.map["map_type"], 1)
+HASH_MAP = 0xFFFF888000560000
+BUCKETS = 0xFFFF888000570000
+ELEMS = [0xFFFF888000580000, 0xFFFF888000580100, 0xFFFF888000580200]
+
+
+def add_hash_map(guest, mid, mtype, name, percpu=False):
+    """A struct bpf_htab (id ``mid``) with 4 buckets: bucket 0 chains keys 7 then 9,
+    bucket 2 holds key 1, buckets 1 and 3 are empty (their nulls markers)."""
+    live, lay, kb = guest.live, guest.lay, guest.kern.btf
+    h = lay.hash
+    b = guest.btf
+    live.put(HASH_MAP, bytes(kb.sizeof("struct bpf_htab")))
+    o = lay.map
+    for member, v in (("map_type", mtype), ("key_size", 4), ("value_size", guest.pcpu_size),
+                      ("max_entries", 8), ("id", mid), ("btf_key_type_id", b.type("u32").id),
+                      ("btf_value_type_id", b.type("struct pcpu_ctr").id)):
+        live.u32(HASH_MAP + o[member], v)
+    live.u64(HASH_MAP + o["btf"], BTF_OBJ)
+    live.put(HASH_MAP + o["name"], name.ljust(16, b"\0"))
+    live.u64(HASH_MAP + h["buckets"], BUCKETS)
+    live.u32(HASH_MAP + h["n_buckets"], 4)
+    for i in range(4):
+        live.put(BUCKETS + 16 * i, bytes(16))
+        live.u64(BUCKETS + 16 * i + h["head_first"], (i << 1) | 1)   # empty: a nulls marker
+    live.u64(BUCKETS + h["head_first"], ELEMS[0] + h["node"])
+    live.u64(BUCKETS + 32 + h["head_first"], ELEMS[2] + h["node"])
+    chain = {0: ELEMS[1] + h["node"], 1: 1, 2: 5}                     # next pointers
+    for n, (elem, key, cnt) in enumerate(zip(ELEMS, (7, 9, 1), (70, 90, 10))):
+        live.put(elem, bytes(0x100))
+        live.u64(elem + h["node"] + h["next"], chain[n])
+        live.u32(elem + h["key"], key)
+        value = elem + h["key"] + 8
+        if percpu:
+            pptr = 0x50000 + 0x100 * n
+            live.u64(value, pptr)
+            for c in (0, 1):
+                live.put(pptr + PCPU_OFFSETS[c], struct.pack("<QI", cnt + c, c))
+        else:
+            live.put(value, struct.pack("<QI", cnt, 1))
+    node = NODE_B + lay.node_slots_off + 8 * (mid % 64)
+    live.u64(node, HASH_MAP)
+
+
+def test_hash_map_is_read_only(guest):
+    add_hash_map(guest, 72, 1, b"pids")
+    view = guest.view()
+    m = view.map("pids")
+    assert (m.id, m.type) == (72, "hash")
+    assert m.items() == [(7, {"cnt": 70, "seen": 1}), (9, {"cnt": 90, "seen": 1}),
+                         (1, {"cnt": 10, "seen": 1})]
+    assert m.read(9) == {"cnt": 90, "seen": 1}
+    with pytest.raises(BpfMapError, match="no element with key 8"):
+        m.read(8)
+    with pytest.raises(BpfMapError, match="read-only for hash maps"):
+        m.write(7, {"cnt": 1})
+
+
+def test_percpu_hash_map(guest):
+    add_hash_map(guest, 73, 5, b"pcpu_pids", percpu=True)
+    m = guest.view().map("pcpu_pids")
+    assert m.type == "percpu_hash"
+    assert m.read(1) == [{"cnt": 10, "seen": 0}, {"cnt": 11, "seen": 1}]
+    assert m.items(cpu=1)[0] == (7, {"cnt": 71, "seen": 1})
+
+
+def test_array_items(guest):
+    guest.put_value(NOBTF_MAP, 1, b"abcdefghijkl")
+    assert guest.view().map("raw_counts").items() == [(0, bytes(12)), (1, b"abcdefghijkl")]
+
+
+def test_other_map_types_are_refused_for_values(guest):
+    guest.live.u32(ARRAY_MAP + guest.lay.map["map_type"], 27)
     m = guest.view().map("stats_map")
-    assert m.type == "hash"
-    with pytest.raises(BpfMapError, match="is a hash map: values are read for array"):
+    assert m.type == "ringbuf"
+    with pytest.raises(BpfMapError, match="is a ringbuf map: values are read for array"):
         m.read(0)
+    with pytest.raises(BpfMapError, match="items\\(\\) reads array and hash"):
+        m.items()
 
 
 def test_no_map_loaded(guest):

@@ -31,6 +31,12 @@ bitfields as their bits), a DATASEC (.bss/.data/.rodata) a dict of its variables
 integer, enum or pointer an int, an array of ``char`` bytes, other arrays a list, a float
 a float; without BTF the value is the raw bytes.
 
+Hash maps (hash, percpu_hash, lru_hash, lru_percpu_hash) are read-only: ``struct bpf_htab``
+-> ``buckets[n_buckets]`` (``struct bucket``: ``head.first``), each chain of ``struct
+htab_elem`` through ``hash_node.next`` up to a nulls marker (low bit 1); the key at
+``key``, the value (a per-CPU pointer for the per-CPU kinds) at ``key + round_up(key_size,
+8)``. ``items()`` lists them, ``read(key)`` finds one.
+
 Writes are planned here and applied by the caller (the session: one cold batch through
 vmm/ops, every vCPU parked): every field named, its width and its value range are checked
 before anything is written; unknown names suggest close ones.
@@ -85,6 +91,9 @@ class BpfLayout:
     btf_base_off: Optional[int]
     btf_kernel_off: Optional[int]
     types: dict[int, str] = field(default_factory=dict)
+    #: struct bpf_htab buckets / n_buckets, struct bucket size, htab_elem.key, the
+    #: hlist_nulls_node's next: None when BTF lacks them (hash values then refused)
+    hash: Optional[dict[str, int]] = None
 
     @classmethod
     def of(cls, kernel) -> "BpfLayout":
@@ -141,11 +150,25 @@ class BpfLayout:
             btf_data_size_off=off("struct btf", "data_size"),
             btf_base_off=off("struct btf", "base_btf", optional=True),
             btf_kernel_off=off("struct btf", "kernel_btf", optional=True),
-            types=types)
+            types=types, hash=_hash_layout(btf))
 
     def type_name(self, value: int) -> str:
         """"array" for BPF_MAP_TYPE_ARRAY's value; "type N" for one BTF does not name."""
         return self.types.get(value, f"type {value}")
+
+
+def _hash_layout(btf) -> Optional[dict[str, int]]:
+    """kernel/bpf/hashtab.c's layout (its structs are static there; pahole keeps them)."""
+    try:
+        return {"buckets": btf.offsetof("struct bpf_htab", "buckets"),
+                "n_buckets": btf.offsetof("struct bpf_htab", "n_buckets"),
+                "bucket_size": btf.sizeof("struct bucket"),
+                "head_first": btf.offsetof("struct bucket", "head.first"),
+                "node": btf.offsetof("struct htab_elem", "hash_node"),
+                "next": btf.offsetof("struct hlist_nulls_node", "next"),
+                "key": btf.offsetof("struct htab_elem", "key")}
+    except VmmError:
+        return None
 
 
 def _u8(b: bytes, off: int = 0) -> int:
@@ -250,6 +273,12 @@ class BpfMap:
         """The value of ``key`` decoded with the map's BTF (module doc); a per-CPU array
         gives a list, one value per possible CPU (``cpu=N``: that CPU's only)."""
         return self._v().read(self, key, cpu=cpu, freeze=freeze)
+
+    def items(self, cpu: Optional[int] = None, freeze: bool = True) -> list:
+        """[(key, value)] of every element: an array's keys in order, a hash map's
+        elements bucket by bucket (keys decoded with the key's BTF type, else an int for a
+        1/2/4/8-byte key, else bytes)."""
+        return self._v().items(self, cpu=cpu, freeze=freeze)
 
     def read_raw(self, key: int = 0, cpu: Optional[int] = None, freeze: bool = True) -> Any:
         """The value's bytes (a list of them per CPU for a per-CPU array)."""
@@ -541,11 +570,18 @@ class BpfView:
         return f"DATASEC {t.name}" if t.kind == DATASEC else btf.type_name(t)
 
     # --- values -------------------------------------------------------------------------
+    def _check_alive(self, live, m: BpfMap) -> None:
+        now = _u32(live.read_kva(m.kva + self.layout.map["id"], 4))
+        if now != m.id:
+            raise BpfMapError(f"map {m.name!r} (id {m.id}) is gone: its memory now reads id "
+                              f"{now}; list the maps again")
+
     def _check(self, live, m: BpfMap, key) -> int:
         if m.type not in ARRAY_TYPES:
             raise BpfMapError(f"map {m.name!r} is a {m.type} map: values are read for array "
                               f"and percpu_array maps (and the .bss/.data/.rodata sections, "
-                              f"which are arrays)")
+                              f"which are arrays), and read-only for hash maps; written for "
+                              f"arrays only")
         if isinstance(key, (bytes, bytearray)) and len(key) == 4:
             key = int.from_bytes(key, "little")
         if isinstance(key, bool) or not isinstance(key, int):
@@ -553,10 +589,7 @@ class BpfView:
         if not 0 <= key < m.max_entries:
             raise BpfMapError(f"map {m.name!r}: key {key} is out of range (max_entries "
                               f"{m.max_entries})")
-        now = _u32(live.read_kva(m.kva + self.layout.map["id"], 4))
-        if now != m.id:
-            raise BpfMapError(f"map {m.name!r} (id {m.id}) is gone: its memory now reads id "
-                              f"{now}; list the maps again")
+        self._check_alive(live, m)
         return key
 
     def _value_kvas(self, live, m: BpfMap, key: int, cpu: Optional[int]) -> list[tuple[Optional[int], int]]:
@@ -574,9 +607,90 @@ class BpfView:
         cpus = live.possible_cpus() if cpu is None else [cpu]
         return [(c, (pptr + live.per_cpu_offset(c)) & (1 << 64) - 1) for c in cpus]
 
+    def _decode(self, btf: Optional[Btf], type_id: int, blob: bytes) -> Any:
+        return decode_value(btf, type_id, blob) if btf is not None and type_id else blob
+
+    def _key_of(self, btf: Optional[Btf], m: BpfMap, blob: bytes) -> Any:
+        if btf is not None and m.btf_key_type_id:
+            return decode_value(btf, m.btf_key_type_id, blob)
+        return int.from_bytes(blob, "little") if len(blob) in (1, 2, 4, 8) else blob
+
+    def _hash_elems(self, live, m: BpfMap) -> list[tuple[bytes, int]]:
+        """[(key bytes, kva of the value or of its per-CPU pointer)], bucket by bucket
+        (kernel/bpf/hashtab.c: buckets[i].head.first -> htab_elem.hash_node ->
+        .next ..., a nulls marker (low bit 1) ends a chain; the value at key +
+        round_up(key_size, 8))."""
+        h = self.layout.hash
+        if h is None:
+            raise KernelFeatureMissing("this kernel's BTF lacks struct bpf_htab / bucket / "
+                                       "htab_elem: hash maps cannot be read")
+        head = live.read_kva(m.kva + h["buckets"], 8)
+        buckets = _u64(head)
+        n = _u32(live.read_kva(m.kva + h["n_buckets"], 4))
+        if not 0 < n <= 1 << 31 or n & (n - 1):
+            raise VmmError(f"map {m.name!r}: n_buckets reads {n} (not a power of two)")
+        limit = 2 * m.max_entries + 4096   # elements in flight, per-CPU extras: bounded
+        out: list[tuple[bytes, int]] = []
+        key_off, vskip = h["key"], (m.key_size + 7) // 8 * 8
+        chunk = 4096 // h["bucket_size"]
+        for first in range(0, n, chunk):
+            count = min(chunk, n - first)
+            raw = live.read_kva(buckets + first * h["bucket_size"], count * h["bucket_size"])
+            for b in range(count):
+                node = _u64(raw, b * h["bucket_size"] + h["head_first"])
+                while not node & 1 and node:
+                    elem = node - h["node"]
+                    out.append((live.read_kva(elem + key_off, m.key_size), elem + key_off + vskip))
+                    if len(out) > limit:
+                        raise VmmError(f"map {m.name!r}: more than {limit} elements in its "
+                                       f"buckets (a chain changing under the walk: read it "
+                                       f"frozen)")
+                    node = _u64(live.read_kva(node + h["next"], 8))
+        return out
+
+    def items(self, m: BpfMap, cpu: Optional[int] = None, freeze: bool = True) -> list:
+        """BpfMap.items."""
+        with self._hold(freeze):
+            live = self._live()
+            self._check_alive(live, m)
+            btf = self.map_btf(m, live)
+            if m.type in ARRAY_TYPES:
+                if m.max_entries > 1 << 16:
+                    raise BpfMapError(f"map {m.name!r} has {m.max_entries} entries: read "
+                                      f"keys one by one")
+                return [(k, self.read(m, k, cpu=cpu, freeze=False)) for k in range(m.max_entries)]
+            if m.type not in HASH_TYPES:
+                raise BpfMapError(f"map {m.name!r} is a {m.type} map: items() reads array "
+                                  f"and hash maps")
+            percpu = m.type.endswith("percpu_hash")
+            cpus = (live.possible_cpus() if cpu is None else [cpu]) if percpu else []
+            out = []
+            for kb, vkva in self._hash_elems(live, m):
+                if percpu:
+                    pptr = _u64(live.read_kva(vkva, 8))
+                    blobs = [live.read_kva((pptr + live.per_cpu_offset(c)) & (1 << 64) - 1,
+                                           m.value_size) for c in cpus]
+                    vals = [self._decode(btf, m.btf_value_type_id, b) for b in blobs]
+                    value: Any = vals if cpu is None else vals[0]
+                else:
+                    value = self._decode(btf, m.btf_value_type_id,
+                                         live.read_kva(vkva, m.value_size))
+                out.append((self._key_of(btf, m, kb), value))
+            return out
+
+    def _read_hash(self, m: BpfMap, key, cpu: Optional[int], freeze: bool) -> Any:
+        """The value of the element whose decoded key equals ``key`` (an int, a dict for
+        a struct key, bytes without BTF)."""
+        for k, v in self.items(m, cpu=cpu, freeze=freeze):
+            if k == key:
+                return v
+        raise BpfMapError(f"map {m.name!r} has no element with key {key!r:.60}")
+
     def read(self, m: BpfMap, key: int = 0, cpu: Optional[int] = None, freeze: bool = True,
              raw: bool = False) -> Any:
-        """BpfMap.read / read_raw."""
+        """BpfMap.read / read_raw (a hash map: the element whose key equals ``key``)."""
+        if m.type in HASH_TYPES and not raw:
+            return self._read_hash(m, key, cpu, freeze)
         with self._hold(freeze):
             live = self._live()
             key = self._check(live, m, key)

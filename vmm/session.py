@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .kernel.bpf_maps import BpfView
     from .runtime.freeze import FreezeSnapshot
     from .runtime.monitor import Monitor
+    from .runtime.watch import Watch
     from .session_requests import KernelRequestContext
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -509,6 +510,60 @@ class Machine(RunningMachine):
         return Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
                        threads=self.threads, interval=interval, running=lambda: self.running,
                        skipped=plan.skipped).start()
+
+    def watch(self, target: Target, on_hit=None, access: str = "w", path: Optional[str] = None,
+              cpu: Optional[int] = None, type: Optional[str] = None) -> "Watch":
+        """A hardware watchpoint (DR0-DR3, KVM_SET_GUEST_DEBUG; vmm/runtime/watch.py) on
+        ``target`` (any KernelTarget, or a symbol with path/cpu as in read): ``access``
+        "w" (writes) or "rw" (reads and writes), or "x" (execution of that address). A
+        hit freezes every vCPU, calls ``on_hit(ctx)`` (a WatchContext: a request
+        handler's context plus ``vcpu``, ``rip``, ``old``, ``new``) and thaws. Returns
+        the Watch (``.hits``, ``.errors``, ``.remove()``; ``with`` removes it). At most 4
+        at once with the gdb stub's; a target not 1/2/4/8 bytes and naturally aligned is
+        refused (WatchError) before anything is armed."""
+        from .ops.resolve import LiveResolver
+        from .runtime.watch import (EFER_LMA, Watch, WatchError, check_watch_range,
+                                    debug_registers)
+        from .session_requests import WatchContext
+
+        if not self.running:
+            raise VmmError("the VM is not running: start it before m.watch()")
+        t = self._target(target, path, cpu, type)
+        regs = debug_registers(self)
+        with self.freeze() as snap:
+            loc = t.resolve(LiveResolver(self.live(snap)))
+            if loc.bit_size:
+                raise WatchError(f"watch {t}: a bitfield; watch its storage unit instead")
+            v0 = next((v for v in snap.vcpus if v is not None and not v.error), None)
+            long_mode = v0 is None or bool(v0.sregs.efer & EFER_LMA)
+            length = check_watch_range(loc.kva, loc.size, access, long_mode, str(t))
+            w = Watch(regs, str(t), loc.kva, loc.gpa, length, access, on_hit,
+                      lambda s, hit: WatchContext(self, s, hit))
+            regs.arm(w)
+        return w
+
+    def watch_for_stall(self, window_s: float, on_stall=None, interval: float = 0.1,
+                        min_cpu_fraction: float = 0.1, monitor: "Optional[Monitor]" = None):
+        """Watch for a stall (vmm/kernel/stall_dump.py): a monitor (``monitor``, else a new
+        one at ``interval``) is asked its stall verdict (window ``window_s``) every
+        ``interval``; on a new stall every vCPU is frozen at once and a StallReport
+        captured: every CPU's rq (the monitor's fields, curr->pid/comm where the kernel
+        has them) and m.scx.state(), all read from guest memory; then ``on_stall(report)``.
+        Returns the StallWatch (``.wait(timeout)``, ``.reports``, ``.stop()``; ``with``
+        stops it), already running."""
+        from .kernel.stall_dump import StallWatch, capture_report, monotonic_since
+
+        mon = monitor if monitor is not None else self.monitor(interval)
+        fields = mon.fields
+
+        def capture(stalls: list):
+            with self.freeze() as snap:
+                return capture_report(stalls, self.live(snap), mon.cpus, fields,
+                                      monotonic_since(mon.t0), lambda: self.scx.state(),
+                                      snap.latency_ns / 1000)
+
+        return StallWatch(mon, capture, window_s, on_stall, interval, min_cpu_fraction,
+                          own_monitor=monitor is None).start()
 
     # --- requests from the guest (vmm.runtime.requests; docs/requests.md) ----------------
     def on_request(self, name: str, handler, freeze: bool = True) -> None:

@@ -4,6 +4,7 @@ freeze; and the built-in "scx-clock" request (vmm.Machine.serve_scx_clock)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from .ops import Op, OpResult
@@ -13,6 +14,7 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .kernel import Kernel
     from .kernel.live import LiveKernel
     from .ops.scx import ScxInjection
+    from .runtime.watch import Watch, WatchHit
 
 
 class KernelRequestContext(RequestContext):
@@ -44,6 +46,36 @@ class KernelRequestContext(RequestContext):
     @property
     def kernel_image(self) -> "Kernel":
         return self.machine.kernel_image
+
+
+@dataclass
+class WatchContext(KernelRequestContext):
+    """What ``on_hit`` of vmm.Machine.watch gets: a request handler's context (apply,
+    read, inject_scx_clock, live: all inside the hit's freeze) plus the hit
+    (vmm.runtime.watch.WatchHit): ``vcpu`` (index), ``rip``, ``old``/``new`` (data
+    watches), ``watch`` (the handle)."""
+
+    hit: "Optional[WatchHit]" = None
+
+    @property
+    def vcpu(self) -> Optional[int]:
+        return self.hit.vcpu if self.hit else None
+
+    @property
+    def rip(self) -> Optional[int]:
+        return self.hit.rip if self.hit else None
+
+    @property
+    def old(self) -> Optional[int]:
+        return self.hit.old if self.hit else None
+
+    @property
+    def new(self) -> Optional[int]:
+        return self.hit.new if self.hit else None
+
+    @property
+    def watch(self) -> "Optional[Watch]":
+        return self.hit.watch if self.hit else None
 
 
 def scx_clock_request(ctx: KernelRequestContext, request: Request) -> str:

@@ -164,7 +164,8 @@ class GdbStub:
         finally:
             if getattr(self.machine, "exits", None) is not None \
                     and self.machine.exits.debugger is self.debug:
-                self.machine.exits.debugger = None
+                # m.watch's watchpoints stay armed: their hits go to the shared DR allocator
+                self.machine.exits.debugger = self.debug.dr.when_detached()
             self._thaw()
 
     def _session(self, conn: socket.socket) -> None:

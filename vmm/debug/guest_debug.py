@@ -25,6 +25,7 @@ from vmm.errors import KvmIoctlError, VmmError
 from vmm.kvm.native import native
 from vmm.kvm.pvm import is_pvm_host
 from vmm.runtime.vcpu_thread import DebugExit, freeze_requested, hold
+from vmm.runtime.watch import WatchError, debug_registers
 
 INT3 = 0xCC
 BP_VECTOR, DB_VECTOR = 3, 1
@@ -41,10 +42,13 @@ class GuestDebug:
     def __init__(self, machine: Any):
         self.machine = machine
         self.breakpoints: dict[int, tuple[int, int]] = {}
+        # DR0-DR3 are shared with m.watch (vmm.runtime.watch): the machine's one allocator
+        # hands out the slots; hw_slots holds ours (a slot a watch holds is None here).
+        self.dr = debug_registers(machine)
         self.hw_slots: list[Optional[tuple[int, int, int]]] = [None] * 4
         self.stepping: Optional[int] = None
         self.attached = False
-        self._controls: dict[int, int] = {}  # KVM_GUESTDBG_* last set per vCPU index
+        self._controls: dict[int, int] = self.dr.controls  # KVM_GUESTDBG_* last set per vCPU
         self._events: list[tuple[int, str]] = []  # (vCPU index, stop reply suffix)
         self._events_lock = threading.Lock()
         # Debug exits seen, and those given back to the guest (not ours): diagnostics.
@@ -57,6 +61,8 @@ class GuestDebug:
         Ours: post the stop and wait until the freeze it causes reaches this vCPU (it
         then parks before running any guest code). Not ours: give it to the guest."""
         _, lib = native()
+        if self.dr.watch_exit(vcpu, info):  # a hit of m.watch's slots, not gdb's
+            return True
         self.counts["debug_exits"] += 1
         suffix = self.classify(vcpu.index, info)
         if suffix is None:
@@ -158,12 +164,23 @@ class GuestDebug:
         if insert:
             if (z, kva, length) in self.hw_slots:
                 return None
-            if None not in self.hw_slots:
-                return "all four debug registers (DR0-DR3) are in use"
-            self.hw_slots[self.hw_slots.index(None)] = (z, kva, length)
+            try:
+                index = self.dr.claim("gdb", DR7_RW[z], kva, length, f"gdb Z{z} {kva:#x}")
+            except WatchError as exc:
+                return str(exc)
+            self.hw_slots[index] = (z, kva, length)
         elif (z, kva, length) in self.hw_slots:
-            self.hw_slots[self.hw_slots.index((z, kva, length))] = None
+            index = self.hw_slots.index((z, kva, length))
+            self.hw_slots[index] = None
+            self.dr.release(index)
         return None
+
+    def _release_hw(self) -> None:
+        """Our DR slots back to the shared allocator (m.watch's stay armed)."""
+        for index, slot in enumerate(self.hw_slots):
+            if slot is not None:
+                self.hw_slots[index] = None
+                self.dr.release(index)
 
     def original_bytes(self, addr: int, data: bytes) -> bytes:
         """``data`` read at ``addr`` with the kernel's bytes in place of our int3s."""
@@ -176,16 +193,8 @@ class GuestDebug:
         return bytes(out)
 
     def debugregs(self) -> list[int]:
-        regs = [0] * 8
-        dr7 = 0
-        for i, slot in enumerate(self.hw_slots):
-            if slot is None:
-                continue
-            kind, kva, length = slot
-            regs[i] = kva
-            dr7 |= (0b10 << (2 * i)) | ((DR7_RW[kind] | DR7_LEN[length] << 2) << (16 + 4 * i))
-        regs[7] = dr7
-        return regs
+        """DR0-DR3 and DR7: ours and m.watch's (the shared allocator's)."""
+        return self.dr.debugregs()
 
     def apply(self) -> None:
         """KVM_SET_GUEST_DEBUG on every vCPU from the breakpoints and the step; called
@@ -194,7 +203,7 @@ class GuestDebug:
         base = 0
         if self.breakpoints and not is_pvm_host():
             base |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_SW_BP
-        if any(self.hw_slots):
+        if self.dr.any():  # ours or m.watch's
             base |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
         regs = self.debugregs()
         for v in self.machine.vcpus:
@@ -231,12 +240,13 @@ class GuestDebug:
             if frozen:
                 for kva in list(self.breakpoints):
                     self.remove_sw(kva)
-                self.hw_slots = [None] * 4
+                self._release_hw()
                 self.stepping = None
                 self.apply()
                 for v in self.machine.vcpus:
                     hold(v, False)
         finally:
+            self._release_hw()
             self.breakpoints.clear()
             self.attached = False
             with self._events_lock:

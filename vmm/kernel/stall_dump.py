@@ -1,0 +1,204 @@
+"""A stall caught in the act: m.watch_for_stall (vmm.Machine.watch_for_stall).
+
+A monitor (vmm.runtime.monitor) samples every CPU's run queue; a thread here asks its
+stall verdict (``Monitor.stalls``) every ``interval`` and, on a stall it has not yet
+reported, has the machine frozen at once and captures, inside that one freeze:
+
+- vmm's own read of every CPU's rq: the monitor's fields (nr_running, scx.nr_running,
+  clock, scx.flags, scx.local_dsq.nr where the kernel has them) and ``curr->pid`` /
+  ``curr->comm`` (the task on the CPU) where ``struct rq`` has ``curr``;
+- sched_ext's state (``m.scx.state()``: enabled or not, the scheduler, its exit kind and
+  message), or why it could not be read (a kernel without sched_ext says so).
+
+Everything comes from guest memory. The kernel's own sched_ext debug dump (what
+``echo D > /proc/sysrq-trigger`` prints with CONFIG_MAGIC_SYSRQ) is made by the guest's
+kernel code, which the host cannot run: a guest that wants it triggers sysrq D itself;
+the report says so rather than pretending to have it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from vmm.errors import VmmError
+
+#: The task on each CPU, where struct rq has ``curr`` (a task_struct pointer).
+CURR_FIELDS = ("curr->pid", "curr->comm")
+
+KERNEL_DUMP_NOTE = ("the kernel's own sched_ext dump (sysrq D) runs kernel code: not "
+                    "taken from the host; this report is what guest memory says")
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
+    return value
+
+
+def read_rq_rows(live: Any, cpus: Sequence[int], fields: Sequence[str],
+                 symbol: str = "runqueues") -> tuple[list[dict], dict[str, str]]:
+    """Every CPU's rq: {"cpu": n, field: value, ...} per CPU (``fields`` then
+    CURR_FIELDS where present), and {field: why} for those this kernel lacks. Call it
+    frozen (one instant)."""
+    rows: list[dict] = []
+    missing: dict[str, str] = {}
+    for cpu in cpus:
+        row: dict = {"cpu": cpu}
+        for path in tuple(fields) + CURR_FIELDS:
+            if path in missing:
+                continue
+            try:
+                row[path] = _text(live.read(symbol, path, cpu=cpu))
+            except VmmError as exc:
+                if path.startswith("curr->") and "NULL" in str(exc):
+                    row[path] = None  # no task on it (an offline CPU)
+                else:
+                    missing[path] = str(exc)
+        rows.append(row)
+    return rows, missing
+
+
+@dataclass
+class StallReport:
+    """What watch_for_stall captured: the stalls the monitor found (Stall), the time of
+    the capture (monitor seconds), every CPU's rq at that instant, fields the kernel
+    lacks, sched_ext's state (an ScxState) or why it could not be read, and the freeze's
+    latency."""
+
+    stalls: list
+    t: float
+    rows: list[dict]
+    missing: dict[str, str] = field(default_factory=dict)
+    scx: Any = None
+    scx_error: Optional[str] = None
+    freeze_latency_us: Optional[float] = None
+    notes: list[str] = field(default_factory=lambda: [KERNEL_DUMP_NOTE])
+
+    @property
+    def cpus(self) -> list[int]:
+        """The stalled CPUs."""
+        return [s.cpu for s in self.stalls]
+
+    def describe(self) -> str:
+        lines = [f"stall caught at {self.t:.3f} s (monitor time): cpu(s) "
+                 f"{', '.join(str(c) for c in self.cpus)}"]
+        lines += ["  " + s.describe() for s in self.stalls]
+        lines.append("run queues, read from guest memory while frozen"
+                     + (f" ({self.freeze_latency_us:.0f} us to freeze):"
+                        if self.freeze_latency_us is not None else ":"))
+        for row in self.rows:
+            mark = "*" if row["cpu"] in self.cpus else " "
+            cells = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                             for k, v in row.items() if k != "cpu")
+            lines.append(f" {mark}cpu {row['cpu']}: {cells}")
+        for name, why in self.missing.items():
+            lines.append(f"  (no {name}: {why})")
+        if self.scx is not None:
+            s = self.scx
+            lines.append(f"sched_ext: state {s.state}, ops {s.ops}, exit_kind {s.exit_kind}"
+                         + (f", reason {s.exit_reason!r}" if s.exit_reason else "")
+                         + (f", msg {s.exit_msg!r}" if s.exit_msg else ""))
+        else:
+            lines.append(f"sched_ext: not read ({self.scx_error})")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class StallWatch:
+    """The thread behind watch_for_stall: polls ``monitor.stalls(window_s, ...)`` every
+    ``interval`` s; a stall not reported yet (a CPU and its run's start) is captured with
+    ``capture(stalls) -> StallReport`` (which freezes), kept in ``.reports`` and passed
+    to ``on_stall``. ``.wait(timeout)`` -> the first report or None; ``.stop()`` (also
+    the monitor's); a context manager. on_stall's exceptions go to ``.errors``."""
+
+    def __init__(self, monitor: Any, capture: Callable[[list], StallReport], window_s: float,
+                 on_stall: Optional[Callable[[StallReport], Any]] = None, interval: float = 0.1,
+                 min_cpu_fraction: float = 0.1, own_monitor: bool = True):
+        if not window_s > 0:
+            raise VmmError(f"watch_for_stall: window_s must be positive, not {window_s}")
+        self.monitor = monitor
+        self.capture = capture
+        self.window_s = window_s
+        self.on_stall = on_stall
+        self.interval = interval
+        self.min_cpu_fraction = min_cpu_fraction
+        self.own_monitor = own_monitor
+        self.reports: list[StallReport] = []
+        self.errors: list[BaseException] = []
+        self._seen: set[tuple[int, float]] = set()
+        self._stop = threading.Event()
+        self._found = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vmm-stall-watch", daemon=True)
+
+    def start(self) -> "StallWatch":
+        self._thread.start()
+        return self
+
+    @property
+    def report(self) -> Optional[StallReport]:
+        """The first report, or None."""
+        return self.reports[0] if self.reports else None
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[StallReport]:
+        self._found.wait(timeout)
+        return self.report
+
+    def stop(self) -> "StallWatch":
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self.own_monitor:
+            self.monitor.stop()
+        return self
+
+    def __enter__(self) -> "StallWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not self.monitor.active and self.monitor.ended:
+                return
+            try:
+                stalls = self.monitor.stalls(self.window_s, self.min_cpu_fraction)
+            except VmmError as exc:
+                self.errors.append(exc)
+                return
+            new = [s for s in stalls if (s.cpu, round(s.start, 6)) not in self._seen]
+            if not new:
+                continue
+            self._seen.update((s.cpu, round(s.start, 6)) for s in new)
+            try:
+                report = self.capture(new)
+            except VmmError as exc:  # the VM ended under us
+                self.errors.append(exc)
+                return
+            self.reports.append(report)
+            self._found.set()
+            if self.on_stall is not None:
+                try:
+                    self.on_stall(report)
+                except Exception as exc:
+                    self.errors.append(exc)
+
+
+def capture_report(stalls: list, live: Any, cpus: Sequence[int], fields: Sequence[str],
+                   t: float, scx_state: Callable[[], Any],
+                   freeze_latency_us: Optional[float] = None) -> StallReport:
+    """A StallReport from ``live`` (a frozen view): every CPU's rq and sched_ext's state."""
+    rows, missing = read_rq_rows(live, cpus, fields)
+    scx = err = None
+    try:
+        scx = scx_state()
+    except VmmError as exc:
+        err = str(exc)
+    return StallReport(list(stalls), t, rows, missing, scx, err, freeze_latency_us)
+
+
+def monotonic_since(t0: Optional[float]) -> float:
+    return time.monotonic() - (t0 if t0 is not None else time.monotonic())

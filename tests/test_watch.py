@@ -158,8 +158,10 @@ def test_execute_watch_fires_frozen_and_the_guest_goes_on(machine):
 
 
 @pytest.mark.kvm
+@pytest.mark.filterwarnings("ignore:m.watch.*PVM host:RuntimeWarning")
 def test_refusals_and_the_gdb_stub_sharing_the_slots(machine):
     from vmm import KernelTarget as T
+    from vmm.kvm.pvm import is_pvm_host
     from test_gdb_guest import Client
 
     m = machine
@@ -176,6 +178,7 @@ def test_refusals_and_the_gdb_stub_sharing_the_slots(machine):
     targets = [T.symbol("jiffies")] + [T.per_cpu("runqueues", c, "nr_switches") for c in (0, 1)]
     ws = [m.watch(t, None) for t in targets] + [m.watch("runqueues", None, path="scx.flags", cpu=1)]
     assert [w.slot for w in ws] == [0, 1, 2, 3]
+    assert all((w.note is not None) == is_pvm_host() for w in ws)  # a data watch on PVM: said
     with pytest.raises(WatchError, match=r"all 4 debug registers are in use: 4 by watch "
                        r"\(jiffies, per_cpu\(runqueues, 0\).nr_switches, .*\), 0 by the gdb stub"):
         m.watch("guest_command", None)

@@ -55,6 +55,11 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
 PathLike = Union[str, "os.PathLike[str]"]
 Target = Union[str, "KernelTarget"]  # a symbol name, or any KernelTarget (vmm.T)
 
+# Why a data watchpoint may never hit on this host (m.watch).
+PVM_DATA_WATCH_NOTE = ("on a PVM host guest ring 0 is emulated and KVM's emulator checks "
+                       "execute breakpoints only: this data watchpoint is armed but will not "
+                       "hit in kernel code (VMX/SVM hosts hit it; access='x' works here)")
+
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
 
@@ -540,6 +545,12 @@ class Machine(RunningMachine):
             w = Watch(regs, str(t), loc.kva, loc.gpa, length, access, on_hit,
                       lambda s, hit: WatchContext(self, s, hit))
             regs.arm(w)
+        self.dirty = True  # guest debugging is on: the pytest plugin does not reuse it
+        from .kvm.pvm import is_pvm_host
+
+        if access != "x" and is_pvm_host():
+            w.note = PVM_DATA_WATCH_NOTE
+            warnings.warn(f"m.watch({t}): {PVM_DATA_WATCH_NOTE}", RuntimeWarning, stacklevel=2)
         return w
 
     def watch_for_stall(self, window_s: float, on_stall=None, interval: float = 0.1,

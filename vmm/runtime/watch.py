@@ -136,6 +136,7 @@ class Watch:
         self.history: list[WatchHit] = []
         self.slot: Optional[int] = None
         self.last: Optional[int] = None
+        self.note: Optional[str] = None  # why it may not hit on this host (PVM), if known
 
     @property
     def armed(self) -> bool:

@@ -264,3 +264,33 @@ def test_watch_for_stall_names_the_cpu(tmp_path, monkeypatch):
         assert "cpu 1 stalled" in text and "sysrq D" in text
         assert not sw.monitor.active and sw.errors == []
         assert m.exit is None
+
+
+@pytest.mark.kvm
+def test_watch_hits_while_gdb_is_attached_are_not_gdbs(machine):
+    from vmm import KernelTarget as T
+    from vmm.debug.gdbstub import frame
+    from test_gdb_guest import Client
+
+    m = machine
+    stub = m.gdb_server()
+    try:
+        c = Client(stub.port)
+        c.ask(b"qSupported:swbreak+;hwbreak+")               # gdb holds the machine frozen
+        w = m.watch(T.symbol("report"), None, access="x")    # armed inside gdb's freeze
+        assert m.exits.debugger is stub.debug
+        c.s.sendall(frame(b"vCont;c"))                       # gdb lets it run
+        command(m, CMD_SUMMARY)
+        wait_for(lambda: w.hits >= 4)                        # taken by the watch...
+        c.s.sendall(b"\x03")
+        assert c.reply().startswith(b"T02")                  # ...gdb saw no stop of its own
+        assert c.ask(b"D") == b"OK"
+        c.s.close()
+    finally:
+        stub.close()
+    assert m.exits.debugger is debug_registers(m) and w.armed
+    w.remove()
+    assert m.exits.debugger is None
+    before = m.read("runqueues", "counter", cpu=0)
+    time.sleep(0.2)
+    assert m.read("runqueues", "counter", cpu=0) > before and m.exit is None

@@ -206,6 +206,7 @@ class GuestDebug:
         if self.dr.any():  # ours or m.watch's
             base |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
         regs = self.debugregs()
+        self.dr.reset_steps()  # m.watch's pending step over an "x" hit: ours now
         for v in self.machine.vcpus:
             control = base
             if self.stepping == v.index:

@@ -259,7 +259,7 @@ class DebugRegisters:
         attached gdb stub's GuestDebug does it (it adds its own breakpoints and step);
         else USE_HW_BP while any slot is armed, off otherwise, and this object becomes
         (or stops being) the machine's exits.debugger."""
-        self._stepping.clear()  # a vCPU frozen before its step over an "x" hit re-hits it
+        self.reset_steps()
         gdb = self._gdb()
         if gdb is not None:
             gdb.apply()
@@ -281,6 +281,12 @@ class DebugRegisters:
             self.controls[v.index] = control
         if not control and exits.debugger is self:
             exits.debugger = None
+
+    def reset_steps(self) -> None:
+        """Guest debugging is being set anew on every vCPU (while frozen): a step over an
+        "x" hit not taken yet is dropped (that vCPU hits the watch again, counted again),
+        so that no later single-step exit (the gdb stub's) is taken for one of ours."""
+        self._stepping.clear()
 
     def when_detached(self) -> Any:
         """What the machine's exits.debugger becomes when the gdb stub detaches: this

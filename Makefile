@@ -52,8 +52,9 @@ test-asan: guests
 # host first (L1 has no network); the lane fails (status 125) if /dev/kvm in L1 is not SVM.
 # SVM_RERUN: the lane's emulated SVM (QEMU TCG) sometimes writes L1's own state into a
 # guest vCPU (its RIP becomes kvm_amd's __svm_vcpu_run+0x9c, its CR3 a page outside the
-# guest's RAM: about 1 boot in 30 under vmm, none in 190 under QEMU as the L2 VMM; see
-# scripts/boot_soak.py). A test whose guest showed that, or triple-faulted, runs again
+# guest's RAM: about 1 boot in 30 with 2 vCPUs, under vmm and QEMU as the L2 VMM alike,
+# 3 of 100 each; README "The SVM lane"; scripts/boot_soak.py). A test whose guest showed
+# that, or triple-faulted, runs again
 # (at most 3 times, pytest-rerunfailures: one CI run needed 2 for one Debian-kernel
 # fixture); any other failure fails at once. -rR lists the reruns in the summary. A
 # boot that hangs that way is caught after 15 s of console silence

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
-from kfixture import FakeMemory  # noqa: E402
+import kfixture  # noqa: E402
 
 from vmm.errors import (FieldPathError, InvalidValue, KernelFeatureMissing, TargetError,  # noqa: E402
                         VmmError)
@@ -96,18 +96,8 @@ def obj_btf(tmp_path_factory):
     return fixed_up_btf(obj)
 
 
-class FakeLive:
+class FakeLive(kfixture.FakeLive):
     """What BpfView needs of a LiveKernel, over a sparse memory addressed by kva."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.mem = FakeMemory()
-
-    def symbol_address(self, name):
-        return self.kernel.symbols.address(name)
-
-    def read_kva(self, kva, n):
-        return self.mem.read(kva, n)
 
     def possible_cpus(self):
         return [0, 1]
@@ -116,15 +106,6 @@ class FakeLive:
         if cpu not in (0, 1):
             raise TargetError(f"cpu {cpu} does not exist: nr_cpu_ids is 2")
         return PCPU_OFFSETS[cpu]
-
-    def put(self, kva, data):
-        self.mem.write(kva, data)
-
-    def u32(self, kva, v):
-        self.put(kva, struct.pack("<I", v))
-
-    def u64(self, kva, v):
-        self.put(kva, struct.pack("<Q", v))
 
     def apply(self, entries):
         """A cold batch's effect: each entry stored (the session's ops path does this)."""

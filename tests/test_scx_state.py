@@ -12,14 +12,14 @@ tests/test_e2e_linux.py.
 import glob
 import struct
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
-from kfixture import FakeMemory  # noqa: E402
+from fake_resolver import Rendezvous  # noqa: E402
+from kfixture import FakeLive, FakeMemory  # noqa: E402
 
 from vmm.errors import GuestMemoryError, KernelFeatureMissing, VmmError  # noqa: E402
 from vmm.kernel.scx_state import (ScxLayout, ScxState, ScxTimeout, ScxView,  # noqa: E402
@@ -68,36 +68,6 @@ def kern(request, tmp_path_factory):
         pytest.skip("Linux 7.3 is not built (~/.cache/vmm/kernels/build/7.3-*/vmlinux): "
                     "make kernel-build; these tests check the field paths against its BTF")
     return Kernel.load(vmlinux=path)
-
-
-class FakeLive:
-    """What read_state needs of a LiveKernel: .kernel, symbol_address, read_kva, over a
-    sparse memory addressed by kernel virtual address (slide 0). ``on_read(kva, n)``
-    runs before each read (tests change memory under the reader with it)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.mem = FakeMemory()
-        self.on_read = None
-        self.reads = 0
-
-    def symbol_address(self, name):
-        return self.kernel.symbols.address(name)
-
-    def read_kva(self, kva, n):
-        self.reads += 1
-        if self.on_read is not None:
-            self.on_read(kva, n)
-        return self.mem.read(kva, n)
-
-    def put(self, kva, data):
-        self.mem.write(kva, data)
-
-    def u32(self, kva, v):
-        self.put(kva, struct.pack("<I", v))
-
-    def u64(self, kva, v):
-        self.put(kva, struct.pack("<Q", v))
 
 
 def lay_out(live, lay, *, state, root=SCH, name=b"simple", claimed=0, ei_kind=0, reason=b"",
@@ -250,23 +220,8 @@ def test_dangling_pointer_is_read_again(kern):
 
 
 # --- ScxView: wait_for_exit, the watchdog ---------------------------------------------------
-class Freezes:
-    def __init__(self):
-        self.count = 0
-        self.held = False
-
-    @contextmanager
-    def __call__(self):
-        self.count += 1
-        self.held = True
-        try:
-            yield "snapshot"
-        finally:
-            self.held = False
-
-
 def view_over(live, **kwargs):
-    freezes = Freezes()
+    freezes = Rendezvous()
     writes = []
     view = ScxView(live.kernel, live=lambda: live, freeze=freezes, frozen=lambda: freezes.held,
                    write_u64=lambda kva, v: writes.append((kva, v, freezes.held)), **kwargs)

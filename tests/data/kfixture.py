@@ -101,6 +101,37 @@ class FakeMemory:
         return bytes(out)
 
 
+class FakeLive:
+    """What the kernel-state readers (vmm.kernel.scx_state, bpf_maps) need of a
+    LiveKernel: .kernel, symbol_address, read_kva, over a sparse FakeMemory addressed by
+    kernel virtual address (slide 0). ``on_read(kva, n)`` runs before each read (tests
+    change memory under the reader with it); ``reads`` counts them."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.mem = FakeMemory()
+        self.on_read = None
+        self.reads = 0
+
+    def symbol_address(self, name):
+        return self.kernel.symbols.address(name)
+
+    def read_kva(self, kva, n):
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read(kva, n)
+        return self.mem.read(kva, n)
+
+    def put(self, kva, data):
+        self.mem.write(kva, data)
+
+    def u32(self, kva, v):
+        self.put(kva, (v & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def u64(self, kva, v):
+        self.put(kva, (v & (1 << 64) - 1).to_bytes(8, "little"))
+
+
 def load_image(mem: FakeMemory, elf_path: Path, slide: int = 0, phys_base: int = 0) -> None:
     """Copy the ELF's allocated sections where a booted kernel would have them:
     gpa = va + slide - __START_KERNEL_map + phys_base (per-CPU sections at 0 skipped)."""

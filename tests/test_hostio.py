@@ -185,7 +185,11 @@ def _listening_addresses(port: int) -> set[str]:
 def test_gdb_stub_listens_on_loopback_only_by_default():
     from vmm.debug.gdbstub import GdbStub
 
-    stub = GdbStub(machine=None)  # the socket is made before anything asks the machine
+    from types import SimpleNamespace
+
+    # The socket is made before anything asks the machine (a stand-in holding only the
+    # debug-register allocator the stub takes its slots from).
+    stub = GdbStub(machine=SimpleNamespace())
     try:
         assert stub.sock.getsockname()[0] == "127.0.0.1"
         assert _listening_addresses(stub.port) == {"127.0.0.1"}

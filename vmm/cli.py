@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve the guest's 'scx-clock [cpu=N] [clock=N]' requests (COM2, "
                           "/dev/ttyS1; in a job: vmm-request -c 1 scx-clock): freeze, the scx "
                           "batch on that CPU, thaw, reply (docs/requests.md)")
+    run.add_argument("--monitor", type=float, default=None, metavar="SECONDS",
+                     help="from the boot marker (or the job's start) to the VM's end, sample "
+                          "every CPU's run queue from guest memory every SECONDS, without "
+                          "freezing (m.monitor); the report names any stalled CPU")
+    run.add_argument("--monitor-json", default=None, metavar="FILE",
+                     help="with --monitor: write its samples there as JSON (owner-only)")
+    run.add_argument("--scx-state", action="store_true",
+                     help="follow sched_ext's state from guest memory (m.scx.state()) over the "
+                          "run and report each change: attach, the scheduler's name, its exit "
+                          "kind, reason and message")
     _add_job_options(run)
     _add_scx_parser(sub)
 
@@ -299,7 +309,9 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         vmlinux=args.vmlinux, system_map=args.system_map, check_config=args.config_check,
         boot_via_decompressor=args.boot_via_decompressor,
         exec=getattr(args, "exec", None), include=getattr(args, "include", None),
-        serve_scx_clock=getattr(args, "serve_scx_clock", False), **console_options(args))
+        serve_scx_clock=getattr(args, "serve_scx_clock", False),
+        monitor=getattr(args, "monitor", None), monitor_json=getattr(args, "monitor_json", None),
+        scx_state=getattr(args, "scx_state", False), **console_options(args))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
@@ -318,6 +330,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     if getattr(args, "cpus", 1) is not None and getattr(args, "cpus", 1) < 1:
         parser.error("--cpus must be at least 1")
+    if getattr(args, "monitor", None) is not None and not args.monitor > 0:
+        parser.error("--monitor takes the seconds between samples: a positive number")
+    if getattr(args, "monitor_json", None) and getattr(args, "monitor", None) is None:
+        parser.error("--monitor-json needs --monitor SECONDS (what to sample)")
     started = time.monotonic()
     try:
         if args.command == "symbols":

@@ -54,7 +54,8 @@ class SessionReport:
         if self.injection is not None:
             out.append(self.injection.describe())
         for k, v in self.extra.items():
-            out.append(f"vmm: {k}: {v}")
+            if not isinstance(v, list):  # lists (the sched_ext states) are for --json
+                out.append(f"vmm: {k}: {v}")
         if self.error:
             out.append(f"vmm: error: {self.error}")
         if self.exit is not None:
@@ -78,10 +79,15 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                 system_map: Optional[str] = None, check_config: bool = True,
                 boot_via_decompressor: Optional[bool] = None,
                 exec: Optional[str] = None, include: Any = None,
-                serve_scx_clock: bool = False, **console: Any) -> SessionReport:
+                serve_scx_clock: bool = False, monitor: Optional[float] = None,
+                monitor_json: Optional[str] = None, scx_state: bool = False,
+                **console: Any) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop.
     With ``exec``, the guest job's status (``vmm-job: exit N``) is the exit status.
     ``serve_scx_clock``: the guest may ask for the scx batch (Machine.serve_scx_clock).
+    ``monitor`` (seconds), ``scx_state``: from the boot marker (or the job's start) to the
+    VM's end, sample every CPU's run queue (m.monitor; its JSON to ``monitor_json``) and
+    follow sched_ext's state (m.scx.state()); the report says what they saw.
     ``console``: ``console_log`` (a file for the whole console), ``console_window``."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
                 console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
@@ -97,7 +103,9 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
         if not inject_scx:
             if m.job is not None:
                 m.watch_job()  # GuestInitError at once when the job cannot start (exit 1)
+            watchers = _start_watchers(m, report, monitor, scx_state, wait_for, timeout)
             report.exit = m.wait()
+            _report_watchers(watchers, report, monitor_json)
             if m.job is not None:
                 report.job_status = m.job_status
             return report
@@ -129,6 +137,64 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
     finally:
         m.stop()
     return report
+
+
+def _start_watchers(m: Machine, report: SessionReport, monitor: Optional[float],
+                    scx_state: bool, wait_for: Optional[str], timeout: Optional[float]):
+    """The run's monitor and sched_ext poller, started once the guest is up (the job has
+    started, or the boot marker showed); (monitor, poller), either None when not asked
+    for or not possible (the reason is in the report)."""
+    if not monitor and not scx_state:
+        return None, None
+    if m.job is None:
+        marker = wait_for or (INIT_MARKER if m.is_linux else r"cpus up")
+        try:
+            m.wait_for_console(marker, timeout=timeout)
+        except VmmError as exc:
+            report.extra["monitor"] = f"not started: the guest did not print {marker!r} ({exc})"
+            return None, None
+    mon = poller = None
+    if monitor:
+        try:
+            mon = m.monitor(monitor)
+        except VmmError as exc:
+            report.extra["monitor"] = f"not started: {exc}"
+    if scx_state:
+        from .runtime.poll import Poller
+
+        poller = Poller(m.scx.state, interval=monitor or 0.1,
+                        key=lambda s: (s.state, s.ops, s.exit_kind, s.exit_reason, s.exit_msg))
+        poller.start()
+    return mon, poller
+
+
+def _report_watchers(watchers, report: SessionReport, monitor_json: Optional[str]) -> None:
+    """What the run's monitor and sched_ext poller saw, into the report (and the monitor's
+    samples as JSON into ``monitor_json``, owner-only: values read from guest memory)."""
+    if watchers is None:
+        return
+    mon, poller = watchers
+    if poller is not None:
+        poller.stop()
+        if poller.changes:
+            report.extra["sched_ext"] = " -> ".join(
+                f"[{t:.1f} s] {state.describe()}" for t, state in poller.changes)
+            report.extra["sched_ext states"] = [dict(state.as_dict(), t=round(t, 3))
+                                                for t, state in poller.changes]
+        elif poller.error is not None:
+            report.extra["sched_ext"] = f"not read: {poller.error}"
+    if mon is not None:
+        mon.stop()
+        stalls = mon.stalls()
+        report.extra["monitor"] = (
+            f"{len(mon.samples)} samples every {mon.interval:g} s of CPUs "
+            f"{','.join(map(str, mon.cpus))} ({', '.join(mon.fields)}); stalls: "
+            + ("; ".join(st.describe() for st in stalls) if stalls else "none"))
+        if monitor_json:
+            from .hostio import atomic_write
+
+            atomic_write(monitor_json, mon.to_json(indent=1) + "\n", private=True)
+            report.extra["monitor json"] = monitor_json
 
 
 def _try_read(m: Machine, name: str) -> Optional[int]:

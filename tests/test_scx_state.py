@@ -153,6 +153,17 @@ def test_claimed_but_not_written_yet(kern):
     assert s.exit_reason is None and s.exit_msg is None
 
 
+def test_disable_work_swapped_the_claim_for_done(kern):
+    """The disable work swaps sch->exit_kind to SCX_EXIT_DONE and writes the kind it took
+    into exit_info->kind: the exit is named by the latter (seen in the SVM lane on
+    scx_simple's detach, which was read as SCX_EXIT_DONE before)."""
+    live = FakeLive(kern)
+    lay_out(live, ScxLayout.of(kern), state="SCX_DISABLING", claimed="SCX_EXIT_DONE",
+            ei_kind="SCX_EXIT_UNREG", reason=b"unregistered from user space")
+    s = read_state(live)
+    assert (s.exit_kind, s.exit_reason) == ("SCX_EXIT_UNREG", "unregistered from user space")
+
+
 def test_message_is_bounded(kern):
     live = FakeLive(kern)
     lay_out(live, ScxLayout.of(kern), state="SCX_DISABLING", claimed="SCX_EXIT_ERROR",

@@ -24,7 +24,12 @@ Ordering (x86, whose stores are seen in program order): the kernel claims
 ``sch->exit_kind``, writes the message (vscnprintf into ``exit_info->msg``), then sets
 ``exit_info->kind`` and ``->reason`` (scx_finish_exit). So ``exit_kind`` is reported as
 soon as it is claimed, but ``exit_reason``/``exit_msg`` only once ``exit_info->kind`` is
-set: a message read before that could be half written. When the exit is over the kernel
+set: a message read before that could be half written. The disable work then swaps
+``sch->exit_kind`` to ``SCX_EXIT_DONE`` and writes the kind it took into
+``exit_info->kind`` again (scx_disable_workfn; a non-error exit such as
+``SCX_EXIT_UNREG`` gets its ``exit_info`` only there), so once ``exit_info->kind`` is set
+it names the exit, not the claimed word (seen in the SVM lane: scx_simple's detach read
+as ``SCX_EXIT_DONE`` before this). When the exit is over the kernel
 clears ``scx_root`` and frees the scheduler: from then on nothing of that exit is left
 in memory to read (``ScxView.wait_for_exit`` polls often enough to catch it, and keeps
 the last exit it saw as ``ScxView.last_exit``).
@@ -287,7 +292,9 @@ def _read_once(live, lay: ScxLayout) -> tuple[ScxState, tuple]:
         reason_p = 0 if lay.ei_reason_inline else _u64(blob, lay.ei_reason_off)
         msg_p = 0 if lay.ei_msg_inline else _u64(blob, lay.ei_msg_off)
         key += (ei_kind, reason_p, msg_p)
-        kind_v = claimed or ei_kind
+        # The disable work swaps sch->exit_kind to SCX_EXIT_DONE, then writes the kind it
+        # took into exit_info->kind: that one names the exit once it is written.
+        kind_v = ei_kind or claimed
         if ei_kind:  # written after the message: the strings are whole (module doc)
             if lay.ei_reason_inline:
                 reason = blob[lay.ei_reason_off:lay.ei_reason_off + lay.ei_reason_inline] \

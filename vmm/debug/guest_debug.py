@@ -65,6 +65,8 @@ class GuestDebug:
             return True
         self.counts["debug_exits"] += 1
         suffix = self.classify(vcpu.index, info)
+        if suffix is None and self.dr.stale_hit(vcpu, info):
+            return True  # a hit of a slot freed meanwhile: ours, not the guest's
         if suffix is None:
             self.counts["given_back"] += 1
             self.last_given_back = info

@@ -22,7 +22,11 @@ that slot off (RFLAGS.RF, bare metal's way, does not survive PVM's entry), then 
 is back on. DR6: KVM reports it per exit in kvm_run and resets the
 hardware DR6 before each entry (the guest's own DR6 is never written while guest
 debugging is on), so each hit is classified on its own exit's DR6 and no bit is left
-over for the next one.
+over for the next one. A slot is freed only while frozen (remove() frees it inside its
+freeze): a vCPU that hit it before the freeze still finds it and the hit is the watch's;
+a #DB naming a free slot while our DR0-DR3 are loaded is taken as a stale hit
+(``stale_hits``), never given to the guest (which on SVM/VMX would get a #DB it never
+asked for).
 
 An exception in ``on_hit`` is kept in ``watch.errors`` and never reaches the vCPU loop
 or the worker; the guest is thawed all the same.
@@ -205,6 +209,7 @@ class DebugRegisters:
         self._worker: Optional[threading.Thread] = None
         self._stepping: set[int] = set()  # vCPUs stepping over an execute watch's instruction
         self.worker_error: Optional[BaseException] = None
+        self.stale_hits = 0  # hits of a slot freed meanwhile, taken (not the guest's)
 
     # --- slots ------------------------------------------------------------------------
     def any(self) -> bool:
@@ -314,17 +319,22 @@ class DebugRegisters:
         return watch
 
     def disarm(self, watch: Watch) -> None:
+        # The slot is released inside the freeze, never before it: while it is still set
+        # in KVM a vCPU may hit it, and a hit whose DR6 bit names a free slot would not be
+        # known as ours (given to the guest as a #DB: our test guest dies on vector 1).
         with self._lock:
             if watch.slot is None:
                 return
             index, watch.slot = watch.slot, None
-            self.release(index)
             if not getattr(self.machine, "running", True):
+                self.release(index)
                 return  # the VM ended: nothing to reset
             try:
                 with self.machine.freeze():
+                    self.release(index)
                     self.apply()
             except VmmError:
+                self.release(index)
                 if getattr(self.machine, "running", True):
                     raise
 
@@ -332,7 +342,7 @@ class DebugRegisters:
     def debug_exit(self, vcpu: Any, info: Any) -> bool:
         """exits.debugger's protocol while no gdb stub is attached: our watch hits; any
         other #DB/#BP goes back to the guest."""
-        if self.watch_exit(vcpu, info):
+        if self.watch_exit(vcpu, info) or self.stale_hit(vcpu, info):
             return True
         _, lib = native()
         inject = lib.KVM_GUESTDBG_INJECT_BP if info.exception == 3 else lib.KVM_GUESTDBG_INJECT_DB
@@ -378,6 +388,19 @@ class DebugRegisters:
         while (not freeze_requested(vcpu) and worker is not None and worker.is_alive()
                and self.watches()):
             time.sleep(0.0002)
+        return True
+
+    def stale_hit(self, vcpu: Any, info: Any) -> bool:
+        """A #DB whose DR6 names a debug register (B0-B3) that no slot holds now: a hit of
+        a slot freed after the vCPU hit it (a removed watch, gdb's z2). While this vCPU
+        runs with USE_HW_BP the hardware DR0-DR3 are ours, not the guest's, so that bit
+        is ours too: taken (the vCPU goes on), never given to the guest as its #DB."""
+        if info.exception != DB_VECTOR or not info.dr6 & 0xF:
+            return False
+        _, lib = native()
+        if not self.controls.get(vcpu.index, 0) & lib.KVM_GUESTDBG_USE_HW_BP:
+            return False
+        self.stale_hits += 1
         return True
 
     @staticmethod

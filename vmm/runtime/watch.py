@@ -322,21 +322,29 @@ class DebugRegisters:
         # The slot is released inside the freeze, never before it: while it is still set
         # in KVM a vCPU may hit it, and a hit whose DR6 bit names a free slot would not be
         # known as ours (given to the guest as a #DB: our test guest dies on vector 1).
-        with self._lock:
-            if watch.slot is None:
-                return
-            index, watch.slot = watch.slot, None
-            if not getattr(self.machine, "running", True):
-                self.release(index)
-                return  # the VM ended: nothing to reset
-            try:
-                with self.machine.freeze():
+        # Lock order: the freeze first, then the allocator's lock, as arm() (called
+        # frozen) and the hit worker take them: never freeze while holding the lock.
+        def take() -> Optional[int]:
+            with self._lock:
+                index, watch.slot = watch.slot, None
+                if index is not None:
                     self.release(index)
-                    self.apply()
-            except VmmError:
-                self.release(index)
-                if getattr(self.machine, "running", True):
-                    raise
+                return index
+
+        if watch.slot is None:
+            return
+        if not getattr(self.machine, "running", True):
+            take()
+            return  # the VM ended: nothing to reset
+        try:
+            with self.machine.freeze():
+                if take() is not None:
+                    with self._lock:
+                        self.apply()
+        except VmmError:
+            take()
+            if getattr(self.machine, "running", True):
+                raise
 
     # --- debug exits (vCPU threads) ---------------------------------------------------
     def debug_exit(self, vcpu: Any, info: Any) -> bool:

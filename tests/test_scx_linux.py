@@ -276,7 +276,7 @@ def test_6_vmm_run_follows_sched_ext_from_the_shell(tmp_path):
     extra = json.loads(r.stdout[r.stdout.index("{\n"):])["extra"]
     states = extra["sched_ext states"]
     print(extra["sched_ext"], extra["monitor"], sep="\n")
-    assert states[0]["state"] == "disabled" and states[0]["ops"] is None, states
+    # The first poll comes at the job's start: scx_simple may already be attached by then.
     assert any(st["state"] == "enabled" and st["ops"] == "simple" for st in states), states
     assert states[-1]["state"] == "disabled", states
     caught = [st for st in states if st["exit_kind"]]  # the exit record lives briefly

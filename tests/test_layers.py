@@ -5,8 +5,8 @@ ast and placed on the floor of what it names; the order is docs/CONTRACTS.md's:
 
     vmm._native -> errors -> arch, image -> kvm -> machine -> runtime -> kernel -> ops
     -> top floor, a tree of four sub-floors:
-       tools (kernelstore, scxbuild, debug) -> session (session, session_requests,
-       session_report) -> the vmm package -> entry points (cli, cli_debug,
+       tools (kernelstore, scxbuild, debug) -> session (session, session_verdicts,
+       session_requests, session_report) -> the vmm package -> entry points (cli, cli_debug,
        cli_kernelstore, kernelstore/__main__, pytest_plugin)
 
 A module may import its own floor (sub-floor) or any lower one. Within a floor the
@@ -35,7 +35,7 @@ FLOORS = [
     ("vmm.ops",),
     # The top floor, in four sub-floors, bottom up:
     ("vmm.kernelstore", "vmm.scxbuild", "vmm.debug"),  # tools: the store, scheduler builds, debuggers
-    ("vmm.session", "vmm.session_requests", "vmm.session_report"),  # the session (vmm.Machine)
+    ("vmm.session", "vmm.session_requests", "vmm.session_verdicts", "vmm.session_report"),  # the session (vmm.Machine)
     ("vmm",),  # the package's public names (vmm/__init__.py: lazy exports of the session's)
     ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore", "vmm.kernelstore.__main__", "vmm.__main__",
      "vmm.pytest_plugin"),  # entry points: nothing in vmm/ imports them but each other
@@ -242,7 +242,8 @@ def test_the_top_floor_is_ordered():
     assert TOP == tools < session < package < entry == len(FLOORS) - 1
     assert {floor(m) for m in ("vmm.kernelstore.cache", "vmm.kernelstore", "vmm.scxbuild",
                                "vmm.debug.gdbstub", "vmm.debug")} == {tools}
-    assert {floor(m) for m in ("vmm.session", "vmm.session_report", "vmm.session_requests")} == {session}
+    assert {floor(m) for m in ("vmm.session", "vmm.session_report", "vmm.session_requests",
+                               "vmm.session_verdicts")} == {session}
     assert floor("vmm") == package
     assert {floor(m) for m in ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore",
                                "vmm.kernelstore.__main__", "vmm.pytest_plugin")} == {entry}

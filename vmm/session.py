@@ -26,6 +26,7 @@ from .kernel.kaslr import slide_from_lstar
 from .machine.vmexit import ExitReason
 from .runtime.machine import Machine as RunningMachine
 from .runtime.vcpu_thread import VcpuThread
+from .session_verdicts import Verdicts
 
 # The op machinery and the request context are not imported until they are used: a boot
 # (`from vmm import Machine`, then start) needs none of them (vmm/lazy.py).
@@ -45,20 +46,11 @@ if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .kvm.memory import GuestMemory
     from .ops import Bytes, KernelTarget, KernelValue, Op, OpResult
     from .ops.scx import ScxInjection
-    from .kernel.scx_state import ScxView
-    from .kernel.bpf_maps import BpfView
     from .runtime.freeze import FreezeSnapshot
-    from .runtime.monitor import Monitor
-    from .runtime.watch import Watch
     from .session_requests import KernelRequestContext
 
 PathLike = Union[str, "os.PathLike[str]"]
 Target = Union[str, "KernelTarget"]  # a symbol name, or any KernelTarget (vmm.T)
-
-# Why a data watchpoint may never hit on this host (m.watch).
-PVM_DATA_WATCH_NOTE = ("on a PVM host guest ring 0 is emulated and KVM's emulator checks "
-                       "execute breakpoints only: this data watchpoint is armed but will not "
-                       "hit in kernel code (VMX/SVM hosts hit it; access='x' works here)")
 
 # What a real Linux kernel prints when it hands over to user space.
 INIT_MARKER = r"Run /init as init process|Run .* as init process"
@@ -122,7 +114,7 @@ class _TrackedMemory:
         return f"<tracked {self._raw!r}>"
 
 
-class Machine(RunningMachine):
+class Machine(Verdicts, RunningMachine):
     """A VM running one kernel, with that kernel's symbols and types at hand.
 
     ``kernel`` is a vmlinux ELF or bzImage path, a directory holding them, or a store
@@ -427,154 +419,6 @@ class Machine(RunningMachine):
         return ScxInjection(clock=clock, mask=mask, rows=rows,
                             freeze_latency_us=snap.latency_ns / 1000,
                             apply_us=written.apply_seconds * 1e6)
-
-    # --- sched_ext verdicts from the host (vmm/kernel/scx_state.py, rq_sample.py;
-    #     vmm/runtime/monitor.py) ------------------------------------------------------
-    def _sampling_live(self) -> "LiveKernel":
-        """A live view for reads that do not freeze: made once, in one short freeze (the
-        slide, phys_base and bases it finds do not change while the kernel runs)."""
-        live = self.__dict__.get("_sampling_live_view")
-        if live is None:
-            with self.freeze() as snap:
-                live = self.live(snap)
-            self.__dict__["_sampling_live_view"] = live
-        return live
-
-    def _config_hz(self) -> Optional[int]:
-        config = self.kernel_config()
-        value = config.values.get("CONFIG_HZ") if config is not None else None
-        return int(value) if value and value.isdigit() else None
-
-    def _write_kva_u64(self, kva: int, value: int) -> None:
-        self.apply(ops.Op.WriteKernelCold([(ops.KernelTarget.kva(kva, 8), ops.KernelValue.u64(value))]))
-
-    @property
-    def scx(self) -> "ScxView":
-        """sched_ext's state from the host (vmm.kernel.scx_state.ScxView): ``m.scx.state()``
-        -> ScxState(state, ops, exit_kind, exit_reason, exit_msg, ...),
-        ``m.scx.wait_for_exit(timeout)``, ``m.scx.watchdog_timeout`` (seconds; settable)."""
-        view = self.__dict__.get("_scx_view")
-        if view is None:
-            from .kernel.scx_state import ScxView
-
-            coordinator = lambda: self.coordinator  # noqa: E731 (set at the start)
-            view = ScxView(self.kernel_image, live=self._sampling_live, freeze=self.freeze,
-                           frozen=lambda: bool(coordinator() is not None and coordinator().frozen),
-                           write_u64=self._write_kva_u64, hz=self._config_hz,
-                           running=lambda: self.running)
-            self.__dict__["_scx_view"] = view
-        return view
-
-    @staticmethod
-    def _bpf_batch(entries) -> list:
-        """vmm.kernel.bpf_maps' planned stores (WriteEntry: kva, width, int or bytes) as
-        one cold batch's entries: raw kva targets of the field's width, U32/U64 for
-        4/8-byte ints, Bytes otherwise (the ops path checks the widths again)."""
-        batch = []
-        for e in entries:
-            if isinstance(e.value, int):
-                value = ops.KernelValue.u32(e.value) if e.width == 4 else ops.KernelValue.u64(e.value)
-            else:
-                value = ops.KernelValue.bytes(e.value)
-            batch.append((ops.KernelTarget.kva(e.kva, e.width), value))
-        return batch
-
-    @property
-    def bpf(self) -> "BpfView":
-        """The guest kernel's BPF maps from the host (vmm.kernel.bpf_maps.BpfView):
-        ``m.bpf.maps()`` -> [BpfMap(id, name, type, key_size, value_size, max_entries)],
-        ``m.bpf.map(name).read(key=0)`` (decoded with the map's BTF),
-        ``.write(key, {field: value})`` (one checked cold batch)."""
-        view = self.__dict__.get("_bpf_view")
-        if view is None:
-            from .kernel.bpf_maps import BpfView
-
-            coordinator = lambda: self.coordinator  # noqa: E731 (set at the start)
-            view = BpfView(self.kernel_image, live=self._sampling_live, freeze=self.freeze,
-                           frozen=lambda: bool(coordinator() is not None and coordinator().frozen),
-                           write=lambda entries: self.apply(ops.Op.WriteKernelCold(
-                               self._bpf_batch(entries))))
-            self.__dict__["_bpf_view"] = view
-        return view
-
-    def monitor(self, interval: float = 0.1, fields: Optional[Iterable[str]] = None,
-                cpus: Optional[Iterable[int]] = None) -> "Monitor":
-        """Start sampling every CPU's run queue every ``interval`` s without freezing
-        (vmm.runtime.monitor.Monitor, already started; ``with`` stops it): fields
-        vmm.kernel.rq_sample.RQ_FIELDS (nr_running, scx.nr_running, clock, scx.flags,
-        scx.local_dsq.nr) where this kernel has them (the rest in ``.skipped``),
-        addresses resolved once now. ``.samples``, ``.column(field, cpu)``,
-        ``.stalls(window_s)``, ``.to_json()``. VmmError at once when the VM is not
-        running."""
-        if not self.running:
-            raise VmmError("the VM is not running: start it before m.monitor()")
-        from .kernel.rq_sample import RQ_FIELDS, plan_rq_sampling
-        from .runtime.monitor import Monitor
-
-        plan = plan_rq_sampling(self._sampling_live(), RQ_FIELDS if fields is None else fields, cpus)
-        return Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
-                       threads=self.threads, interval=interval, running=lambda: self.running,
-                       skipped=plan.skipped).start()
-
-    def watch(self, target: Target, on_hit=None, access: str = "w", path: Optional[str] = None,
-              cpu: Optional[int] = None, type: Optional[str] = None) -> "Watch":
-        """A hardware watchpoint (DR0-DR3, KVM_SET_GUEST_DEBUG; vmm/runtime/watch.py) on
-        ``target`` (any KernelTarget, or a symbol with path/cpu as in read): ``access``
-        "w" (writes) or "rw" (reads and writes), or "x" (execution of that address). A
-        hit freezes every vCPU, calls ``on_hit(ctx)`` (a WatchContext: a request
-        handler's context plus ``vcpu``, ``rip``, ``old``, ``new``) and thaws. Returns
-        the Watch (``.hits``, ``.errors``, ``.remove()``; ``with`` removes it). At most 4
-        at once with the gdb stub's; a target not 1/2/4/8 bytes and naturally aligned is
-        refused (WatchError) before anything is armed."""
-        from .ops.resolve import LiveResolver
-        from .runtime.watch import (EFER_LMA, Watch, WatchError, check_watch_range,
-                                    debug_registers)
-        from .session_requests import WatchContext
-
-        if not self.running:
-            raise VmmError("the VM is not running: start it before m.watch()")
-        t = self._target(target, path, cpu, type)
-        regs = debug_registers(self)
-        with self.freeze() as snap:
-            loc = t.resolve(LiveResolver(self.live(snap)))
-            if loc.bit_size:
-                raise WatchError(f"watch {t}: a bitfield; watch its storage unit instead")
-            v0 = next((v for v in snap.vcpus if v is not None and not v.error), None)
-            long_mode = v0 is None or bool(v0.sregs.efer & EFER_LMA)
-            length = check_watch_range(loc.kva, loc.size, access, long_mode, str(t))
-            w = Watch(regs, str(t), loc.kva, loc.gpa, length, access, on_hit,
-                      lambda s, hit: WatchContext(self, s, hit))
-            regs.arm(w)
-        self.dirty = True  # guest debugging is on: the pytest plugin does not reuse it
-        from .kvm.pvm import is_pvm_host
-
-        if access != "x" and is_pvm_host():
-            w.note = PVM_DATA_WATCH_NOTE
-            warnings.warn(f"m.watch({t}): {PVM_DATA_WATCH_NOTE}", RuntimeWarning, stacklevel=2)
-        return w
-
-    def watch_for_stall(self, window_s: float, on_stall=None, interval: float = 0.1,
-                        min_cpu_fraction: float = 0.1, monitor: "Optional[Monitor]" = None):
-        """Watch for a stall (vmm/kernel/stall_dump.py): a monitor (``monitor``, else a new
-        one at ``interval``) is asked its stall verdict (window ``window_s``) every
-        ``interval``; on a new stall every vCPU is frozen at once and a StallReport
-        captured: every CPU's rq (the monitor's fields, curr->pid/comm where the kernel
-        has them) and m.scx.state(), all read from guest memory; then ``on_stall(report)``.
-        Returns the StallWatch (``.wait(timeout)``, ``.reports``, ``.stop()``; ``with``
-        stops it), already running."""
-        from .kernel.stall_dump import StallWatch, capture_report, monotonic_since
-
-        mon = monitor if monitor is not None else self.monitor(interval)
-        fields = mon.fields
-
-        def capture(stalls: list):
-            with self.freeze() as snap:
-                return capture_report(stalls, self.live(snap), mon.cpus, fields,
-                                      monotonic_since(mon.t0), lambda: self.scx.state(),
-                                      snap.latency_ns / 1000)
-
-        return StallWatch(mon, capture, window_s, on_stall, interval, min_cpu_fraction,
-                          own_monitor=monitor is None).start()
 
     # --- requests from the guest (vmm.runtime.requests; docs/requests.md) ----------------
     def on_request(self, name: str, handler, freeze: bool = True) -> None:

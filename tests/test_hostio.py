@@ -247,3 +247,13 @@ def test_dump_core_and_dump_on_panic_are_0600_whatever_the_umask(tmp_path, monke
     assert end.reason == "panic" and m.core_path == str(panic_core)
     assert _mode(panic_core) == 0o600 and panic_core.stat().st_size > 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "core", "panic.core"]
+
+
+def test_open_private_leaves_a_device_mode_alone():
+    """A console log or vmcore sent to /dev/null must not chmod the device (root could)."""
+    from vmm.hostio import open_private
+
+    before = os.stat("/dev/null").st_mode
+    with open_private("/dev/null", buffering=0) as f:
+        f.write(b"x")
+    assert os.stat("/dev/null").st_mode == before

@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
@@ -74,13 +75,15 @@ def sweep_stale(path: Path) -> int:
     return removed
 
 
-def open_private(path: PathLike) -> BinaryIO:
+def open_private(path: PathLike, buffering: int = -1) -> BinaryIO:
     """``path`` opened for writing (created or truncated) with mode 0600, whatever the
-    umask; an existing file's mode is set to 0600 too."""
+    umask; an existing regular file's mode is set to 0600 too (a device such as
+    /dev/null keeps its own: it holds nothing)."""
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_MODE)
     try:
-        os.fchmod(fd, PRIVATE_MODE)
-        return os.fdopen(fd, "wb")
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, PRIVATE_MODE)
+        return os.fdopen(fd, "wb", buffering=buffering)
     except BaseException:
         os.close(fd)
         raise

@@ -25,6 +25,7 @@ import threading
 from typing import Callable
 
 from vmm.errors import ConfigError
+from vmm.hostio import open_private
 from vmm.machine.layout import parse_size
 
 PANIC_MARKER = b"Kernel panic - not syncing"
@@ -52,18 +53,12 @@ def parse_window(window) -> int:
 
 def open_log_file(path) -> "object":
     """`path` opened for the whole console: created or truncated, write-only, unbuffered,
-    owner-only (mode 0600, also when the file existed); ConfigError naming the path."""
-    def opener(name, flags):
-        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    owner-only (vmm.hostio.open_private: mode 0600, also when the file existed);
+    ConfigError naming the path."""
     try:
-        f = open(os.fspath(path), "wb", buffering=0, opener=opener)
+        return open_private(os.fspath(path), buffering=0)
     except (OSError, TypeError, ValueError) as e:
         raise ConfigError(f"console log file {path!r}: {e}") from None
-    try:
-        os.fchmod(f.fileno(), 0o600)
-    except OSError:
-        pass  # not our file (a writable one someone else owns): its mode is theirs
-    return f
 
 
 class ConsoleLog:

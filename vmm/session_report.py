@@ -171,8 +171,6 @@ def _start_watchers(m: Machine, report: SessionReport, monitor: Optional[float],
 def _report_watchers(watchers, report: SessionReport, monitor_json: Optional[str]) -> None:
     """What the run's monitor and sched_ext poller saw, into the report (and the monitor's
     samples as JSON into ``monitor_json``, owner-only: values read from guest memory)."""
-    if watchers is None:
-        return
     mon, poller = watchers
     if poller is not None:
         poller.stop()

@@ -2,7 +2,7 @@
 ``m.scx`` (sched_ext's state, vmm/kernel/scx_state.py), ``m.bpf`` (BPF maps,
 vmm/kernel/bpf_maps.py), ``m.monitor()`` (run-queue samples, vmm/kernel/rq_sample.py
 over vmm/runtime/monitor.py), ``m.watch()`` (hardware watchpoints, vmm/runtime/watch.py)
-and ``m.watch_for_stall()`` (vmm/kernel/stall_dump.py).
+and ``m.watch_for_stall()`` (vmm/runtime/stall_watch.py, vmm/kernel/stall_dump.py).
 
 ``Verdicts`` is a mixin of vmm.session.Machine: it uses the Machine's freeze, live,
 apply, kernel_image, kernel_config, _target, threads and running, and imports nothing of
@@ -163,14 +163,15 @@ class Verdicts:
 
     def watch_for_stall(self, window_s: float, on_stall=None, interval: float = 0.1,
                         min_cpu_fraction: float = 0.1, monitor: "Optional[Monitor]" = None):
-        """Watch for a stall (vmm/kernel/stall_dump.py): a monitor (``monitor``, else a new
+        """Watch for a stall (vmm/runtime/stall_watch.py, vmm/kernel/stall_dump.py): a monitor (``monitor``, else a new
         one at ``interval``) is asked its stall verdict (window ``window_s``) every
         ``interval``; on a new stall every vCPU is frozen at once and a StallReport
         captured: every CPU's rq (the monitor's fields, curr->pid/comm where the kernel
         has them) and m.scx.state(), all read from guest memory; then ``on_stall(report)``.
         Returns the StallWatch (``.wait(timeout)``, ``.reports``, ``.stop()``; ``with``
         stops it), already running."""
-        from .kernel.stall_dump import StallWatch, capture_report, monotonic_since
+        from .kernel.stall_dump import capture_report, monotonic_since
+        from .runtime.stall_watch import StallWatch
 
         mon = monitor if monitor is not None else self.monitor(interval)
         fields = mon.fields

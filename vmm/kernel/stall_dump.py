@@ -1,8 +1,9 @@
 """A stall caught in the act: m.watch_for_stall (vmm.Machine.watch_for_stall).
 
-A monitor (vmm.runtime.monitor) samples every CPU's run queue; a thread here asks its
-stall verdict (``Monitor.stalls``) every ``interval`` and, on a stall it has not yet
-reported, has the machine frozen at once and captures, inside that one freeze:
+A monitor (vmm.runtime.monitor) samples every CPU's run queue; a thread
+(vmm.runtime.stall_watch) asks its stall verdict (``Monitor.stalls``) every ``interval``
+and, on a stall it has not yet reported, has the machine frozen at once and this module
+captures, inside that one freeze:
 
 - vmm's own read of every CPU's rq: the monitor's fields (nr_running, scx.nr_running,
   clock, scx.flags, scx.local_dsq.nr where the kernel has them) and ``curr->pid`` /
@@ -18,7 +19,6 @@ the report says so rather than pretending to have it.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -105,86 +105,6 @@ class StallReport:
             lines.append(f"sched_ext: not read ({self.scx_error})")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-class StallWatch:
-    """The thread behind watch_for_stall: polls ``monitor.stalls(window_s, ...)`` every
-    ``interval`` s; a stall not reported yet (a CPU and its run's start) is captured with
-    ``capture(stalls) -> StallReport`` (which freezes), kept in ``.reports`` and passed
-    to ``on_stall``. ``.wait(timeout)`` -> the first report or None; ``.stop()`` (also
-    the monitor's); a context manager. on_stall's exceptions go to ``.errors``."""
-
-    def __init__(self, monitor: Any, capture: Callable[[list], StallReport], window_s: float,
-                 on_stall: Optional[Callable[[StallReport], Any]] = None, interval: float = 0.1,
-                 min_cpu_fraction: float = 0.1, own_monitor: bool = True):
-        if not window_s > 0:
-            raise VmmError(f"watch_for_stall: window_s must be positive, not {window_s}")
-        self.monitor = monitor
-        self.capture = capture
-        self.window_s = window_s
-        self.on_stall = on_stall
-        self.interval = interval
-        self.min_cpu_fraction = min_cpu_fraction
-        self.own_monitor = own_monitor
-        self.reports: list[StallReport] = []
-        self.errors: list[BaseException] = []
-        self._seen: set[tuple[int, float]] = set()
-        self._stop = threading.Event()
-        self._found = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vmm-stall-watch", daemon=True)
-
-    def start(self) -> "StallWatch":
-        self._thread.start()
-        return self
-
-    @property
-    def report(self) -> Optional[StallReport]:
-        """The first report, or None."""
-        return self.reports[0] if self.reports else None
-
-    def wait(self, timeout: Optional[float] = None) -> Optional[StallReport]:
-        self._found.wait(timeout)
-        return self.report
-
-    def stop(self) -> "StallWatch":
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-        if self.own_monitor:
-            self.monitor.stop()
-        return self
-
-    def __enter__(self) -> "StallWatch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            if not self.monitor.active and self.monitor.ended:
-                return
-            try:
-                stalls = self.monitor.stalls(self.window_s, self.min_cpu_fraction)
-            except VmmError as exc:
-                self.errors.append(exc)
-                return
-            new = [s for s in stalls if (s.cpu, round(s.start, 6)) not in self._seen]
-            if not new:
-                continue
-            self._seen.update((s.cpu, round(s.start, 6)) for s in new)
-            try:
-                report = self.capture(new)
-            except VmmError as exc:  # the VM ended under us
-                self.errors.append(exc)
-                return
-            self.reports.append(report)
-            self._found.set()
-            if self.on_stall is not None:
-                try:
-                    self.on_stall(report)
-                except Exception as exc:
-                    self.errors.append(exc)
 
 
 def capture_report(stalls: list, live: Any, cpus: Sequence[int], fields: Sequence[str],

@@ -226,13 +226,11 @@ class DebugRegisters:
                 + f", {gdb} by the gdb stub")
 
     def claim(self, owner: str, rw: int, kva: int, length: int, label: str,
-              watch: Optional[Watch] = None, index: Optional[int] = None) -> int:
-        """A free slot for ``owner`` (``index``: that one, if free); WatchError when all
-        four are taken, naming their holders."""
+              watch: Optional[Watch] = None) -> int:
+        """A free slot for ``owner``; WatchError when all four are taken, naming their
+        holders."""
         with self._lock:
             free = [i for i, s in enumerate(self.slots) if s is None]
-            if index is not None:
-                free = [i for i in free if i == index]
             if not free:
                 raise WatchError(f"all {NUM_SLOTS} debug registers are in use: {self.in_use()}")
             self.slots[free[0]] = DrSlot(owner, rw, kva, length, label, watch)

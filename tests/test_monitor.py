@@ -156,6 +156,29 @@ def test_monitor_over_fake_memory():
     del me.tid
 
 
+def test_a_long_run_keeps_the_last_max_samples():
+    """However long it runs, the monitor keeps at most max_samples (the oldest drop off,
+    counted); the default bound scales with the CPUs sampled (MAX_ROWS rows)."""
+    from vmm.runtime.monitor import MAX_ROWS
+
+    mem = Words()
+    struct.pack_into("<Q", mem.data, 0x18, 5)
+    mon = Monitor(mem, [0], ["clock"], [(0, 0x18, 8)], interval=0.001, max_samples=4)
+    with mon:
+        deadline = time.monotonic() + 5
+        while mon.taken < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert mon.taken >= 20 and len(mon.samples) == 4 and mon.dropped == mon.taken - 4
+    assert mon.times() == sorted(mon.times()) and mon.times()[0] > 0  # the newest kept
+    data = json.loads(mon.to_json())
+    assert len(data["samples"]) == 4 and data["dropped"] == mon.dropped
+    assert mon.overhead() is not None  # per sample taken, not per sample kept
+    wide = Monitor(mem, list(range(64)), ["clock"], [(r, 0x18, 8) for r in range(64)])
+    assert wide.samples.maxlen == max(1000, MAX_ROWS // 64)
+    with pytest.raises(VmmError, match="max_samples"):
+        Monitor(mem, [0], ["clock"], [(0, 0x18, 8)], max_samples=0)
+
+
 def test_misaligned_slot_is_read_until_two_reads_agree():
     mem = Words()
     struct.pack_into("<I", mem.data, 0x21, 77)

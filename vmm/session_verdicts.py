@@ -106,13 +106,15 @@ class Verdicts:
         return view
 
     def monitor(self, interval: float = 0.1, fields: Optional[Iterable[str]] = None,
-                cpus: Optional[Iterable[int]] = None) -> "Monitor":
+                cpus: Optional[Iterable[int]] = None,
+                max_samples: Optional[int] = None) -> "Monitor":
         """Start sampling every CPU's run queue every ``interval`` s without freezing
         (vmm.runtime.monitor.Monitor, already started; ``with`` stops it): fields
         vmm.kernel.rq_sample.RQ_FIELDS (nr_running, scx.nr_running, clock, scx.flags,
         scx.local_dsq.nr) where this kernel has them (the rest in ``.skipped``),
         addresses resolved once now. ``.samples``, ``.column(field, cpu)``,
-        ``.stalls(window_s)``, ``.to_json()``. VmmError at once when the VM is not
+        ``.stalls(window_s)``, ``.to_json()``; the last ``max_samples`` are kept (default:
+        vmm.runtime.monitor.MAX_ROWS rows' worth). VmmError at once when the VM is not
         running."""
         if not self.running:
             raise VmmError("the VM is not running: start it before m.monitor()")
@@ -122,7 +124,7 @@ class Verdicts:
         plan = plan_rq_sampling(self._sampling_live(), RQ_FIELDS if fields is None else fields, cpus)
         return Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
                        threads=self.threads, interval=interval, running=lambda: self.running,
-                       skipped=plan.skipped).start()
+                       skipped=plan.skipped, max_samples=max_samples).start()
 
     def watch(self, target: Target, on_hit=None, access: str = "w", path: Optional[str] = None,
               cpu: Optional[int] = None, type: Optional[str] = None) -> "Watch":

@@ -22,10 +22,15 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 from vmm.errors import VmmError
+
+# The most sample rows (one CPU's fields in one sample, ~400 bytes each) a monitor keeps
+# by default: ~40 MB at most; at 2 CPUs and 0.1 s, the last 83 minutes.
+MAX_ROWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -176,13 +181,16 @@ class Monitor:
     slots: [(row, gpa, width)] (each row's fields in ``fields`` order); threads: the vCPU
     threads (VcpuThread: .tid); running: () -> whether the VM runs (sampling ends when
     it does not); skipped: {field: why} for the record. A context manager: ``with``
-    starts (if not started) and stops it. ``.samples`` grows while it runs; ``.ended``
+    starts (if not started) and stops it. ``.samples`` keeps the last ``max_samples``
+    (default: MAX_ROWS rows' worth, at least 1000 samples; ``taken`` counts every sample,
+    ``dropped`` those no longer kept), so a run of any length stays bounded; ``.ended``
     says why sampling ended on its own (the VM stopped, memory closed)."""
 
     def __init__(self, memory, cpus: Sequence[int], fields: Sequence[str],
                  slots: Sequence[tuple[int, int, int]], threads: Sequence = (),
                  interval: float = 0.1, running: Callable[[], bool] = lambda: True,
-                 skipped: Optional[dict] = None, cpu_vcpu: Optional[Sequence[Optional[int]]] = None):
+                 skipped: Optional[dict] = None, cpu_vcpu: Optional[Sequence[Optional[int]]] = None,
+                 max_samples: Optional[int] = None):
         if not interval > 0:
             raise VmmError(f"monitor interval must be positive, not {interval}")
         self.memory = memory
@@ -204,7 +212,12 @@ class Monitor:
             if len(entries) != len(self.fields):
                 raise VmmError(f"monitor row {row}: {len(entries)} slots for {len(self.fields)} fields")
         self._rows = per_row
-        self.samples: list[Sample] = []
+        if max_samples is None:
+            max_samples = max(1000, MAX_ROWS // max(1, len(self.cpus)))
+        if max_samples < 1:
+            raise VmmError(f"monitor max_samples must be at least 1, not {max_samples}")
+        self.samples: deque[Sample] = deque(maxlen=max_samples)  # the oldest drop off
+        self.taken = 0  # samples taken since the start (kept or dropped)
         self.reread = 0             # misaligned slots that needed more than one pair of reads
         self.sample_cpu_s = 0.0     # host CPU seconds the sampling itself took
         self.ended: Optional[str] = None
@@ -264,6 +277,7 @@ class Monitor:
             c0 = time.thread_time()
             try:
                 self.samples.append(self.sample())
+                self.taken += 1
             except VmmError as e:  # memory closed under us: the VM ended
                 self.ended = f"sampling failed: {e}"
                 return
@@ -327,16 +341,21 @@ class Monitor:
         return find_stalls(list(self.samples), self.cpus, window_s, min_cpu_fraction,
                            self.cpu_vcpu)
 
+    @property
+    def dropped(self) -> int:
+        """Samples taken but no longer kept (past max_samples)."""
+        return self.taken - len(self.samples)
+
     def overhead(self) -> Optional[float]:
         """Host CPU seconds per sample the sampling thread spent (None before any)."""
-        n = len(self.samples)
-        return self.sample_cpu_s / n if n else None
+        return self.sample_cpu_s / self.taken if self.taken else None
 
     def as_dict(self) -> dict:
         return {
             "interval": self.interval, "cpus": list(self.cpus), "fields": list(self.fields),
             "skipped": self.skipped, "cpu_vcpu": list(self.cpu_vcpu), "ended": self.ended,
             "reread": self.reread, "overhead_cpu_s_per_sample": self.overhead(),
+            "taken": self.taken, "dropped": self.dropped,
             "samples": [{"t": s.t, "vcpu_cpu_time": list(s.vcpu_cpu_time),
                          "cpus": [dict(r) for r in s.rows]} for s in list(self.samples)],
         }

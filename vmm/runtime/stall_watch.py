@@ -12,13 +12,20 @@ from typing import Any, Callable, Optional
 
 from vmm.errors import VmmError
 
+# Reports (every CPU's rq each) and on_stall errors kept; a guest that stalls all run
+# long cannot make them grow without end.
+MAX_REPORTS = 256
+
 
 class StallWatch:
     """The thread behind watch_for_stall: polls ``monitor.stalls(window_s, ...)`` every
-    ``interval`` s; a stall not reported yet (a CPU and its run's start) is captured with
-    ``capture(stalls) -> StallReport`` (which freezes), kept in ``.reports`` and passed
-    to ``on_stall``. ``.wait(timeout)`` -> the first report or None; ``.stop()`` (also
-    the monitor's); a context manager. on_stall's exceptions go to ``.errors``."""
+    ``interval`` s; a stall not reported yet is captured with ``capture(stalls) ->
+    StallReport`` (which freezes), kept in ``.reports`` (the first MAX_REPORTS; later ones
+    counted in ``dropped_reports``) and passed to ``on_stall``. A stall is new when it
+    starts after the end of the last one reported on its CPU: a stall that goes on is
+    one stall, also once its start has dropped out of the monitor's kept samples.
+    ``.wait(timeout)`` -> the first report or None; ``.stop()`` (also the monitor's); a
+    context manager. on_stall's exceptions go to ``.errors`` (the first MAX_REPORTS)."""
 
     def __init__(self, monitor: Any, capture: Callable[[list], Any], window_s: float,
                  on_stall: Optional[Callable[[Any], Any]] = None, interval: float = 0.1,
@@ -34,7 +41,8 @@ class StallWatch:
         self.own_monitor = own_monitor
         self.reports: list[Any] = []
         self.errors: list[BaseException] = []
-        self._seen: set[tuple[int, float]] = set()
+        self.dropped_reports = 0
+        self._last_end: dict[int, float] = {}  # per CPU: the end of its stall seen last
         self._stop = threading.Event()
         self._found = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vmm-stall-watch", daemon=True)
@@ -75,19 +83,24 @@ class StallWatch:
             except VmmError as exc:
                 self.errors.append(exc)
                 return
-            new = [s for s in stalls if (s.cpu, round(s.start, 6)) not in self._seen]
+            new = [s for s in stalls if s.start > self._last_end.get(s.cpu, float("-inf"))]
+            for s in stalls:  # a stall that goes on moves its end, not its identity
+                self._last_end[s.cpu] = max(s.end, self._last_end.get(s.cpu, s.end))
             if not new:
                 continue
-            self._seen.update((s.cpu, round(s.start, 6)) for s in new)
             try:
                 report = self.capture(new)
             except VmmError as exc:  # the VM ended under us
                 self.errors.append(exc)
                 return
-            self.reports.append(report)
+            if len(self.reports) < MAX_REPORTS:
+                self.reports.append(report)
+            else:
+                self.dropped_reports += 1
             self._found.set()
             if self.on_stall is not None:
                 try:
                     self.on_stall(report)
                 except Exception as exc:
-                    self.errors.append(exc)
+                    if len(self.errors) < MAX_REPORTS:
+                        self.errors.append(exc)

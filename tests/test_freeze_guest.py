@@ -163,7 +163,15 @@ def syscall_of(tid: int) -> str:
 
 
 def _threads_and_fds():
-    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+    """The process's tasks and open fds, as sets (a count would also move with a task
+    an earlier test left exiting, e.g. KVM's per-VM worker of a VM already closed)."""
+    return set(os.listdir("/proc/self/task")), set(os.listdir("/proc/self/fd"))
+
+
+def _made_since(base) -> tuple[set, set]:
+    """Tasks and fds that exist now and did not when `base` was taken."""
+    tasks, fds = _threads_and_fds()
+    return tasks - base[0], fds - base[1]
 
 
 def freeze_thaw_cycles(cpus: int, cycles: int) -> None:
@@ -185,9 +193,14 @@ def freeze_thaw_cycles(cpus: int, cycles: int) -> None:
     # An ended thread (or KVM's per-VM kernel thread) may take a moment to leave
     # /proc/self/task after join() returned, longer under the sanitizers: poll briefly.
     deadline = time.monotonic() + 5
-    while _threads_and_fds() != base and time.monotonic() < deadline:
+    while _made_since(base) != (set(), set()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _threads_and_fds() == base, "threads or fds leaked"
+    tasks, fds = _made_since(base)
+    assert not tasks, f"threads leaked: {sorted(tasks)} " + str(
+        [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in tasks
+         if Path(f"/proc/self/task/{t}/comm").exists()])
+    assert not fds, "fds leaked: " + str({f: os.readlink(f"/proc/self/fd/{f}") for f in fds
+                                          if os.path.lexists(f"/proc/self/fd/{f}")})
 
 
 @pytest.mark.parametrize("cpus", [2, 8])

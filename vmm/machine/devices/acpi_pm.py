@@ -35,6 +35,18 @@ class AcpiPm:
         self.enable = 0
         self.control = PM1_CNT_SCI_EN
 
+    def state(self) -> dict:
+        """PM1 status, enable and control (for snapshots)."""
+        return {"status": self.status, "enable": self.enable, "control": self.control}
+
+    def restore(self, state: dict) -> None:
+        """Takes back what state() gave; ValueError when a register is not 16 bits."""
+        values = {k: state[k] for k in ("status", "enable", "control")}
+        for k, v in values.items():
+            if not isinstance(v, int) or not 0 <= v <= 0xFFFF:
+                raise ValueError(f"ACPI PM state: {k}={v!r} is not a 16-bit register")
+        self.status, self.enable, self.control = values["status"], values["enable"], values["control"]
+
     def _registers(self) -> bytearray:
         return bytearray(self.status.to_bytes(2, "little") + self.enable.to_bytes(2, "little"))
 

@@ -16,6 +16,15 @@ class ExitPort:
         self.on_exit = on_exit or (lambda code: None)
         self.exit_code: int | None = None
 
+    def state(self) -> dict:
+        """The exit code written so far, if any (for snapshots)."""
+        return {"exit_code": self.exit_code}
+
+    def restore(self, state: dict) -> None:
+        """Takes back what state() gave (without calling on_exit again)."""
+        code = state["exit_code"]
+        self.exit_code = None if code is None else int(code) & 0xFF
+
     def io_in(self, port: int, size: int = 1) -> int:
         return 0
 

@@ -38,6 +38,18 @@ class I8042:
         self.reset_requests = 0
         self._output: list[int] = []
 
+    def state(self) -> dict:
+        """The bytes waiting in the data port and the reset count (for snapshots)."""
+        return {"output": list(self._output), "reset_requests": self.reset_requests}
+
+    def restore(self, state: dict) -> None:
+        """Takes back what state() gave; ValueError when it is out of range."""
+        output = [int(b) & 0xFF for b in state["output"]]
+        if len(output) > OUTPUT_LIMIT:
+            raise ValueError(f"i8042 state: {len(output)} queued bytes exceed {OUTPUT_LIMIT}")
+        self._output = output
+        self.reset_requests = int(state["reset_requests"])
+
     def io_in(self, port: int, size: int = 1) -> int:
         if port == COMMAND_PORT:
             # Output buffer full, input buffer empty: "no controller" (see above).

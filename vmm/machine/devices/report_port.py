@@ -22,6 +22,19 @@ class ReportPort:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
+    def state(self) -> dict:
+        """The reports so far and the dropped count (for snapshots)."""
+        with self._lock:
+            return {"reports": [list(r) for r in self.reports], "dropped": self.dropped}
+
+    def restore(self, state: dict) -> None:
+        """Takes back what state() gave (at most MAX_REPORTS reports)."""
+        reports = [(int(c), int(v)) for c, v in state["reports"]][:MAX_REPORTS]
+        with self._changed:
+            self.reports = reports
+            self.dropped = int(state["dropped"])
+            self._changed.notify_all()
+
     def io_in(self, port: int, size: int = 1) -> int:
         return 0
 

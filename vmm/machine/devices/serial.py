@@ -98,6 +98,43 @@ class Serial16550:
         # feed() comes from the host's input thread, io_in/io_out from vCPU threads.
         self._lock = threading.RLock()
 
+    # --- snapshots -------------------------------------------------------------------
+    STATE_FIELDS = ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlm", "msr", "overrun",
+                    "thr_interrupt_pending", "irq_level")
+
+    def state(self) -> dict:
+        """The registers and the queued received bytes, JSON-able (for snapshots)."""
+        with self._lock:
+            out = {k: getattr(self, k) for k in self.STATE_FIELDS}
+            out["rx"] = bytes(self.rx).hex()
+            return out
+
+    def restore(self, state: dict) -> None:
+        """Takes back what state() gave (on a new UART of a restored VM: the interrupt
+        line's level lives in the restored irqchip, so it is not raised again here);
+        ValueError naming a field that is missing or out of range."""
+        with self._lock:
+            values = {}
+            for k in self.STATE_FIELDS:
+                v = state[k]
+                if isinstance(v, bool) or k in ("overrun", "thr_interrupt_pending", "irq_level"):
+                    values[k] = bool(v)
+                elif not isinstance(v, int) or not 0 <= v <= 0xFF:
+                    raise ValueError(f"UART {self.base:#x} state: {k}={v!r} is not a byte")
+                else:
+                    values[k] = v
+            rx = bytes.fromhex(state["rx"])
+            if len(rx) > RX_FIFO_LIMIT:
+                raise ValueError(f"UART {self.base:#x} state: {len(rx)} queued bytes exceed "
+                                 f"the FIFO limit {RX_FIFO_LIMIT}")
+            for k, v in values.items():
+                setattr(self, k, v)
+            self.rx = deque(rx)
+            fast = self._fast_path_allowed()
+            if fast != self.fast_path:
+                self.fast_path = fast
+                self.fast_path_changed(fast)
+
     # --- host side -------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Bytes typed on the console: they arrive in RBR and raise RDI when enabled."""

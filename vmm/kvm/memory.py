@@ -21,12 +21,73 @@ from vmm.kvm.native import native
 
 
 _WIDTH_MAX = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+SAVE_CHUNK = 1 << 20  # write_sparse scans and writes RAM this much at a time
+
+
+def _map_file_private(base: int, size: int, fd: int) -> None:
+    """mmap(base, size, RW, MAP_PRIVATE|MAP_FIXED, fd, 0) over the reserved RAM at base
+    (which keeps its 2 MiB alignment and its discard/unmap lifetime). Through libc with
+    ctypes: a set-up call, not a hot path, and the C core has no file mapping."""
+    import ctypes
+    import mmap as mmap_
+    import os
+
+    if os.fstat(fd).st_size < size:
+        raise GuestMemoryError(f"the RAM file (fd {fd}) holds {os.fstat(fd).st_size} bytes, "
+                               f"fewer than the {size} of guest RAM")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    map_fixed = 0x10
+    got = libc.mmap(base, size, mmap_.PROT_READ | mmap_.PROT_WRITE,
+                    mmap_.MAP_PRIVATE | map_fixed, fd, 0)
+    if got in (None, ctypes.c_void_p(-1).value) or got != base:
+        e = ctypes.get_errno()
+        native()[1].vmm_unmap(base, size)
+        raise GuestMemoryError(f"cannot map the RAM file private: {os.strerror(e)}")
+
+
+def nonzero_runs(chunk, size: int):
+    """(offset, bytes) of each run of non-zero pages in [0, size); `chunk(off, n)` gives
+    n bytes at off (a buffer, valid until the next call), SAVE_CHUNK at a time."""
+    zero_chunk, zero_page = bytes(SAVE_CHUNK), bytes(PAGE_SIZE)
+    for off in range(0, size, SAVE_CHUNK):
+        n = min(SAVE_CHUNK, size - off)
+        view = chunk(off, n)
+        if view[:] == zero_chunk[:n]:
+            continue
+        page = 0
+        while page < n:
+            if view[page:page + PAGE_SIZE] == zero_page:
+                page += PAGE_SIZE
+                continue
+            end = page + PAGE_SIZE
+            while end < n and view[end:end + PAGE_SIZE] != zero_page:
+                end += PAGE_SIZE
+            yield off + page, view[page:end]
+            page = end
+
+
+def file_digest(fd: int, size: int, hasher) -> None:
+    """Feeds `hasher` the file's non-zero page runs exactly as write_sparse did."""
+    import os
+
+    def chunk(off, n):
+        return os.pread(fd, n, off).ljust(n, b"\0")
+
+    for off, run in nonzero_runs(chunk, size):
+        hasher.update(off.to_bytes(8, "little"))
+        hasher.update(run)
 
 
 class GuestMemory:
     """`size` bytes of guest RAM at guest-physical [0, size), split around the MMIO gap."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, backing_fd: int | None = None):
+        """`backing_fd`: a file (or memfd) of at least `size` bytes whose pages are the
+        RAM's first contents, mapped private: copy-on-write, so every GuestMemory made
+        from one file shares the pages none of them wrote (snapshot clones)."""
         ffi, lib = native()
         if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest memory size {size!r} must be a positive multiple of 4 KiB")
@@ -38,6 +99,8 @@ class GuestMemory:
                 f"cannot reserve {size} bytes ({size >> 20} MiB) of guest RAM: "
                 f"{os.strerror(err[0])}; ask for less memory"
             )
+        if backing_fd is not None:
+            _map_file_private(base, size, backing_fd)
         self.size = size
         self._base = base
         self._reserved = 0  # base of the discarded range still mapped (see close)
@@ -83,6 +146,32 @@ class GuestMemory:
 
     def __exit__(self, *exc):
         self.close()
+
+    def write_sparse(self, fd: int, hasher=None) -> int:
+        """Writes all of RAM (host layout: offset = gpa below the MMIO gap, then the RAM
+        above it) to `fd` as a sparse file of `size` bytes: zero pages are holes. Feeds
+        `hasher` (hashlib-like) each run of non-zero pages (file_digest checks it).
+        Returns the bytes written. The vCPUs must be parked."""
+        import os
+
+        if not self._base:
+            raise GuestMemoryClosed("guest memory is closed: nothing to save")
+        ffi, lib = native()
+        os.ftruncate(fd, self.size)
+        buf = ffi.new("uint8_t[]", SAVE_CHUNK)
+
+        def chunk(off, n):
+            lib.vmm_copy_from(buf, self._base + off, n)
+            return ffi.buffer(buf, n)
+
+        written = 0
+        for off, run in nonzero_runs(chunk, self.size):
+            os.pwrite(fd, run, off)
+            if hasher is not None:
+                hasher.update(off.to_bytes(8, "little"))
+                hasher.update(run)
+            written += len(run)
+        return written
 
     # -- bounds -----------------------------------------------------------------
     def _ranges_text(self) -> str:

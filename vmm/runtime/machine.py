@@ -215,6 +215,25 @@ class Machine(MachineBuilder):
         """Release the vCPUs a freeze() parked."""
         self.coordinator.thaw()
 
+    # --- snapshots (vmm/runtime/snapshot.py) ---------------------------------------------
+    def snapshot(self, path=None, thaw: bool = True):
+        """Freeze, capture everything needed to go on exactly from here (vCPUs, irqchip,
+        PIT, clock, devices, guest RAM), thaw (or stay frozen: thaw=False). Returns a
+        vmm.runtime.snapshot.Snapshot, also written to directory `path` when given."""
+        from vmm.runtime.snapshot import take
+
+        return take(self, path, thaw)
+
+    @classmethod
+    def from_snapshot(cls, snapshot_or_path, start: bool = True, **options):
+        """A new machine going on from a Snapshot or a snapshot directory: its RAM maps
+        the snapshot's copy-on-write; running at once unless start=False. SnapshotError
+        before any VM is made when the snapshot is corrupt, of another format, or needs
+        what this host lacks."""
+        from vmm.runtime.snapshot import restore
+
+        return restore(cls, snapshot_or_path, start, **options)
+
     # --- requests from the guest (COM2; vmm/runtime/requests.py) ------------------------
     def on_request(self, name: str, handler, freeze: bool = True) -> None:
         """Serve the guest's requests named ``name`` (``vmm-request NAME ...`` in the guest)

@@ -5,9 +5,9 @@ ast and placed on the floor of what it names; the order is docs/CONTRACTS.md's:
 
     vmm._native -> errors -> arch, image -> kvm -> machine -> runtime -> kernel -> ops
     -> top floor, a tree of four sub-floors:
-       tools (kernelstore, scxbuild, debug) -> session (session, session_verdicts,
+       tools (kernelstore, scxbuild, debug, report) -> session (session, session_verdicts,
        session_requests, session_report) -> the vmm package -> entry points (cli, cli_debug,
-       cli_kernelstore, kernelstore/__main__, pytest_plugin)
+       cli_kernelstore, cli_report, kernelstore/__main__, pytest_plugin)
 
 A module may import its own floor (sub-floor) or any lower one. Within a floor the
 modules may import each other, but the whole import graph of vmm/ (module level and
@@ -34,11 +34,11 @@ FLOORS = [
     ("vmm.kernel",),
     ("vmm.ops",),
     # The top floor, in four sub-floors, bottom up:
-    ("vmm.kernelstore", "vmm.scxbuild", "vmm.debug"),  # tools: the store, scheduler builds, debuggers
+    ("vmm.kernelstore", "vmm.scxbuild", "vmm.debug", "vmm.report"),  # tools: the store, scheduler builds, debuggers, reports
     ("vmm.session", "vmm.session_requests", "vmm.session_verdicts", "vmm.session_report"),  # the session (vmm.Machine)
     ("vmm",),  # the package's public names (vmm/__init__.py: lazy exports of the session's)
-    ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore", "vmm.kernelstore.__main__", "vmm.__main__",
-     "vmm.pytest_plugin"),  # entry points: nothing in vmm/ imports them but each other
+    ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore", "vmm.cli_report", "vmm.kernelstore.__main__",
+     "vmm.__main__", "vmm.pytest_plugin"),  # entry points: nothing in vmm/ imports them but each other
 ]
 FLOOR_NAMES = ["_native", "errors", "arch/image", "kvm", "machine", "runtime", "kernel", "ops",
                "top: tools", "top: session", "top: vmm package", "top: entry points"]
@@ -241,7 +241,7 @@ def test_the_top_floor_is_ordered():
                                       ("top: tools", "top: session", "top: vmm package", "top: entry points"))
     assert TOP == tools < session < package < entry == len(FLOORS) - 1
     assert {floor(m) for m in ("vmm.kernelstore.cache", "vmm.kernelstore", "vmm.scxbuild",
-                               "vmm.debug.gdbstub", "vmm.debug")} == {tools}
+                               "vmm.debug.gdbstub", "vmm.debug", "vmm.report.plot")} == {tools}
     assert {floor(m) for m in ("vmm.session", "vmm.session_report", "vmm.session_requests",
                                "vmm.session_verdicts")} == {session}
     assert floor("vmm") == package

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "freezing (m.monitor); the report names any stalled CPU")
     run.add_argument("--monitor-json", default=None, metavar="FILE",
                      help="with --monitor: write its samples there as JSON (owner-only)")
+    run.add_argument("--plot", default=None, metavar="FILE",
+                     help="with --monitor: draw its series to FILE (.png, .svg or .html; "
+                          "needs matplotlib: pip install 'vmm[plot]'), stalls and the "
+                          "scheduler's exit marked")
     run.add_argument("--scx-state", action="store_true",
                      help="follow sched_ext's state from guest memory (m.scx.state()) over the "
                           "run and report each change: attach, the scheduler's name, its exit "
@@ -175,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the result as JSON")
     from .cli_debug import add_parser as add_dump_parser  # `vmm dump`, `vmm gdb`
     add_dump_parser(sub, _add_machine_options)
+    from .cli_report import add_parser as add_report_parser  # `vmm report`
+    add_report_parser(sub)
     return parser
 
 
@@ -311,7 +317,8 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         exec=getattr(args, "exec", None), include=getattr(args, "include", None),
         serve_scx_clock=getattr(args, "serve_scx_clock", False),
         monitor=getattr(args, "monitor", None), monitor_json=getattr(args, "monitor_json", None),
-        scx_state=getattr(args, "scx_state", False), **console_options(args))
+        scx_state=getattr(args, "scx_state", False), monitor_plot=getattr(args, "plot", None),
+        **console_options(args))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
@@ -334,6 +341,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--monitor takes the seconds between samples: a positive number")
     if getattr(args, "monitor_json", None) and getattr(args, "monitor", None) is None:
         parser.error("--monitor-json needs --monitor SECONDS (what to sample)")
+    if getattr(args, "plot", None) and getattr(args, "monitor", None) is None:
+        parser.error("--plot needs --monitor SECONDS (what to draw)")
+    if getattr(args, "plot", None) and os.path.splitext(args.plot)[1].lower() not in (".png", ".svg", ".html"):
+        parser.error(f"--plot {args.plot}: say .png, .svg or .html (the format follows the suffix)")
     started = time.monotonic()
     try:
         if args.command == "symbols":
@@ -346,6 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_scx(args)
         if args.command in ("run", "inject"):
             return cmd_run(args, inject=args.command == "inject" or args.inject_scx)
+        if args.command == "report":
+            from .cli_report import run as cmd_report
+            return cmd_report(args)
         if args.command in ("dump", "gdb"):
             from .cli_debug import run as cmd_dump
             args.kernel = default_kernel(args.kernel)

@@ -11,7 +11,13 @@ included, and for a kernel file its size and modification time) are shared acros
 tests of a session, unless the test asks ``fresh=True`` or changed the guest: any
 write (``apply``/``write``, ``machine.memory.write*``, ``feed_console``) marks it dirty,
 and a dirty machine is stopped instead of reused.
-When a test fails, the console tail and why the VM ended are attached to its report.
+When a test fails (or always, with ``--vmm-evidence=always``), its evidence is attached
+to its report (vmm/report/evidence.py): the machine's configuration, why the VM ended, the
+console tail, requests served, sched_ext's state, the monitors' stalls, the kernel's
+sched_ext dump and the vmcore's path when there are; as report sections (the terminal's
+failure text, pytest-html), JUnit XML properties (``vmm.*``), a line in the terminal
+summary, and a directory per test (``--vmm-evidence-dir``) that ``vmm report DIR`` turns
+into one HTML page with the monitors' plots.
 
 Parallel matrices: ``pytest -n auto`` (pytest-xdist) gives each worker its own
 machines; parametrize over kernels/CPU counts with ``pytest.mark.vmm`` in
@@ -26,6 +32,7 @@ import pytest
 
 _POOL_KEY = pytest.StashKey[dict]()
 _MACHINE_KEY = pytest.StashKey[Any]()
+_EVIDENCE_KEY = pytest.StashKey[list]()  # [(nodeid, outcome, directory, Evidence)]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,6 +42,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="kernel for the vmm_machine fixture (path, 'debian', 'build:7.3')")
     group.addoption("--vmm-cpus", type=int, default=None, help="default vCPU count")
     group.addoption("--vmm-memory", default=None, help="default guest RAM, e.g. 512M")
+    group.addoption("--vmm-evidence", choices=("failure", "always", "never"), default="failure",
+                    help="attach a vmm test's evidence (console, exit, sched_ext state, stalls, "
+                         "dump, vmcore, machine) to its report: on failure (default), always, "
+                         "or never (then only the console tail on failure)")
+    group.addoption("--vmm-evidence-dir", default=None, metavar="DIR",
+                    help="save each test's evidence under DIR/<test>/ for `vmm report DIR` "
+                         "(default: a new vmm-evidence-* directory under the temp dir)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "(kernel, cpus, memory, cmdline, initrd, wait_for, wait_timeout, timeout, fresh, "
         "exec, include)")
     config.stash[_POOL_KEY] = {}
+    config.stash[_EVIDENCE_KEY] = []
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -125,13 +140,93 @@ def vmm_machine(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
-    """On failure, attach the machine's console tail and state to the report."""
+    """On failure (or always, --vmm-evidence=always), attach the machine's evidence to the
+    report; with --vmm-evidence=never, only the console tail and state on failure."""
     report = yield
     machine = item.stash.get(_MACHINE_KEY, None)
-    if machine is not None and report.failed:
+    mode = item.config.getoption("--vmm-evidence", "failure")
+    if machine is not None and mode != "never" and (report.when == "call" or report.failed) \
+            and (report.failed or mode == "always"):
+        _attach_evidence(item, report, machine)
+    elif machine is not None and report.failed:
         try:
             report.sections.append(("vmm console (tail)", machine.console_tail(50)))
             report.sections.append(("vmm state", machine.describe_state()))
         except Exception as exc:  # never hide the real failure
             report.sections.append(("vmm", f"could not collect the console: {exc}"))
     return report
+
+
+def _evidence_dir(config: pytest.Config) -> str:
+    import tempfile
+
+    base = config.getoption("--vmm-evidence-dir", None)
+    if not base:
+        base = getattr(config, "_vmm_evidence_base", None) or tempfile.mkdtemp(prefix="vmm-evidence-")
+        config._vmm_evidence_base = base  # one per session
+    return base
+
+
+def _attach_evidence(item: pytest.Item, report: pytest.TestReport, machine: Any) -> None:
+    """The machine's evidence (vmm.report.evidence) as report sections, JUnit properties
+    (on the item: the teardown report carries them into the XML), pytest-html extras when
+    that plugin is installed, a saved directory, and a terminal summary entry."""
+    import os
+    import re
+
+    try:
+        from .report.evidence import collect
+
+        outcome = report.outcome if report.when == "call" else f"{report.outcome} in {report.when}"
+        ev = collect(machine, item.nodeid, outcome)
+        directory = os.path.join(_evidence_dir(item.config),
+                                 re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)[-120:])
+        ev.save(directory)
+    except Exception as exc:  # never hide the real failure
+        report.sections.append(("vmm", f"could not collect the evidence: {type(exc).__name__}: {exc}"))
+        return
+    report.sections.extend(ev.sections)
+    props = ev.properties + [("vmm.evidence", directory)] + [("vmm.plot", os.path.join(directory, p))
+                                                            for p in ev.plots]
+    item.user_properties.extend(props)
+    report.user_properties = list(report.user_properties) + props
+    _html_extras(report, directory, ev)
+    item.config.stash[_EVIDENCE_KEY].append((item.nodeid, outcome, directory, ev))
+
+
+def _html_extras(report: pytest.TestReport, directory: str, ev: Any) -> None:
+    """pytest-html's extras (its plots as images), only when pytest-html is installed."""
+    try:
+        from pytest_html import extras
+    except ImportError:
+        return
+    import base64
+    import os
+
+    added = []
+    for name in ev.plots:
+        with open(os.path.join(directory, name), "rb") as f:
+            added.append(extras.png(base64.b64encode(f.read()).decode("ascii"), name=name))
+    report.extras = list(getattr(report, "extras", [])) + added
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """One entry per test with evidence: what the VM and sched_ext said, stalls, where the
+    evidence is and how to see it as a page."""
+    entries = config.stash.get(_EVIDENCE_KEY, [])
+    if not entries:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "vmm evidence")
+    notes = set()
+    for nodeid, outcome, directory, ev in entries:
+        props = dict(ev.properties)
+        tr.write_line(f"{nodeid}: {outcome}")
+        tr.write_line(f"  exit: {props.get('vmm.exit')}; sched_ext: {props.get('vmm.sched_ext')}; "
+                      f"stalls: {props.get('vmm.stalls')}")
+        if props.get("vmm.vmcore"):
+            tr.write_line(f"  vmcore: {props['vmm.vmcore']}")
+        tr.write_line(f"  evidence: {directory} (vmm report {directory})")
+        notes.update(ev.notes)
+    for note in sorted(notes):
+        tr.write_line(f"vmm: {note}")

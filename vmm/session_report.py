@@ -81,13 +81,15 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                 exec: Optional[str] = None, include: Any = None,
                 serve_scx_clock: bool = False, monitor: Optional[float] = None,
                 monitor_json: Optional[str] = None, scx_state: bool = False,
-                **console: Any) -> SessionReport:
+                monitor_plot: Optional[str] = None, **console: Any) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop.
     With ``exec``, the guest job's status (``vmm-job: exit N``) is the exit status.
     ``serve_scx_clock``: the guest may ask for the scx batch (Machine.serve_scx_clock).
     ``monitor`` (seconds), ``scx_state``: from the boot marker (or the job's start) to the
     VM's end, sample every CPU's run queue (m.monitor; its JSON to ``monitor_json``) and
     follow sched_ext's state (m.scx.state()); the report says what they saw.
+    ``monitor_plot``: draw the monitor's series there (.png/.svg/.html, vmm.report.plot)
+    with the scheduler's exits marked.
     ``console``: ``console_log`` (a file for the whole console), ``console_window``."""
     m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
                 console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
@@ -105,7 +107,7 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                 m.watch_job()  # GuestInitError at once when the job cannot start (exit 1)
             watchers = _start_watchers(m, report, monitor, scx_state, wait_for, timeout)
             report.exit = m.wait()
-            _report_watchers(watchers, report, monitor_json)
+            _report_watchers(watchers, report, monitor_json, monitor_plot)
             if m.job is not None:
                 report.job_status = m.job_status
             return report
@@ -168,7 +170,8 @@ def _start_watchers(m: Machine, report: SessionReport, monitor: Optional[float],
     return mon, poller
 
 
-def _report_watchers(watchers, report: SessionReport, monitor_json: Optional[str]) -> None:
+def _report_watchers(watchers, report: SessionReport, monitor_json: Optional[str],
+                     monitor_plot: Optional[str] = None) -> None:
     """What the run's monitor and sched_ext poller saw, into the report (and the monitor's
     samples as JSON into ``monitor_json``, owner-only: values read from guest memory)."""
     mon, poller = watchers
@@ -186,13 +189,24 @@ def _report_watchers(watchers, report: SessionReport, monitor_json: Optional[str
         stalls = mon.stalls()
         report.extra["monitor"] = (
             f"{len(mon.samples)} samples every {mon.interval:g} s of CPUs "
-            f"{','.join(map(str, mon.cpus))} ({', '.join(mon.fields)}); stalls: "
+            f"{','.join(map(str, mon.cpus))} ({', '.join(mon.fixed_fields)}"
+            + (f", {len(mon.guarded_fields)} sched_ext event counters" if mon.guarded_fields
+               else "") + "); stalls: "
             + ("; ".join(st.describe() for st in stalls) if stalls else "none"))
         if monitor_json:
             from .hostio import atomic_write
 
             atomic_write(monitor_json, mon.to_json(indent=1) + "\n", private=True)
             report.extra["monitor json"] = monitor_json
+        if monitor_plot:
+            from .report.plot import render
+
+            states = report.extra.get("sched_ext states", [])  # poller seconds ~ monitor seconds
+            try:
+                render(mon, monitor_plot, scx_states=states)
+                report.extra["monitor plot"] = monitor_plot
+            except VmmError as exc:  # no matplotlib, no samples: the run's verdict stands
+                report.extra["monitor plot"] = f"not drawn: {exc}"
 
 
 def _try_read(m: Machine, name: str) -> Optional[int]:

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 pkgs=(gcc make libc6-dev dwarves cpio zstd xz-utils lz4 bzip2 flex bison bc
       libelf-dev libssl-dev busybox-static qemu-system-x86 ca-certificates crash
       clang-19 llvm-19 zlib1g-dev  # clang >= 16, llvm-strip: `vmm scx build` (BPF)
-      gdb)  # the gdb stub's tests drive Debian's gdb
+      gdb  # the gdb stub's tests drive Debian's gdb
+      chromium)  # tests/test_report_html.py opens vmm report's page headless
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,5 +24,5 @@ fi
 
 PY=${PYTHON:-python3}
 # Editable install builds the cffi extension (vmm._native) in place.
-$PY -m pip install -q --disable-pip-version-check -e '.[test]'
+$PY -m pip install -q --disable-pip-version-check -e '.[test,plot]'
 $PY -c 'import vmm._native' || { echo "install-deps: the cffi extension did not build" >&2; exit 1; }

@@ -261,6 +261,9 @@ def test_monitor_and_stalls_on_the_test_guest(tmp_path, monkeypatch):
             time.sleep(1.2)
         assert mon.fields == ("nr_running", "scx.nr_running", "clock", "scx.flags")
         assert "scx.local_dsq.nr" in mon.skipped  # a bare list_head in the guest
+        # no sched_ext event counters there: no columns, and the monitor says why
+        assert "no sched_ext event counters" in mon.skipped["SCX_EV_*"]
+        assert mon.guarded_fields == () and "no SCX_EV_*" in mon.describe()
         assert mon.cpus == (0, 1) and mon.cpu_vcpu == (0, 1) and mon.ended is None
         assert len(mon.samples) >= 10
         initial = m.kernel_image.enum("SCX_RQ_ONLINE") | m.kernel_image.enum("SCX_RQ_BAL_KEEP")

@@ -15,7 +15,7 @@ class ScriptedMonitor:
         self.active, self.ended = True, None
         self.done = threading.Event()
 
-    def stalls(self, window_s, min_cpu_fraction):
+    def stalls(self, window_s, min_cpu_fraction, tasks=True):
         if not self.answers:
             self.done.set()
             return []

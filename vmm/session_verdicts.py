@@ -121,10 +121,22 @@ class Verdicts:
         from .kernel.rq_sample import RQ_FIELDS, plan_rq_sampling
         from .runtime.monitor import Monitor
 
-        plan = plan_rq_sampling(self._sampling_live(), RQ_FIELDS if fields is None else fields, cpus)
+        from .kernel.scx_events import plan_scx_event_columns
+
+        live = self._sampling_live()
+        plan = plan_rq_sampling(live, RQ_FIELDS if fields is None else fields, cpus)
+        guarded, skipped = plan_scx_event_columns(live, plan.cpus, plan.skipped)
         return Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
                        threads=self.threads, interval=interval, running=lambda: self.running,
-                       skipped=plan.skipped, max_samples=max_samples).start()
+                       skipped=skipped, max_samples=max_samples, guarded=guarded,
+                       tasks_of=self._queued_tasks).start()
+
+    def _queued_tasks(self, cpus: list) -> dict:
+        """{cpu: QueuedTasks} of ``cpus`` (vmm.kernel.rq_tasks), read in one freeze."""
+        from .kernel.rq_tasks import queued_on
+
+        with self.freeze() as snap:
+            return queued_on(self.live(snap), cpus)
 
     def watch(self, target: Target, on_hit=None, access: str = "w", path: Optional[str] = None,
               cpu: Optional[int] = None, type: Optional[str] = None) -> "Watch":
@@ -176,7 +188,7 @@ class Verdicts:
         from .runtime.stall_watch import StallWatch
 
         mon = monitor if monitor is not None else self.monitor(interval)
-        fields = mon.fields
+        fields = mon.fixed_fields  # the run queue's own (not the event counters)
 
         def capture(stalls: list):
             with self.freeze() as snap:

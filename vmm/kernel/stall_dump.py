@@ -8,6 +8,8 @@ captures, inside that one freeze:
 - vmm's own read of every CPU's rq: the monitor's fields (nr_running, scx.nr_running,
   clock, scx.flags, scx.local_dsq.nr where the kernel has them) and ``curr->pid`` /
   ``curr->comm`` (the task on the CPU) where ``struct rq`` has ``curr``;
+- the tasks queued on each stalled CPU, pid and comm, from its sched_ext runnable list
+  (vmm.kernel.rq_tasks: ``rq->scx.runnable_list``, walked bounded);
 - sched_ext's state (``m.scx.state()``: enabled or not, the scheduler, its exit kind and
   message), or why it could not be read (a kernel without sched_ext says so).
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from vmm.errors import VmmError
+from vmm.kernel.rq_tasks import queued_on
 
 #: The task on each CPU, where struct rq has ``curr`` (a task_struct pointer).
 CURR_FIELDS = ("curr->pid", "curr->comm")
@@ -76,6 +79,8 @@ class StallReport:
     scx_error: Optional[str] = None
     freeze_latency_us: Optional[float] = None
     notes: list[str] = field(default_factory=lambda: [KERNEL_DUMP_NOTE])
+    queued: dict = field(default_factory=dict)   # {cpu: rq_tasks.QueuedTasks}, stalled CPUs
+    queued_error: Optional[str] = None           # why no task list was read
 
     @property
     def cpus(self) -> list[int]:
@@ -96,6 +101,10 @@ class StallReport:
             lines.append(f" {mark}cpu {row['cpu']}: {cells}")
         for name, why in self.missing.items():
             lines.append(f"  (no {name}: {why})")
+        for q in self.queued.values():
+            lines.append("  " + q.describe())
+        if self.queued_error:
+            lines.append(f"  (no queued tasks: {self.queued_error})")
         if self.scx is not None:
             s = self.scx
             lines.append(f"sched_ext: state {s.state}, ops {s.ops}, exit_kind {s.exit_kind}"
@@ -112,12 +121,18 @@ def capture_report(stalls: list, live: Any, cpus: Sequence[int], fields: Sequenc
                    freeze_latency_us: Optional[float] = None) -> StallReport:
     """A StallReport from ``live`` (a frozen view): every CPU's rq and sched_ext's state."""
     rows, missing = read_rq_rows(live, cpus, fields)
+    queued, queued_error = {}, None
+    try:
+        queued = queued_on(live, sorted({s.cpu for s in stalls}))
+    except VmmError as exc:
+        queued_error = str(exc)
     scx = err = None
     try:
         scx = scx_state()
     except VmmError as exc:
         err = str(exc)
-    return StallReport(list(stalls), t, rows, missing, scx, err, freeze_latency_us)
+    return StallReport(list(stalls), t, rows, missing, scx, err, freeze_latency_us,
+                       queued=queued, queued_error=queued_error)
 
 
 def monotonic_since(t0: Optional[float]) -> float:

@@ -18,13 +18,14 @@ vCPU n (vmm lists the vCPUs' APIC ids in order, and Linux numbers CPUs in that o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from vmm.errors import VmmError
 
@@ -59,6 +60,8 @@ class Stall:
     clock: int
     vcpu_cpu_s: Optional[float]
     samples: int
+    tasks: Any = None   # the tasks queued there (an object with describe()), if read
+
 
     @property
     def duration(self) -> float:
@@ -69,9 +72,12 @@ class Stall:
                                                   ("scx.nr_running", self.scx_nr_running))
                            if v is not None)
         ran = "?" if self.vcpu_cpu_s is None else f"{self.vcpu_cpu_s:.3f}"
-        return (f"cpu {self.cpu} stalled {self.start:.3f}-{self.end:.3f} s ({self.duration:.3f} s): "
+        text = (f"cpu {self.cpu} stalled {self.start:.3f}-{self.end:.3f} s ({self.duration:.3f} s): "
                 f"{queued} runnable, rq clock stuck at {self.clock}, its vCPU ran {ran} s "
                 f"of host CPU")
+        if self.tasks is not None:
+            text += "; " + (self.tasks.describe() if hasattr(self.tasks, "describe") else str(self.tasks))
+        return text
 
 
 def thread_cpu_seconds(tid: Optional[int]) -> Optional[float]:
@@ -146,6 +152,23 @@ def find_stalls(samples: Sequence[Sample], cpus: Sequence[int], window_s: float 
     return out
 
 
+@dataclass(frozen=True)
+class GuardedColumns:
+    """Columns whose addresses hang off a pointer that changes (sched_ext's event
+    counters live in the attached scheduler's per-CPU data, freed when it detaches).
+
+    ``guard_gpa``: where the pointer is (read with one aligned 8-byte load; None: the
+    addresses never move and ``locate(0)`` is called once); ``locate(value)`` -> the
+    slots [(row, gpa, width)] for a non-zero pointer value (each row's ``fields`` in
+    order), or raises VmmError. Each sample reads the guard before and after these
+    columns and keeps their values only when both reads agree with the value they were
+    located for; else (no pointer, a change in between, locate failed) they are None."""
+
+    fields: tuple[str, ...]
+    guard_gpa: Optional[int]
+    locate: Callable[[int], Sequence[tuple[int, int, int]]]
+
+
 class ThreadClock:
     """A thread's host CPU seconds, read again and again cheaply: its schedstat file kept
     open and re-read with pread (half the cost of opening it each time); else
@@ -184,18 +207,32 @@ class Monitor:
     starts (if not started) and stops it. ``.samples`` keeps the last ``max_samples``
     (default: MAX_ROWS rows' worth, at least 1000 samples; ``taken`` counts every sample,
     ``dropped`` those no longer kept), so a run of any length stays bounded; ``.ended``
-    says why sampling ended on its own (the VM stopped, memory closed)."""
+    says why sampling ended on its own (the VM stopped, memory closed). ``tasks_of(cpus)``
+    -> {cpu: tasks}: ``stalls()`` names what is queued on a CPU still stalled at the last
+    sample (read at that call). ``guarded``:
+    more columns whose addresses follow a pointer (GuardedColumns; ``fields`` is
+    ``fixed_fields`` then ``guarded_fields``); ``describe()`` says what is sampled and
+    what is skipped and why."""
 
     def __init__(self, memory, cpus: Sequence[int], fields: Sequence[str],
                  slots: Sequence[tuple[int, int, int]], threads: Sequence = (),
                  interval: float = 0.1, running: Callable[[], bool] = lambda: True,
                  skipped: Optional[dict] = None, cpu_vcpu: Optional[Sequence[Optional[int]]] = None,
-                 max_samples: Optional[int] = None):
+                 max_samples: Optional[int] = None, guarded: Optional[GuardedColumns] = None,
+                 tasks_of: Optional[Callable[[list], dict]] = None):
         if not interval > 0:
             raise VmmError(f"monitor interval must be positive, not {interval}")
         self.memory = memory
         self.cpus = tuple(cpus)
-        self.fields = tuple(fields)
+        self.fixed_fields = tuple(fields)   # at addresses that never move
+        self.guarded_fields = tuple(guarded.fields) if guarded is not None else ()
+        self.fields = self.fixed_fields + self.guarded_fields
+        self._guarded = guarded
+        self._tasks_of = tasks_of
+        self._guard_at: Optional[int] = None      # the guard value the slots were located for
+        self._guard_rows: Optional[list[list]] = None
+        self.guard_error: Optional[str] = None    # why the last locate failed
+        self.relocations = 0                      # how often the guarded columns moved
         self.skipped = dict(skipped or {})
         self.interval = interval
         self.threads = list(threads)
@@ -209,9 +246,13 @@ class Monitor:
                 raise VmmError(f"monitor slot at gpa {gpa:#x}: width {width} is not 1/2/4/8")
             per_row[row].append((readers[width], gpa, gpa % width == 0))
         for row, entries in enumerate(per_row):
-            if len(entries) != len(self.fields):
-                raise VmmError(f"monitor row {row}: {len(entries)} slots for {len(self.fields)} fields")
+            if len(entries) != len(self.fixed_fields):
+                raise VmmError(f"monitor row {row}: {len(entries)} slots for "
+                               f"{len(self.fixed_fields)} fields")
+        self._readers = readers
         self._rows = per_row
+        if guarded is not None and guarded.guard_gpa is None:
+            self._relocate(0)
         if max_samples is None:
             max_samples = max(1000, MAX_ROWS // max(1, len(self.cpus)))
         if max_samples < 1:
@@ -307,9 +348,59 @@ class Monitor:
             self._clocks = [ThreadClock(getattr(th, "tid", None)) for th in self.threads]
         cpu_time = tuple(c.read() for c in self._clocks)
         rows = tuple({name: self._load(read, gpa, aligned)
-                      for name, (read, gpa, aligned) in zip(self.fields, entries)}
+                      for name, (read, gpa, aligned) in zip(self.fixed_fields, entries)}
                      for entries in self._rows)
+        if self._guarded is not None:
+            self._sample_guarded(rows)
         return Sample(t, cpu_time, rows)
+
+    def _relocate(self, value: int) -> None:
+        """Find the guarded columns' slots for guard value ``value`` (see GuardedColumns)."""
+        g = self._guarded
+        assert g is not None
+        self._guard_at, self._guard_rows = value, None
+        if g.guard_gpa is not None and not value:
+            return
+        self.relocations += 1
+        try:
+            per_row: list[list] = [[] for _ in self.cpus]
+            for row, gpa, width in g.locate(value):
+                if width not in self._readers or not 0 <= row < len(self.cpus):
+                    raise VmmError(f"guarded slot row {row} width {width}: not a 1/2/4/8-byte "
+                                   f"slot of a sampled CPU")
+                per_row[row].append((self._readers[width], gpa, gpa % width == 0))
+            if any(len(r) != len(g.fields) for r in per_row):
+                raise VmmError(f"guarded columns: not {len(g.fields)} slots on every CPU")
+        except VmmError as e:
+            self.guard_error = str(e)
+            return
+        self.guard_error = None
+        self._guard_rows = per_row
+
+    def _sample_guarded(self, rows: tuple) -> None:
+        g = self._guarded
+        assert g is not None
+        value = 0 if g.guard_gpa is None else self.memory.read_u64(g.guard_gpa)
+        if value != self._guard_at:
+            self._relocate(value)
+        entries = self._guard_rows
+        values = None
+        if entries is not None:
+            values = [[self._load(read, gpa, aligned) for read, gpa, aligned in r] for r in entries]
+            if g.guard_gpa is not None and self.memory.read_u64(g.guard_gpa) != value:
+                values = None  # the pointer changed under the loads: they may be of freed memory
+        for i, row in enumerate(rows):
+            row.update(zip(g.fields, values[i] if values is not None else [None] * len(g.fields)))
+
+    def describe(self) -> str:
+        """One line: what is sampled, and what is not and why."""
+        text = (f"monitor of CPUs {','.join(map(str, self.cpus))} every {self.interval} s: "
+                f"{', '.join(self.fixed_fields)}")
+        if self.guarded_fields:
+            text += f"; {len(self.guarded_fields)} more ({', '.join(self.guarded_fields[:3])}, ...)"
+        for name, why in self.skipped.items():
+            text += f"; no {name}: {why}"
+        return text
 
     # --- the series -----------------------------------------------------------------
     def times(self) -> list[float]:
@@ -333,13 +424,25 @@ class Monitor:
         return [None if v is None or v >= len(s.vcpu_cpu_time) else s.vcpu_cpu_time[v]
                 for s in list(self.samples)]
 
-    def stalls(self, window_s: float = 1.0, min_cpu_fraction: float = 0.1) -> list[Stall]:
-        """find_stalls over the samples so far (needs the ``clock`` field)."""
+    def stalls(self, window_s: float = 1.0, min_cpu_fraction: float = 0.1,
+               tasks: bool = True) -> list[Stall]:
+        """find_stalls over the samples so far (needs the ``clock`` field). With
+        ``tasks`` (and a ``tasks_of``), a stall still going on at the last sample gets
+        ``.tasks``: what is queued on its CPU, read now (one freeze for all of them)."""
         if "clock" not in self.fields:
             raise VmmError("stall detection needs the rq clock ('clock'): "
                            + self.skipped.get("clock", "not sampled"))
-        return find_stalls(list(self.samples), self.cpus, window_s, min_cpu_fraction,
-                           self.cpu_vcpu)
+        samples = list(self.samples)
+        found = find_stalls(samples, self.cpus, window_s, min_cpu_fraction, self.cpu_vcpu)
+        ongoing = [st for st in found if st.end == samples[-1].t]
+        if not tasks or not ongoing or self._tasks_of is None or not self._running():
+            return found
+        try:  # still stalled at the last sample: name what is queued there now
+            tasks = self._tasks_of(sorted({st.cpu for st in ongoing}))
+        except VmmError as e:
+            tasks = {st.cpu: f"queued tasks not read: {e}" for st in ongoing}
+        return [dataclasses.replace(st, tasks=tasks.get(st.cpu)) if st in ongoing else st
+                for st in found]
 
     @property
     def dropped(self) -> int:
@@ -355,6 +458,7 @@ class Monitor:
             "interval": self.interval, "cpus": list(self.cpus), "fields": list(self.fields),
             "skipped": self.skipped, "cpu_vcpu": list(self.cpu_vcpu), "ended": self.ended,
             "reread": self.reread, "overhead_cpu_s_per_sample": self.overhead(),
+            "guarded_fields": list(self.guarded_fields), "guard_error": self.guard_error,
             "taken": self.taken, "dropped": self.dropped,
             "samples": [{"t": s.t, "vcpu_cpu_time": list(s.vcpu_cpu_time),
                          "cpus": [dict(r) for r in s.rows]} for s in list(self.samples)],

@@ -79,7 +79,7 @@ class StallWatch:
             if not self.monitor.active and self.monitor.ended:
                 return
             try:
-                stalls = self.monitor.stalls(self.window_s, self.min_cpu_fraction)
+                stalls = self.monitor.stalls(self.window_s, self.min_cpu_fraction, tasks=False)
             except VmmError as exc:
                 self.errors.append(exc)
                 return

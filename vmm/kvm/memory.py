@@ -73,7 +73,14 @@ def file_digest(fd: int, size: int, hasher) -> None:
     """Feeds `hasher` the file's non-zero page runs exactly as write_sparse did."""
     import os
 
+    zero = bytes(SAVE_CHUNK)
+
     def chunk(off, n):
+        try:  # a chunk inside a hole reads as zeros without reading
+            if os.lseek(fd, off, os.SEEK_DATA) >= off + n:
+                return zero[:n]
+        except OSError:  # ENXIO: only holes from here on
+            return zero[:n]
         return os.pread(fd, n, off).ljust(n, b"\0")
 
     for off, run in nonzero_runs(chunk, size):
@@ -84,10 +91,13 @@ def file_digest(fd: int, size: int, hasher) -> None:
 class GuestMemory:
     """`size` bytes of guest RAM at guest-physical [0, size), split around the MMIO gap."""
 
-    def __init__(self, size: int, backing_fd: int | None = None):
+    def __init__(self, size: int, backing_fd: int | None = None, split_at=()):
         """`backing_fd`: a file (or memfd) of at least `size` bytes whose pages are the
         RAM's first contents, mapped private: copy-on-write, so every GuestMemory made
-        from one file shares the pages none of them wrote (snapshot clones)."""
+        from one file shares the pages none of them wrote (snapshot clones).
+        `split_at`: guest-physical addresses (2 MiB aligned) where a RAM range is cut
+        into two memory slots: the NUMA nodes' boundaries (vmm.machine.topology), so
+        that each slot is one node's RAM, as the guest's SRAT and e820 map say."""
         ffi, lib = native()
         if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest memory size {size!r} must be a positive multiple of 4 KiB")
@@ -109,10 +119,18 @@ class GuestMemory:
         else:
             low = MMIO_GAP_START
             self.regions = [(0, low, base), (MMIO_GAP_END, size - low, base + low)]
+        for cut in sorted(split_at):
+            if not isinstance(cut, int) or cut % (2 << 20):
+                raise GuestMemoryError(f"memory slot boundary {cut!r} must be 2 MiB aligned")
+            i = next((i for i, (g, s, _) in enumerate(self.regions) if g < cut < g + s), None)
+            if i is None:
+                raise GuestMemoryError(f"memory slot boundary {cut:#x} is not inside a RAM range")
+            g, s, host = self.regions[i]
+            self.regions[i:i + 1] = [(g, cut - g, host), (cut, g + s - cut, host + (cut - g))]
 
     # -- lifetime ---------------------------------------------------------------
     def register(self, vm) -> None:
-        """KVM_SET_USER_MEMORY_REGION for each RAM range (slots 0, 1)."""
+        """KVM_SET_USER_MEMORY_REGION for each RAM range (slots 0, 1, ...)."""
         for slot, (gpa, size, host) in enumerate(self.regions):
             vm.set_user_memory_region(slot, gpa, size, host)
 

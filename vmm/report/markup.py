@@ -37,7 +37,8 @@ def page(title: str, blocks: Iterable[tuple[str, str]], subtitle: str = "") -> s
     if subtitle:
         parts.append(f"<p>{html.escape(subtitle)}</p>")
     for heading, markup in blocks:
-        parts.append(f"<section><h2>{html.escape(heading)}</h2>{markup}</section>")
+        h2 = f"<h2>{html.escape(heading)}</h2>" if heading else ""
+        parts.append(f"<section>{h2}{markup}</section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -182,8 +182,13 @@ def _shade(ax, series: Series, t_end: float, labels: bool, heat: bool = False) -
 
 def figure_bytes(fig, fmt: str) -> bytes:
     """The figure as "png" or "svg" bytes (at its own size: no tight cropping)."""
+    import matplotlib
+
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=DPI, metadata={"Software": None} if fmt == "png" else {"Date": None})
+    # SVG text as <text> (searchable, smaller; any browser has a sans-serif font)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format=fmt, dpi=DPI,
+                    metadata={"Software": None} if fmt == "png" else {"Date": None})
     return buf.getvalue()
 
 
@@ -202,7 +207,7 @@ def html_page(fig, title: str = "vmm monitor") -> str:
     """A self-contained HTML page holding the figure as inline SVG (no network, no script)."""
     from .markup import page
 
-    return page(title, [(title, figure_block(fig))])
+    return page(title, [("", figure_block(fig))])
 
 
 def figure_block(fig) -> str:

@@ -56,7 +56,7 @@ def entry(fn, index=0, **regs):
 def test_cpuid_apic_ids_and_topology_leaves():
     supported = [entry(0, eax=0x1F), entry(1, ebx=0x00010800, edx=0), entry(0xB, 0), entry(0xB, 1),
                  entry(0xB, 2), entry(0x40000000, ebx=0x4B4D564B)]
-    topo = Topology(2, 2, 2)
+    topo = Topology.sockets(2, 2, 2)
     out = cpu.cpuid_entries_for_vcpu(supported, 5, topo)
     by_key = {(e["function"], e["index"]): e for e in out}
     apic = topo.apic_id(5)
@@ -91,7 +91,7 @@ def kvm_amd_list(topoext=False, l1=0, l2=0x02008140, l3=0x00808140):
 def test_cpuid_x2apic_leaf_composed_whole_where_kvm_lists_it_empty(shape, index, pkg_bits):
     """KVM lists leaf 0xB zeroed and without subleaf 1: the VMM describes the topology
     (with only an SMT level, Linux made every vCPU a package of its own)."""
-    topo = Topology(*shape)
+    topo = Topology.sockets(*shape)
     out = cpu.cpuid_entries_for_vcpu(kvm_amd_list(), index, topo)
     xb = sorted((e for e in out if e["function"] == 0xB), key=lambda e: e["index"])
     assert [e["index"] for e in xb] == [0, 1, 2]
@@ -104,9 +104,9 @@ def test_cpuid_x2apic_leaf_composed_whole_where_kvm_lists_it_empty(shape, index,
 
 
 def test_cpuid_x2apic_leaf_added_when_kvm_omits_it():
-    out = leaves(cpu.cpuid_entries_for_vcpu([entry(0, eax=0xD, **INTEL), entry(1)], 1, Topology(1, 2, 1)))
+    out = leaves(cpu.cpuid_entries_for_vcpu([entry(0, eax=0xD, **INTEL), entry(1)], 1, Topology.sockets(1, 2, 1)))
     assert (out[(0xB, 1)]["eax"], out[(0xB, 1)]["ebx"], out[(0xB, 1)]["edx"]) == (1, 2, 1)
-    no_leaf_b = leaves(cpu.cpuid_entries_for_vcpu([entry(0, eax=0xA, **INTEL), entry(1)], 1, Topology(1, 2, 1)))
+    no_leaf_b = leaves(cpu.cpuid_entries_for_vcpu([entry(0, eax=0xA, **INTEL), entry(1)], 1, Topology.sockets(1, 2, 1)))
     assert (0xB, 0) not in no_leaf_b  # beyond the guest's maximum basic leaf
 
 
@@ -114,7 +114,7 @@ def test_cpuid_amd_empty_l1_cache_leaf_is_filled_without_topoext():
     """Linux 6.1's KVM lists 0x80000005 empty; an AMD guest without TOPOEXT then failed
     its whole cacheinfo and sched_ext refused every scheduler (scx_root_enable -22)."""
     supported = kvm_amd_list()
-    out = leaves(cpu.cpuid_entries_for_vcpu(supported, 0, Topology(1, 2, 1)))
+    out = leaves(cpu.cpuid_entries_for_vcpu(supported, 0, Topology.sockets(1, 2, 1)))
     l1 = out[(0x80000005, 0)]
     assert (l1["ecx"], l1["edx"]) == (cpu.AMD_L1_CACHE, cpu.AMD_L1_CACHE)
     assert (l1["ecx"] >> 24, (l1["ecx"] >> 16) & 0xFF, l1["ecx"] & 0xFF) == (32, 8, 64)  # KiB, ways, line
@@ -143,7 +143,7 @@ def test_cpuid_cache_leaves_left_alone_with_topoext_or_on_intel_or_when_present(
 def test_cpuid_cache_sharing_and_amd_extended_topology():
     """Which CPUs share a cache follows the topology: L1/L2 per core, L3 per package
     (Linux derives the LLC masks from it); 0x8000001E names the core and its threads."""
-    topo = Topology(1, 4, 2)
+    topo = Topology.sockets(1, 4, 2)
     out = leaves(cpu.cpuid_entries_for_vcpu(kvm_amd_list(topoext=True), 5, topo))
     sharing = [((out[(0x8000001D, i)]["eax"] >> 14) & 0xFFF) + 1 for i in range(4)]
     assert sharing == [2, 2, 2, 8]
@@ -151,7 +151,7 @@ def test_cpuid_cache_sharing_and_amd_extended_topology():
     e = out[(0x8000001E, 0)]
     assert (e["eax"], e["ebx"] & 0xFF, (e["ebx"] >> 8) & 0xFF, e["ecx"]) == (5, 2, 1, 0)
     intel = [entry(0, eax=0xD, **INTEL), entry(4, 0, flags=1, eax=0x121), entry(4, 3, flags=1, eax=0x163)]
-    out = leaves(cpu.cpuid_entries_for_vcpu(intel, 0, Topology(2, 2, 1)))
+    out = leaves(cpu.cpuid_entries_for_vcpu(intel, 0, Topology.sockets(2, 2, 1)))
     assert [((out[(4, i)]["eax"] >> 14) & 0xFFF) + 1 for i in (0, 3)] == [1, 2]
     assert out[(4, 3)]["eax"] >> 26 == 1  # cores per package - 1
 
@@ -223,7 +223,7 @@ def test_paravirt_cpuid_is_idempotent_and_adds_missing_kvm_leaves():
 
 def test_paravirt_cpuid_survives_the_per_vcpu_rewrite():
     shared = cpu.paravirt_cpuid(kvm_supported(), tsc_khz=2596134, tsc_deadline=True)
-    out = leaves(cpu.cpuid_entries_for_vcpu(shared, 1, Topology(1, 2, 1)))
+    out = leaves(cpu.cpuid_entries_for_vcpu(shared, 1, Topology.sockets(1, 2, 1)))
     assert out[(1, 0)]["ecx"] & cpu.CPUID_1_ECX_HYPERVISOR and out[(1, 0)]["ebx"] >> 24 == 1
     assert out[(cpu.KVM_CPUID_TIMING, 0)]["eax"] == 2596134
 

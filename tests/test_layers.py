@@ -36,7 +36,7 @@ FLOORS = [
     # The top floor, in four sub-floors, bottom up:
     ("vmm.kernelstore", "vmm.scxbuild", "vmm.debug", "vmm.report"),  # tools: the store, scheduler builds, debuggers, reports
     ("vmm.session", "vmm.session_requests", "vmm.session_verdicts", "vmm.session_report"),  # the session (vmm.Machine)
-    ("vmm",),  # the package's public names (vmm/__init__.py: lazy exports of the session's)
+    ("vmm", "vmm.topology"),  # the package's public names (vmm/__init__.py: lazy exports of the session's; vmm/topology.py: the machine's topology)
     ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore", "vmm.cli_report", "vmm.kernelstore.__main__",
      "vmm.__main__", "vmm.pytest_plugin"),  # entry points: nothing in vmm/ imports them but each other
 ]

@@ -239,7 +239,7 @@ def test_build_errors_name_the_step(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(cpus=0), dict(cpus=255), dict(cpus="2"), dict(memory="lots"),
-                                dict(memory="16M"), dict(timeout=-1), dict(topology="2s2c1t"),
+                                dict(memory="16M"), dict(timeout=-1), dict(topology="2s2c1t", cpus=2),
                                 dict(cmdline=5), dict(console=42)])
 def test_bad_options_are_config_errors(kw):
     with pytest.raises(ConfigError):

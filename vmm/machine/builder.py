@@ -56,7 +56,7 @@ class MachineBuilder(ExitHandling):
     nearest(addr) -> (name, offset), used to name RIPs in internal-error reports (the
     session passes vmm.kernel's; without one RIPs stay numbers)."""
 
-    def __init__(self, kernel, cpus: int = 1, memory: int | str = "512M", cmdline: str | None = None,
+    def __init__(self, kernel, cpus: int | None = None, memory="512M", cmdline: str | None = None,
                  initrd=None, console=None, timeout: float | None = None,
                  boot_via_decompressor: bool | None = None, topology=None, pvm_assists: bool = True,
                  acpi: bool = True, symbol_table: Callable[[bytes], object] | None = None,
@@ -209,7 +209,9 @@ class MachineBuilder(ExitHandling):
         """Build step: allocate guest RAM and register it with the VM."""
         from vmm.kvm import GuestMemory
 
-        self.memory = GuestMemory(self.memory_size)
+        # One slot per NUMA node's RAM range (cut where the nodes meet, as e820 and SRAT are).
+        self.memory = GuestMemory(self.memory_size,
+                                  split_at=self.topology.memory_boundaries(self.memory_size))
         self.memory.register(self.vm)
 
     def setup_irqchip(self) -> None:
@@ -287,7 +289,7 @@ class MachineBuilder(ExitHandling):
             zp["ramdisk_size"] = size & 0xFFFFFFFF
             zp["ext_ramdisk_image"] = addr >> 32
             zp["ext_ramdisk_size"] = size >> 32
-        zp.set_e820(L.e820_map(self.memory_size))
+        zp.set_e820(L.e820_map(self.memory_size, self.topology.memory_boundaries(self.memory_size)))
         if self.acpi:
             zp["acpi_rsdp_addr"] = L.RSDP_START
         self.memory.write(L.ZERO_PAGE_START, zp.to_bytes())
@@ -304,7 +306,7 @@ class MachineBuilder(ExitHandling):
         else:
             self.notes.append(f"no MP table: {len(apic_ids)} CPUs exceed its {tables.MP_MAX_CPUS}; ACPI only")
         if self.acpi:
-            blob, _ = tables.acpi_tables(apic_ids)
+            blob, _ = tables.acpi_tables(apic_ids, topology=self.topology, memory_size=self.memory_size)
             self.memory.write(L.ACPI_START, blob)
 
     def create_vcpus(self) -> None:

@@ -145,23 +145,44 @@ def _max_leaf(entries: list[dict], base: int) -> int:
     return e["eax"] if e is not None else 0
 
 
-def _cache_sharing(eax: int, topology: Topology) -> int:
-    """A cache leaf's EAX (leaf 4 or 0x8000001D) with its 'logical processors sharing
-    this cache - 1' field (bits 25:14) for `topology`: L1 and L2 are per core (its
-    threads), L3 and beyond per package. Linux derives each cache's id, and so which
-    CPUs share it (the LLC masks the scheduler and sched_ext build), from this field."""
-    if eax & 0x1F == 0:  # no cache: the list's terminator
-        return eax
-    level = (eax >> 5) & 0x7
-    bits = topology.thread_bits if level <= 2 else topology.thread_bits + topology.core_bits
-    return (eax & ~(0xFFF << 14)) | ((((1 << bits) - 1) & 0xFFF) << 14)
+# The caches every vCPU is told it has (leaf 4 on Intel, 0x8000001D on AMD), composed
+# rather than the host's, as QEMU does by default: which CPUs share each one is the
+# topology's, and the guest always has an L3 to make its LLC. (level, type, KiB, ways,
+# per): type 1 data, 2 instruction, 3 unified; `per` "core" (its threads) or "llc".
+CACHES = ((1, 1, 32, 8, "core"), (1, 2, 32, 8, "core"), (2, 3, 1024, 16, "core"),
+          (3, 3, 16 * 1024, 16, "llc"))
+CACHE_LINE = 64
+
+
+def _cache_leaf(function: int, sub: int, topology: Topology) -> dict:
+    """Subleaf `sub` of leaf 4 / 0x8000001D: CACHES[sub], or the terminator past them.
+    EAX[25:14] is 'logical processors sharing this cache - 1': L1 and L2 are per core
+    (2^thread_bits), the L3 per LLC (2^(thread_bits + core_bits)). Linux takes each
+    cache's id as the APIC id shifted right by that many bits, and the LLC id (its
+    sched domains' MC level, sched_ext's LLC masks) from the L3's."""
+    regs = dict(eax=0, ebx=0, ecx=0, edx=0)
+    if sub < len(CACHES):
+        level, kind, kib, ways, per = CACHES[sub]
+        bits = topology.thread_bits + (topology.core_bits if per == "llc" else 0)
+        sets = kib * 1024 // (ways * CACHE_LINE)
+        regs["eax"] = kind | (level << 5) | (1 << 8) | ((((1 << bits) - 1) & 0xFFF) << 14)
+        if function == 4:  # EAX[31:26]: addressable core ids in the package - 1
+            regs["eax"] |= (((1 << (topology.package_shift - topology.thread_bits)) - 1) & 0x3F) << 26
+        regs["ebx"] = (ways - 1) << 22 | (CACHE_LINE - 1)  # one partition per line
+        regs["ecx"] = sets - 1
+        regs["edx"] = 0 if level < 3 else 0x2  # L3 inclusive of the lower levels
+    return {"function": function, "index": sub, "flags": KVM_CPUID_FLAG_SIGNIFCANT_INDEX, **regs}
+
+
+def _cache_leaves(function: int, topology: Topology) -> list[dict]:
+    return [_cache_leaf(function, sub, topology) for sub in range(len(CACHES) + 1)]
 
 
 def _x2apic_leaf(function: int, topology: Topology, apic_id: int) -> list[dict]:
-    """Leaf 0xB/0x1F whole: the SMT level, the core level, the terminator."""
-    smt_bits, core_bits = topology.thread_bits, topology.core_bits
-    regs = [(smt_bits, topology.threads, (X2APIC_LEVEL_SMT << 8) | 0),
-            (smt_bits + core_bits, topology.threads * topology.cores, (X2APIC_LEVEL_CORE << 8) | 1),
+    """Leaf 0xB/0x1F whole: the SMT level, the core level (everything below the
+    package: the cores of all the package's LLCs), the terminator."""
+    regs = [(topology.thread_bits, topology.threads, (X2APIC_LEVEL_SMT << 8) | 0),
+            (topology.package_shift, topology.cpus_per_package, (X2APIC_LEVEL_CORE << 8) | 1),
             (0, 0, 2)]
     return [{"function": function, "index": sub, "flags": KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
              "eax": eax, "ebx": ebx, "ecx": ecx, "edx": apic_id}
@@ -213,21 +234,27 @@ def complete_amd_cache_leaves(entries: list[dict]) -> list[dict]:
 
 def cpuid_entries_for_vcpu(entries: list[dict], index: int, topology: Topology) -> list[dict]:
     """Rewrite the host-supported CPUID list for vCPU `index` so that the guest sees
-    `topology` (as QEMU composes these leaves; KVM describes no topology itself):
+    `topology` (vmm.machine.topology; as QEMU composes these leaves, KVM describes no
+    topology itself):
 
-    - leaf 1: the APIC id, the logical processor count, HTT;
+    - leaf 1: the APIC id, the logical processors per package, HTT;
     - x2APIC topology, leaf 0xB (and 0x1F where listed): composed whole, SMT level,
-      core level and terminator. KVM lists these leaves zeroed and without subleaf 1
-      ("no topology"): rewriting only what is listed left Linux with an SMT level
-      alone, and then every vCPU was a package of its own;
-    - cache leaves 4 (Intel: cores per package too) and 0x8000001D (AMD, TOPOEXT): the
-      processors sharing each cache, L1/L2 per core, L3 per package;
-    - AMD 0x8000001E (TOPOEXT): extended APIC id, core id, threads per core; AMD
-      0x80000008 ECX: threads per package and the APIC id bits they take;
+      core level (shift: the package's bits) and terminator. KVM lists these leaves
+      zeroed and without subleaf 1 ("no topology"): rewriting only what is listed left
+      Linux with an SMT level alone, and then every vCPU was a package of its own;
+    - cache leaves 4 (Intel) and 0x8000001D (AMD): composed (CACHES), L1/L2 per core,
+      the L3 per LLC;
+    - AMD: TOPOEXT set (its leaves are CPUID data only, composed here, so a host without
+      it, like the SVM lane's, describes the same LLCs); 0x8000001E with the extended
+      APIC id, the core id in the package, threads per core and, as "node id", the
+      global LLC index with one such node per package (Linux before family 0x17 takes
+      its LLC id from that field, later families from 0x8000001D; more than one per
+      package would shrink its PKG level to them); 0x80000008 ECX: threads per
+      package and the APIC id bits they take. 0x80000026 (AMD's newer topology leaf,
+      which Linux would prefer to 0xB) is left out;
     - AMD L1/L2 cache leaves KVM leaves empty: complete_amd_cache_leaves.
     """
     apic_id = topology.apic_id(index)
-    smt_bits, core_bits = topology.thread_bits, topology.core_bits
     amd = cpuid_vendor(entries) in AMD_VENDORS
     max_basic = _max_leaf(entries, 0)
     out = []
@@ -235,31 +262,39 @@ def cpuid_entries_for_vcpu(entries: list[dict], index: int, topology: Topology) 
     for e in complete_amd_cache_leaves(entries):
         fn, sub = e["function"], e["index"]
         if fn == 1:
-            logical = 1 << (smt_bits + core_bits)
+            logical = 1 << topology.package_shift
             e["ebx"] = (e["ebx"] & 0x0000FFFF) | (min(logical, 0xFF) << 16) | (apic_id << 24)
             if topology.cpus > 1:
                 e["edx"] |= 1 << 28  # HTT: the package has several logical processors
-        elif fn == 4:
-            e["eax"] = _cache_sharing(e["eax"], topology)
-            e["eax"] = (e["eax"] & 0x03FFFFFF) | ((((1 << core_bits) - 1) & 0x3F) << 26)
-        elif fn in (0xB, 0x1F):
-            if fn not in composed:
+        elif fn in (0xB, 0x1F, 4, 0x8000001D):
+            if fn not in composed and (fn != 0x8000001D or amd):
                 composed.add(fn)
-                out += _x2apic_leaf(fn, topology, apic_id)
+                out += (_x2apic_leaf(fn, topology, apic_id) if fn in (0xB, 0x1F)
+                        else _cache_leaves(fn, topology))
             continue
-        elif fn == 0x8000001D:
-            e["eax"] = _cache_sharing(e["eax"], topology)
+        elif fn == 0x80000026 and amd:
+            continue
+        elif fn == 0x80000000 and amd:
+            e["eax"] = max(e["eax"], 0x8000001E)
+        elif fn == 0x80000001 and amd:
+            e["ecx"] |= CPUID_80000001_ECX_TOPOEXT
         elif fn == 0x8000001E and amd:
-            core = (index // topology.threads) % topology.cores
-            e["eax"] = apic_id
-            e["ebx"] = ((topology.threads - 1) << 8) | (core & 0xFF)
-            e["ecx"] = 0  # node 0, one node per package
+            continue  # composed below, once
         elif fn == 0x80000008 and amd:
-            e["ecx"] = ((e["ecx"] & ~0xF0FF) | (((smt_bits + core_bits) & 0xF) << 12)
-                        | ((topology.threads * topology.cores - 1) & 0xFF))
+            e["ecx"] = ((e["ecx"] & ~0xF0FF) | ((topology.package_shift & 0xF) << 12)
+                        | ((topology.cpus_per_package - 1) & 0xFF))
         out.append(e)
     if max_basic >= 0xB and 0xB not in composed:
         out += _x2apic_leaf(0xB, topology, apic_id)
+    if max_basic >= 4 and 4 not in composed:
+        out += _cache_leaves(4, topology)
+    if amd:
+        if 0x8000001D not in composed:
+            out += _cache_leaves(0x8000001D, topology)
+        core_in_package = (index // topology.threads) % (topology.cpus_per_package // topology.threads)
+        out.append({"function": 0x8000001E, "index": 0, "flags": 0, "eax": apic_id,
+                    "ebx": ((topology.threads - 1) << 8) | (core_in_package & 0xFF),
+                    "ecx": topology.llc_of(index) & 0xFF, "edx": 0})
     return out
 
 

@@ -134,8 +134,11 @@ def ram_top_below_gap(memory_size: int) -> int:
     return min(memory_size, MMIO_GAP_START)
 
 
-def e820_map(memory_size: int) -> list[tuple[int, int, int]]:
-    """The e820 table [(addr, size, type)] the guest gets in boot_params."""
+def e820_map(memory_size: int, split_at: tuple[int, ...] | list[int] = ()) -> list[tuple[int, int, int]]:
+    """The e820 table [(addr, size, type)] the guest gets in boot_params. RAM entries are
+    also cut at the guest-physical addresses `split_at` (where one NUMA node's RAM ends
+    and the next one's begins), so that each entry is one node's, as the SRAT says and
+    the memory slots are cut."""
     low_end = ram_top_below_gap(memory_size)
     entries = [
         (0, EBDA_START, E820_RAM),
@@ -145,7 +148,12 @@ def e820_map(memory_size: int) -> list[tuple[int, int, int]]:
     ]
     if memory_size > MMIO_GAP_START:
         entries.append((MMIO_GAP_END, memory_size - MMIO_GAP_START, E820_RAM))
-    return entries
+    out = []
+    for addr, size, kind in entries:
+        cuts = sorted(c for c in split_at if addr < c < addr + size) if kind == E820_RAM else []
+        for start, end in zip([addr] + cuts, cuts + [addr + size]):
+            out.append((start, end - start, kind))
+    return out
 
 
 def initrd_address(memory_size: int, initrd_size: int, kernel_end: int,

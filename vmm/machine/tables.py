@@ -5,17 +5,20 @@ scan of 0xe0000..0xfffff) and falls back to the MP table (found by scanning the 
 of base memory at 0x9fc00). A kernel built without ACPI uses the MP table. Both list one
 LAPIC per vCPU and the IOAPIC, so Linux starts every AP with INIT/SIPI either way.
 
+With more than one NUMA node (vmm.machine.topology) the XSDT also lists an SRAT (which
+node each APIC id and each RAM range belongs to) and a SLIT (the nodes' distances).
+
 Formats: Intel MultiProcessor Specification 1.4 (chapter 4) and ACPI 6.x (RSDP, XSDT,
-FADT, MADT, DSDT, FACS). All checksums make the covered bytes sum to 0 mod 256.
+FADT, MADT, DSDT, FACS, SRAT 5.2.16, SLIT 5.2.17). All checksums make the covered bytes sum to 0 mod 256.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from vmm.errors import ConfigError
 from vmm.machine import layout as L
+from vmm.machine.topology import Topology as _Topology
 
 OEM_ID = b"VMMPY "  # 6 bytes
 OEM_TABLE_ID = b"VMMPYTBL"  # 8 bytes
@@ -38,72 +41,8 @@ def _with_checksum(data: bytes, offset: int, end: int | None = None) -> bytes:
     return bytes(buf)
 
 
-# --- CPU topology ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Topology:
-    """sockets x cores x threads; APIC ids pack thread, core, socket bits as on hardware."""
-
-    sockets: int = 1
-    cores: int = 1
-    threads: int = 1
-
-    @classmethod
-    def flat(cls, cpus: int) -> "Topology":
-        """`cpus` cores in one socket, one thread each."""
-        return cls(1, cpus, 1)
-
-    @classmethod
-    def parse(cls, spec, cpus: int) -> "Topology":
-        """None (flat), a Topology, a (sockets, cores, threads) tuple or "2s2c2t"-like text."""
-        if spec is None:
-            topo = cls.flat(cpus)
-        elif isinstance(spec, Topology):
-            topo = spec
-        elif isinstance(spec, (tuple, list)) and len(spec) == 3:
-            topo = cls(*spec)
-        elif isinstance(spec, str):
-            import re
-
-            m = re.fullmatch(r"\s*(\d+)s(\d+)c(\d+)t\s*", spec)
-            if not m:
-                raise ConfigError(f"topology {spec!r} not understood; use e.g. '2s4c2t' or (2, 4, 2)")
-            topo = cls(*map(int, m.groups()))
-        else:
-            raise ConfigError(f"topology must be (sockets, cores, threads), not {spec!r}")
-        if any(not isinstance(n, int) or n < 1 for n in (topo.sockets, topo.cores, topo.threads)):
-            raise ConfigError(f"topology {topo} needs positive counts")
-        if topo.cpus != cpus:
-            raise ConfigError(f"topology {topo.sockets}s{topo.cores}c{topo.threads}t has {topo.cpus} "
-                              f"CPUs but cpus={cpus}")
-        if topo.apic_id(cpus - 1) > L.MAX_CPUS - 1:
-            raise ConfigError(f"topology {topo} needs APIC ids above {L.MAX_CPUS - 1}")
-        return topo
-
-    @property
-    def cpus(self) -> int:
-        """sockets x cores x threads."""
-        return self.sockets * self.cores * self.threads
-
-    @property
-    def thread_bits(self) -> int:
-        """Bits of the APIC id that number the threads of a core."""
-        return (self.threads - 1).bit_length()
-
-    @property
-    def core_bits(self) -> int:
-        """Bits of the APIC id that number the cores of a socket."""
-        return (self.cores - 1).bit_length()
-
-    def apic_id(self, index: int) -> int:
-        """The APIC id of CPU `index` (socket, core and thread fields)."""
-        thread = index % self.threads
-        core = (index // self.threads) % self.cores
-        socket = index // (self.threads * self.cores)
-        return (socket << (self.core_bits + self.thread_bits)) | (core << self.thread_bits) | thread
-
-    def apic_ids(self) -> list[int]:
-        """The APIC ids of every CPU, in CPU order."""
-        return [self.apic_id(i) for i in range(self.cpus)]
+# --- CPU topology: vmm/machine/topology.py (re-exported: the tables take its APIC ids) ---------
+Topology = _Topology
 
 
 # --- Intel MP table ---------------------------------------------------------------------------
@@ -255,9 +194,38 @@ def dsdt() -> bytes:
     return sdt(b"DSDT", 2, AML_S5)
 
 
-def acpi_tables(apic_ids: list[int], base: int = L.ACPI_START,
-                hw_reduced: bool = False) -> tuple[bytes, int]:
-    """All ACPI tables as one blob to write at `base`, and the RSDP's address (== base)."""
+SRAT_CPU_ENABLED = 0x1
+SRAT_MEM_ENABLED = 0x1
+
+
+def srat(topology: _Topology, memory_size: int) -> bytes:
+    """The ACPI SRAT (revision 3): a Processor Local APIC Affinity structure (type 0) per
+    CPU, in CPU order, naming its node (the proximity domain), and a Memory Affinity
+    structure (type 1) per node RAM range (topology.memory_ranges)."""
+    body = struct.pack("<IQ", 1, 0)  # reserved: 1 for backward compatibility, then 8 bytes
+    for cpu, apic_id in enumerate(topology.apic_ids()):
+        node = topology.node_of(cpu)
+        # type, length, proximity domain [7:0], APIC id, flags, SAPIC EID,
+        # proximity domain [31:8], clock domain
+        body += struct.pack("<BBBBIB3sI", 0, 16, node & 0xFF, apic_id, SRAT_CPU_ENABLED, 0,
+                            (node >> 8).to_bytes(3, "little"), 0)
+    for node, gpa, size in topology.memory_ranges(memory_size):
+        # type, length, proximity domain, reserved, base, length, reserved, flags, reserved
+        body += struct.pack("<BBIHQQIIQ", 1, 40, node, 0, gpa, size, 0, SRAT_MEM_ENABLED, 0)
+    return sdt(b"SRAT", 3, body)
+
+
+def slit(topology: _Topology) -> bytes:
+    """The ACPI SLIT: the number of nodes (u64), then their distance matrix, row by row."""
+    matrix = topology.distance_matrix()
+    return sdt(b"SLIT", 1, struct.pack("<Q", len(matrix)) + bytes(d for row in matrix for d in row))
+
+
+def acpi_tables(apic_ids: list[int], base: int = L.ACPI_START, hw_reduced: bool = False,
+                topology: _Topology | None = None, memory_size: int = 0) -> tuple[bytes, int]:
+    """All ACPI tables as one blob to write at `base`, and the RSDP's address (== base).
+    With a `topology` of more than one node (and the guest's `memory_size`), the SRAT and
+    SLIT too; `apic_ids` must be the topology's."""
     if not 1 <= len(apic_ids) <= L.MAX_CPUS:
         raise ConfigError(f"ACPI tables hold 1..{L.MAX_CPUS} CPUs, not {len(apic_ids)}")
     blob = bytearray(b"\0" * 64)  # RSDP goes first, filled in last
@@ -271,8 +239,12 @@ def acpi_tables(apic_ids: list[int], base: int = L.ACPI_START,
     facs_addr = place(facs(), 64)
     dsdt_addr = place(dsdt())
     fadt_addr = place(fadt(dsdt_addr, facs_addr, hw_reduced))
-    madt_addr = place(madt(apic_ids))
-    xsdt_addr = place(sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
+    pointers = [fadt_addr, place(madt(apic_ids))]
+    if topology is not None and topology.all_nodes > 1:
+        if topology.apic_ids() != list(apic_ids):
+            raise ConfigError("the SRAT's APIC ids must be the MADT's (the topology's)")
+        pointers += [place(srat(topology, memory_size)), place(slit(topology))]
+    xsdt_addr = place(sdt(b"XSDT", 1, struct.pack(f"<{len(pointers)}Q", *pointers)))
     blob[0:RSDP_SIZE] = rsdp(xsdt_addr)
     if base + len(blob) > L.BIOS_AREA_END:
         raise ConfigError("ACPI tables do not fit below 1 MiB")

@@ -161,6 +161,7 @@ class Monitor:
         self.taken = 0  # samples taken since the start (kept or dropped)
         self.reread = 0             # misaligned slots that needed more than one pair of reads
         self.sample_cpu_s = 0.0     # host CPU seconds the sampling itself took
+        self.sample_wall_s = 0.0    # wall seconds it took (more when the host is busy)
         self.ended: Optional[str] = None
         self.t0: Optional[float] = None
         self._stop = threading.Event()
@@ -215,7 +216,7 @@ class Monitor:
             if not self._running():
                 self.ended = "the VM stopped"
                 return
-            c0 = time.thread_time()
+            c0, w0 = time.thread_time(), time.monotonic()
             try:
                 self.samples.append(self.sample())
                 self.taken += 1
@@ -223,6 +224,7 @@ class Monitor:
                 self.ended = f"sampling failed: {e}"
                 return
             self.sample_cpu_s += time.thread_time() - c0
+            self.sample_wall_s += time.monotonic() - w0
             due += self.interval
             now = time.monotonic()
             if due < now:
@@ -352,6 +354,10 @@ class Monitor:
     def overhead(self) -> Optional[float]:
         """Host CPU seconds per sample the sampling thread spent (None before any)."""
         return self.sample_cpu_s / self.taken if self.taken else None
+
+    def wall_per_sample(self) -> Optional[float]:
+        """Wall seconds per sample taken (None before any)."""
+        return self.sample_wall_s / self.taken if self.taken else None
 
     def as_dict(self) -> dict:
         return {

@@ -135,6 +135,11 @@ def test_1b_verdicts_from_the_host_while_attached(guest):
     # Every CPU runs a busy task on the ext class: some CPU's scx.nr_running was >= 1.
     assert any(max(mon.column("scx.nr_running", c)) >= 1 for c in mon.cpus), mon.to_json()[:2000]
     assert mon.stalls(window_s=1.0) == [], [st.describe() for st in mon.stalls(1.0)]
+    # sched_ext's own event counters (scx_root->pcpu->event_stats), per CPU, as columns
+    assert "SCX_EV_SELECT_CPU_FALLBACK" in mon.guarded_fields, mon.describe()
+    last = mon.samples[-1].rows
+    assert all(row["SCX_EV_SELECT_CPU_FALLBACK"] is not None for row in last), last
+    print({f: [row[f] for row in last] for f in mon.guarded_fields})
 
 
 def test_2_inject_scx_clock_on_every_cpu(guest):
@@ -284,3 +289,107 @@ def test_6_vmm_run_follows_sched_ext_from_the_shell(tmp_path):
     assert "stalls: none" in extra["monitor"], extra["monitor"]
     assert len(json.loads((tmp_path / "m.json").read_text())["samples"]) >= 10
 
+
+
+# --- scx_qmap made to fail on purpose (issue 21): one boot, the host starts each run ------
+# scx_qmap -e N: scx_bpf_error("test triggering error") after N enqueues; -t N: every Nth
+# enqueue of a user thread is dropped, so that task never runs and the kernel's watchdog
+# (qmap's timeout_ms, 5 s) exits the scheduler with SCX_EXIT_ERROR_STALL. The job's own
+# shell may be the stalled task: the host follows qmap from guest memory, not the console.
+QMAP_JOB = r"""
+echo "vmm-test: qmap ready"
+while read -r cmd; do
+  case "$cmd" in
+    error) scx_qmap -e 200 > /tmp/q.log 2>&1; echo "vmm-test: qmap-e rc=$?";;
+    stall)
+      W=; for i in 1 2 3 4; do (while :; do sleep 0.02; done) & W="$W $!"; done
+      scx_qmap -t 2 > /tmp/q.log 2>&1; rc=$?
+      kill $W; echo "vmm-test: qmap-t rc=$rc";;
+    quit) break;;
+  esac
+done
+exit 42
+"""
+
+
+@pytest.fixture(scope="module")
+def qmap_guest():
+    from vmm import Machine
+    from vmm.scxbuild import build_scheduler
+
+    from guest_abi import built_kernel_spec
+
+    kernel = built_kernel_spec("scx")
+    qmap = build_scheduler("qmap", kernel, progress=None)
+    m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=QMAP_JOB,
+                include=[f"{qmap.binary}:/bin/scx_qmap"])
+    m.start()
+    try:
+        m.wait_for_console("vmm-test: qmap ready", timeout=BOOT_TIMEOUT)
+        yield m
+    finally:
+        m.stop()
+
+
+def _exit_in_thread(m):
+    import threading
+
+    exits = []
+    t = threading.Thread(target=lambda: exits.append(m.scx.wait_for_exit(300)), daemon=True)
+    t.start()
+    return t, exits
+
+
+def _kernel_said(m, s):
+    """The guest kernel's own lines for exit ``s`` (ScxState), as scx_log_sched_disable
+    prints them."""
+    text = m.console_text()
+    assert f'sched_ext: BPF scheduler "qmap" disabled ({s.exit_reason})' in text, (s, text[-3000:])
+    assert f"sched_ext: qmap: {s.exit_msg}" in text, (s, text[-3000:])
+
+
+def test_7_qmap_error_exit_read_from_the_host(qmap_guest):
+    m = qmap_guest
+    waiter, exits = _exit_in_thread(m)
+    _ask(m, "error", r"vmm-test: qmap-e rc=\d+", timeout=300)
+    waiter.join(60)
+    s = m.scx.last_exit or (exits[0] if exits else None)
+    print(f"host's view of qmap -e: {s.describe() if s else None}")
+    assert s is not None and s.exit_kind == "SCX_EXIT_ERROR_BPF", (s, m.console_tail(30))
+    assert s.ops == "qmap" and s.exit_msg == "test triggering error", s
+    _kernel_said(m, s)
+
+
+def test_8_qmap_stall_exit_and_the_task_the_host_saw_queued(qmap_guest):
+    from vmm.kernel.rq_tasks import queued_on
+
+    m = qmap_guest
+    m.scx.last_exit = None
+    waiter, exits = _exit_in_thread(m)
+    start = m.console_position()
+    m.feed_console(b"stall\n")
+    deadline = time.monotonic() + 300
+    while m.scx.state().ops != "qmap":
+        assert time.monotonic() < deadline, "scx_qmap -t did not attach"
+        time.sleep(0.05)
+    seen = {}  # pid -> comm, every task the host read on a runnable list while attached
+    with m.monitor(0.1) as mon:
+        while waiter.is_alive() and time.monotonic() < deadline:
+            with m.freeze() as snap:
+                for q in queued_on(m.live(snap), range(CPUS)).values():
+                    seen.update((t.pid, t.comm) for t in q.tasks)
+            time.sleep(0.3)
+    waiter.join(60)
+    s = m.scx.last_exit or (exits[0] if exits else None)
+    print(f"host's view of qmap -t: {s.describe() if s else None}")
+    print(f"tasks seen queued: {sorted(seen.items())[:20]}")
+    print(f"monitor: {mon.describe()}; stalls: {[st.describe() for st in mon.stalls(1.0)]}")
+    assert s is not None and s.exit_kind == "SCX_EXIT_ERROR_STALL", (s, m.console_tail(30))
+    assert s.exit_reason == "runnable task stall", s
+    _kernel_said(m, s)
+    # the kernel names the stalled task "comm[pid] failed to run for ...": the host read
+    # that very task on a CPU's sched_ext runnable list before the watchdog fired
+    named = re.search(r"(\S+)\[(\d+)\] failed to run for", s.exit_msg)
+    assert named, s.exit_msg
+    assert seen.get(int(named.group(2))) == named.group(1), (named.group(0), seen)
+    m.wait_for_console(r"vmm-test: qmap-t rc=\d+", timeout=300, start=start)

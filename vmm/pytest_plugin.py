@@ -130,6 +130,8 @@ def vmm_machine(request: pytest.FixtureRequest) -> Iterator[Any]:
         if wait_for:
             machine.wait_for_console(wait_for, timeout=wait_timeout)
     machine.dirty = False
+    for kept in ("_monitors", "_stall_watches"):  # a reused machine: this test's evidence only
+        machine.__dict__.pop(kept, None)
     request.node.stash[_MACHINE_KEY] = machine
     yield machine
     if fresh or machine.dirty or not machine.running:

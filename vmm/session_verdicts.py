@@ -113,7 +113,8 @@ class Verdicts:
         vmm.kernel.rq_sample.RQ_FIELDS (nr_running, scx.nr_running, clock, scx.flags,
         scx.local_dsq.nr) where this kernel has them (the rest in ``.skipped``),
         addresses resolved once now. ``.samples``, ``.column(field, cpu)``,
-        ``.stalls(window_s)``, ``.to_json()``; the last ``max_samples`` are kept (default:
+        ``.stalls(window_s)``, ``.to_json()``, ``.plot(path)`` (vmm.report.plot); the last
+        ``max_samples`` are kept (default:
         vmm.runtime.monitor.MAX_ROWS rows' worth). VmmError at once when the VM is not
         running."""
         if not self.running:
@@ -126,10 +127,26 @@ class Verdicts:
         live = self._sampling_live()
         plan = plan_rq_sampling(live, RQ_FIELDS if fields is None else fields, cpus)
         guarded, skipped = plan_scx_event_columns(live, plan.cpus, plan.skipped)
-        return Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
-                       threads=self.threads, interval=interval, running=lambda: self.running,
-                       skipped=skipped, max_samples=max_samples, guarded=guarded,
-                       tasks_of=self._queued_tasks).start()
+        mon = Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
+                      threads=self.threads, interval=interval, running=lambda: self.running,
+                      skipped=skipped, max_samples=max_samples, guarded=guarded,
+                      tasks_of=self._queued_tasks).start()
+        return self._kept_for_report("_monitors", mon)
+
+    def _kept_for_report(self, key: str, obj):
+        """Keep ``obj`` (a monitor or stall watch, the last 4 of each) for the evidence a
+        failed test shows (vmm.report.evidence, the pytest plugin); a monitor also gets
+        ``.plot(path, scx_states=())``: its series drawn to .png/.svg/.html
+        (vmm.report.plot.render; matplotlib, ``pip install 'vmm[plot]'``)."""
+        from collections import deque
+        from functools import partial
+
+        self.__dict__.setdefault(key, deque(maxlen=4)).append(obj)
+        if key == "_monitors":
+            from .report.plot import render
+
+            obj.plot = partial(render, obj)
+        return obj
 
     def _queued_tasks(self, cpus: list) -> dict:
         """{cpu: QueuedTasks} of ``cpus`` (vmm.kernel.rq_tasks), read in one freeze."""
@@ -196,5 +213,6 @@ class Verdicts:
                                       monotonic_since(mon.t0), lambda: self.scx.state(),
                                       snap.latency_ns / 1000)
 
-        return StallWatch(mon, capture, window_s, on_stall, interval, min_cpu_fraction,
-                          own_monitor=monitor is None).start()
+        return self._kept_for_report("_stall_watches", StallWatch(
+            mon, capture, window_s, on_stall, interval, min_cpu_fraction,
+            own_monitor=monitor is None).start())

@@ -125,15 +125,23 @@ def figure(source: Any, scx_states: Iterable[Any] = (), title: Optional[str] = N
             ax.grid(True, alpha=0.3)
             if transform is None:  # counts: integer ticks
                 ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            finite = data[np.isfinite(data)]
+            lo = min(0.0, float(finite.min())) if finite.size else 0.0
+            hi = max(1.0, float(finite.max())) if finite.size else 1.0
+            pad = (hi - lo) * 0.08  # an all-zero row still shows 0 and 1
+            ax.set_ylim(lo - pad, hi + pad)
         ax.tick_params(labelsize=8)
         _shade(ax, series, t_end, labels=ax is axes[0], heat=heat)
     if not heat and len(series.cpus) > 0:
-        axes[0].legend(loc="upper left", fontsize=7, ncol=min(8, len(series.cpus)), framealpha=0.7)
+        axes[0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False,
+                       ncol=min(8, len(series.cpus)))  # above the plot: never over the data
     axes[-1].set_xlabel("seconds since the monitor started", fontsize=8)
     ntext = f"{len(series.times)} samples" + (f" every {series.interval:g} s" if series.interval else "")
     stalls = f"{len(series.stalls)} stall(s)" if series.stalls else "no stall"
     fig.suptitle(title or f"vmm monitor: {ntext}, {len(series.cpus)} CPU(s), {stalls}", fontsize=10)
-    fig.subplots_adjust(left=0.1, right=0.97 if not heat else 0.95, top=1 - 0.55 / (h / DPI),
+    legend_rows = 0 if heat else -(-len(series.cpus) // 8)
+    top_in = 0.45 + 0.15 * legend_rows  # the title, and the legend above the first row
+    fig.subplots_adjust(left=0.1, right=0.97 if not heat else 0.95, top=1 - top_in / (h / DPI),
                         bottom=0.45 / (h / DPI), hspace=0.12)
     fig.vmm_series = series  # what was drawn, for whoever holds the figure
     return fig

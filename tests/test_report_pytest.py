@@ -1,0 +1,88 @@
+"""The pytest plugin's evidence on a real machine (our tiny test guest, under KVM): a
+failing test's report carries the sections, the JUnit XML the vmm.* properties, the
+terminal summary a `vmm evidence` entry, and its saved directory becomes one page."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmm.cli import main
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[1]
+GUEST = ROOT / "kernels/guests/out/guest.elf"
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not GUEST.exists(), reason="test guest not built: make guests"),
+]
+
+TESTS = f'''
+import time
+import pytest
+from vmm import KernelValue as V
+
+pytestmark = pytest.mark.vmm(kernel={str(GUEST)!r}, cpus=2, cmdline="mode=loop cpus=2",
+                             wait_for="2 cpus up")
+
+def test_stalls(vmm_machine):
+    with vmm_machine.monitor(interval=0.05) as mon:
+        vmm_machine.write("runqueues", V.u32(2), path="nr_running", cpu=1)
+        time.sleep(1.5)
+    assert False, "deliberate: cpu 1 looks stalled"
+
+def test_passes(vmm_machine):
+    assert vmm_machine.read("nr_cpu_ids") == 2
+'''
+
+
+def run(pytester, request, *extra):
+    pytester.makepyfile(test_guest=TESTS)
+    args = ["-p", "no:cacheprovider", "-rf", *extra]
+    if not request.config.pluginmanager.hasplugin("vmm"):  # not pip-installed
+        args += ["-p", "vmm.pytest_plugin"]
+    return pytester.runpytest_subprocess(*args)
+
+
+def test_a_failing_test_carries_its_evidence(pytester, request, tmp_path):
+    evidence, junit = tmp_path / "evidence", tmp_path / "junit.xml"
+    result = run(pytester, request, f"--vmm-evidence-dir={evidence}", f"--junitxml={junit}")
+    result.assert_outcomes(passed=1, failed=1)
+    # report sections, printed with the failure
+    result.stdout.fnmatch_lines(["*vmm machine*", "*kernel: *guest.elf*", "*cmdline: *mode=loop*",
+                                 "*vmm exit*", "*vmm console (tail)*", "*vmm sched_ext*",
+                                 "*not a Linux guest*", "*vmm stalls*", "*monitor 0: * samples every 0.05 s*"])
+    # the terminal summary's entry, and only for the failed test
+    result.stdout.fnmatch_lines(["*= vmm evidence =*", "*test_stalls: failed*",
+                                 f"*evidence: {evidence}*test_stalls*(vmm report *)*"])
+    assert "test_passes: passed" not in result.stdout.str()
+    # JUnit XML properties on the failed testcase
+    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+    props = {p.get("name"): p.get("value") for p in cases["test_stalls"].iter("property")}
+    assert props["vmm.kernel"].endswith("guest.elf") and "mode=loop" in props["vmm.cmdline"]
+    assert props["vmm.exit"] == "running" and props["vmm.evidence"].startswith(str(evidence))
+    assert "vmm.plot" in props and props["vmm.sched_ext"].startswith("not read")
+    assert not list(cases["test_passes"].iter("property"))
+    # the saved directory, as one page with the monitor's figure
+    (d,) = list(evidence.iterdir())
+    assert {p.name for p in d.iterdir()} == {"evidence.json", "monitor-0.json", "plot-0.png"}
+    assert main(["report", str(d)]) == 0
+    page = (d / "report.html").read_text()
+    assert page.count("<svg") == 1 and "vmm console (tail)" in page and "vmm-guest" in page
+
+
+def test_always_gives_evidence_of_passing_tests_too(pytester, request, tmp_path):
+    evidence = tmp_path / "evidence"
+    result = run(pytester, request, "--vmm-evidence=always", f"--vmm-evidence-dir={evidence}",
+                 "-k", "passes")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*= vmm evidence =*", "*test_passes: passed*"])
+    assert len(list(evidence.iterdir())) == 1
+    never = run(pytester, request, "--vmm-evidence=never", "-k", "stalls")
+    never.assert_outcomes(failed=1)
+    never.stdout.fnmatch_lines(["*vmm console (tail)*"])
+    assert "vmm evidence" not in never.stdout.str() and "vmm stalls" not in never.stdout.str()

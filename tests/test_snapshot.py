@@ -191,3 +191,16 @@ def test_a_closed_snapshot_is_refused(original):
     snap.close()
     with pytest.raises(SnapshotError, match="closed"):
         Machine.from_snapshot(snap)
+
+
+def test_thaw_false_leaves_the_original_frozen(original):
+    snap = original.snapshot(thaw=False)
+    try:
+        assert original.coordinator.frozen
+        a = [original.read("runqueues", "counter", cpu=c) for c in range(2)]
+        time.sleep(0.2)
+        assert [original.read("runqueues", "counter", cpu=c) for c in range(2)] == a
+    finally:
+        original.thaw()
+        snap.close()
+    wait_advance(original)

@@ -254,6 +254,7 @@ def take(machine, path=None, thaw: bool = True) -> Snapshot:
         raise SnapshotError("a debugger (gdb stub) is attached: its breakpoints are bytes in "
                             "guest RAM that a clone would run into; detach it first")
     frozen = machine.freeze()
+    ok = False
     try:
         indices = vcpu_state.msr_index_list(machine.kvm)
         vm = vm_state.capture(machine.vm)
@@ -278,8 +279,9 @@ def take(machine, path=None, thaw: bool = True) -> Snapshot:
         manifest = {"format": FORMAT_VERSION, "vmm_version": _vmm_version(),
                     "kernel": kernel_identity(getattr(machine, "_kernel_bytes", None)),
                     "host": host_profile(machine.kvm), "memory_sha256": h.hexdigest()}
+        ok = True
     finally:
-        if thaw:
+        if thaw or not ok:  # a failed capture never leaves the machine frozen
             frozen.__exit__(None, None, None)
     if path is not None:
         _write_manifest_and_state(path, manifest, state, h.hexdigest())

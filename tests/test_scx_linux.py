@@ -373,11 +373,14 @@ def test_8_qmap_stall_exit_and_the_task_the_host_saw_queued(qmap_guest):
         assert time.monotonic() < deadline, "scx_qmap -t did not attach"
         time.sleep(0.05)
     seen = {}  # pid -> comm, every task the host read on a runnable list while attached
+    waited = {}  # pid -> the longest it was seen runnable without running (jiffies)
     with m.monitor(0.1) as mon:
         while waiter.is_alive() and time.monotonic() < deadline:
             with m.freeze() as snap:
                 for q in queued_on(m.live(snap), range(CPUS)).values():
-                    seen.update((t.pid, t.comm) for t in q.tasks)
+                    for t in q.tasks:
+                        seen[t.pid] = t.comm
+                        waited[t.pid] = max(waited.get(t.pid, 0), q.waited(t) or 0)
             time.sleep(0.3)
     waiter.join(60)
     s = m.scx.last_exit or (exits[0] if exits else None)
@@ -391,5 +394,8 @@ def test_8_qmap_stall_exit_and_the_task_the_host_saw_queued(qmap_guest):
     # that very task on a CPU's sched_ext runnable list before the watchdog fired
     named = re.search(r"(\S+)\[(\d+)\] failed to run for", s.exit_msg)
     assert named, s.exit_msg
-    assert seen.get(int(named.group(2))) == named.group(1), (named.group(0), seen)
+    pid = int(named.group(2))
+    assert seen.get(pid) == named.group(1), (named.group(0), seen)
+    print(f"the host saw {named.group(1)}[{pid}] runnable for {waited[pid] / m.scx.hz:.2f} s")
+    assert waited[pid] >= m.scx.hz, waited  # runnable, never run, for at least 1 s
     m.wait_for_console(r"vmm-test: qmap-t rc=\d+", timeout=300, start=start)

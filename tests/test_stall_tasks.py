@@ -56,6 +56,7 @@ def lay_tasks(live, lay, cpu, tasks, link=None):
         task = nodes[i] - lay.node_off
         live.put(task + lay.pid_off, struct.pack("<i", pid))
         live.put(task + lay.comm_off, comm.ljust(16, b"\0"))
+        live.u64(task + lay.runnable_at_off, 1000 + i)
         live.u64(nodes[i], link(i) if link and link(i) is not None else chain[i + 1])
     return nodes
 
@@ -67,10 +68,13 @@ def test_runnable_list_walk(k73):
     assert lay.node_off == k73.btf.offsetof("struct task_struct", "scx.runnable_node")
     lay_tasks(live, lay, 1, [(101, b"stress"), (7, b"kworker/1:0"), (1, b"init")])
     lay_tasks(live, lay, 0, [])
+    assert queued_tasks(live, 1).jiffies is None  # jiffies_64 unreadable: waits unknown
+    live.u64(live.symbol_address("jiffies_64"), 1500)
     q = queued_tasks(live, 1)
+    assert [q.waited(t) for t in q.tasks] == [500, 499, 498]
+    assert "101 'stress' (runnable 500 jiffies)" in q.describe()
     assert [(t.pid, t.comm) for t in q.tasks] == [(101, "stress"), (7, "kworker/1:0"), (1, "init")]
     assert not q.truncated and q.error is None and q.source == "rq->scx.runnable_list"
-    assert "101 'stress', 7 'kworker/1:0'" in q.describe()
     assert queued_tasks(live, 0).tasks == [] and "none" in queued_tasks(live, 0).describe()
     q = queued_tasks(live, 1, limit=2)
     assert len(q.tasks) == 2 and q.truncated and "first 2 only" in q.describe()

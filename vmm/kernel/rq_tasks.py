@@ -34,6 +34,7 @@ class QueuedTask:
     pid: int
     comm: str
     kva: int   # the task_struct
+    runnable_at: Optional[int] = None   # p->scx.runnable_at (jiffies), where BTF has it
 
 
 @dataclass
@@ -47,9 +48,20 @@ class QueuedTasks:
     tasks: list[QueuedTask] = field(default_factory=list)
     truncated: bool = False
     error: Optional[str] = None
+    jiffies: Optional[int] = None   # jiffies_64 when the list was read
+
+    def waited(self, task: QueuedTask) -> Optional[int]:
+        """Jiffies ``task`` has been runnable without running (the kernel's watchdog
+        compares the same: jiffies - p->scx.runnable_at), None when unknown."""
+        if task.runnable_at is None or self.jiffies is None:
+            return None
+        return self.jiffies - task.runnable_at
 
     def describe(self) -> str:
-        names = ", ".join(f"{t.pid} {t.comm!r}" for t in self.tasks) or "none"
+        def one(t: QueuedTask) -> str:
+            w = self.waited(t)
+            return f"{t.pid} {t.comm!r}" + (f" (runnable {w} jiffies)" if w is not None else "")
+        names = ", ".join(one(t) for t in self.tasks) or "none"
         text = f"cpu {self.cpu} queued ({self.source}): {names}"
         if self.truncated:
             text += f" (first {len(self.tasks)} only)"
@@ -59,7 +71,9 @@ class QueuedTasks:
 
     def as_dict(self) -> dict:
         return {"cpu": self.cpu, "source": self.source, "truncated": self.truncated,
-                "error": self.error, "tasks": [{"pid": t.pid, "comm": t.comm} for t in self.tasks]}
+                "error": self.error, "jiffies": self.jiffies,
+                "tasks": [{"pid": t.pid, "comm": t.comm, "runnable_at": t.runnable_at}
+                          for t in self.tasks]}
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class TaskListLayout:
     pid_off: int
     comm_off: int
     comm_len: int
+    runnable_at_off: Optional[int] = None   # task_struct.scx.runnable_at (8 bytes)
 
     @classmethod
     def of(cls, kernel: Any) -> "TaskListLayout":
@@ -87,7 +102,13 @@ class TaskListLayout:
             except VmmError as e:
                 why.append(f"{head}: {e}")
                 continue
-            return cls(head, n.offset, pid.offset, comm.offset, min(comm.size or COMM_LEN, 64))
+            try:
+                at = btf.field("struct task_struct", "scx.runnable_at")
+                at_off = at.offset if at.size == 8 and not at.bit_size else None
+            except VmmError:
+                at_off = None
+            return cls(head, n.offset, pid.offset, comm.offset, min(comm.size or COMM_LEN, 64),
+                       at_off)
         raise VmmError("no sched_ext task list in this kernel (" + "; ".join(why) + ")")
 
 
@@ -105,6 +126,11 @@ def queued_tasks(live: Any, cpu: int, limit: int = DEFAULT_LIMIT, symbol: str = 
     def u64(kva: int) -> int:
         return struct.unpack("<Q", live.read_kva(kva, 8))[0]
 
+    if "jiffies_64" in live.kernel.symbols:
+        try:
+            out.jiffies = u64(live.symbol_address("jiffies_64"))
+        except VmmError:
+            pass
     try:
         node = u64(head)  # head->next
     except VmmError as e:
@@ -126,12 +152,13 @@ def queued_tasks(live: Any, cpu: int, limit: int = DEFAULT_LIMIT, symbol: str = 
         try:
             pid = struct.unpack("<i", live.read_kva(task + lay.pid_off, 4))[0]
             raw = live.read_kva(task + lay.comm_off, lay.comm_len)
+            at = u64(task + lay.runnable_at_off) if lay.runnable_at_off is not None else None
             nxt = u64(node)
         except VmmError as e:
             out.error = f"task at {task:#x} unreadable: {e}"
             break
         comm = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-        out.tasks.append(QueuedTask(pid, comm, task))
+        out.tasks.append(QueuedTask(pid, comm, task, at))
         node = nxt
     return out
 

@@ -204,3 +204,13 @@ def test_thaw_false_leaves_the_original_frozen(original):
         original.thaw()
         snap.close()
     wait_advance(original)
+
+
+def test_a_clone_can_be_snapshot_and_cloned_again(started, snapdir):
+    clone = started(Machine.from_snapshot(snapdir, start=False))
+    clone.write(NODENAME, V.bytes(b"gen-two\0"))
+    wait_advance(clone)
+    with clone.snapshot() as snap:  # its RAM is the first file's pages plus its own
+        grandchild = started(Machine.from_snapshot(snap, start=False))
+    assert grandchild.read(NODENAME)[:8] == b"gen-two\0"
+    wait_advance(grandchild)

@@ -86,3 +86,22 @@ def test_always_gives_evidence_of_passing_tests_too(pytester, request, tmp_path)
     never.assert_outcomes(failed=1)
     never.stdout.fnmatch_lines(["*vmm console (tail)*"])
     assert "vmm evidence" not in never.stdout.str() and "vmm stalls" not in never.stdout.str()
+
+
+def test_vmm_run_plots_its_monitor(tmp_path, capsys):
+    out = tmp_path / "run.svg"
+    status = main(["run", "--kernel", str(GUEST), "--cpus", "2", "--cmdline", "mode=loop cpus=2",
+                   "--timeout", "2", "--monitor", "0.05", "--plot", str(out), "--quiet"])
+    assert status == 255  # the timeout ends the run
+    assert f"vmm: monitor plot: {out}" in capsys.readouterr().err
+    root = ET.parse(out).getroot()
+    assert [e.get("id") for e in root.iter()].count("cpu 1") == 3  # nr_running, scx, clock rows
+
+
+def test_vmm_run_plot_needs_a_monitor_and_a_format(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--kernel", str(GUEST), "--plot", "x.png"])
+    assert "--plot needs --monitor" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--kernel", str(GUEST), "--monitor", "0.1", "--plot", "x.jpg"])
+    assert "say .png, .svg or .html" in capsys.readouterr().err

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
+import vmm.cli_report  # noqa: F401
+import vmm.report.html  # noqa: F401
 from vmm.cli import main
+
+try:  # imported before pytester's sys.modules snapshot, which drops what a test imports first
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+except ImportError:
+    pass
 
 pytest_plugins = ["pytester"]
 

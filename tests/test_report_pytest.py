@@ -57,8 +57,13 @@ def run(pytester, request, *extra):
 
 
 def test_a_failing_test_carries_its_evidence(pytester, request, tmp_path):
-    evidence, junit = tmp_path / "evidence", tmp_path / "junit.xml"
-    result = run(pytester, request, f"--vmm-evidence-dir={evidence}", f"--junitxml={junit}")
+    evidence, junit, html = tmp_path / "evidence", tmp_path / "junit.xml", tmp_path / "report.html"
+    try:
+        import pytest_html  # noqa: F401
+        with_html = [f"--html={html}", "--self-contained-html"]
+    except ImportError:  # pytest-html is optional: its part is checked where it is installed
+        with_html = []
+    result = run(pytester, request, f"--vmm-evidence-dir={evidence}", f"--junitxml={junit}", *with_html)
     result.assert_outcomes(passed=1, failed=1)
     # report sections, printed with the failure
     result.stdout.fnmatch_lines(["*vmm machine*", "*kernel: *guest.elf*", "*cmdline: *mode=loop*",
@@ -75,6 +80,9 @@ def test_a_failing_test_carries_its_evidence(pytester, request, tmp_path):
     assert props["vmm.exit"] == "running" and props["vmm.evidence"].startswith(str(evidence))
     assert "vmm.plot" in props and props["vmm.sched_ext"].startswith("not read")
     assert not list(cases["test_passes"].iter("property"))
+    if with_html:  # pytest-html shows the sections and the plot (an extra)
+        page = html.read_text()
+        assert "vmm stalls" in page and "not a Linux guest" in page and "image/png;base64" in page and "plot-0.png" in page
     # the saved directory, as one page with the monitor's figure
     (d,) = list(evidence.iterdir())
     assert {p.name for p in d.iterdir()} == {"evidence.json", "monitor-0.json", "plot-0.png"}

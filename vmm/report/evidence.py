@@ -242,7 +242,7 @@ def collect(m: Any, test: str = "", outcome: str = "") -> Evidence:
     dump = sched_ext_dump(console)
     if dump:
         ev.sections.append(("vmm sched_ext dump", dump))
-    core = getattr(m, "core_path", None) or next(iter(m.__dict__.get("_vmcores", ())), None)
+    core = getattr(m, "core_path", None)  # the vmcore a panic wrote (Machine.dump_on_panic)
     if core:
         ev.sections.append(("vmm vmcore", f"{core}\n(open it: crash vmlinux {core}, or drgn -c {core})"))
     props = [("vmm.kernel", str(getattr(m, "kernel", ""))),

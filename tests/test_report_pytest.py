@@ -121,3 +121,19 @@ def test_vmm_run_plot_needs_a_monitor_and_a_format(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--kernel", str(GUEST), "--monitor", "0.1", "--plot", "x.jpg"])
     assert "say .png, .svg or .html" in capsys.readouterr().err
+
+
+def test_collect_from_a_machine_without_a_monitor(tmp_path):
+    from vmm import Machine
+    from vmm.report.evidence import collect
+
+    with Machine(kernel=str(GUEST), cpus=2, cmdline="mode=loop cpus=2") as m:
+        m.wait_for_console("2 cpus up", timeout=60)
+        m.core_path = str(tmp_path / "vmcore")  # as a panic with dump_on_panic leaves it
+        ev = collect(m, "t", "failed")
+    assert "cpus: 2, topology" in ev.section("vmm machine") and "vmm: " in ev.section("vmm machine")
+    assert "2 cpus up" in ev.section("vmm console (tail)")
+    assert ev.section("vmm stalls").startswith("no monitor ran")
+    assert ev.section("vmm vmcore").startswith(str(tmp_path / "vmcore"))
+    assert dict(ev.properties)["vmm.vmcore"] == str(tmp_path / "vmcore")
+    assert ev.section("vmm sched_ext dump") is None and ev.monitors == []

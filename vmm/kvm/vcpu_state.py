@@ -52,6 +52,11 @@ MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 # every KVM we know; asking twice is harmless).
 ESSENTIAL_MSRS = (MSR_IA32_TSC, MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_WALL_CLOCK_NEW)
 MAX_MSRS = 4096
+# MSRs a guest cannot go on without (clock, system-call entry, segment bases, PAT): a
+# restore that cannot set one of these fails; any other MSR KVM refuses is reported.
+REQUIRED_MSRS = frozenset((MSR_IA32_TSC, MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_WALL_CLOCK_NEW,
+                           0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083,
+                           0xC0000084, 0xC0000102, MSR_IA32_TSC_DEADLINE))
 
 # The pieces in capture order; each is bytes (msrs: {index: value}; mp_state: int).
 STRUCT_PIECES = {"regs": "struct kvm_regs *", "sregs": "struct kvm_sregs *",
@@ -177,6 +182,24 @@ def get_msrs_tolerant(vcpu, indices) -> tuple[dict[int, int], list[int]]:
     return values, refused
 
 
+def set_msrs_tolerant(vcpu, values: dict[int, int]) -> list[int]:
+    """Sets `values` in order; KVM_SET_MSRS stops at the first MSR it refuses: that one
+    is left out and the rest set. Returns the refused indices."""
+    ffi, lib = native()
+    refused = []
+    items = list(values.items())
+    while items:
+        m = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (idx, val) in enumerate(items):
+            m.entries[i].index, m.entries[i].data = idx, val
+        done = check("KVM_SET_MSRS", lib.vmm_ioctl(vcpu.fd, lib.KVM_SET_MSRS, m),
+                     f"vCPU {vcpu.index}")
+        if done < len(items):
+            refused.append(items[done][0])
+        items = items[done + 1:]
+    return refused
+
+
 def _raw_get(vcpu, request: int, size: int, name: str) -> bytes:
     buf = bytearray(size)
     _raw_ioctl(vcpu.fd, request, buf, name, f"vCPU {vcpu.index}")
@@ -213,9 +236,10 @@ def capture(vcpu, msr_indices) -> VcpuState:
         events=_get_struct(vcpu, "events"), debugregs=debugregs, refused=refused)
 
 
-def apply(vcpu, state: VcpuState) -> None:
+def apply(vcpu, state: VcpuState) -> list[int]:
     """Sets `state` on `vcpu` (not inside KVM_RUN) in the order KVM needs; KvmIoctlError
-    naming the ioctl (and MSR) that refused."""
+    naming the ioctl (or required MSR) that refused. Returns the other MSRs KVM refused
+    (left at their reset values)."""
     state.check_sizes()
     _set_struct(vcpu, "regs", state.regs)
     if state.xsave is not None:
@@ -230,7 +254,11 @@ def apply(vcpu, state: VcpuState) -> None:
     # kvm-clock MSRs are read against it.
     msrs = dict(state.msrs)
     first = {i: msrs.pop(i) for i in (MSR_IA32_TSC,) if i in msrs}
-    vcpu.set_msrs({**first, **msrs})
+    refused = set_msrs_tolerant(vcpu, {**first, **msrs})
+    required = [i for i in refused if i in REQUIRED_MSRS]
+    if required:
+        raise KvmIoctlError("KVM_SET_MSRS", errno.EINVAL, f"vCPU {vcpu.index}: MSR(s) "
+                            + ", ".join(f"{i:#x}" for i in required) + " not writable")
     vcpu.set_mp_state(state.mp_state)
     _raw_ioctl(vcpu.fd, KVM_SET_LAPIC, bytearray(state.lapic), "KVM_SET_LAPIC",
                f"vCPU {vcpu.index}")
@@ -240,3 +268,4 @@ def apply(vcpu, state: VcpuState) -> None:
     if state.debugregs is not None:
         _raw_ioctl(vcpu.fd, KVM_SET_DEBUGREGS, bytearray(state.debugregs),
                    "KVM_SET_DEBUGREGS", f"vCPU {vcpu.index}")
+    return refused

@@ -354,7 +354,10 @@ def restore(cls, snapshot, start: bool = True, verify_memory: bool = True, **opt
         machine._run_step("setup_devices")
         vm_state.apply(machine.vm, vm)
         for v, s in zip(machine.vcpus, vcpus):
-            vcpu_state.apply(v, s)
+            refused = vcpu_state.apply(v, s)
+            if refused:
+                machine.notes.append(f"restore: vCPU {v.index}: KVM refused MSRs "
+                                     + ", ".join(f"{i:#x}" for i in refused))
         _restore_devices(machine, st["devices"])
         machine.snapshot_origin = snap.path or "memory"
     except BaseException:

@@ -14,6 +14,11 @@
   still fails for the tests that failed before it.
 - A test that pytest-rerunfailures ran again gets a summary line saying why: the text
   its ``--only-rerun`` patterns (the Makefile's SVM_RERUN) matched, else its last line.
+- In the SVM lane, a test whose last rerun still failed with one of those patterns (the
+  emulator's SVM fault) does not count as failed the first time: the run stops and asks
+  scripts/svm_lane.py for a fresh L1 (its FRESH_L1), where it resumes with that test.
+  An L1 that faulted once tends to fault again (svm_lane.py's docstring has the figures);
+  each test gets one fresh L1, and only while ``--l1-retries`` has one left.
 
 Helpers the test modules share live in plain modules beside them (guest_abi, tinyvm,
 fake_resolver, page_tables, pahole_text); the synthetic kernel images come from
@@ -87,7 +92,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     path = _progress()
     if path is None or not path.exists():
         return
-    done, started = {}, None
+    done, started, fresh = {}, None, None
     for line in path.read_text().splitlines():
         what, _, nodeid = line.partition(" ")
         if what == "start":
@@ -95,12 +100,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         elif what in FINAL:
             done[nodeid] = what
             started = None if started == nodeid else started
+        elif what == FRESH_L1_LINE:
+            _fresh_given.add(nodeid)
+            fresh, started = nodeid, None
     _resumed.append(True)
     _earlier_failures[:] = [n for n, what in done.items() if what == "failed"]
     keep = [item for item in items if item.nodeid not in done]
     config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
     items[:] = keep
-    print(f"\nsvm lane: resuming after an L1 crash: {len(done)} tests ended before it "
+    why = (f"in a fresh L1, for {fresh} (the lane's SVM fault outlived its reruns)"
+           if fresh and not started else "after an L1 crash")
+    print(f"\nsvm lane: resuming {why}: {len(done)} tests ended before it "
           f"({len(_earlier_failures)} failed), {len(keep)} to run"
           + (f"; L1 died during {started}" if started else ""))
 
@@ -115,10 +125,58 @@ def pytest_runtest_logstart(nodeid: str, location) -> None:
 _reruns: list[tuple[str, str, str]] = []  # (nodeid, phase, failure text)
 
 
+# --- a fresh L1 for a test the lane's SVM fault followed through its reruns -----------
+FRESH_L1 = 75  # scripts/svm_lane.py's FRESH_L1: "run me again in a fresh L1"
+FRESH_L1_LINE = "fresh-l1"  # its line in the progress file
+_rerun_patterns: list[str] = []  # --only-rerun's (the Makefile's SVM_RERUN)
+_fresh_given: set[str] = set()  # tests that had their fresh L1 (from the progress file)
+_fresh_wanted: list[tuple[str, str]] = []  # (nodeid, the fault's words): at most one
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _rerun_patterns[:] = config.getoption("only_rerun", None) or []
+
+
+def _fresh_l1_left() -> int:
+    """How many fresh L1s svm_lane.py may still boot for this run (0 outside the lane)."""
+    path = os.environ.get("VMM_SVM_FRESH_L1")
+    try:
+        return int(Path(path).read_text().strip()) if path else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _lane_fault(report: pytest.TestReport) -> str | None:
+    """The words of the lane's SVM fault in a failed setup or call, if it is one that
+    should get a fresh L1 instead of counting as failed."""
+    if (not report.failed or report.when == "teardown" or _progress() is None
+            or report.nodeid in _fresh_given or _fresh_wanted or not _fresh_l1_left()):
+        return None
+    text = report.longreprtext
+    found = next(filter(None, (re.search(p, text) for p in _rerun_patterns)), None)
+    return found.group(0) if found else None
+
+
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    if _fresh_wanted and _fresh_wanted[0][0] == nodeid:
+        why = f"{nodeid}: {_fresh_wanted[0][1]}"
+        _write_progress(FRESH_L1_LINE, nodeid)
+        Path(os.environ["VMM_SVM_FRESH_L1"]).write_text(why + "\n")
+        pytest.exit(f"the lane's SVM fault outlived the reruns of {why}: "
+                    "asking scripts/svm_lane.py for a fresh L1", returncode=FRESH_L1)
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.outcome == "rerun":
         _reruns.append((report.nodeid, report.when, report.longreprtext))
     if _progress() is None:
+        return
+    fault = _lane_fault(report)
+    if fault is not None:
+        _fresh_wanted.append((report.nodeid, fault))
+        _outcomes[report.nodeid] = FRESH_L1_LINE  # not final: the fresh L1 runs it again
+        return
+    if _outcomes.get(report.nodeid) == FRESH_L1_LINE and report.when != "teardown":
         return
     if report.outcome not in FINAL:
         _outcomes[report.nodeid] = report.outcome  # "rerun": this try does not count

@@ -3,7 +3,9 @@
 import importlib.util
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,98 @@ def test_l1_retries_run_the_command_again_in_a_fresh_l1(lane, fake_l1, tmp_path,
     # No fresh L1 when too little of --timeout is left for it to do anything.
     assert lane.run(["true"], str(tmp_path), timeout=60, l1_retries=2) == lane.LANE_FAILED
     assert "s left of --timeout" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_faulty_l1(lane, monkeypatch):
+    """A stand-in for QEMU+L1 whose first command asks for a fresh L1 (as tests/conftest.py
+    does after the lane's SVM fault outlived a test's reruns); the next one exits 0."""
+    l1 = (r'io=$1; echo "svm-lane: L1 up after 1.0 s: fake"; '
+          r'if [ ! -e "$io/asked" ]; then touch "$io/asked"; '
+          r'echo "tests/x.py::t: holds the host'"'"'s state" > "$io/fresh-l1"; echo 75 > "$io/status"; '
+          r'else echo 0 > "$io/status"; fi')
+    monkeypatch.setattr(lane, "setup", lambda: {})
+    monkeypatch.setattr(lane, "qemu_command", lambda manifest, io, cpus, mem: ["sh", "-c", l1, "l1", str(io)])
+
+
+def test_a_command_may_ask_for_a_fresh_l1(lane, fake_faulty_l1, tmp_path, capsys):
+    assert lane.run(["true"], str(tmp_path), l1_retries=1) == 0
+    out = "".join(capsys.readouterr())
+    assert "the command asked for a fresh L1 (tests/x.py::t: holds the host's state)" in out
+    assert "running it again in a fresh L1 (L1 boot 2 of 2)" in out
+    # With no L1 boot left the run fails (conftest.py does not ask then: it reads 0).
+    assert lane.run(["true"], str(tmp_path)) == lane.LANE_FAILED
+
+
+def test_status_75_without_asking_is_the_commands_own(lane, monkeypatch, tmp_path):
+    l1 = r'io=$1; echo 75 > "$io/status"'
+    monkeypatch.setattr(lane, "setup", lambda: {})
+    monkeypatch.setattr(lane, "qemu_command", lambda manifest, io, cpus, mem: ["sh", "-c", l1, "l1", str(io)])
+    assert lane.run(["true"], str(tmp_path), l1_retries=2) == 75
+
+
+FAULTY_TEST = '''
+import os, pytest
+from pathlib import Path
+
+@pytest.fixture(scope="module")
+def booted():
+    if not Path(os.environ["FAULT_DONE"]).exists():
+        raise RuntimeError("a vCPU holds the host's state, not the guest's")
+    return 1
+
+def test_first():
+    pass
+
+def test_boots(booted):
+    assert booted == 1
+
+def test_after(booted):
+    assert booted == 1
+'''
+
+
+def _lane_pytest(tmp_path: Path, fresh_left: int):
+    """Runs tests/conftest.py with FAULTY_TEST as `make test-svm` runs pytest in L1 (a
+    progress file and a fresh-L1 file outside it); returns a function that runs it."""
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_faulty.py").write_text(FAULTY_TEST)
+    io = tmp_path / "io"
+    io.mkdir()
+    (io / "fresh-l1").write_text(f"{fresh_left}\n")
+    env = dict(os.environ, VMM_SVM_PROGRESS=str(io / "progress"),
+               VMM_SVM_FRESH_L1=str(io / "fresh-l1"), FAULT_DONE=str(tmp_path / "done"))
+
+    def run_pytest():
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rR", "--reruns", "1",
+             "--only-rerun", "holds the host's state", "test_faulty.py"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return io, run_pytest
+
+
+def test_conftest_asks_for_a_fresh_l1_when_the_fault_outlives_the_reruns(tmp_path):
+    """tests/conftest.py in a pytest run as the lane runs it: the fault's test stops the
+    run with FRESH_L1 instead of failing; the next run (a fresh L1) resumes with it."""
+    io, run_pytest = _lane_pytest(tmp_path, fresh_left=1)
+    first = run_pytest()
+    assert first.returncode == 75, first.stdout + first.stderr
+    assert (io / "fresh-l1").read_text() == "test_faulty.py::test_boots: holds the host's state\n"
+    lines = (io / "progress").read_text().splitlines()
+    assert "passed test_faulty.py::test_first" in lines
+    assert "fresh-l1 test_faulty.py::test_boots" in lines
+    assert not any(line.startswith("failed") for line in lines)
+    # The fresh L1: the fault is gone; test_first is not run again.
+    (tmp_path / "done").touch()
+    (io / "fresh-l1").write_text("0\n")
+    second = run_pytest()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming in a fresh L1, for test_faulty.py::test_boots" in second.stdout
+    assert "2 passed" in second.stdout
+
+
+def test_conftest_fails_the_test_when_no_fresh_l1_is_left(tmp_path):
+    io, run_pytest = _lane_pytest(tmp_path, fresh_left=0)
+    run = run_pytest()
+    assert run.returncode == 1, run.stdout
+    assert "failed test_faulty.py::test_boots" in (io / "progress").read_text().splitlines()

@@ -273,3 +273,22 @@ def test_expected_sched_domains():
     assert topology.parse("1n1l4c1t").expected_sched_domains(0) == [("MC", [0, 1, 2, 3])]
     assert topology.parse("uni").expected_sched_domains(0) == []
     assert [n for n, _ in topology.parse("2s2c1t").expected_sched_domains(0)] == ["MC", "PKG"]
+
+
+# --- vmm run --topology ---------------------------------------------------------------------
+@pytest.mark.kvm
+def test_cli_topology_boots_and_refuses_bad_specs_before_starting():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    guest = Path(__file__).resolve().parents[1] / "kernels/guests/out/guest.elf"
+    if not guest.exists():
+        pytest.skip("test guest not built: make guests")
+    run = lambda spec: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "vmm.cli", "run", "--kernel", str(guest), "--topology", spec,
+         "--cmdline", "mode=hello exit=3"], capture_output=True, text=True, timeout=120)
+    assert run("numa2-smt").returncode == 3
+    bad = run("2n3l2c1t")
+    assert bad.returncode == 1 and "3 LLCs do not divide among 2 nodes" in bad.stderr
+    assert "vmm-guest" not in bad.stdout  # refused before the VM started

@@ -72,7 +72,11 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
                         "randomizes itself) or, with --no-boot-via-decompressor, decompress "
                         "it on the host and boot the vmlinux where it was linked; default: "
                         "automatic, the decompressor with VMX/SVM, the host on PVM hosts")
-    p.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
+    p.add_argument("--cpus", type=int, default=None,
+                   help="vCPUs (default 1, or what --topology implies)")
+    p.add_argument("--topology", default=None, metavar="SPEC",
+                   help="NUMA nodes, LLCs, cores per LLC, threads per core, e.g. 2n4l2c2t "
+                        "(16 vCPUs), the old 2s4c2t, or a preset's name (vmm.topology.presets())")
     p.add_argument("--memory", type=parse_size, default=parse_size("512M"),
                    help="guest RAM, e.g. 512M, 2G (default 512M)")
     p.add_argument("--timeout", type=float, default=None,
@@ -293,7 +297,12 @@ def machine_options(args: argparse.Namespace) -> dict:
                 timeout=args.timeout, vmlinux=args.vmlinux, system_map=args.system_map,
                 check_config=args.config_check,
                 boot_via_decompressor=args.boot_via_decompressor,
-                **console_options(args))
+                **console_options(args), **topology_options(args))
+
+
+def topology_options(args: argparse.Namespace) -> dict:
+    """--topology as a Machine keyword argument (only when given)."""
+    return {"topology": args.topology} if getattr(args, "topology", None) else {}
 
 
 def console_options(args: argparse.Namespace) -> dict:
@@ -318,7 +327,7 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         serve_scx_clock=getattr(args, "serve_scx_clock", False),
         monitor=getattr(args, "monitor", None), monitor_json=getattr(args, "monitor_json", None),
         scx_state=getattr(args, "scx_state", False), monitor_plot=getattr(args, "plot", None),
-        **console_options(args))
+        **console_options(args), **topology_options(args))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:

@@ -22,6 +22,14 @@ into one HTML page with the monitors' plots.
 Parallel matrices: ``pytest -n auto`` (pytest-xdist) gives each worker its own
 machines; parametrize over kernels/CPU counts with ``pytest.mark.vmm`` in
 ``pytest.param(..., marks=...)``. Across hosts: ``pytest -d --tx ssh=host//python=python3``.
+
+Topology gauntlet: ``@pytest.mark.vmm_gauntlet(presets=["llc2", "numa2-smt"], budget_s=300)``
+runs the test once per topology preset (vmm.topology.presets(); all of them when
+``presets`` is left out), each variant named by its preset (``test_x[numa2-smt]``), its
+machine built with that topology and stopped after ``budget_s`` seconds (the VM's
+timeout; its boot marker is waited for that long at most). The variants are separate
+test items, so ``pytest -n auto`` spreads them over local workers and ``--tx`` over
+other hosts' (execnet) with no more from us.
 """
 
 from __future__ import annotations
@@ -56,7 +64,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vmm(**options): options for the vmm_machine fixture "
         "(kernel, cpus, memory, cmdline, initrd, wait_for, wait_timeout, timeout, fresh, "
-        "exec, include)")
+        "exec, include, topology)")
+    config.addinivalue_line(
+        "markers", "vmm_gauntlet(presets=None, budget_s=None): run the test once per topology "
+        "preset (all when presets is None), vmm_machine built with it, within budget_s seconds")
     config.stash[_POOL_KEY] = {}
     config.stash[_EVIDENCE_KEY] = []
 
@@ -102,10 +113,41 @@ def _options(request: pytest.FixtureRequest) -> dict:
     # Closest marker wins (function over class over module).
     for mark in reversed(list(request.node.iter_markers("vmm"))):
         opts.update(mark.kwargs)
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "vmm_preset" in callspec.params:  # a vmm_gauntlet variant
+        opts["topology"] = callspec.params["vmm_preset"]
+        opts.pop("cpus", None)  # the topology implies it
+        budget = request.node.get_closest_marker("vmm_gauntlet").kwargs.get("budget_s")
+        if budget:
+            opts["timeout"] = min(opts.get("timeout") or budget, budget)
+            opts["wait_timeout"] = min(opts.get("wait_timeout", 60.0), budget)
     if "kernel" not in opts:
         raise pytest.UsageError("vmm_machine needs a kernel: pass --vmm-kernel or "
                                 "@pytest.mark.vmm(kernel=...)")
     return opts
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A vmm_gauntlet test becomes one item per preset, named by it."""
+    mark = metafunc.definition.get_closest_marker("vmm_gauntlet")
+    if mark is None:
+        return
+    from .topology import presets
+
+    names = mark.kwargs.get("presets") or list(presets())
+    unknown = [n for n in names if n not in presets()]
+    if unknown:
+        raise pytest.UsageError(f"vmm_gauntlet: unknown presets {unknown}; vmm.topology.presets() "
+                                f"has {', '.join(presets())}")
+    if "vmm_preset" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("vmm_preset")
+    metafunc.parametrize("vmm_preset", names, ids=names)
+
+
+@pytest.fixture
+def vmm_preset(request: pytest.FixtureRequest) -> Any:
+    """The topology preset of a vmm_gauntlet variant (None outside a gauntlet)."""
+    return getattr(request, "param", None)
 
 
 @pytest.fixture

@@ -387,6 +387,15 @@ class Machine(Verdicts, RunningMachine):
         with self.freeze() as snap:
             return self.live(snap).possible_cpus()
 
+    def sched_domains(self, cpu: int = 0) -> list:
+        """CPU `cpu`'s sched domains as the guest kernel built them, lowest first
+        (vmm.kernel.sched_domains.SchedDomain: name, cpus, level, flags), read through
+        BTF in one freeze; compare with ``self.topology.expected_sched_domains(cpu)``."""
+        from .kernel.sched_domains import read_sched_domains
+
+        with self.freeze() as snap:
+            return read_sched_domains(self.live(snap), cpu)
+
     def inject_scx_clock(self, clock: Optional[int] = None,
                          cpus: Optional[Iterable[int]] = None) -> "ScxInjection":
         """The mission in one call: one cold batch that, for every possible CPU, writes

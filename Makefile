@@ -14,7 +14,7 @@ SVM_LANE := $(PYTHON) scripts/svm_lane.py
 SVM_TIMEOUT ?= 2400
 SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boot.py tests/test_kernel_debian.py \
 	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py tests/test_gdb_linux.py \
-	tests/test_scx_linux.py tests/test_requests_linux.py tests/test_watch.py
+	tests/test_scx_linux.py tests/test_requests_linux.py tests/test_watch.py tests/test_topology_linux.py
 
 .PHONY: deps native guests demo test test-slow test-svm bench bench-svm svm-setup kernel-debian kernel-build clean check-wheel fuzz test-asan
 
@@ -80,6 +80,7 @@ svm-setup:
 	$(MAKE) -C kernels kernel-build FRAGMENT=$(CURDIR)/kernels/config/sched_ext-scx.fragment
 	$(MAKE) -C kernels kernel-debian-dbg
 	$(PYTHON) -m vmm.cli scx build simple --kernel $(KERNEL)+scx  # clang in the host, not in L1
+	$(PYTHON) -m vmm.cli scx build qmap --kernel $(KERNEL)+scx    # test_scx_linux's failure modes
 	$(SVM_LANE) setup
 
 # Figures inside the lane: vmm vs QEMU 10 (-accel kvm, same L1) boot and freeze.

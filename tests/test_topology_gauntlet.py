@@ -2,6 +2,7 @@
 in parallel by pytest-xdist (real KVM, our test guest: its BSP runs, the other vCPUs
 wait for INIT/SIPI, so a 16-vCPU preset builds as fast as a 1-vCPU one)."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,15 @@ def _args(request, monkeypatch, *args):
     return ("-p", "no:cacheprovider") + args
 
 
+@pytest.mark.slow  # two pytest workers start and import vmm: ~30-100 s on a busy 2-core host
 def test_gauntlet_names_each_variant_by_its_preset(pytester, request, monkeypatch):
+    """Spread over execnet workers the way several hosts would take them (`--tx
+    ssh=host//python=python3` per host; here two `popen` gateways on this machine: the
+    same protocol, no sshd needed)."""
     pytest.importorskip("xdist", reason="needs pytest-xdist (pip install pytest-xdist)")
     pytester.makepyfile(TESTS)
-    result = pytester.runpytest_subprocess(*_args(request, monkeypatch, "-n", "2", "-v"))
+    tx = f"popen//python={sys.executable}"
+    result = pytester.runpytest_subprocess(*_args(request, monkeypatch, "-d", "--tx", tx, "--tx", tx, "-v"))
     result.assert_outcomes(passed=len(PRESETS))
     passed = [line for line in result.stdout.lines if "PASSED" in line]
     for name in PRESETS:

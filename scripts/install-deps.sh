@@ -10,6 +10,8 @@ pkgs=(gcc make libc6-dev dwarves cpio zstd xz-utils lz4 bzip2 flex bison bc
       libelf-dev libssl-dev busybox-static qemu-system-x86 ca-certificates crash
       clang-19 llvm-19 zlib1g-dev  # clang >= 16, llvm-strip: `vmm scx build` (BPF)
       gdb  # the gdb stub's tests drive Debian's gdb
+      libzstd-dev  # the kernel's sched_ext selftests runner links -lzstd (vmm scx selftests)
+      stress-ng rt-tests  # real workloads in the guest job (hackbench is rt-tests')
       chromium)  # tests/test_report_html.py opens vmm report's page headless
 missing=()
 for p in "${pkgs[@]}"; do

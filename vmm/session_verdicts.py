@@ -107,7 +107,7 @@ class Verdicts:
 
     def monitor(self, interval: float = 0.1, fields: Optional[Iterable[str]] = None,
                 cpus: Optional[Iterable[int]] = None,
-                max_samples: Optional[int] = None) -> "Monitor":
+                max_samples: Optional[int] = None, events: bool = True) -> "Monitor":
         """Start sampling every CPU's run queue every ``interval`` s without freezing
         (vmm.runtime.monitor.Monitor, already started; ``with`` stops it): fields
         vmm.kernel.rq_sample.RQ_FIELDS (nr_running, scx.nr_running, clock, scx.flags,
@@ -115,18 +115,20 @@ class Verdicts:
         addresses resolved once now. ``.samples``, ``.column(field, cpu)``,
         ``.stalls(window_s)``, ``.to_json()``, ``.plot(path)`` (vmm.report.plot); the last
         ``max_samples`` are kept (default:
-        vmm.runtime.monitor.MAX_ROWS rows' worth). VmmError at once when the VM is not
-        running."""
+        vmm.runtime.monitor.MAX_ROWS rows' worth). ``events``: sched_ext's per-CPU event
+        counters (SCX_EV_*, vmm.kernel.scx_events) as more columns where the kernel has
+        them (about 16 more loads per CPU per sample). VmmError at once when the VM is
+        not running."""
         if not self.running:
             raise VmmError("the VM is not running: start it before m.monitor()")
         from .kernel.rq_sample import RQ_FIELDS, plan_rq_sampling
-        from .runtime.monitor import Monitor
-
         from .kernel.scx_events import plan_scx_event_columns
+        from .runtime.monitor import Monitor
 
         live = self._sampling_live()
         plan = plan_rq_sampling(live, RQ_FIELDS if fields is None else fields, cpus)
-        guarded, skipped = plan_scx_event_columns(live, plan.cpus, plan.skipped)
+        guarded, skipped = (plan_scx_event_columns(live, plan.cpus, plan.skipped) if events
+                            else (None, plan.skipped))
         mon = Monitor(self.__dict__.get("_guest_memory"), plan.cpus, plan.fields, plan.raw(),
                       threads=self.threads, interval=interval, running=lambda: self.running,
                       skipped=skipped, max_samples=max_samples, guarded=guarded,

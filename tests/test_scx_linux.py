@@ -356,7 +356,9 @@ def test_7_qmap_error_exit_read_from_the_host(qmap_guest):
     s = m.scx.last_exit or (exits[0] if exits else None)
     print(f"host's view of qmap -e: {s.describe() if s else None}")
     assert s is not None and s.exit_kind == "SCX_EXIT_ERROR_BPF", (s, m.console_tail(30))
-    assert s.ops == "qmap" and s.exit_msg == "test triggering error", s
+    # scx_bpf_error() prefixes "FILE:LINE: " (include/scx/common.bpf.h)
+    assert s.ops == "qmap" and s.exit_reason == "scx_bpf_error", s
+    assert s.exit_msg.endswith(": test triggering error"), s
     _kernel_said(m, s)
 
 

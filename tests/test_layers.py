@@ -34,10 +34,10 @@ FLOORS = [
     ("vmm.kernel",),
     ("vmm.ops",),
     # The top floor, in four sub-floors, bottom up:
-    ("vmm.kernelstore", "vmm.scxbuild", "vmm.debug", "vmm.report"),  # tools: the store, scheduler builds, debuggers, reports
-    ("vmm.session", "vmm.session_requests", "vmm.session_verdicts", "vmm.session_report"),  # the session (vmm.Machine)
+    ("vmm.kernelstore", "vmm.scxbuild", "vmm.scxselftests", "vmm.debug", "vmm.report"),  # tools: the store, scheduler builds, debuggers, reports
+    ("vmm.session", "vmm.session_requests", "vmm.session_verdicts", "vmm.session_report", "vmm.session_workload"),  # the session (vmm.Machine)
     ("vmm", "vmm.topology"),  # the package's public names (vmm/__init__.py: lazy exports of the session's; vmm/topology.py: the machine's topology)
-    ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore", "vmm.cli_report", "vmm.kernelstore.__main__",
+    ("vmm.cli", "vmm.cli_debug", "vmm.cli_kernelstore", "vmm.cli_report", "vmm.cli_scx", "vmm.kernelstore.__main__",
      "vmm.__main__", "vmm.pytest_plugin"),  # entry points: nothing in vmm/ imports them but each other
 ]
 FLOOR_NAMES = ["_native", "errors", "arch/image", "kvm", "machine", "runtime", "kernel", "ops",

@@ -414,10 +414,15 @@ def _add_scx_parser(sub) -> None:
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.add_argument("-j", "--jobs", type=int, default=None)
     b.add_argument("--json", action="store_true")
+    from .cli_scx import add_selftests_parser
+    add_selftests_parser(ssub)  # vmm scx selftests
 
 
 def cmd_scx(args: argparse.Namespace) -> int:
     """`vmm scx build NAME`: build (or find cached) a sched_ext scheduler for a kernel."""
+    if args.scx_command == "selftests":
+        from .cli_scx import cmd_selftests
+        return cmd_selftests(args)
     from .scxbuild import build_scheduler
 
     s = build_scheduler(args.name, args.kernel, jobs=args.jobs, force=args.force)

@@ -5,8 +5,12 @@
  *
  * 1. makes sure fds 0-2 are the console (the kernel opens /dev/console for init;
  *    when it could not, we try once more);
- * 2. mounts proc on /proc, sysfs on /sys, devtmpfs on /dev (each required) and tmpfs
- *    on /tmp (optional: without CONFIG_TMPFS /tmp stays on the initramfs);
+ * 2. mounts proc on /proc, sysfs on /sys, devtmpfs on /dev (each required), tmpfs
+ *    on /tmp (optional: without CONFIG_TMPFS /tmp stays on the initramfs) and cgroup2
+ *    on /sys/fs/cgroup (optional: a kernel without CONFIG_CGROUPS has no
+ *    /sys/fs/cgroup), so a job can place work in cgroups (mkdir /sys/fs/cgroup/x;
+ *    echo $$ > /sys/fs/cgroup/x/cgroup.procs; cpusets need CONFIG_CPUSETS and
+ *    echo +cpuset > /sys/fs/cgroup/cgroup.subtree_control);
  * 3. runs `/bin/busybox --install -s` (the applets as symlinks);
  * 4. prints "vmm-job: start", runs the command in /vmm/job as `sh -c CMD` through
  *    /bin/busybox with the console as stdio and PATH/HOME/TERM set, and reaps every
@@ -136,13 +140,18 @@ static void console(void)
 struct mount_point {
 	const char *source, *target, *type, *option, *what;
 	int required;
+	const char *without; /* an optional mount's consequence, said when it fails */
 };
 
 static const struct mount_point mounts[] = {
-	{"proc", "/proc", "proc", "CONFIG_PROC_FS", "mount proc on /proc", 1},
-	{"sysfs", "/sys", "sysfs", "CONFIG_SYSFS", "mount sysfs on /sys", 1},
-	{"devtmpfs", "/dev", "devtmpfs", "CONFIG_DEVTMPFS", "mount devtmpfs on /dev", 1},
-	{"tmpfs", "/tmp", "tmpfs", "CONFIG_TMPFS", "mount tmpfs on /tmp", 0},
+	{"proc", "/proc", "proc", "CONFIG_PROC_FS", "mount proc on /proc", 1, 0},
+	{"sysfs", "/sys", "sysfs", "CONFIG_SYSFS", "mount sysfs on /sys", 1, 0},
+	{"devtmpfs", "/dev", "devtmpfs", "CONFIG_DEVTMPFS", "mount devtmpfs on /dev", 1, 0},
+	{"tmpfs", "/tmp", "tmpfs", "CONFIG_TMPFS", "mount tmpfs on /tmp", 0,
+	 "/tmp stays on the initramfs"},
+	/* after sysfs: the kernel makes /sys/fs/cgroup (ENOENT without CONFIG_CGROUPS) */
+	{"cgroup2", "/sys/fs/cgroup", "cgroup2", "CONFIG_CGROUPS", "mount cgroup2 on /sys/fs/cgroup",
+	 0, "no cgroups in this job"},
 };
 
 static void mount_all(void)
@@ -151,7 +160,10 @@ static void mount_all(void)
 		const struct mount_point *m = &mounts[i];
 		long r = sys5(SYS_mount, (long)m->source, (long)m->target, (long)m->type, 0, 0);
 		/* ENODEV: the kernel does not know the filesystem type: it was built without it. */
-		const char *option = r == -ENODEV ? m->option : 0;
+		/* ENOENT under /sys: the kernel made no such mount point (cgroup2 without
+		 * CONFIG_CGROUPS). */
+		const char *option =
+			r == -ENODEV || (r == -ENOENT && starts_with(m->target, "/sys/")) ? m->option : 0;
 
 		if (r >= 0)
 			continue;
@@ -163,7 +175,10 @@ static void mount_all(void)
 		put_int(r);
 		put(option ? " (" : "");
 		put(option ? option : "");
-		put(option ? "); /tmp stays on the initramfs\n" : "\n");
+		put(option ? ")" : "");
+		put("; ");
+		put(m->without);
+		put("\n");
 	}
 }
 

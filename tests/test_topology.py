@@ -75,6 +75,12 @@ def test_per_node_memory_and_memory_only_nodes():
                        ({0: "1G", 1: "3M"}, "multiple of 2 MiB"), ({0: "1G", 1: True}, "bytes or a size")]:
         with pytest.raises(ConfigError, match=words):
             MachineConfig.create("k", topology="2n2l1c1t", memory=bad)
+    # distances for the memory-only node may come before its memory
+    far = topology.parse("numa2", distances=[[10, 20, 30], [20, 10, 30], [30, 30, 10]])
+    c = MachineConfig.create("k", topology=far, memory={0: "256M", 1: "256M", 2: "128M"})
+    assert c.topology.distance_matrix()[2] == [30, 30, 10]
+    with pytest.raises(ConfigError, match="4x4 matrix"):
+        MachineConfig.create("k", topology=far, memory={0: "256M", 1: "256M", 2: "64M", 3: "64M"})
     with pytest.raises(ConfigError, match="each node needs"):
         MachineConfig.create("k", topology="4n4l1c1t", memory="64M")
     with pytest.raises(ConfigError, match="more than this host has"):

@@ -105,7 +105,9 @@ class Topology:
             raise ConfigError(f"topology must be a spec like '2n4l2c2t', a preset's name or a "
                               f"Topology, not {spec!r}")
         if distances is not None:
-            topo = replace(topo, distances=_distance_matrix(distances, topo.all_nodes))
+            # Before the nodes' memory is known, rows for memory-only nodes may follow.
+            topo = replace(topo, distances=_distance_matrix(
+                distances, topo.all_nodes, exact=topo.node_memory is not None))
         topo.check()
         if cpus is not None and topo.cpus != cpus:
             raise ConfigError(f"topology {topo.spec} has {topo.cpus} CPUs but cpus={cpus}; "
@@ -133,7 +135,7 @@ class Topology:
                               f"to powers of two); xAPIC ids stop at {L.MAX_CPUS - 1}: use counts "
                               f"that are powers of two")
         if self.distances is not None:
-            _distance_matrix(self.distances, self.all_nodes)
+            _distance_matrix(self.distances, self.all_nodes, exact=self.node_memory is not None)
 
     def with_memory(self, memory_size: int, per_node=None) -> "Topology":
         """This topology with RAM given to its nodes: `memory_size` bytes split equally
@@ -325,8 +327,9 @@ def node_sizes(per_node, cpu_nodes: int) -> list[int]:
     return sizes
 
 
-def _distance_matrix(distances, nodes: int) -> tuple[tuple[int, ...], ...]:
-    """A SLIT matrix from an int (every remote distance) or a square list of lists."""
+def _distance_matrix(distances, nodes: int, exact: bool = True) -> tuple[tuple[int, ...], ...]:
+    """A SLIT matrix from an int (every remote distance) or a square list of lists;
+    `exact`: of exactly `nodes` rows (else at least: memory-only nodes not yet given)."""
     if isinstance(distances, int) and not isinstance(distances, bool):
         distances = [[LOCAL_DISTANCE if a == b else distances for b in range(nodes)] for a in range(nodes)]
     try:
@@ -334,11 +337,12 @@ def _distance_matrix(distances, nodes: int) -> tuple[tuple[int, ...], ...]:
     except (TypeError, ValueError):
         raise ConfigError(f"distances must be a remote distance or a {nodes}x{nodes} matrix, "
                           f"not {distances!r}") from None
-    if len(matrix) != nodes or any(len(row) != nodes for row in matrix):
+    n = len(matrix)
+    if (n != nodes if exact else n < nodes) or any(len(row) != n for row in matrix):
         raise ConfigError(f"distances must be a {nodes}x{nodes} matrix (one row per node, "
-                          f"memory-only nodes included), not {len(matrix)} rows")
-    for a in range(nodes):
-        for b in range(nodes):
+                          f"memory-only nodes included), not {n} rows")
+    for a in range(n):
+        for b in range(n):
             d = matrix[a][b]
             if a == b and d != LOCAL_DISTANCE:
                 raise ConfigError(f"distance of node {a} to itself must be {LOCAL_DISTANCE}, not {d}")

@@ -144,3 +144,22 @@ def test_a_kernel_without_event_counters_gets_no_columns():
     assert guarded is None and "no sched_ext event counters" in skipped[EVENTS_KEY]
     with pytest.raises(KernelFeatureMissing):
         plan_scx_events(FakeLive(kern), [0])
+
+
+def test_wider_rows_keep_fewer_samples_by_default():
+    """The default bound is in row-fields: 16 event columns beside 5 run-queue fields
+    keep about a quarter of the samples (memory stays near the same bound)."""
+    from vmm.runtime.monitor import MAX_ROWS, GuardedColumns
+
+    class Zero:
+        def read_u64(self, gpa):
+            return 0
+        read_u8 = read_u16 = read_u32 = read_u64
+
+    five = ["a", "b", "c", "d", "e"]
+    plain = Monitor(Zero(), [0, 1], five, [(r, 8 * i, 8) for r in (0, 1) for i in range(5)])
+    ev = GuardedColumns(tuple(f"SCX_EV_{i}" for i in range(16)), 0x100, lambda v: [])
+    wide = Monitor(Zero(), [0, 1], five, [(r, 8 * i, 8) for r in (0, 1) for i in range(5)],
+                   guarded=ev)
+    assert plain.samples.maxlen == MAX_ROWS // 2
+    assert wide.samples.maxlen == int(MAX_ROWS // (2 * 21 / 5))

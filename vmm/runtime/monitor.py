@@ -33,6 +33,8 @@ from vmm.runtime.stall_verdict import Sample, Stall, find_stalls  # noqa: F401 (
 # The most sample rows (one CPU's fields in one sample, ~400 bytes each) a monitor keeps
 # by default: ~40 MB at most; at 2 CPUs and 0.1 s, the last 83 minutes.
 MAX_ROWS = 100_000
+ROW_FIELDS = 5  # the fields of the row that estimate is for: wider rows (the sched_ext
+                # event columns) count as that many rows more
 
 
 def thread_cpu_seconds(tid: Optional[int]) -> Optional[float]:
@@ -105,8 +107,9 @@ class Monitor:
     threads (VcpuThread: .tid); running: () -> whether the VM runs (sampling ends when
     it does not); skipped: {field: why} for the record. A context manager: ``with``
     starts (if not started) and stops it. ``.samples`` keeps the last ``max_samples``
-    (default: MAX_ROWS rows' worth, at least 1000 samples; ``taken`` counts every sample,
-    ``dropped`` those no longer kept), so a run of any length stays bounded; ``.ended``
+    (default: MAX_ROWS rows' worth, a row of more than ROW_FIELDS fields counting as
+    more, at least 1000 samples; ``taken`` counts every sample, ``dropped`` those no
+    longer kept), so a run of any length stays bounded; ``.ended``
     says why sampling ended on its own (the VM stopped, memory closed). ``tasks_of(cpus)``
     -> {cpu: tasks}: ``stalls()`` names what is queued on a CPU still stalled at the last
     sample (read at that call). ``guarded``:
@@ -154,7 +157,8 @@ class Monitor:
         if guarded is not None and guarded.guard_gpa is None:
             self._relocate(0)
         if max_samples is None:
-            max_samples = max(1000, MAX_ROWS // max(1, len(self.cpus)))
+            widths = max(ROW_FIELDS, len(self.fields)) / ROW_FIELDS
+            max_samples = max(1000, int(MAX_ROWS // (max(1, len(self.cpus)) * widths)))
         if max_samples < 1:
             raise VmmError(f"monitor max_samples must be at least 1, not {max_samples}")
         self.samples: deque[Sample] = deque(maxlen=max_samples)  # the oldest drop off

@@ -331,8 +331,10 @@ def restore(cls, snapshot, start: bool = True, verify_memory: bool = True, **opt
             raise SnapshotError(f"the snapshot holds {len(vcpus)} vCPU states for {mo['cpus']} CPUs")
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"the snapshot's state is corrupt: {type(e).__name__}: {e}") from None
+    if not isinstance(snap.manifest.get("host"), dict):
+        raise SnapshotError("the snapshot's manifest does not say what host it needs: corrupt")
     with Kvm() as kvm:
-        check_host(snap.manifest.get("host", {}), kvm)
+        check_host(snap.manifest["host"], kvm)
     kwargs = {"cpus": mo["cpus"], "memory": mo["memory_size"], "cmdline": mo["cmdline"],
               "acpi": mo["acpi"], "pvm_assists": mo["pvm_assists"]}
     if "vmlinux" in mo:

@@ -199,7 +199,9 @@ def guest_command(only: Optional[Sequence[str]] = None, pattern: Optional[str] =
         run = " ".join(f"{RUNNER_IN_GUEST} -t {shlex.quote(t)};" for t in only)
     else:
         run = RUNNER_IN_GUEST + (f" -t {shlex.quote(pattern)}" if pattern else "") + ";"
+    # total_bw reads /sys/kernel/debug/sched (it skips without CONFIG_DEBUG_FS)
     return ("cd /tmp\n"
+            "mount -t debugfs none /sys/kernel/debug 2>/dev/null\n"
             f"( {run} echo \"vmm-selftests: runner exit $?\" ) </dev/null 2>&1 |\n"
             "  while IFS= read -r l; do read up _ </proc/uptime; echo \"@$up $l\"; done\n")
 

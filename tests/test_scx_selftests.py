@@ -1,0 +1,132 @@
+"""vmm.scxselftests / vmm.cli_scx without a guest: the runner's output parsed (its
+format as runner.c prints it, and edge cases), known failures, the table, the CLI's exit status; vmm.machine.workload's job and its parsed result."""
+
+import pytest
+
+from vmm import scxselftests as st
+from vmm.machine.workload import WorkloadResult, workload_job, workload_result
+
+
+def stamped(lines, t0=1.0, step=0.5):
+    """The job's console: each runner line stamped with the guest's uptime."""
+    return "\n".join(f"@{t0 + i * step:.2f} {line}" for i, line in enumerate(lines)) + "\n"
+
+
+def test_pass_fail_skip_and_durations():
+    text = "[    1.0] Run /init as init process\nvmm-job: start\n" + stamped([
+        "===== START =====", "TEST: create_dsq", "DESCRIPTION: Create and destroy a dsq",
+        "OUTPUT:", "ok 1 create_dsq # ", "=====  END  =====",
+        "===== START =====", "TEST: exit", "DESCRIPTION: Verify exit", "OUTPUT:",
+        "ERR: exit.c:42", "Expected skel->data->exit_code == 0 (got -1)",
+        "not ok 2 exit # ", "=====  END  =====",
+        "===== START =====", "TEST: numa", "DESCRIPTION: numa", "OUTPUT:",
+        "ok 3 numa # SKIP ", "=====  END  =====",
+        "", "", "=============================", "", "RESULTS:", "", "PASSED:  1",
+        "SKIPPED: 1", "FAILED:  1", "vmm-selftests: runner exit 0"]) + "\nvmm-job: exit 0\n"
+    results, finished = st.parse_output(text, ["create_dsq", "exit", "numa", "minimal"])
+    assert finished
+    by = {r.name: r for r in results}
+    assert [r.name for r in results] == ["create_dsq", "exit", "numa", "minimal"]
+    assert [by[n].status for n in by] == ["pass", "fail", "skip", "not run"]
+    assert by["create_dsq"].seconds == 2.5  # its TEST line to the next START: 5 lines of 0.5 s
+    assert by["exit"].output == ["ERR: exit.c:42", "Expected skel->data->exit_code == 0 (got -1)"]
+    assert by["numa"].seconds is not None and by["minimal"].seconds is None
+    assert [r.name for r in st.unexpected_failures(results)] == ["exit"]
+    assert st.counts(results) == {"pass": 1, "fail": 1, "skip": 1, "crash": 0, "timeout": 0,
+                                  "not run": 1}
+
+
+def test_a_guest_that_dies_inside_a_test_leaves_it_crashed_with_the_kernels_lines():
+    text = stamped(["===== START =====", "TEST: minimal", "DESCRIPTION: x", "OUTPUT:",
+                    "ok 1 minimal # ", "=====  END  =====",
+                    "===== START =====", "TEST: hotplug", "DESCRIPTION: y", "OUTPUT:"]) + \
+        "[   12.5] Kernel panic - not syncing: oops\n[   12.5] ---[ end Kernel panic ]---\n"
+    results, finished = st.parse_output(text, ["minimal", "hotplug", "numa"])
+    assert not finished
+    assert [(r.name, r.status) for r in results] == [("minimal", "pass"), ("hotplug", "crash"),
+                                                     ("numa", "not run")]
+    assert results[1].output == ["[   12.5] Kernel panic - not syncing: oops",
+                                 "[   12.5] ---[ end Kernel panic ]---"]
+    assert results[1].seconds is None and results[0].seconds == 2.5
+
+
+def test_output_is_bounded_and_the_first_result_of_a_name_counts():
+    lines = ["===== START =====", "TEST: chatty", "OUTPUT:"] + ["x" * 5000] * 500 + \
+        ["not ok 1 chatty # ", "=====  END  =====",
+         "===== START =====", "TEST: chatty", "OUTPUT:", "ok 1 chatty # ", "=====  END  =====",
+         "vmm-selftests: runner exit 1"]
+    results, _ = st.parse_output(stamped(lines))
+    (r,) = results
+    assert r.status == "fail"
+    assert len(r.output) == st.MAX_OUTPUT_LINES + 1 and max(map(len, r.output)) == st.MAX_LINE
+
+
+def test_known_failures_file(tmp_path):
+    f = tmp_path / "known"
+    f.write_text("# flaky on 2 vCPUs\nexit  # see lkml\n\nnot_a_test\n")
+    known = st.read_known_failures(f)
+    assert known == {"exit", "not_a_test"}
+    results = [st.TestResult("exit", "fail"), st.TestResult("minimal", "pass"),
+               st.TestResult("hotplug", "timeout")]
+    assert st.apply_known(results, known) == ["not_a_test"]
+    assert [r.name for r in st.unexpected_failures(results)] == ["hotplug"]
+    table = st.format_table(results)
+    assert "fail (known)" in table and "timeout" in table and "(the test printed nothing)" in table
+    assert st.read_known_failures(None) == set()
+    with pytest.raises(st.SelftestsError, match="known-failures file .*No such file"):
+        st.read_known_failures(tmp_path / "absent")
+
+
+def test_guest_command_and_selection():
+    assert st.select(["select_cpu_dfl", "select_cpu_dfl_nodispatch", "exit"], "dfl") == \
+        ["select_cpu_dfl", "select_cpu_dfl_nodispatch"]
+    cmd = st.guest_command(pattern="exit")
+    assert "/bin/runner -t exit;" in cmd and "/proc/uptime" in cmd
+    assert "/bin/runner -t a; /bin/runner -t 'b c';" in st.guest_command(only=["a", "b c"])
+
+
+def test_a_tree_without_selftests_says_so(tmp_path):
+    with pytest.raises(st.SelftestsError, match="no tools/testing/selftests/sched_ext"):
+        st.selftests_source(tmp_path)
+
+
+def test_cli_refuses_a_missing_known_failures_file_before_building(tmp_path, capsys):
+    from vmm import cli
+
+    rc = cli.main(["scx", "selftests", "--known-failures", str(tmp_path / "nope")])
+    assert rc != 0
+    assert "known-failures file" in capsys.readouterr().err
+
+
+# --- workloads (vmm.machine.workload) -------------------------------------------------------
+def test_workload_job_and_its_result():
+    pytest.importorskip("shutil").which("stress-ng") or pytest.skip("needs stress-ng: apt-get install stress-ng")
+    cmd, inc = workload_job("stress-ng", ["--cpu", "2"], 5, cgroup="w")
+    assert inc[0].endswith(":/bin/stress-ng")
+    assert "echo $$ > /sys/fs/cgroup/w/cgroup.procs" in cmd and "--timeout 5s --cpu 2" in cmd
+    console = ("vmm-job: start\nvmm-workload: begin name=stress-ng cgroup=0::/w scx=none\r\n"
+               "stress-ng: info: successful run completed in 5.00s\n\n"
+               "vmm-workload: end status=0 seconds=5.02 scx=none\nvmm-job: exit 0\n")
+    r = workload_result(console)
+    assert (r.name, r.status, r.seconds, r.cgroup, r.ok) == ("stress-ng", 0, 5.02, "0::/w", True)
+    assert r.output == "stress-ng: info: successful run completed in 5.00s"
+    unfinished = workload_result("vmm-workload: begin name=stress-ng cgroup= scx=none\nboom\n")
+    assert unfinished.status is None and unfinished.output == "boom" and not unfinished.ok
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(name="fio"), ["unknown workload 'fio'", "stress-ng"]),
+    (dict(duration=0), ["duration"]),
+    (dict(cgroup="../x"), ["cgroup name"]),
+    (dict(cgroup="x", cpuset="all"), ["cpuset"]),
+])
+def test_workload_bad_input(kw, words):
+    from vmm.errors import ConfigError
+
+    args = dict(name="hackbench", args=(), duration=3)
+    args.update(kw)
+    with pytest.raises(ConfigError) as e:
+        workload_job(args.pop("name"), args.pop("args"), args.pop("duration"), **args)
+    for w in words:
+        assert w in str(e.value)
+    assert isinstance(WorkloadResult("x", 0, "", 1.0).ok, bool)

@@ -130,3 +130,40 @@ def test_workload_bad_input(kw, words):
     for w in words:
         assert w in str(e.value)
     assert isinstance(WorkloadResult("x", 0, "", 1.0).ok, bool)
+
+
+FAKE_RUNNER = """#!/bin/sh
+# prints what tools/testing/selftests/sched_ext/runner.c prints, for two tests
+for t in alpha beta; do
+  [ -n "$2" ] && [ "${t#*$2}" = "$t" ] && continue
+  echo '===== START ====='; echo "TEST: $t"; echo "DESCRIPTION: the $t test"; echo 'OUTPUT:'
+  sleep 1
+  if [ $t = beta ]; then echo 'ERR: beta.c:7' >&2; echo "not ok 2 $t # "; else echo "ok 1 $t # "; fi
+  echo '=====  END  ====='
+done
+echo; echo 'RESULTS:'
+"""
+
+
+def test_the_guest_command_stamps_and_parses_for_real(tmp_path):
+    """The job's command run by the job's init (PID 1 of a namespace, as in
+    tests/test_guestjob.py) with a stand-in runner script (the real one would load BPF
+    schedulers into the host's kernel): stamped lines, parsed, durations from them."""
+    from test_guestjob import _can_run_init_in_namespace, _job_root, _run_init
+    from vmm.machine import guestjob
+
+    if not _can_run_init_in_namespace():
+        pytest.skip("needs root, unshare (util-linux) and busybox-static")
+    runner = tmp_path / "runner"
+    runner.write_text(FAKE_RUNNER)
+    runner.chmod(0o755)
+    for i, (command, expect) in enumerate((
+            (st.guest_command(), {"alpha": "pass", "beta": "fail"}),
+            (st.guest_command(only=["beta"]), {"alpha": "not run", "beta": "fail"}))):
+        entries = guestjob.job_entries(command, [f"{runner}:/bin/runner"])
+        r = _run_init(_job_root(tmp_path / str(i), "", entries))
+        results, finished = st.parse_output(r.stdout, ["alpha", "beta"])
+        assert finished, r.stdout + r.stderr
+        assert {x.name: x.status for x in results} == expect, r.stdout
+        beta = results[1]
+        assert beta.output == ["ERR: beta.c:7"] and 0.9 <= beta.seconds < 10, (beta, r.stdout)

@@ -88,10 +88,11 @@ def workload_job(name: str, args: Sequence[str] = (), duration: float = 10, *,
     if WORKLOADS[name][2] == "timeout":
         run = f"/bin/{binary.name} --timeout {secs}s {run_args}"
     else:
-        run = (f"end=$(( $(cut -d. -f1 /proc/uptime) + {secs} )); r=0; "
-               f"while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do "
+        run = (f"end=$(( $(cs) + {secs * 100} )); r=0; "
+               f"while [ $(cs) -lt $end ]; do "
                f"/bin/{binary.name} {run_args} || {{ r=$?; break; }}; done; (exit $r)")
-    lines = ["cd /tmp", "state() { cat /sys/kernel/sched_ext/state 2>/dev/null || echo none; }"]
+    # cs: the guest's uptime in centiseconds (busybox sh counts in integers)
+    lines = ["cd /tmp", "cs() { read u _ </proc/uptime; echo ${u%.*}${u#*.}; }", "state() { cat /sys/kernel/sched_ext/state 2>/dev/null || echo none; }"]
     if scheduler is not None:
         includes.append(f"{Path(scheduler)}:/bin/vmm-scx")
         lines += ["/bin/vmm-scx > /tmp/scx.log 2>&1 & SCX=$!", "i=0",
@@ -107,7 +108,7 @@ def workload_job(name: str, args: Sequence[str] = (), duration: float = 10, *,
                       "'vmm-workload: no cpuset controller (CONFIG_CPUSETS)'; exit 4; }",
                       f"echo {cpuset} > {g}/cpuset.cpus || exit 4"]
         lines.append(f"echo $$ > {g}/cgroup.procs || exit 4")
-    lines += ["CG=$(cat /proc/self/cgroup 2>/dev/null | tr -d ' ' | head -1)",
+    lines += ["CG=$(grep '^0::' /proc/self/cgroup 2>/dev/null | tr -d ' ')",  # cgroup2's line
               f"echo \"vmm-workload: begin name={name} cgroup=$CG scx=$(state)\"",
               "read t0 _ </proc/uptime",
               f"{{ {run}; }} 2>&1",

@@ -29,3 +29,15 @@ def test_hackbench_job_runs_for_its_duration_and_the_init_mounts_cgroup2(tmp_pat
     assert (res.name, res.status) == ("hackbench", 0), out
     assert res.output.count("Time:") >= 1 and res.seconds >= 2, out
     assert guestjob.job_status(out) == 0, out
+
+
+@pytest.mark.skipif(shutil.which("stress-ng") is None,
+                    reason="needs stress-ng: apt-get install stress-ng (make deps)")
+def test_stress_ng_runs_from_its_included_libraries(tmp_path):
+    """Debian's stress-ng (27 shared libraries) goes in with --include and runs: one CPU
+    stressor for 1 s, its own summary and status back through the markers."""
+    command, includes = workload_job("stress-ng", ["--cpu", "1", "--metrics-brief"], 1)
+    r = _run_init(_job_root(tmp_path, "", guestjob.job_entries(command, includes)), timeout=120)
+    res = workload_result(r.stdout)
+    assert (res.name, res.status) == ("stress-ng", 0), r.stdout + r.stderr
+    assert "successful run completed" in res.output, r.stdout

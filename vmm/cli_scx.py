@@ -124,6 +124,10 @@ def run_selftests(kernel: str = "build:7.3+scx", *, pattern: Optional[str] = Non
                                   t0=t0, say=say)
         consoles.append(text)
         results, _ = parse_output(text)
+        if why is not None and not results:  # the runner never started a test
+            from .machine.guestjob import init_failure
+            cause = init_failure(text) or "\n".join(text.splitlines()[-CONSOLE_TAIL:])
+            raise SelftestsError(f"the guest never ran a selftest ({why}):\n{cause}")
         for r in results:
             if r.name in expected and r.name not in final:
                 final[r.name] = r

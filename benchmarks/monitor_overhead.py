@@ -10,7 +10,7 @@ ones do) and a monitor samples every CPU's run queue (nr_running, scx.nr_running
 scx.flags: one aligned load each) plus every vCPU thread's host CPU time
 (/proc/self/task/TID/schedstat) every --interval seconds for --seconds.
 
-The test guest has no sched_ext event counters; ``--events K`` (default 16, as many as
+The test guest has no sched_ext event counters; ``--events K`` (default 21, as many as
 Linux 7.3's struct scx_event_stats has) adds K more 8-byte columns per CPU through the
 same guarded-column path m.monitor uses for them (vmm.runtime.monitor.GuardedColumns,
 here at fixed addresses: words of each CPU's own rq), so the figure includes what a
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, nargs="+", default=[2, 16, 64])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--interval", type=float, default=0.01)
-    ap.add_argument("--events", type=int, default=16,
+    ap.add_argument("--events", type=int, default=21,
                     help="8-byte event-counter columns per CPU to add (0: none)")
     args = ap.parse_args()
     print(f"{'CPUs':>5} {'vCPUs':>5} {'samples':>8} {'asked':>6} {'host CPU/sample':>16} "

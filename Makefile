@@ -14,7 +14,8 @@ SVM_LANE := $(PYTHON) scripts/svm_lane.py
 SVM_TIMEOUT ?= 2400
 SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boot.py tests/test_kernel_debian.py \
 	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py tests/test_gdb_linux.py \
-	tests/test_scx_linux.py tests/test_requests_linux.py tests/test_watch.py tests/test_topology_linux.py
+	tests/test_scx_linux.py tests/test_requests_linux.py tests/test_watch.py tests/test_topology_linux.py \
+	tests/test_snapshot_linux.py
 
 .PHONY: deps native guests demo test test-slow test-svm bench bench-svm svm-setup kernel-debian kernel-build clean check-wheel fuzz test-asan
 

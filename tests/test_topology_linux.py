@@ -99,17 +99,22 @@ def test_guest_sees_the_spec(case):
         assert parse_cpulist(llc) == t.llc_cpus(t.llc_of(c)), (c, where)
         assert parse_cpulist(smt) == t.thread_siblings(c), (c, where)
 
-    # what the kernel printed when it attached each CPU's domains
-    printed: dict[int, list] = {}
+    # the host's reading through BTF: every CPU, every level
+    for c in range(t.cpus):
+        assert from_host[c] == t.expected_sched_domains(c), (c, from_host[c])
+    # what the kernel printed when it attached each CPU's domains, by domain index: a
+    # line garbled on the console (the lane saw an NMI backtrace land amid them) is
+    # missing, never wrong
+    printed: dict[int, dict] = {}
     cpu = None
     for line in text.splitlines():
         if (a := re.search(r"CPU(\d+) attaching sched-domain", line)):
             cpu = int(a.group(1))
-            printed[cpu] = []
-        elif (d := re.search(r"domain-\d+: span=([0-9,-]+) level=(\w+)", line)) and cpu is not None:
-            printed[cpu].append((d.group(2), parse_cpulist(d.group(1))))
+            printed[cpu] = {}
+        elif (d := re.search(r"domain-(\d+): span=([0-9,-]+) level=(\w+)", line)) and cpu is not None:
+            printed[cpu][int(d.group(1))] = (d.group(3), parse_cpulist(d.group(2)))
     for c in range(t.cpus):
         want = t.expected_sched_domains(c)
-        if want:
-            assert printed.get(c) == want, (c, printed.get(c), want, where)
-        assert from_host[c] == want, (c, from_host[c], want)
+        got = printed.get(c, {})
+        assert all(i < len(want) and got[i] == want[i] for i in got), (c, got, want, where)
+        assert not want or len(got) >= len(want) - 1, (c, got, want, where)

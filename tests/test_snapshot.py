@@ -214,3 +214,22 @@ def test_a_clone_can_be_snapshot_and_cloned_again(started, snapdir):
         grandchild = started(Machine.from_snapshot(snap, start=False))
     assert grandchild.read(NODENAME)[:8] == b"gen-two\0"
     wait_advance(grandchild)
+
+
+def test_clone_keeps_the_originals_topology(started_too):
+    """A clone's CPUID, ACPI tables and memory slots come from the snapshot's topology
+    (NUMA nodes with their own RAM, a memory-only node), not a flat machine."""
+    m = Machine(kernel=str(GUEST), topology="2n2l1c1t", memory={0: "64M", 1: "64M", 2: "32M"},
+                cmdline="mode=loop cpus=2", timeout=600)
+    started_too(m)
+    m.start()
+    m.wait_for_console("2 cpus up", timeout=120)
+    snap = m.snapshot()
+    try:
+        clone = Machine.from_snapshot(snap)
+        started_too(clone)
+        assert clone.topology == m.topology
+        assert clone.topology.node_memory == (64 << 20, 64 << 20, 32 << 20)
+        wait_advance(clone)
+    finally:
+        snap.close()

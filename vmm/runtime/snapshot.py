@@ -30,13 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vmm.errors import VmmError
 from vmm.hostio import atomic_write, open_private
 from vmm.kvm import vcpu_state, vm_state
 from vmm.kvm.memory import GuestMemory, file_digest
+from vmm.machine.topology import Topology
 
 FORMAT_VERSION = 1
 MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.raw"
@@ -240,11 +241,27 @@ def _machine_options(machine) -> dict:
             "cmdline": machine.requested_cmdline, "acpi": machine.acpi,
             "pvm_assists": machine.pvm_assists, "entry": machine.entry,
             "kernel_end": machine.kernel_end, "is_linux": machine.is_linux,
-            "composed_cmdline": machine.cmdline}
+            "composed_cmdline": machine.cmdline,
+            # the clone's CPUID, ACPI tables and memory slots must be the original's
+            "topology": asdict(machine.topology)}
     vmlinux = getattr(machine, "_vmlinux_path", None)
     if vmlinux is not None:
         opts["vmlinux"] = str(vmlinux)
     return opts
+
+
+def _topology(saved: dict) -> Topology:
+    """The snapshot's Topology back from its JSON (lists where the dataclass has tuples)."""
+    try:
+        fields = dict(saved)
+        if fields.get("node_memory") is not None:
+            fields["node_memory"] = tuple(fields["node_memory"])
+        if fields.get("distances") is not None:
+            fields["distances"] = tuple(tuple(row) for row in fields["distances"])
+        return Topology(**fields)
+    except (TypeError, ValueError) as e:
+        raise SnapshotError(f"the snapshot's topology {saved!r} is not one vmm can build: "
+                            f"corrupt ({e})") from None
 
 
 def take(machine, path=None, thaw: bool = True) -> Snapshot:
@@ -339,6 +356,10 @@ def restore(cls, snapshot, start: bool = True, verify_memory: bool = True, **opt
               "acpi": mo["acpi"], "pvm_assists": mo["pvm_assists"]}
     if "vmlinux" in mo:
         kwargs["vmlinux"] = mo["vmlinux"]
+    if "topology" in mo:
+        topo = _topology(mo["topology"])
+        kwargs["topology"] = topo
+        kwargs["memory"] = dict(enumerate(topo.node_memory or (mo["memory_size"],)))
     kwargs.update(options)
     kernel = kwargs.pop("kernel", mo["kernel"])
     if kernel is None:

@@ -173,22 +173,12 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
             return Scheduler(name, binary, art.name, out, True, time.monotonic() - t0)
         build = out / "build"
         build.mkdir(exist_ok=True)
-        cmd = ["make", "-C", str(src / "tools" / "sched_ext"), f"O={out}",
-               f"-j{jobs or os.cpu_count() or 1}", f"CLANG={tools.clang}",
-               f"VMLINUX_BTF={Path(art.vmlinux).resolve()}"]
-        if tools.llvm_strip:
-            cmd.append(f"LLVM_STRIP={tools.llvm_strip}")
+        cmd = make_command(src / "tools" / "sched_ext", f"O={out}", tools, art.vmlinux, jobs)
         say(f"vmm scx: building scx_{name} for {art.name} with {tools.clang_version} "
             f"(first build of this tree: libbpf and bpftool too, a few minutes)")
         log_path = out / "build.log"
-        vmlinux_h = out / "build" / "include" / "vmlinux.h"
-        _drop_truncated_header(vmlinux_h)
-        with open(log_path, "w") as log:
-            # First vmlinux.h (and the bpftool that dumps it), then the scheduler.
-            rc = _make(cmd + [str(vmlinux_h)], log, say, t0)
-            if rc == 0:
-                _complete_ops(vmlinux_h, src, say)
-                rc = _make(cmd + [f"scx_{name}"], log, say, t0)
+        rc = make_after_vmlinux_h(cmd, out / "build" / "include" / "vmlinux.h", f"scx_{name}",
+                                  src, log_path, say, t0)
         built = out / "build" / "bin" / f"scx_{name}"
         if rc != 0 or not built.exists():
             text = log_path.read_text(errors="replace")
@@ -196,8 +186,8 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
             hint = ""
             if re.search(r"struct (scx_cgroup_init_args|task_group)'|cpu_cgrp_id", text):
                 hint = (f"\nscx_{name} schedules cgroups: its kernel needs CONFIG_CGROUP_SCHED=y "
-                        "and CONFIG_EXT_GROUP_SCHED=y (our fragment has neither; scx_simple, "
-                        "scx_central and scx_cpu0 build without them)")
+                        "and CONFIG_EXT_GROUP_SCHED=y (the scx flavour, build:7.3+scx, has both; "
+                        "scx_simple, scx_central and scx_cpu0 build without them)")
             raise ScxBuildError(f"building scx_{name} failed (make exit {rc}); log {log_path}:"
                                 f"\n{tail}{hint}")
         binary.parent.mkdir(exist_ok=True)
@@ -211,6 +201,29 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
         atomic_write(manifest, json.dumps(data, indent=2) + "\n")
         say(f"vmm scx: built {binary} in {seconds:.1f} s")
         return Scheduler(name, binary, art.name, out, False, seconds)
+
+
+def make_command(directory: Path, output: str, tools: Toolchain, vmlinux, jobs) -> list[str]:
+    """make in one of the kernel tree's BPF tool directories (tools/sched_ext, its
+    selftests) with our clang and the kernel's own BTF; `output` is its O=/OUTPUT= word."""
+    cmd = ["make", "-C", str(directory), output, f"-j{jobs or os.cpu_count() or 1}",
+           f"CLANG={tools.clang}", f"VMLINUX_BTF={Path(vmlinux).resolve()}"]
+    if tools.llvm_strip:
+        cmd.append(f"LLVM_STRIP={tools.llvm_strip}")
+    return cmd
+
+
+def make_after_vmlinux_h(cmd: list[str], vmlinux_h: Path, target: str, src: Path,
+                         log_path: Path, say: Callable[[str], None], t0: float) -> int:
+    """First vmlinux.h (and the bpftool that dumps it; completed with the ops our
+    kernel's BTF lacks), then `target`; make's exit status, its output in `log_path`."""
+    _drop_truncated_header(vmlinux_h)
+    with open(log_path, "w") as log:
+        rc = _make(cmd + [str(vmlinux_h)], log, say, t0)
+        if rc == 0:
+            _complete_ops(vmlinux_h, src, say)
+            rc = _make(cmd + [target], log, say, t0)
+    return rc
 
 
 def _drop_truncated_header(vmlinux_h: Path) -> None:

@@ -45,9 +45,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from .hostio import atomic_copy, atomic_write
 from .resources import cache_dir
-from .scxbuild import (SOURCE_DIRS, ScxBuildError, Toolchain, _complete_ops,
-                       _drop_truncated_header, _make, _progress_default, _version_of,
-                       find_toolchain, kernel_source)
+from .scxbuild import (SOURCE_DIRS, ScxBuildError, Toolchain, _progress_default, _version_of,
+                       find_toolchain, kernel_source, make_after_vmlinux_h, make_command)
 
 SELFTESTS = "tools/testing/selftests/sched_ext"
 HASHED = SOURCE_DIRS + (SELFTESTS, "tools/testing/selftests/lib.mk")
@@ -155,20 +154,12 @@ def build_runner(kernel: str = "build:7.3+scx", *, jobs: Optional[int] = None, f
             return Runner(binary, art.name, out, True, time.monotonic() - t0, list_tests(binary))
         build = out / "build"
         build.mkdir(exist_ok=True)
-        cmd = ["make", "-C", str(tests_src), f"OUTPUT={build}", f"-j{jobs or os.cpu_count() or 1}",
-               f"CLANG={tools.clang}", f"VMLINUX_BTF={Path(art.vmlinux).resolve()}"]
-        if tools.llvm_strip:
-            cmd.append(f"LLVM_STRIP={tools.llvm_strip}")
+        cmd = make_command(tests_src, f"OUTPUT={build}", tools, art.vmlinux, jobs)
         say(f"vmm scx: building the sched_ext selftests runner for {art.name} with "
             f"{tools.clang_version} (libbpf, bpftool and ~35 BPF programs: about a minute)")
         log_path = out / "build.log"
-        vmlinux_h = build / "build" / "include" / "vmlinux.h"
-        _drop_truncated_header(vmlinux_h)
-        with open(log_path, "w") as log:
-            rc = _make(cmd + [str(vmlinux_h)], log, say, t0)
-            if rc == 0:
-                _complete_ops(vmlinux_h, src, say)
-                rc = _make(cmd + [str(build / "runner")], log, say, t0)
+        rc = make_after_vmlinux_h(cmd, build / "build" / "include" / "vmlinux.h",
+                                  str(build / "runner"), src, log_path, say, t0)
         built = build / "runner"
         if rc != 0 or not built.exists():
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])

@@ -30,9 +30,10 @@ MAX_MONITORS = 4        # monitors' series saved per test
 EVIDENCE_FILE = "evidence.json"
 
 # Where the kernel's sched_ext debug dump starts on the console: scx_dump_state's first
-# line ("<comm>[<pid>] triggered exit kind <n>:") or the "DEBUG DUMP" banner the
-# schedulers' user space (UEI_REPORT) prints around it.
-DUMP_START = re.compile(r"triggered exit kind \d+|DEBUG DUMP")
+# line (7.3's kernel/sched/ext/ext.c: "<comm>[<pid>] triggered exit kind <n>[ on CPU
+# <n>]:" for an exit, "Debug dump triggered by <reason>" for sysrq D) or the "DEBUG DUMP"
+# banner the schedulers' user space (UEI_REPORT) prints around it.
+DUMP_START = re.compile(r"triggered exit kind \d+|Debug dump triggered by|DEBUG DUMP")
 
 
 def _clip(text: str, lines: Optional[int] = None) -> str:

@@ -131,6 +131,11 @@ def test_collect_from_a_machine_without_a_monitor(tmp_path):
         m.wait_for_console("2 cpus up", timeout=60)
         m.core_path = str(tmp_path / "vmcore")  # as a panic with dump_on_panic leaves it
         ev = collect(m, "t", "failed")
+        m.dump_core(tmp_path / "taken")  # one the test took itself is named too
+        taken = collect(m, "t", "failed")
+    assert taken.section("vmm vmcore").splitlines()[:2] == [str(tmp_path / "vmcore"),
+                                                             str(tmp_path / "taken")]
+    assert dict(taken.properties)["vmm.vmcore"] == str(tmp_path / "taken")
     assert "cpus: 2, topology" in ev.section("vmm machine") and "vmm: " in ev.section("vmm machine")
     assert "2 cpus up" in ev.section("vmm console (tail)")
     assert ev.section("vmm stalls").startswith("no monitor ran")

@@ -466,7 +466,11 @@ class Machine(Verdicts, RunningMachine):
     def dump_core(self, path: PathLike) -> "VmcoreReport":
         """Write an ELF vmcore (drgn and crash open it) while frozen -> VmcoreReport."""
         from .debug.machine import dump_core
-        return dump_core(self, path)
+        report = dump_core(self, path)
+        # a failed test's evidence names every vmcore written (vmm/report/evidence.py)
+        self.__dict__.setdefault("vmcores_written", []).append(str(path))
+        del self.__dict__["vmcores_written"][:-16]
+        return report
 
     def gdb_server(self, port: int = 0, host: str = "127.0.0.1") -> "GdbStub":
         """A GDB remote stub on host:port (a thread): `gdb vmlinux -ex 'target remote

@@ -244,8 +244,11 @@ def collect(m: Any, test: str = "", outcome: str = "") -> Evidence:
     if dump:
         ev.sections.append(("vmm sched_ext dump", dump))
     core = getattr(m, "core_path", None)  # the vmcore a panic wrote (Machine.dump_on_panic)
-    if core:
-        ev.sections.append(("vmm vmcore", f"{core}\n(open it: crash vmlinux {core}, or drgn -c {core})"))
+    cores = ([str(core)] if core else []) + list(getattr(m, "vmcores_written", []))  # m.dump_core's
+    if cores:
+        ev.sections.append(("vmm vmcore", "\n".join(cores) + f"\n(open one: crash vmlinux "
+                            f"{cores[-1]}, or drgn -c {cores[-1]})"))
+        core = cores[-1]
     props = [("vmm.kernel", str(getattr(m, "kernel", ""))),
              ("vmm.build_id", _try(lambda: _build_id(m), "none")),
              ("vmm.cmdline", str(getattr(m, "cmdline", ""))),

@@ -233,3 +233,23 @@ def test_clone_keeps_the_originals_topology(started_too):
         wait_advance(clone)
     finally:
         snap.close()
+
+
+def test_cli_snapshot_then_run_from_it(tmp_path, capsys):
+    """`vmm snapshot DIR` boots, snapshots at the marker and stops; `vmm run
+    --from-snapshot DIR` goes on from there (twice: each run a clone) to the guest's own
+    exit code; a missing directory is an error before any VM."""
+    from vmm.cli import main
+
+    snap = tmp_path / "snap"
+    # the work loops end after loop= rounds with exit=: the snapshot comes well before
+    assert main(["snapshot", str(snap), "--kernel", str(GUEST), "--cpus", "2", "--quiet",
+                 "--cmdline", "mode=loop cpus=2 loop=3000000 exit=7", "--wait-for", "2 cpus up",
+                 "--timeout", "300"]) == 0
+    err = capsys.readouterr().err
+    assert f"vmm run --from-snapshot {snap}" in err and (snap / "manifest.json").exists()
+    for _ in range(2):
+        assert main(["run", "--from-snapshot", str(snap), "--quiet", "--timeout", "300"]) == 7
+        assert "from the snapshot" in capsys.readouterr().err
+    assert main(["run", "--from-snapshot", str(tmp_path / "none"), "--quiet"]) == 1
+    assert "none" in capsys.readouterr().err

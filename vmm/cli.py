@@ -129,7 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="follow sched_ext's state from guest memory (m.scx.state()) over the "
                           "run and report each change: attach, the scheduler's name, its exit "
                           "kind, reason and message")
+    run.add_argument("--from-snapshot", metavar="DIR", default=None,
+                     help="go on from a snapshot directory (vmm snapshot) instead of booting: "
+                          "its kernel, CPUs, memory and command line; --kernel is not needed")
     _add_job_options(run)
+    snap = sub.add_parser("snapshot", help="boot, and when the console matches --wait-for "
+                          "(default: the boot marker) write a snapshot directory and stop")
+    snap.add_argument("directory", help="where the snapshot goes (vmm run --from-snapshot DIR "
+                                        "goes on from it; each run is a copy-on-write clone)")
+    _add_machine_options(snap)
+    snap.add_argument("--wait-for", default=None,
+                      help="console regex after which to snapshot (default: 'Run /init as init "
+                           "process' for real Linux)")
+    snap.add_argument("--json", action="store_true", help="print the result as JSON")
+    snap.add_argument("--quiet", action="store_true", help="do not stream the console")
+    _add_job_options(snap)
     _add_scx_parser(sub)
 
     inject = sub.add_parser("inject", help="shorthand for run --inject-scx")
@@ -316,7 +330,8 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
     the exit status."""
     from .session_report import run_session
 
-    kernel = default_kernel(args.kernel)
+    from_snapshot = getattr(args, "from_snapshot", None)
+    kernel = args.kernel if from_snapshot else default_kernel(args.kernel)
     report = run_session(
         kernel=kernel, cpus=args.cpus, memory=args.memory, cmdline=args.cmdline,
         initrd=args.initrd, timeout=args.timeout, inject_scx=inject,
@@ -327,6 +342,7 @@ def cmd_run(args: argparse.Namespace, inject: bool) -> int:
         serve_scx_clock=getattr(args, "serve_scx_clock", False),
         monitor=getattr(args, "monitor", None), monitor_json=getattr(args, "monitor_json", None),
         scx_state=getattr(args, "scx_state", False), monitor_plot=getattr(args, "plot", None),
+        from_snapshot=from_snapshot, snapshot_to=getattr(args, "directory", None),
         **console_options(args), **topology_options(args))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
@@ -366,6 +382,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_scx(args)
         if args.command in ("run", "inject"):
             return cmd_run(args, inject=args.command == "inject" or args.inject_scx)
+        if args.command == "snapshot":
+            return cmd_run(args, inject=False)
         if args.command == "report":
             from .cli_report import run as cmd_report
             return cmd_report(args)

@@ -81,7 +81,8 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
                 exec: Optional[str] = None, include: Any = None,
                 serve_scx_clock: bool = False, monitor: Optional[float] = None,
                 monitor_json: Optional[str] = None, scx_state: bool = False,
-                monitor_plot: Optional[str] = None, **console: Any) -> SessionReport:
+                monitor_plot: Optional[str] = None, from_snapshot: Optional[str] = None,
+                snapshot_to: Optional[str] = None, **console: Any) -> SessionReport:
     """Boot; with ``inject_scx``, wait for the boot marker, inject, read back, stop.
     With ``exec``, the guest job's status (``vmm-job: exit N``) is the exit status.
     ``serve_scx_clock``: the guest may ask for the scx batch (Machine.serve_scx_clock).
@@ -90,18 +91,30 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
     follow sched_ext's state (m.scx.state()); the report says what they saw.
     ``monitor_plot``: draw the monitor's series there (.png/.svg/.html, vmm.report.plot)
     with the scheduler's exits marked.
-    ``console``: ``console_log`` (a file for the whole console), ``console_window``."""
-    m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
-                console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
-                requires=("sched_ext", "btf") if inject_scx else (),
-                check_config=check_config, boot_via_decompressor=boot_via_decompressor,
-                exec=exec, include=include, **console)
+    ``console``: ``console_log`` (a file for the whole console), ``console_window``.
+    ``from_snapshot``: a snapshot directory to go on from instead of booting (the
+    kernel, CPUs, memory and command line are the snapshot's). ``snapshot_to``: once the
+    console matches ``wait_for`` (default: the boot marker), write a snapshot directory
+    there (m.snapshot) and stop."""
+    if from_snapshot is not None:
+        m = Machine.from_snapshot(from_snapshot, start=False, console=stream, timeout=timeout,
+                                  **console)
+        kernel = f"{m.kernel} (from the snapshot {from_snapshot})"
+    else:
+        m = Machine(kernel, cpus=cpus, memory=memory, cmdline=cmdline, initrd=initrd,
+                    console=stream, timeout=timeout, vmlinux=vmlinux, system_map=system_map,
+                    requires=("sched_ext", "btf") if inject_scx else (),
+                    check_config=check_config, boot_via_decompressor=boot_via_decompressor,
+                    exec=exec, include=include, **console)
     report = SessionReport(kernel=str(kernel), cmdline="")
     if serve_scx_clock:
         m.serve_scx_clock()
     m.start()  # a bad image or option raises here: a usage-level error, not a guest crash
     try:
         report.cmdline = m.cmdline
+        if snapshot_to is not None:
+            _snapshot_at(m, report, wait_for, timeout, snapshot_to)
+            return report
         if not inject_scx:
             if m.job is not None:
                 m.watch_job()  # GuestInitError at once when the job cannot start (exit 1)
@@ -139,6 +152,22 @@ def run_session(kernel: str, cpus: int = 1, memory: Any = "512M", cmdline: Optio
     finally:
         m.stop()
     return report
+
+
+def _snapshot_at(m: Machine, report: SessionReport, wait_for: Optional[str],
+                 timeout: Optional[float], path: str) -> None:
+    """Wait for the marker, write the snapshot directory, stop (`vmm snapshot`)."""
+    marker = wait_for or (INIT_MARKER if m.is_linux else r"cpus up")
+    try:
+        m.wait_for_console(marker, timeout=timeout)
+    except VmmError as exc:
+        raise GuestBootError(f"the guest did not print {marker!r}, so no snapshot was taken: "
+                             f"{exc}\nlast console lines:\n{m.console_tail(20)}") from exc
+    t0 = time.monotonic()
+    m.snapshot(path)
+    report.extra["snapshot"] = (f"{path} (at {marker!r}; taken in {time.monotonic() - t0:.2f} s; "
+                                f"go on from it: vmm run --from-snapshot {path})")
+    report.exit = m.stop()
 
 
 def _start_watchers(m: Machine, report: SessionReport, monitor: Optional[float],

@@ -11,6 +11,13 @@ included, and for a kernel file its size and modification time) are shared acros
 tests of a session, unless the test asks ``fresh=True`` or changed the guest: any
 write (``apply``/``write``, ``machine.memory.write*``, ``feed_console``) marks it dirty,
 and a dirty machine is stopped instead of reused.
+Clones instead of boots: with ``clone=True`` in the marker, the first test of those
+options boots a template machine (to ``wait_for`` when given: a job that attached a
+scheduler and printed a marker makes a scheduler-attached template), snapshots it in
+memory (``m.snapshot()``) and stops it; every test then gets its own copy-on-write clone
+(``Machine.from_snapshot``), stopped when the test ends, so a test may write the guest
+freely. A clone's console starts empty (the marker was the template's). The snapshots
+are dropped at the session's end.
 When a test fails (or always, with ``--vmm-evidence=always``), its evidence is attached
 to its report (vmm/report/evidence.py): the machine's configuration, why the VM ended, the
 console tail, requests served, sched_ext's state, the monitors' stalls, the kernel's
@@ -41,6 +48,7 @@ import pytest
 _POOL_KEY = pytest.StashKey[dict]()
 _MACHINE_KEY = pytest.StashKey[Any]()
 _EVIDENCE_KEY = pytest.StashKey[list]()  # [(nodeid, outcome, directory, Evidence)]
+_SNAPSHOT_KEY = pytest.StashKey[dict]()  # pool key -> Snapshot of a booted template (clone=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,11 +72,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vmm(**options): options for the vmm_machine fixture "
         "(kernel, cpus, memory, cmdline, initrd, wait_for, wait_timeout, timeout, fresh, "
-        "exec, include, topology)")
+        "clone, exec, include, topology)")
     config.addinivalue_line(
         "markers", "vmm_gauntlet(presets=None, budget_s=None): run the test once per topology "
         "preset (all when presets is None), vmm_machine built with it, within budget_s seconds")
     config.stash[_POOL_KEY] = {}
+    config.stash[_SNAPSHOT_KEY] = {}
     config.stash[_EVIDENCE_KEY] = []
 
 
@@ -78,6 +87,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     for machine in pool.values():
         _stop_quietly(machine)
     pool.clear()
+    snapshots = config.stash.get(_SNAPSHOT_KEY, {})
+    for snap in snapshots.values():
+        snap.close()
+    snapshots.clear()
 
 
 def _stop_quietly(machine: Any) -> None:
@@ -157,10 +170,18 @@ def vmm_machine(request: pytest.FixtureRequest) -> Iterator[Any]:
 
     opts = _options(request)
     fresh = bool(opts.pop("fresh", False))
+    clone = bool(opts.pop("clone", False))
     wait_for = opts.pop("wait_for", None)
     wait_timeout = opts.pop("wait_timeout", 60.0)
     key = _pool_key(opts, wait_for)
     pool = request.config.stash[_POOL_KEY]
+    if clone:
+        machine = _clone(request.config.stash[_SNAPSHOT_KEY], key, opts, wait_for, wait_timeout)
+        machine.dirty = False
+        request.node.stash[_MACHINE_KEY] = machine
+        yield machine
+        _stop_quietly(machine)
+        return
 
     machine = None if fresh else pool.pop(key, None)
     if machine is not None and not machine.running:
@@ -180,6 +201,24 @@ def vmm_machine(request: pytest.FixtureRequest) -> Iterator[Any]:
         _stop_quietly(machine)
     else:
         pool[key] = machine
+
+
+def _clone(snapshots: dict, key: str, opts: dict, wait_for: Any, wait_timeout: float) -> Any:
+    """A running clone of the template these options boot (booted and snapshotted once)."""
+    from . import Machine
+
+    snap = snapshots.get(key)
+    if snap is None:
+        template = Machine(**opts)
+        template.start()
+        try:
+            if wait_for:
+                template.wait_for_console(wait_for, timeout=wait_timeout)
+            snap = template.snapshot()
+        finally:
+            _stop_quietly(template)
+        snapshots[key] = snap
+    return Machine.from_snapshot(snap)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -34,6 +34,8 @@
 #define SYS_execve 59
 #define SYS_wait4 61
 #define SYS_sync 162
+#define SYS_ioctl 16
+#define TCSBRK 0x5409 /* with a non-zero argument: tcdrain() */
 
 #define O_RDWR 2
 #define ENOENT 2
@@ -68,6 +70,29 @@ static void put_int(long v)
 	put(buf + i);
 }
 
+/* "\nvmm-job: exit N\n" in one write, so no other console output lands inside it. */
+static void put_exit_line(long status)
+{
+	static const char head[] = "\nvmm-job: exit ";
+	char line[sizeof(head) + 24];
+	char digits[24];
+	size_t n = 0, d = 0;
+	unsigned long u = status < 0 ? -(unsigned long)status : (unsigned long)status;
+
+	for (size_t i = 0; head[i]; i++)
+		line[n++] = head[i];
+	if (status < 0)
+		line[n++] = '-';
+	do {
+		digits[d++] = (char)('0' + u % 10);
+		u /= 10;
+	} while (u);
+	while (d)
+		line[n++] = digits[--d];
+	line[n++] = '\n';
+	sys3(SYS_write, 1, (long)line, (long)n);
+}
+
 static const char *errno_name(long err)
 {
 	switch (-err) {
@@ -94,6 +119,10 @@ static const char *errno_name(long err)
 
 static void reboot_now(void)
 {
+	/* Every byte of our last line out of the serial port before the kernel's own
+	 * reboot lines ("ACPI: PM: Preparing to enter system sleep state S5"): printk writes
+	 * the UART directly, past what the tty still holds, and would cut our line. */
+	sys3(SYS_ioctl, 1, TCSBRK, 1);
 	sys3(SYS_sync, 0, 0, 0);
 	sys5(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_RESTART, 0, 0);
 	/* Refused (it is not, for PID 1): exit, the kernel panics "Attempted to kill
@@ -282,9 +311,7 @@ void init_main(long *sp)
 	if (status < 0)
 		fail("wait for the job", status, 0);
 	status = (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;
-	put("\nvmm-job: exit ");
-	put_int(status);
-	put("\n");
+	put_exit_line(status);
 	reboot_now();
 }
 

@@ -22,7 +22,9 @@ say "building the wheel"
 wheel=$(ls "$WORK"/dist/vmm-*.whl)
 say "fresh virtualenv $WORK/venv"
 "$PYTHON" -m venv "$WORK/venv"
-"$WORK/venv/bin/pip" install -q "$wheel"
+# with the plot extra, as a user who wants the README's plot example (matplotlib): this
+# also checks that the extra is declared in the wheel
+"$WORK/venv/bin/pip" install -q "$wheel[plot]"
 PY="$WORK/venv/bin/python"
 VMM="$WORK/venv/bin/vmm"
 

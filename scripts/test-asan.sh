@@ -14,7 +14,11 @@ so=$(VMM_SANITIZE=1 "$PY" ffi/build_native.py | tail -1)
 libasan=$(gcc -print-file-name=libasan.so)
 [ -e "$libasan" ] || { echo "libasan not found (apt-get install libasan8 / gcc)"; exit 1; }
 export VMM_NATIVE="$so"
-export LD_PRELOAD="$libasan"
+# libstdc++ beside it: ASan intercepts __cxa_throw and needs the real one loaded when it
+# starts, or the first C++ exception of an extension (matplotlib's ft2font, pybind11)
+# aborts with "CHECK failed ... real___cxa_throw".
+libstdcxx=$(gcc -print-file-name=libstdc++.so)
+export LD_PRELOAD="$libasan${libstdcxx:+:$(readlink -f "$libstdcxx")}"
 # Python itself leaks by design and is not instrumented: leak checking off; every other
 # report is fatal. UBSan reports are fatal too (-fno-sanitize-recover at build time).
 # Reports go to build/asan/report.* (pytest captures stderr, and an aborting process

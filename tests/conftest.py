@@ -152,7 +152,12 @@ def _lane_fault(report: pytest.TestReport) -> str | None:
     if (not report.failed or report.when == "teardown" or _progress() is None
             or report.nodeid in _fresh_given or _fresh_wanted or not _fresh_l1_left()):
         return None
-    text = report.longreprtext
+    return _rerun_words(report.longreprtext)
+
+
+def _rerun_words(text: str) -> str | None:
+    """The words of ``text`` that --only-rerun's patterns (the Makefile's SVM_RERUN)
+    match, or None."""
     found = next(filter(None, (re.search(p, text) for p in _rerun_patterns)), None)
     return found.group(0) if found else None
 
@@ -191,10 +196,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_terminal_summary(terminalreporter) -> None:
     # The text that --only-rerun's patterns (the Makefile's SVM_RERUN) matched, else the
     # failure's last line.
-    patterns = terminalreporter.config.getoption("only_rerun", None) or []
     for nodeid, when, text in _reruns:
-        found = next(filter(None, (re.search(p, text) for p in patterns)), None)
-        why = found.group(0) if found else (text.strip().splitlines() or ["?"])[-1][:160]
+        why = _rerun_words(text) or (text.strip().splitlines() or ["?"])[-1][:160]
         terminalreporter.write_line(f"rerun {nodeid} ({when}): {why}")
     for nodeid in _earlier_failures:
         terminalreporter.write_line(f"FAILED {nodeid} (in an earlier L1, before it crashed)")

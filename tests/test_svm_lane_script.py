@@ -200,4 +200,5 @@ def test_conftest_fails_the_test_when_no_fresh_l1_is_left(tmp_path):
     io, run_pytest = _lane_pytest(tmp_path, fresh_left=0)
     run = run_pytest()
     assert run.returncode == 1, run.stdout
+    assert "rerun test_faulty.py::test_boots (setup): holds the host's state" in run.stdout
     assert "failed test_faulty.py::test_boots" in (io / "progress").read_text().splitlines()

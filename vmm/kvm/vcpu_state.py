@@ -236,6 +236,28 @@ def capture(vcpu, msr_indices) -> VcpuState:
         events=_get_struct(vcpu, "events"), debugregs=debugregs, refused=refused)
 
 
+# struct kvm_vcpu_events: exception.injected at byte 0, exception.pending at byte 3,
+# flags (a u32) at byte 20; KVM_VCPUEVENT_VALID_PAYLOAD is 0x10 in flags.
+_EVENTS_FLAGS = 20
+_VALID_PAYLOAD = 0x10
+
+
+def events_as_restored(events: bytes) -> bytes:
+    """The events KVM reports after KVM_SET_VCPU_EVENTS of `events`. Without
+    KVM_CAP_EXCEPTION_PAYLOAD (we do not enable it, nor does the flag appear) KVM's ABI
+    reports an exception raised but not yet delivered as both pending and injected,
+    and a set folds it into injected: it is delivered on the next entry either way,
+    with its payload (CR2, DR6) already written by the get (Documentation/virt/kvm/api.rst,
+    KVM_GET_VCPU_EVENTS). So a capture taken while a fault was in flight reads back with
+    pending 0; every other byte round-trips."""
+    flags = int.from_bytes(events[_EVENTS_FLAGS:_EVENTS_FLAGS + 4], "little")
+    if flags & _VALID_PAYLOAD or not events[3]:
+        return events
+    out = bytearray(events)
+    out[0], out[3] = 1, 0
+    return bytes(out)
+
+
 def apply(vcpu, state: VcpuState) -> list[int]:
     """Sets `state` on `vcpu` (not inside KVM_RUN) in the order KVM needs; KvmIoctlError
     naming the ioctl (or required MSR) that refused. Returns the other MSRs KVM refused

@@ -200,7 +200,7 @@ class Machine(Verdicts, RunningMachine):
     def kernel_image(self) -> "Kernel":
         """The kernel's symbols and BTF (vmm.kernel.Kernel), loaded on first use."""
         if self._introspection is None:
-            from .kernel import Kernel
+            from .kernel.shared import load_shared
             art = self.artifacts
             if art is not None and art.name.startswith("debian-") and art.system_map is None:
                 # Debian's vmlinuz has BTF but no symbol table: the symbols are in the
@@ -215,10 +215,12 @@ class Machine(Verdicts, RunningMachine):
             source = self._vmlinux_path or self.kernel
             with open(source, "rb") as f:
                 is_elf = f.read(4) == b"\x7fELF"
+            # Parsed once per process while the files stay unchanged (vmm.kernel.shared):
+            # clones and a test session's machines of one kernel share it.
             if is_elf:
-                self._introspection = Kernel.load(vmlinux=source, system_map=self._system_map_path)
+                self._introspection = load_shared(vmlinux=source, system_map=self._system_map_path)
             else:
-                self._introspection = Kernel.load(bzimage=source, system_map=self._system_map_path)
+                self._introspection = load_shared(bzimage=source, system_map=self._system_map_path)
         return self._introspection
 
     def _require_symbols(self) -> None:

@@ -64,13 +64,13 @@ class KernelFiles:
 
     def load(self):
         """vmm.kernel.Kernel from these files (symbols and BTF as described)."""
-        from vmm.kernel.kernel import Kernel
+        from vmm.kernel.shared import load_shared  # one parse per unchanged files
 
         if self.vmlinux is not None:
-            return Kernel.load(vmlinux=self.vmlinux, system_map=self.system_map)
+            return load_shared(vmlinux=self.vmlinux, system_map=self.system_map)
         if is_elf(self.boot):
-            return Kernel.load(vmlinux=self.boot, system_map=self.system_map)
-        return Kernel.load(bzimage=self.boot, system_map=self.system_map)
+            return load_shared(vmlinux=self.boot, system_map=self.system_map)
+        return load_shared(bzimage=self.boot, system_map=self.system_map)
 
 
 def no_symbols_message(path: PathLike, what: str = "this kernel") -> str:

@@ -131,3 +131,40 @@ def test_real_bzimage_extracts():
         vmlinux = images.extract_vmlinux(path.read_bytes())
         k = images.parse_elf_kernel(vmlinux)
         assert k.entry >= 0x100000
+
+
+def test_a_file_is_loaded_from_its_headers_and_segments_only(tmp_path):
+    """An ELF given as a path is mapped: its loaded segments are copied into guest RAM,
+    what lies past them (a vmlinux's DWARF) is never read; LoadedKernel.image is then
+    the path, and the snapshot's kernel identity is the same as from its bytes."""
+    from vmm.kvm.memory import GuestMemory
+    from vmm.machine.loader import load_kernel
+    from vmm.runtime.snapshot import kernel_identity
+
+    elf = make_elf(bss=0x1000)
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf)
+    with open(path, "r+b") as f:  # 1 GiB of "debug info": a hole nobody may need to read
+        f.truncate(len(elf) + (1 << 30))
+    mem = GuestMemory(64 << 20)
+    try:
+        loaded = load_kernel(mem, 64 << 20, str(path), decompress_in_guest=True)
+        assert loaded.image == str(path) and loaded.bzimage is None
+        seg = images.parse_elf_kernel(elf).segments[0]
+        assert mem.read(seg.paddr, len(seg.data)) == seg.data
+        from_bytes = load_kernel(mem, 64 << 20, path.read_bytes()[:len(elf)], True)
+        assert from_bytes.entry == loaded.entry and from_bytes.kernel_end == loaded.kernel_end
+    finally:
+        mem.close()
+    path.write_bytes(elf)
+    assert kernel_identity(str(path)) == kernel_identity(elf)
+
+
+def test_an_empty_or_missing_file_is_refused(tmp_path):
+    from vmm.machine.loader import load_kernel
+
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(ImageError, match="is empty"):
+        load_kernel(None, 0, str(tmp_path / "empty"), True)
+    with pytest.raises(ImageError, match="cannot read kernel image"):
+        load_kernel(None, 0, str(tmp_path / "none"), True)

@@ -17,8 +17,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 })
 
 
-def image_symbols(image: bytes) -> "SymbolTable":
-    """The symbol table of a kernel ELF's bytes: what the runtime Machine's `symbol_table`
+def image_symbols(image: bytes | str) -> "SymbolTable":
+    """The symbol table of a kernel ELF (its bytes or its path): what the runtime Machine's `symbol_table`
     option takes, to name RIPs in internal-error reports (passed down from above)."""
     from vmm.kernel.kernel import Kernel
 

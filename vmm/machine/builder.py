@@ -52,14 +52,14 @@ BUILD_STEPS = ("create_vm", "setup_memory", "setup_irqchip", "load_kernel", "loa
 class MachineBuilder(ExitHandling):
     """A KVM virtual machine's assembly and exit dispatch; see docs/CONTRACTS.md.
 
-    `symbol_table`: a callable taking the kernel ELF's bytes and returning an object with
+    `symbol_table`: a callable taking the kernel ELF (its bytes or its path) and returning an object with
     nearest(addr) -> (name, offset), used to name RIPs in internal-error reports (the
     session passes vmm.kernel's; without one RIPs stay numbers)."""
 
     def __init__(self, kernel, cpus: int | None = None, memory="512M", cmdline: str | None = None,
                  initrd=None, console=None, timeout: float | None = None,
                  boot_via_decompressor: bool | None = None, topology=None, pvm_assists: bool = True,
-                 acpi: bool = True, symbol_table: Callable[[bytes], object] | None = None,
+                 acpi: bool = True, symbol_table: Callable[[bytes | str], object] | None = None,
                  default_initrd: Callable[[], Any] | None = None,
                  after_build: Callable[[], None] | None = None,
                  console_window: int | str = DEFAULT_WINDOW, console_log=None):

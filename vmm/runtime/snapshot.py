@@ -192,15 +192,29 @@ def _vmm_version() -> str:
         return "unknown"
 
 
-def kernel_identity(image: bytes | None) -> dict:
+def kernel_identity(image: bytes | str | None) -> dict:
     """The kernel's GNU build id (its ELF note, when the image holds one uncompressed)
-    and the image's SHA-256."""
+    and the image's SHA-256; `image` is its bytes or the path of the file booted."""
     if not image:
         return {}
     note = b"\x04\x00\x00\x00\x14\x00\x00\x00\x03\x00\x00\x00GNU\x00"
-    at = image.find(note)
-    build_id = image[at + 16:at + 36].hex() if at >= 0 else None
-    return {"build_id": build_id, "sha256": hashlib.sha256(image).hexdigest()}
+    h, build_id, tail = hashlib.sha256(), None, b""
+    chunks = [image] if isinstance(image, (bytes, bytearray)) else _chunks(image)
+    for chunk in chunks:
+        h.update(chunk)
+        if build_id is None:  # the note may straddle two chunks: 35 bytes carried over
+            window = tail + chunk
+            at = window.find(note)
+            if 0 <= at and at + 36 <= len(window):
+                build_id = window[at + 16:at + 36].hex()
+            tail = window[-35:]
+    return {"build_id": build_id, "sha256": h.hexdigest()}
+
+
+def _chunks(path: str, size: int = 1 << 22):
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def _devices(machine) -> dict:

@@ -14,6 +14,11 @@ marker "2 cpus up". A Linux kernel (e.g. build:7.3) uses "Run /init" as the mark
 - RSS per clone: this process's RSS (anonymous and file-backed, /proc/self/status)
   added by N running clones of one snapshot, after each ran 1 s, divided by N.
 - snapshot: m.snapshot(dir) time, memory.raw's apparent size and the disk it uses.
+- matrix (--matrix N): N runs of the mission (inject_scx_clock on every CPU, its
+  read-back checked) end to end, each on a fresh boot vs each on a clone of one
+  snapshot (its boot counted). --scheduler NAME (a Linux kernel with sched_ext) attaches
+  that scheduler of the kernel's tree in the guest before the marker, so every run
+  injects under an attached scheduler.
 """
 
 from __future__ import annotations
@@ -42,11 +47,59 @@ def rss_kib() -> dict[str, int]:
     return out
 
 
-def make(kernel: str, cpus: int, memory: str) -> tuple[Machine, str]:
+SCHED_MARKER = "vmm-bench: scheduler attached"
+
+
+def make(kernel: str, cpus: int, memory: str, scheduler: str | None = None) -> tuple[Machine, str]:
     if kernel == GUEST:
         return Machine(kernel=kernel, cpus=cpus, memory=memory,
                        cmdline=f"mode=loop cpus={cpus} ring=0"), f"{cpus} cpus up"
+    if scheduler:
+        from vmm.scxbuild import build_scheduler
+
+        built = build_scheduler(scheduler, kernel, progress=None)
+        name = f"scx_{scheduler.removeprefix('scx_')}"
+        job = (f"{name} > /tmp/sched.log 2>&1 & "
+               f"until grep -q {name.removeprefix('scx_')} /sys/kernel/sched_ext/root/ops 2>/dev/null; "
+               f"do sleep 0.1; done; echo '{SCHED_MARKER}'; while :; do sleep 1; done")
+        return Machine(kernel=kernel, cpus=cpus, memory=memory, console=None, exec=job,
+                       include=[f"{built.binary}:/bin/{name}"]), SCHED_MARKER
     return Machine(kernel=kernel, cpus=cpus, memory=memory), "Run /init"
+
+
+def mission(m: Machine) -> None:
+    result = m.inject_scx_clock()
+    if not result.ok:
+        raise SystemExit(f"the injection did not hold:\n{result.describe()}")
+
+
+def matrix(kernel: str, cpus: int, memory: str, runs: int, scheduler: str | None) -> None:
+    what = f"{runs} runs of inject_scx_clock" + (f" under scx_{scheduler}" if scheduler else "")
+    t0 = time.monotonic()
+    for _ in range(runs):
+        m, marker = make(kernel, cpus, memory, scheduler)
+        m.start()
+        m.wait_for_console(marker, timeout=1200)
+        mission(m)
+        m.stop()
+    boots = time.monotonic() - t0
+    t0 = time.monotonic()
+    m, marker = make(kernel, cpus, memory, scheduler)
+    m.start()
+    m.wait_for_console(marker, timeout=1200)
+    snap = m.snapshot()
+    m.stop()
+    first = time.monotonic() - t0
+    for _ in range(runs):
+        c = Machine.from_snapshot(snap)
+        mission(c)
+        c.stop()
+    clones = time.monotonic() - t0
+    snap.close()
+    print(f"\n== matrix: {what}, {kernel}, {cpus} vCPU(s), {memory} ==")
+    print(f"a fresh boot per run:           {boots:10.2f} s ({boots / runs * 1e3:.0f} ms a run)")
+    print(f"a clone per run (boot+snapshot {first:.2f} s included): {clones:10.2f} s "
+          f"({(clones - first) / runs * 1e3:.0f} ms a run, {boots / clones:.1f}x faster end to end)")
 
 
 def progress(m: Machine, kernel: str, cpus: int):
@@ -126,10 +179,17 @@ def main() -> None:
     ap.add_argument("--memory", default="512M")
     ap.add_argument("--clones", default="1,4,16")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--matrix", type=int, default=0, metavar="N",
+                    help="also N runs of the mission: fresh boots vs clones")
+    ap.add_argument("--scheduler", help="attach this scheduler of the kernel's tree (Linux)")
+    ap.add_argument("--skip-sizes", action="store_true", help="only the matrix")
     args = ap.parse_args()
     clones = [int(x) for x in args.clones.split(",") if x]
-    for memory in args.memory.split(","):
-        one_size(args.kernel, args.cpus, memory, clones)
+    if not args.skip_sizes:
+        for memory in args.memory.split(","):
+            one_size(args.kernel, args.cpus, memory, clones)
+    if args.matrix:
+        matrix(args.kernel, args.cpus, args.memory.split(",")[0], args.matrix, args.scheduler)
 
 
 if __name__ == "__main__":

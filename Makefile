@@ -23,7 +23,7 @@ SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boo
 SVM_DESELECT ?= --deselect tests/test_scx_linux.py::test_7_qmap_error_exit_read_from_the_host \
 	--deselect tests/test_scx_linux.py::test_8_qmap_stall_exit_and_the_task_the_host_saw_queued
 
-.PHONY: deps native guests demo test test-slow test-svm bench bench-svm svm-setup kernel-debian kernel-build clean check-wheel fuzz test-asan
+.PHONY: deps native guests demo test test-slow test-svm test-svm-topology bench bench-svm svm-setup kernel-debian kernel-build clean check-wheel fuzz test-asan
 
 deps:
 	./scripts/install-deps.sh
@@ -81,6 +81,13 @@ test-svm: deps guests svm-setup
 	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) --l1-retries $(SVM_L1_RETRIES) -- \
 		$(PYTHON) -m pytest -q -m "slow or svm" \
 		-p no:cacheprovider $(SVM_RERUN) $(SVM_TESTS) $(SVM_DESELECT) $(PYTEST_ARGS)
+
+# Every topology preset booted once in the lane (a slow job, not in test-svm: its 32- and
+# 64-vCPU boots take minutes each under nested TCG); prints each preset's figures.
+test-svm-topology: deps guests svm-setup
+	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) --l1-retries $(SVM_L1_RETRIES) -- \
+		$(PYTHON) -m pytest -q -s -m "slow or svm" \
+		-p no:cacheprovider $(SVM_RERUN) tests/test_topology_presets_linux.py $(PYTEST_ARGS)
 
 svm-setup:
 	$(MAKE) -C kernels init

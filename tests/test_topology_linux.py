@@ -68,21 +68,48 @@ def parse_cpulist(text: str) -> list[int]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_guest_sees_the_spec(case):
-    from vmm import Machine
     from vmm.machine.topology import Topology
 
     opts = dict(CASES[case])
     topo = Topology.parse(opts.pop("topology"), distances=opts.pop("distances", None))
+    boot_and_check(topo, **opts)
+
+
+def boot_and_check(topo, freezes: int = 0, **opts) -> dict:
+    """Boots build:7.3 with `topo`, checks what the guest and the host's BTF reading see
+    against the spec; returns the seconds to "Run /init" and, with `freezes`, the freeze
+    rendezvous' latencies (ms) over that many cycles."""
+    import time
+
+    from vmm import Machine
+
     m = Machine(kernel=built_kernel_spec(), topology=topo, exec=JOB, console=None,
                 cmdline=DEFAULT_LINUX_CMDLINE + " sched_verbose", timeout=BOOT_TIMEOUT, **opts)
+    figures = {}
     with m:
+        t0 = time.monotonic()
+        m.wait_for_console(r"Run /init as init process", timeout=BOOT_TIMEOUT)
+        figures["boot_s"] = time.monotonic() - t0
         m.wait_for_console(r"vmm-topo: done", timeout=BOOT_TIMEOUT)
         text = m.console_text()
         t = m.topology  # with the nodes' memory
         from_host = {cpu: [(d.name, list(d.cpus)) for d in m.sched_domains(cpu)] for cpu in range(t.cpus)}
+        lat = []
+        for _ in range(freezes):
+            with m.freeze() as snap:
+                lat.append(snap.latency_ns / 1e6)
+        if lat:
+            lat.sort()
+            figures["freeze_p50_ms"] = lat[len(lat) // 2]
+            figures["freeze_p99_ms"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         m.feed_console(b"bye\n")
-    where = f"\n--- console tail ---\n{text[-4000:]}"
+    check_guest_view(t, text, from_host)
+    return figures
 
+
+def check_guest_view(t, text: str, from_host: dict) -> None:
+    """What the guest printed (JOB) and the host read (m.sched_domains) equal the spec."""
+    where = f"\n--- console tail ---\n{text[-4000:]}"
     nodes = {int(n): (c, d, int(mem or 0)) for n, c, d, mem in
              re.findall(r"vmm-topo: node (\d+) cpus=\[([^\]]*)\] distance=\[([^\]]*)\] mem=(\d*)", text)}
     assert sorted(nodes) == list(range(t.all_nodes)), where

@@ -83,6 +83,11 @@ def test_guest_command_and_selection():
     cmd = st.guest_command(pattern="exit")
     assert "/bin/runner -t exit;" in cmd and "/proc/uptime" in cmd
     assert "/bin/runner -t a; /bin/runner -t 'b c';" in st.guest_command(only=["a", "b c"])
+    # -t matches substrings: a name another one picked already contains is not run twice
+    assert "/bin/runner -t dfl; /bin/runner -t exit;" in st.guest_command(
+        only=["dfl", "select_cpu_dfl", "exit"])
+    assert "echo 1 > /proc/sys/kernel/printk" in cmd  # the kernel kept off the runner's lines
+    assert "printk" not in st.guest_command(quiet_kernel=False)
 
 
 def test_a_tree_without_selftests_says_so(tmp_path):
@@ -158,8 +163,10 @@ def test_the_guest_command_stamps_and_parses_for_real(tmp_path):
     runner.write_text(FAKE_RUNNER)
     runner.chmod(0o755)
     for i, (command, expect) in enumerate((
-            (st.guest_command(), {"alpha": "pass", "beta": "fail"}),
-            (st.guest_command(only=["beta"]), {"alpha": "not run", "beta": "fail"}))):
+            # quiet_kernel=False: the console log level is the host kernel's here
+            (st.guest_command(quiet_kernel=False), {"alpha": "pass", "beta": "fail"}),
+            (st.guest_command(only=["beta"], quiet_kernel=False),
+             {"alpha": "not run", "beta": "fail"}))):
         entries = guestjob.job_entries(command, [f"{runner}:/bin/runner"])
         r = _run_init(_job_root(tmp_path / str(i), "", entries))
         results, finished = st.parse_output(r.stdout, ["alpha", "beta"])

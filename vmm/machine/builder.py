@@ -179,9 +179,9 @@ class MachineBuilder(ExitHandling):
         self.serial.feed(data)
 
     # === build steps ==================================================================================
-    def _run_step(self, step: str) -> None:
+    def _run_step(self, step: str, **options) -> None:
         try:
-            getattr(self, "_start" if step == "start" else step)()
+            getattr(self, "_start" if step == "start" else step)(**options)
         except VmmError as e:
             if getattr(e, "build_step", None) is None:
                 e.build_step = step
@@ -309,9 +309,10 @@ class MachineBuilder(ExitHandling):
             blob, _ = tables.acpi_tables(apic_ids, topology=self.topology, memory_size=self.memory_size)
             self.memory.write(L.ACPI_START, blob)
 
-    def create_vcpus(self) -> None:
+    def create_vcpus(self, boot_state: bool = True) -> None:
         """Build step: the vCPUs with CPUID, boot MSRs and FPU set; the boot vCPU's registers
-        at the entry (the others wait for INIT/SIPI)."""
+        at the entry (the others wait for INIT/SIPI). `boot_state=False` (a snapshot's
+        restore, which sets every register, MSR and FPU state next) sets CPUID only."""
         from vmm.machine.cpu import cpuid_to_list
 
         supported = cpuid_to_list(self.kvm.supported_cpuid())
@@ -327,6 +328,8 @@ class MachineBuilder(ExitHandling):
                     tsc_deadline=self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0)
                 self.notes.append(cpu_setup.describe_paravirt(supported))
             cpu_setup.setup_vcpu_cpuid(vcpu, supported, self.topology)
+            if not boot_state:
+                continue
             refused = cpu_setup.set_boot_msrs(vcpu)
             if refused and index == 0:
                 self.notes.append("host refused boot MSRs " + ", ".join(f"{m:#x}" for m in refused))

@@ -387,7 +387,7 @@ def restore(cls, snapshot, start: bool = True, verify_memory: bool = True, **opt
         machine._run_step("setup_irqchip")
         machine.entry, machine.kernel_end = mo["entry"], mo["kernel_end"]
         machine.is_linux, machine.cmdline = mo["is_linux"], mo["composed_cmdline"]
-        machine._run_step("create_vcpus")
+        machine._run_step("create_vcpus", boot_state=False)  # vcpu_state.apply sets it all
         machine._run_step("setup_devices")
         vm_state.apply(machine.vm, vm)
         for v, s in zip(machine.vcpus, vcpus):

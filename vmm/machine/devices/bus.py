@@ -8,6 +8,7 @@ A device whose io_out takes a `vcpu` keyword gets the index of the vCPU doing th
 from __future__ import annotations
 
 import bisect
+import functools
 import inspect
 import threading
 from collections import Counter
@@ -46,7 +47,8 @@ class _RangeBus:
             if start < e and s < end:
                 raise ConfigError(f"{self.kind} range [{start:#x}, {end:#x}) overlaps {type(dev).__name__} "
                                   f"at [{s:#x}, {e:#x})")
-        wants_vcpu = "vcpu" in inspect.signature(self._write_method(device)).parameters
+        wants_vcpu = _takes_vcpu(getattr(self._write_method(device), "__func__", None)
+                                 or self._write_method(device))
         i = bisect.bisect(self._starts, start)
         self._starts.insert(i, start)
         self._ranges.insert(i, (start, end, device, wants_vcpu))
@@ -127,3 +129,10 @@ class MmioBus(_RangeBus):
             device.mmio_write(addr, size, value, vcpu=vcpu)
         else:
             device.mmio_write(addr, size, value)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_vcpu(write) -> bool:
+    """Does a device's write method take the vCPU index (asked once per method, not per
+    registration: a clone registers every device anew)?"""
+    return "vcpu" in inspect.signature(write).parameters

@@ -22,7 +22,8 @@ from fake_resolver import Rendezvous  # noqa: E402
 from kfixture import FakeLive, FakeMemory  # noqa: E402
 
 from vmm.errors import GuestMemoryError, KernelFeatureMissing, VmmError  # noqa: E402
-from vmm.kernel.scx_state import (ScxLayout, ScxState, ScxTimeout, ScxView,  # noqa: E402
+from vmm.kernel.scx_view import ScxView  # noqa: E402
+from vmm.kernel.scx_state import (ScxLayout, ScxState, ScxTimeout,  # noqa: E402
                                   read_cstring, read_state)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,6 +285,53 @@ def test_wait_for_exit_when_the_exit_fell_between_polls(kern):
     live.on_read = gone
     s = view.wait_for_exit(timeout=10, interval=0.001)
     assert s.state == "disabled" and s.exit_kind is None and s.ops is None
+
+
+def test_wait_for_exit_catches_a_detach_between_polls_at_the_scx_root_watch(kern):
+    """A scheduler that attaches and dies between two polls: the scx_root watchpoint's
+    NULL write (the session arms it where data watchpoints hit) is caught, and the exit
+    read there from the unlinked scx_sched (its ``old`` pointer), whole."""
+    from types import SimpleNamespace
+
+    live = FakeLive(kern)
+    lay = ScxLayout.of(kern)
+    lay_out(live, lay, state="SCX_DISABLED", root=0)
+    armed = []
+
+    class Handle:
+        removed = False
+
+        def remove(self):
+            self.removed = True
+
+    def watch_root(on_hit):
+        armed.append((on_hit, Handle()))
+        return armed[-1][1]
+
+    view, _, _ = view_over(live, watch_root=watch_root)
+    polls = []
+
+    def life(kva, n):  # at the third poll the whole life happens, as two watch hits
+        if kva == live.symbol_address("scx_enable_state_var"):
+            polls.append(kva)
+            if len(polls) == 3:
+                live.on_read = None
+                on_hit = armed[0][0]
+                lay_out(live, lay, state="SCX_ENABLED")
+                on_hit(SimpleNamespace(old=0, new=SCH, live=live))
+                lay_out(live, lay, state="SCX_DISABLING", claimed="SCX_EXIT_ERROR_BPF",
+                        ei_kind="SCX_EXIT_ERROR_BPF", reason=b"scx_bpf_error",
+                        msg=b"main.bpf.c:42: test triggering error", name=b"qmap")
+                on_hit(SimpleNamespace(old=SCH, new=0, live=live))
+                live.u64(live.symbol_address("scx_root"), 0)  # unlinked, then freed
+                live.put(SCH, bytes(1024))
+                live.u32(live.symbol_address("scx_enable_state_var"), kern.enum("SCX_DISABLED"))
+    live.on_read = life
+    s = view.wait_for_exit(timeout=10, interval=0.001)
+    assert (s.ops, s.exit_kind, s.exit_reason, s.exit_msg) == (
+        "qmap", "SCX_EXIT_ERROR_BPF", "scx_bpf_error", "main.bpf.c:42: test triggering error")
+    assert view.last_exit == s
+    assert armed[0][1].removed  # the watch lives as long as the wait
 
 
 def test_wait_for_exit_times_out_and_refuses_a_stopped_vm(kern):

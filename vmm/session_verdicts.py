@@ -20,7 +20,7 @@ from .errors import VmmError
 if TYPE_CHECKING:  # the public signatures' types; nothing here runs
     from .kernel.bpf_maps import BpfView
     from .kernel.live import LiveKernel
-    from .kernel.scx_state import ScxView
+    from .kernel.scx_view import ScxView
     from .ops import KernelTarget
     from .runtime.monitor import Monitor
     from .runtime.watch import Watch
@@ -58,18 +58,23 @@ class Verdicts:
 
     @property
     def scx(self) -> "ScxView":
-        """sched_ext's state from the host (vmm.kernel.scx_state.ScxView): ``m.scx.state()``
+        """sched_ext's state from the host (vmm.kernel.scx_view.ScxView): ``m.scx.state()``
         -> ScxState(state, ops, exit_kind, exit_reason, exit_msg, ...),
         ``m.scx.wait_for_exit(timeout)``, ``m.scx.watchdog_timeout`` (seconds; settable)."""
         view = self.__dict__.get("_scx_view")
         if view is None:
-            from .kernel.scx_state import ScxView
+            from .kernel.scx_view import ScxView
+
+            from .kvm.pvm import is_pvm_host
 
             coordinator = lambda: self.coordinator  # noqa: E731 (set at the start)
+            # PVM's emulated ring 0 never hits a data watchpoint: exits are polled there
+            watch_root = None if is_pvm_host() else (
+                lambda on_hit: self.watch("scx_root", on_hit, access="w"))
             view = ScxView(self.kernel_image, live=self._sampling_live, freeze=self.freeze,
                            frozen=lambda: bool(coordinator() is not None and coordinator().frozen),
                            write_u64=self._write_kva_u64, hz=self._config_hz,
-                           running=lambda: self.running)
+                           running=lambda: self.running, watch_root=watch_root)
             self.__dict__["_scx_view"] = view
         return view
 

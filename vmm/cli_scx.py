@@ -61,7 +61,7 @@ def _boot_and_run(kernel: str, runner: Runner, command: str, *, cpus: int, memor
     from .session import Machine  # the session floor: this module is an entry point
 
     m = Machine(kernel=kernel, cpus=cpus, memory=memory, console=None, exec=command,
-                include=[f"{runner.binary}:/bin/runner"])
+                include=runner.includes())
     m.start()
     why = None
     seen, started, last = -1, 0, time.monotonic()

@@ -52,6 +52,10 @@ SELFTESTS = "tools/testing/selftests/sched_ext"
 HASHED = SOURCE_DIRS + (SELFTESTS, "tools/testing/selftests/lib.mk")
 RECIPE = 1  # bump when the build recipe changes
 RUNNER_IN_GUEST = "/bin/runner"
+# The kernel's .config, put where libbpf looks (/boot/config-$(uname -r)) by the job:
+# common.bpf.h's __kconfig externs need it (without: "libbpf: failed to open system
+# Kconfig" and dsp_local_on fails to load; our builds have no CONFIG_IKCONFIG_PROC)
+KCONFIG_IN_GUEST = "/etc/vmm-kconfig"
 MAX_OUTPUT_LINES = 200  # per test kept from the guest (a chatty test stays bounded)
 MAX_LINE = 2000  # characters of one line kept
 
@@ -70,6 +74,12 @@ class Runner:
     cached: bool
     seconds: float
     tests: list[str]  # the runner's own list (`runner -l`), in its order
+    config: Optional[Path] = None  # the kernel's .config (None: the store has none)
+
+    def includes(self) -> list[str]:
+        """The job's --include list: the runner, and the kernel's .config for libbpf."""
+        return [f"{self.binary}:{RUNNER_IN_GUEST}"] + (
+            [f"{self.config}:{KCONFIG_IN_GUEST}"] if self.config else [])
 
 
 @dataclass
@@ -145,13 +155,15 @@ def build_runner(kernel: str = "build:7.3+scx", *, jobs: Optional[int] = None, f
     say(f"vmm scx: hashing the sources of {art.name} (selftests, libbpf, bpftool)")
     digest = _source_hash(src, Path(art.vmlinux), tools)
     out = cache_dir("scx-selftests") / f"{art.name}-{digest}"
+    config = Path(art.config) if art.config and Path(art.config).is_file() else None
     binary = out / "bin" / "runner"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per cache entry at a time
         if binary.exists() and not force:
             say(f"vmm scx: cached {binary}")
-            return Runner(binary, art.name, out, True, time.monotonic() - t0, list_tests(binary))
+            return Runner(binary, art.name, out, True, time.monotonic() - t0, list_tests(binary),
+                          config)
         build = out / "build"
         build.mkdir(exist_ok=True)
         cmd = make_command(tests_src, f"OUTPUT={build}", tools, art.vmlinux, jobs)
@@ -174,7 +186,7 @@ def build_runner(kernel: str = "build:7.3+scx", *, jobs: Optional[int] = None, f
              "vmlinux": str(art.vmlinux), "runner": str(binary), "tests": tests,
              "seconds": round(seconds, 1)}, indent=2) + "\n")
         say(f"vmm scx: built {binary} ({len(tests)} tests) in {seconds:.1f} s")
-        return Runner(binary, art.name, out, False, seconds, tests)
+        return Runner(binary, art.name, out, False, seconds, tests, config)
 
 
 # --- the guest job ------------------------------------------------------------------------
@@ -204,6 +216,8 @@ def guest_command(only: Optional[Sequence[str]] = None, pattern: Optional[str] =
     return ("cd /tmp\n"
             + ("echo 1 > /proc/sys/kernel/printk\n" if quiet_kernel else "")
             + "mount -t debugfs none /sys/kernel/debug 2>/dev/null\n"
+            f"if [ -e {KCONFIG_IN_GUEST} ]; then mkdir -p /boot; read rel _ </proc/sys/kernel/osrelease; "
+            f"cat {KCONFIG_IN_GUEST} > /boot/config-$rel; fi\n"
             f"( {run} echo \"vmm-selftests: runner exit $?\" ) </dev/null 2>&1 |\n"
             "  while IFS= read -r l; do read up _ </proc/uptime; echo \"@$up $l\"; done\n")
 

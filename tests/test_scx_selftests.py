@@ -88,6 +88,21 @@ def test_guest_command_and_selection():
         only=["dfl", "select_cpu_dfl", "exit"])
     assert "echo 1 > /proc/sys/kernel/printk" in cmd  # the kernel kept off the runner's lines
     assert "printk" not in st.guest_command(quiet_kernel=False)
+    # several patterns: the tests that contain one of them, the runner once per pattern
+    names = ["minimal", "maximal", "select_cpu_dfl", "select_cpu_vtime", "exit"]
+    assert st.select(names, "imal,vtime") == ["minimal", "maximal", "select_cpu_vtime"]
+    assert "/bin/runner -t imal; /bin/runner -t vtime;" in st.guest_command(pattern="imal,vtime")
+    with pytest.raises(st.SelftestsError, match="none empty"):
+        st.select(names, "minimal,")
+
+
+def test_the_job_gets_the_kernel_config(tmp_path):
+    """libbpf reads /boot/config-$(uname -r) for common.bpf.h's __kconfig externs."""
+    r = st.Runner(tmp_path / "runner", "k", tmp_path, True, 0.0, [], tmp_path / "config")
+    assert r.includes() == [f"{tmp_path}/runner:/bin/runner", f"{tmp_path}/config:/etc/vmm-kconfig"]
+    assert st.Runner(tmp_path / "runner", "k", tmp_path, True, 0.0, []).includes() == [
+        f"{tmp_path}/runner:/bin/runner"]
+    assert "cat /etc/vmm-kconfig > /boot/config-$rel" in st.guest_command()
 
 
 def test_a_tree_without_selftests_says_so(tmp_path):

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .scxselftests import (Runner, SelftestsError, TestResult, apply_known, build_runner, counts,
-                           format_table, guest_command, parse_output, read_known_failures, select,
-                           to_json, unexpected_failures)
+                           format_table, guest_command, parse_output, patterns_of,
+                           read_known_failures, select, to_json, unexpected_failures)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 CONSOLE_TAIL = 30  # the guest's lines kept for a crashed test
@@ -108,6 +108,7 @@ def run_selftests(kernel: str = "build:7.3+scx", *, pattern: Optional[str] = Non
     t0 = time.monotonic()
     say = progress or (lambda line: None)
     known = read_known_failures(known_failures)  # a bad file fails before any build or boot
+    patterns_of(pattern)  # so does a bad filter
     runner = build_runner(kernel, progress=progress)
     expected = select(runner.tests, pattern)
     if not expected:
@@ -152,7 +153,8 @@ def add_selftests_parser(ssub) -> None:
     p.add_argument("--kernel", default="build:7.3+scx", help="store kernel spec (default "
                    "build:7.3+scx: the selftests need its NET/FTRACE/BPF_EVENTS)")
     p.add_argument("--filter", metavar="PATTERN", default=None,
-                   help="only the tests whose name contains PATTERN (the runner's -t)")
+                   help="only the tests whose name contains PATTERN (the runner's -t); "
+                        "several, comma-separated: those that contain one of them")
     p.add_argument("--known-failures", metavar="FILE", default=None,
                    help="test names (one a line, '#' comments) whose failure does not fail "
                         "the run; nothing is silenced without it")

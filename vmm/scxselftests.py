@@ -190,15 +190,29 @@ def build_runner(kernel: str = "build:7.3+scx", *, jobs: Optional[int] = None, f
 
 
 # --- the guest job ------------------------------------------------------------------------
+def patterns_of(pattern: Optional[str]) -> list[str]:
+    """``"a,b"``: the runner's ``-t`` patterns, one run each (an empty one is refused)."""
+    if pattern is None:
+        return []
+    parts = [p.strip() for p in pattern.split(",")]
+    if not all(parts):
+        raise SelftestsError(f"filter {pattern!r}: give test-name substrings separated by "
+                             "commas, none empty (e.g. 'minimal,select_cpu')")
+    return parts
+
+
 def select(tests: Sequence[str], pattern: Optional[str]) -> list[str]:
-    """The tests the runner's ``-t PATTERN`` runs (a substring of the name)."""
-    return [t for t in tests if not pattern or pattern in t]
+    """The tests the runner's ``-t PATTERN`` runs (a substring of the name; with
+    ``"a,b"``, those that contain one of them)."""
+    parts = patterns_of(pattern)
+    return [t for t in tests if not parts or any(p in t for p in parts)]
 
 
 def guest_command(only: Optional[Sequence[str]] = None, pattern: Optional[str] = None, *,
                   quiet_kernel: bool = True) -> str:
-    """The job's shell command: the runner (all, ``-t pattern``, or each of ``only`` in
-    turn, after a crash), every line stamped with the guest's uptime.
+    """The job's shell command: the runner (all, ``-t pattern`` for each of the
+    comma-separated ``pattern``, or each of ``only`` in turn, after a crash), every line
+    stamped with the guest's uptime.
 
     ``quiet_kernel``: the kernel's console log level goes to 1 first.  Its messages
     (sched_ext's "enabled"/"disabled" of every test) otherwise land on the same serial
@@ -206,6 +220,8 @@ def guest_command(only: Optional[Sequence[str]] = None, pattern: Optional[str] =
     "sched_ext: ..." for enq_select_cpu); an oops or panic still prints (the kernel
     raises the level itself then).  Off only where the command runs outside a guest
     (the level is the whole kernel's)."""
+    if only is None and pattern is not None and "," in pattern:
+        only = patterns_of(pattern)
     if only is not None:
         # -t is a substring match: "-t select_cpu_dfl" also runs select_cpu_dfl_nodispatch
         picked = [t for i, t in enumerate(only) if not any(o in t for o in only[:i])]

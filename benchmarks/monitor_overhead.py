@@ -3,10 +3,8 @@
     python benchmarks/monitor_overhead.py [--cpus 2 16 64] [--seconds 3] [--interval 0.01]
                                           [--events 16]
 
-For each count N one test guest boots with min(N, 8) vCPUs and N possible CPUs
-(`mode=loop cpus=min(N,8) possible=N`: our guest runs at most 8; every vCPU spins in its
-work loop, the other CPUs' run queues exist in its memory as Linux's possible-but-offline
-ones do) and a monitor samples every CPU's run queue (nr_running, scx.nr_running, clock,
+For each count N one test guest boots with N vCPUs (`mode=loop cpus=N possible=N`, up
+to 64, the guest's MAX_CPUS; every vCPU spins in its work loop) and a monitor samples every CPU's run queue (nr_running, scx.nr_running, clock,
 scx.flags: one aligned load each) plus every vCPU thread's host CPU time
 (/proc/self/task/TID/schedstat) every --interval seconds for --seconds.
 
@@ -55,7 +53,7 @@ def event_stand_ins(live, cpus, k: int) -> GuardedColumns:
 
 
 def measure(cpus: int, seconds: float, interval: float, events: int) -> dict:
-    running = min(cpus, 8)
+    running = min(cpus, 64)
     with Machine(kernel=GUEST, cpus=running, cmdline=f"mode=loop cpus={running} possible={cpus}",
                  timeout=600, console=None) as m:
         m.wait_for_console(f"{running} cpus up", timeout=300)

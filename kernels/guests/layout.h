@@ -6,7 +6,7 @@
 #define PHYS_LOAD_ADDR   0x1000000            /* 16 MiB */
 #define KERNEL_VA_BASE   (START_KERNEL_MAP + PHYS_LOAD_ADDR)  /* 0xffffffff81000000 */
 
-#define MAX_CPUS 8          /* CPUs the guest can start (cpus=N, N <= MAX_CPUS) */
+#define MAX_CPUS 64         /* CPUs the guest can start (cpus=N, N <= MAX_CPUS; APIC ID = N, flat topology) */
 #define NR_CPUS 1024        /* size of __per_cpu_offset[] like CONFIG_NR_CPUS=1024; possible=N <= this */
 #define PAGE_OFFSET 0xffff888000000000 /* direct map of physical 0-4 GiB, like Linux's default page_offset_base */
 

@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 
 pkgs=(gcc make libc6-dev dwarves cpio zstd xz-utils lz4 bzip2 flex bison bc
       libelf-dev libssl-dev busybox-static qemu-system-x86 ca-certificates crash
-      clang-19 llvm-19 zlib1g-dev  # clang >= 16, llvm-strip: `vmm scx build` (BPF)
+      clang-22 llvm-22 zlib1g-dev  # `vmm scx build` (BPF): clang and llvm-strip; 7.3's
+      # arena schedulers (scx_qmap) need clang 20+: clang 19 dropped an addr_space_cast
+      # and the verifier refused qmap_dequeue (bookworm-security has 22)
       gdb  # the gdb stub's tests drive Debian's gdb
       libzstd-dev  # the kernel's sched_ext selftests runner links -lzstd (vmm scx selftests)
       stress-ng rt-tests  # real workloads in the guest job (hackbench is rt-tests')

@@ -4,12 +4,13 @@ Our PVM hosts cannot load a BPF program in a guest, so the kernel's objects are 
 in a sparse fake memory at the offsets of the real BTF of our Linux 7.3 build (skipped
 when it is not built): map_idr's xarray with a node level (ids above 63), an array map
 with a struct value, a per-CPU array, and the .bss/.data/.rodata maps of one object whose
-BTF is tests/data/bpf_maps_fixture.bpf.c compiled by clang (skipped without clang-19 /
-llvm-objcopy), with libbpf's DATASEC fix-up redone here. The proof with real schedulers
+BTF is tests/data/bpf_maps_fixture.bpf.c compiled by clang (the one `vmm scx build`
+uses; skipped without it / its llvm-objcopy), with libbpf's DATASEC fix-up redone here. The proof with real schedulers
 (scx_qmap's own .bss counters growing) belongs to the SVM lane.
 """
 
 import glob
+import re
 import shutil
 import struct
 import subprocess
@@ -67,7 +68,7 @@ def fixed_up_btf(obj: Path) -> bytes:
     offsets filled in from the ELF (clang leaves them 0)."""
     from elftools.elf.elffile import ELFFile
     out = obj.with_suffix(".btf")
-    subprocess.run(["llvm-objcopy", f"--dump-section=.BTF={out}", str(obj), "/dev/null"],
+    subprocess.run([_objcopy(), f"--dump-section=.BTF={out}", str(obj), "/dev/null"],
                    check=True, capture_output=True)
     blob = bytearray(out.read_bytes())
     btf = Btf(bytes(blob))
@@ -84,14 +85,29 @@ def fixed_up_btf(obj: Path) -> bytes:
     return bytes(blob)
 
 
+def _clang() -> str:
+    from vmm import scxbuild
+
+    try:
+        return scxbuild.find_toolchain().clang
+    except scxbuild.ScxBuildError as e:
+        pytest.skip(f"the map BTF fixture is compiled with clang: {e}")
+
+
+def _objcopy() -> str:
+    major = re.search(r"clang-(\d+)$", _clang())
+    for tool in ([f"llvm-objcopy-{major.group(1)}"] if major else []) + ["llvm-objcopy"]:
+        if shutil.which(tool):
+            return tool
+    pytest.skip("llvm-objcopy not installed (scripts/install-deps.sh: llvm-22): the map BTF "
+                "fixture's .BTF is taken out with it")
+
+
 @pytest.fixture(scope="module")
 def obj_btf(tmp_path_factory):
-    for tool in ("clang-19", "llvm-objcopy"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (scripts/install-deps.sh): the map BTF fixture "
-                        f"is compiled with it")
+    _objcopy()
     obj = tmp_path_factory.mktemp("bpf") / "fixture.o"
-    subprocess.run(["clang-19", "-g", "-O2", "-target", "bpf", "-c", str(SOURCE), "-o", str(obj)],
+    subprocess.run([_clang(), "-g", "-O2", "-target", "bpf", "-c", str(SOURCE), "-o", str(obj)],
                    check=True, capture_output=True)
     return fixed_up_btf(obj)
 

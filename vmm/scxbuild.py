@@ -35,7 +35,12 @@ from .hostio import atomic_copy, atomic_write
 from .resources import cache_dir
 
 MIN_CLANG = 16
-CLANG_CANDIDATES = ("clang-19", "clang-18", "clang-17", "clang-16", "clang")
+# Newest first. BPF arena code (scx_qmap in Linux 7.3 keeps its queues in an arena)
+# needs a compiler that casts every arena pointer it dereferences: clang 19 left one
+# uncast after pointer arithmetic (qmap_dequeue) and the 7.3 verifier refused the load
+# ("invalid dereference" of a scalar); clang 22 (bookworm-security) gets it right.
+CLANG_CANDIDATES = ("clang-22", "clang-21", "clang-20", "clang-19", "clang-18", "clang-17",
+                    "clang-16", "clang")
 SOURCE_DIRS = ("tools/sched_ext", "tools/lib/bpf", "tools/bpf/bpftool", "tools/include",
                "tools/build", "tools/scripts")  # fmt: skip
 RECIPE = 1  # bump when the build recipe changes
@@ -75,7 +80,7 @@ def find_toolchain() -> Toolchain:
                 break
     if clang is None:
         raise ScxBuildError(f"building sched_ext schedulers needs clang >= {MIN_CLANG} (BPF "
-                            "target): apt-get install clang-19 llvm-19")
+                            "target): apt-get install clang-22 llvm-22")
     strip = shutil.which(f"llvm-strip-{clang[2]}") or shutil.which("llvm-strip")
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if cc is None or shutil.which("make") is None:

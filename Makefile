@@ -96,6 +96,7 @@ svm-setup:
 	$(MAKE) -C kernels kernel-debian-dbg
 	$(PYTHON) -m vmm.cli scx build simple --kernel $(KERNEL)+scx  # clang in the host, not in L1
 	$(PYTHON) -m vmm.cli scx build qmap --kernel $(KERNEL)+scx    # test_scx_linux's failure modes
+	$(PYTHON) -m vmm.cli scx selftests --build-only --kernel $(KERNEL)+scx  # the selftests' runner
 	$(SVM_LANE) setup
 
 # Figures inside the lane: vmm vs QEMU 10 (-accel kvm, same L1) boot and freeze.

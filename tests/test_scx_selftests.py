@@ -1,6 +1,8 @@
 """vmm.scxselftests / vmm.cli_scx without a guest: the runner's output parsed (its
 format as runner.c prints it, and edge cases), known failures, the table, the CLI's exit status; vmm.machine.workload's job and its parsed result."""
 
+from pathlib import Path
+
 import pytest
 
 from vmm import scxselftests as st
@@ -116,6 +118,21 @@ def test_cli_refuses_a_missing_known_failures_file_before_building(tmp_path, cap
     rc = cli.main(["scx", "selftests", "--known-failures", str(tmp_path / "nope")])
     assert rc != 0
     assert "known-failures file" in capsys.readouterr().err
+
+
+def test_cli_build_only_prints_the_runner_without_booting(capsys):
+    """make svm-setup builds the runner on the host (the lane would build it in L1)."""
+    from guest_abi import built_kernel_spec
+    from vmm import cli
+    from vmm.scxbuild import ScxBuildError
+
+    kernel = built_kernel_spec("scx")
+    try:
+        rc = cli.main(["scx", "selftests", "--build-only", "--kernel", kernel])
+    except ScxBuildError as exc:  # the toolchain is missing: the message names it
+        pytest.skip(str(exc))
+    out = capsys.readouterr().out.strip()
+    assert rc == 0 and out.endswith("/bin/runner") and Path(out).is_file(), out
 
 
 # --- workloads (vmm.machine.workload) -------------------------------------------------------

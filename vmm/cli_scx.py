@@ -165,12 +165,19 @@ def add_selftests_parser(ssub) -> None:
     p.add_argument("--restarts", type=int, default=2,
                    help="boots after a crash or hang, going on with the next test (default 2)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--build-only", action="store_true",
+                   help="build (or find cached) the runner and print its path; no boot (make "
+                        "svm-setup: the SVM lane has no network and builds slowly)")
 
 
 def cmd_selftests(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if args.build_only:
+        runner = build_runner(args.kernel, progress=say)
+        print(runner.binary)
+        return EXIT_OK
     run = run_selftests(args.kernel, pattern=args.filter, known_failures=args.known_failures,
                         cpus=args.cpus, memory=args.memory, test_timeout=args.test_timeout,
                         restarts=args.restarts, progress=say)

@@ -427,7 +427,10 @@ def _add_scx_parser(sub) -> None:
     ssub = scx.add_subparsers(dest="scx_command", metavar="SUBCOMMAND", required=True)
     b = ssub.add_parser("build", help="build scx_NAME (tools/sched_ext) for a store kernel, "
                                       "cached under ~/.cache/vmm/scx/")
-    b.add_argument("name", help="scheduler: simple, qmap, central, ... (scx_ prefix optional)")
+    b.add_argument("name", nargs="?", help="scheduler: simple, qmap, central, ... (scx_ "
+                   "prefix optional)")
+    b.add_argument("--all", action="store_true", help="every scheduler of the kernel's "
+                   "tools/sched_ext; a table, exit 1 when any failed")
     b.add_argument("--kernel", default="build:7.3", help="store kernel spec (default build:7.3)")
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.add_argument("-j", "--jobs", type=int, default=None)
@@ -443,10 +446,31 @@ def cmd_scx(args: argparse.Namespace) -> int:
         return cmd_selftests(args)
     from .scxbuild import build_scheduler
 
+    if args.all == bool(args.name):
+        raise UsageError("vmm scx build: name one scheduler or pass --all")
+    if args.all:
+        return _scx_build_all(args)
     s = build_scheduler(args.name, args.kernel, jobs=args.jobs, force=args.force)
     _emit(args, {"scheduler": s.name, "binary": str(s.binary), "kernel": s.kernel,
                  "cached": s.cached, "seconds": round(s.seconds, 1)}, str(s.binary))
     return EXIT_OK
+
+
+def _scx_build_all(args: argparse.Namespace) -> int:
+    from .scxbuild import build_all
+
+    built, failed = build_all(args.kernel, jobs=args.jobs, force=args.force)
+    rows = [{"scheduler": s.name, "ok": True, "cached": s.cached, "seconds": round(s.seconds, 1),
+             "binary": str(s.binary)} for s in built]
+    rows += [{"scheduler": n, "ok": False, "error": str(e)} for n, e in failed.items()]
+    lines = [f"{'scheduler':12} {'result':8} {'seconds':>8}  binary or error"]
+    for r in rows:
+        what = r["binary"] if r["ok"] else r["error"].splitlines()[0]
+        result = ("cached" if r["cached"] else "built") if r["ok"] else "FAILED"
+        lines.append(f"{'scx_' + r['scheduler']:12} {result:8} {r.get('seconds', 0):>8.1f}  {what}")
+    lines.append(f"{len(built)} built or cached, {len(failed)} failed")
+    _emit(args, {"kernel": args.kernel, "schedulers": rows}, "\n".join(lines))
+    return EXIT_OK if not failed else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -208,6 +208,27 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
         return Scheduler(name, binary, art.name, out, False, seconds)
 
 
+def tree_schedulers(kernel: str = "build:7.3") -> list[str]:
+    """The C schedulers of ``kernel``'s tree (tools/sched_ext/Makefile's targets)."""
+    from . import kernelstore
+
+    return scheduler_names(kernel_source(kernelstore.resolve_kernel(kernel)))
+
+
+def build_all(kernel: str = "build:7.3", *, jobs: Optional[int] = None, force: bool = False,
+              progress: Optional[Callable[[str], None]] = _progress_default
+              ) -> tuple[list[Scheduler], dict[str, ScxBuildError]]:
+    """Every scheduler of ``kernel``'s tree (``vmm scx build --all``): the ones built (or
+    cached) and, by name, why each other one failed; one failure does not stop the rest."""
+    built, failed = [], {}
+    for name in tree_schedulers(kernel):
+        try:
+            built.append(build_scheduler(name, kernel, jobs=jobs, force=force, progress=progress))
+        except ScxBuildError as e:
+            failed[name] = e
+    return built, failed
+
+
 def make_command(directory: Path, output: str, tools: Toolchain, vmlinux, jobs) -> list[str]:
     """make in one of the kernel tree's BPF tool directories (tools/sched_ext, its
     selftests) with our clang and the kernel's own BTF; `output` is its O=/OUTPUT= word."""

@@ -60,7 +60,7 @@ def make(kernel: str, cpus: int, memory: str, scheduler: str | None = None) -> t
         built = build_scheduler(scheduler, kernel, progress=None)
         name = f"scx_{scheduler.removeprefix('scx_')}"
         job = (f"{name} > /tmp/sched.log 2>&1 & "
-               f"until grep -q {name.removeprefix('scx_')} /sys/kernel/sched_ext/root/ops 2>/dev/null; "
+               f"until [ \"$(cat /sys/kernel/sched_ext/state)\" = enabled ]; "
                f"do sleep 0.1; done; echo '{SCHED_MARKER}'; while :; do sleep 1; done")
         return Machine(kernel=kernel, cpus=cpus, memory=memory, console=None, exec=job,
                        include=[f"{built.binary}:/bin/{name}"]), SCHED_MARKER

@@ -5,7 +5,7 @@ read from the host as well as from the guest.
 One boot of build:7.3+scx with 2 vCPUs and every scheduler's binary (`vmm scx build --all
 --kernel build:7.3+scx`, on the host first: the lane has no network and compiles slowly);
 the guest job keeps 4 busy loops running and, for each scheduler the host names on the
-console, starts it, waits for /sys/kernel/sched_ext/root/ops to name it, and on the next
+console, starts it, waits for /sys/kernel/sched_ext/state to say enabled, and on the next
 command stops it with SIGINT (each scheduler's own clean-exit path). The host checks,
 from guest memory, that the scheduler is attached and enabled while the guest says so,
 and that it detached with the kernel's "unregistered from user space" exit.
@@ -34,10 +34,10 @@ while read -r cmd name; do
       scx_$name > /tmp/$name.log 2>&1 &
       pid=$!; echo $pid > /tmp/sched.pid
       n=0
-      until [ "$(cat /sys/kernel/sched_ext/root/ops 2>/dev/null)" != "" ] || ! kill -0 $pid 2>/dev/null || [ $n -ge 2400 ]; do
+      until [ "$(cat /sys/kernel/sched_ext/state)" = enabled ] || ! kill -0 $pid 2>/dev/null || [ $n -ge 2400 ]; do
         sleep 0.1; n=$((n+1))
       done
-      if kill -0 $pid 2>/dev/null && [ -e /sys/kernel/sched_ext/root/ops ]; then
+      if kill -0 $pid 2>/dev/null && [ "$(cat /sys/kernel/sched_ext/state)" = enabled ]; then
         echo "vmm-tree: $name attached ops=$(cat /sys/kernel/sched_ext/root/ops) state=$(cat /sys/kernel/sched_ext/state)"
       else
         tail -n 20 /tmp/$name.log | sed "s/^/vmm-tree: log /"

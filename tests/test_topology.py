@@ -4,6 +4,7 @@ The tables and CPUID are decoded here as a guest reads them (ACPI structure layo
 Linux's rules for cache and package ids), not compared with the generator's own view."""
 
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -298,3 +299,26 @@ def test_cli_topology_boots_and_refuses_bad_specs_before_starting():
     bad = run("2n3l2c1t")
     assert bad.returncode == 1 and "3 LLCs do not divide among 2 nodes" in bad.stderr
     assert "vmm-guest" not in bad.stdout  # refused before the VM started
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("spec", ["1n3l3c1t", "2n2l3c2t", "2n4l2c2t"])
+def test_each_vcpus_lapic_id_is_the_topologys_apic_id(spec):
+    """KVM gives a vCPU its vcpu_id as (x)APIC ID: the builder creates each with the id
+    the MADT, MP table and CPUID name, gaps included (3 cores per LLC: 0, 1, 2, 4, ...);
+    with the CPU index instead, the guest would send INIT/SIPI to ids no vCPU has."""
+    from vmm.kvm import vcpu_state
+    from vmm.machine.builder import MachineBuilder
+
+    guest = Path(__file__).resolve().parents[1] / "kernels/guests/out/guest.elf"
+    if not guest.exists():
+        pytest.skip("test guest not built: make guests")
+    t = Topology.parse(spec)
+    m = MachineBuilder(str(guest), topology=t, memory="256M").build()
+    try:
+        ids = [struct.unpack_from("<I", vcpu_state.capture(v, []).lapic, 0x20)[0] >> 24
+               for v in m.vcpus]
+    finally:
+        m.stop()
+    assert ids == t.apic_ids()
+    assert len(set(ids)) == t.cpus and (spec != "1n3l3c1t" or ids == [0, 1, 2, 4, 5, 6, 8, 9, 10])

@@ -7,7 +7,7 @@ cpu*/cache/index3/shared_cpu_list and cpu*/topology/thread_siblings_list, and th
 domains the kernel printed at boot (`sched_verbose`: "domain-N: span=... level=NAME",
 read back with dmesg), then waits while the host reads every CPU's sched domains
 through BTF (m.sched_domains); all of it must equal what the spec says
-(Topology.expected_sched_domains and friends). Lane cost: three boots of 4 to 16
+(Topology.expected_sched_domains and friends). Lane cost: four boots of 4 to 16
 vCPUs, about a minute each under the lane's nested TCG.
 """
 
@@ -40,6 +40,9 @@ CASES = {
     "numa2-llc4-smt": dict(topology="numa2-llc4-smt"),
     # one node, two LLCs: MC and PKG, no SRAT at all
     "llc2": dict(topology="llc2"),
+    # 3 cores per LLC: APIC ids with gaps (0, 1, 2, 4, 5, 6, 8, 9, 10); each vCPU must
+    # be created with its id or the guest's INIT/SIPI go to ids no vCPU has
+    "llc3-core3": dict(topology="1n3l3c1t"),
     # a memory-only third node (a CXL-like tier) at distance 30, per-node memory
     "numa2+memory-node": dict(topology="numa2", memory={0: "256M", 1: "256M", 2: "128M"},
                               distances=[[10, 20, 30], [20, 10, 30], [30, 30, 10]]),

@@ -258,10 +258,13 @@ class Vm:
         c.clock = clock
         ioctl(self.fd, "KVM_SET_CLOCK", c)
 
-    def create_vcpu(self, index: int) -> "Vcpu":
-        """vCPU `index` (KVM_CREATE_VCPU, its kvm_run page mapped and its C block made)."""
+    def create_vcpu(self, index: int, apic_id: int | None = None) -> "Vcpu":
+        """vCPU `index` (KVM_CREATE_VCPU, its kvm_run page mapped and its C block made).
+        KVM's vcpu_id is the vCPU's initial (x)APIC ID: `apic_id` when the topology's ids
+        have gaps (bit fields of counts that are not powers of two), else `index`."""
         ffi, lib = native()
-        fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", index, f"vCPU {index}")
+        vcpu_id = index if apic_id is None else apic_id
+        fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id, f"vCPU {index} (APIC ID {vcpu_id})")
         err = ffi.new("int *")
         nat = lib.vmm_vcpu_new(self.native, fd, index, self.kvm.vcpu_mmap_size, err)
         if nat == ffi.NULL:

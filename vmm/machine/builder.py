@@ -317,7 +317,9 @@ class MachineBuilder(ExitHandling):
 
         supported = cpuid_to_list(self.kvm.supported_cpuid())
         for index in range(self.cpus):
-            vcpu = self.vm.create_vcpu(index)
+            # KVM gives each vCPU its vcpu_id as APIC ID: the one the MADT, the MP table
+            # and CPUID name for this CPU (ids have gaps when a count is not a power of 2)
+            vcpu = self.vm.create_vcpu(index, self.topology.apic_id(index))
             self.vcpus.append(vcpu)
             if index == 0:
                 # Paravirtual leaves and the TSC frequency, as QEMU gives a KVM guest.

@@ -296,15 +296,25 @@ def test_6_vmm_run_follows_sched_ext_from_the_shell(tmp_path):
 # enqueue of a user thread is dropped, so that task never runs and the kernel's watchdog
 # (qmap's timeout_ms, 5 s) exits the scheduler with SCX_EXIT_ERROR_STALL. The job's own
 # shell may be the stalled task: the host follows qmap from guest memory, not the console.
+# -l N: after N dispatches ops.dispatch keeps inserting kthreadd into the local DSQ, so
+# the dispatch path loops and the runnable tasks behind it starve until the kernel ends
+# the scheduler.
 QMAP_JOB = r"""
 echo "vmm-test: qmap ready"
 while read -r cmd; do
   case "$cmd" in
-    error) scx_qmap -e 200 > /tmp/q.log 2>&1; echo "vmm-test: qmap-e rc=$?";;
+    error) scx_qmap -e 200 > /tmp/q.log 2>&1; rc=$?
+      grep -q "Failed to load skel" /tmp/q.log && tail -n 30 /tmp/q.log | sed 's/^/vmm-test: qlog /'
+      echo "vmm-test: qmap-e rc=$rc";;
     stall)
       W=; for i in 1 2 3 4; do (while :; do sleep 0.02; done) & W="$W $!"; done
       scx_qmap -t 2 > /tmp/q.log 2>&1; rc=$?
-      kill $W; echo "vmm-test: qmap-t rc=$rc";;
+      kill $W
+      grep -q "Failed to load skel" /tmp/q.log && tail -n 30 /tmp/q.log | sed 's/^/vmm-test: qlog /'
+      echo "vmm-test: qmap-t rc=$rc";;
+    loop) scx_qmap -l 100 > /tmp/q.log 2>&1; rc=$?
+      grep -q "Failed to load skel" /tmp/q.log && tail -n 30 /tmp/q.log | sed 's/^/vmm-test: qlog /'
+      echo "vmm-test: qmap-l rc=$rc";;
     quit) break;;
   esac
 done
@@ -348,11 +358,22 @@ def _kernel_said(m, s):
     assert f"sched_ext: qmap: {s.exit_msg}" in text, (s, text[-3000:])
 
 
+def _loaded_or_fail(m, option):
+    """scx_qmap whose BPF object the guest kernel refused (its verifier) never attached:
+    say so with the loader's own lines, not as a missing exit."""
+    text = m.console_text()
+    log = [line for line in text.splitlines() if "vmm-test: qlog" in line]
+    if log:
+        pytest.fail(f"scx_qmap {option} did not load in the guest (its BPF verifier refused "
+                    f"it; the loader's last lines):\n" + "\n".join(log[-30:]))
+
+
 def test_7_qmap_error_exit_read_from_the_host(qmap_guest):
     m = qmap_guest
     waiter, exits = _exit_in_thread(m)
     _ask(m, "error", r"vmm-test: qmap-e rc=\d+", timeout=300)
     waiter.join(60)
+    _loaded_or_fail(m, "-e")
     s = m.scx.last_exit or (exits[0] if exits else None)
     print(f"host's view of qmap -e: {s.describe() if s else None}")
     assert s is not None and s.exit_kind == "SCX_EXIT_ERROR_BPF", (s, m.console_tail(30))
@@ -373,6 +394,8 @@ def test_8_qmap_stall_exit_and_the_task_the_host_saw_queued(qmap_guest):
     deadline = time.monotonic() + 300
     while m.scx.state().ops != "qmap":
         assert time.monotonic() < deadline, "scx_qmap -t did not attach"
+        if re.search(r"vmm-test: qmap-t rc=\d+", m.console_text()[-20000:]):
+            _loaded_or_fail(m, "-t")
         time.sleep(0.05)
     seen = {}  # pid -> comm, every task the host read on a runnable list while attached
     waited = {}  # pid -> the longest it was seen runnable without running (jiffies)
@@ -401,3 +424,20 @@ def test_8_qmap_stall_exit_and_the_task_the_host_saw_queued(qmap_guest):
     print(f"the host saw {named.group(1)}[{pid}] runnable for {waited[pid] / m.scx.hz:.2f} s")
     assert waited[pid] >= m.scx.hz, waited  # runnable, never run, for at least 1 s
     m.wait_for_console(r"vmm-test: qmap-t rc=\d+", timeout=300, start=start)
+
+
+def test_9_qmap_dispatch_loop_ends_in_an_error_exit_the_host_reads(qmap_guest):
+    """-l: the dispatcher loops; the kernel ends the scheduler with an error exit, and
+    what the host read (kind, reason, message) is what the guest kernel printed."""
+    m = qmap_guest
+    m.scx.last_exit = None
+    waiter, exits = _exit_in_thread(m)
+    _ask(m, "loop", r"vmm-test: qmap-l rc=\d+", timeout=300)
+    waiter.join(60)
+    _loaded_or_fail(m, "-l")
+    s = m.scx.last_exit or (exits[0] if exits else None)
+    print(f"host's view of qmap -l: {s.describe() if s else None}")
+    assert s is not None and s.exit_kind is not None and s.exit_kind.startswith("SCX_EXIT_ERROR"), \
+        (s, m.console_tail(30))
+    assert s.ops == "qmap" and s.exit_reason and s.exit_msg, s
+    _kernel_said(m, s)

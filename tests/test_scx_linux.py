@@ -52,6 +52,7 @@ while read -r cmd; do
       grep -E 'SysRq-D|CPU [0-9]+ *: nr_run=|curr=.* class=' $T/trace
       echo "vmm-test: dumped";;
     state*) echo "vmm-test: $cmd: state=$(cat /sys/kernel/sched_ext/state) ops=$(cat /sys/kernel/sched_ext/root/ops 2>/dev/null)";;
+    stats) echo "vmm-test: printed $(grep '^local=' /tmp/scx.log | tail -n 1)";;
     detach) break;;
   esac
 done
@@ -131,6 +132,13 @@ def test_1b_verdicts_from_the_host_while_attached(guest):
     after = [_counts(stats, k) for k in (0, 1)]
     print(f"scx_simple stats (local, global): {before} -> {after}")
     assert sum(after) > sum(before), (before, after)  # every CPU busy: it keeps dispatching
+    # what scx_simple itself printed (it reads the same map each second): taken between
+    # the host's first read and its read after the guest printed it
+    printed = _ask(guest, "stats", r"vmm-test: printed local=(\d+) global=(\d+)")
+    own = [int(printed.group(1)), int(printed.group(2))]
+    later = [_counts(stats, k) for k in (0, 1)]
+    print(f"scx_simple printed {own}; host read {before} before, {later} after")
+    assert all(b <= o <= a for b, o, a in zip(before, own, later)), (before, own, later)
     assert "scx.nr_running" in mon.fields, mon.skipped
     # Every CPU runs a busy task on the ext class: some CPU's scx.nr_running was >= 1.
     assert any(max(mon.column("scx.nr_running", c)) >= 1 for c in mon.cpus), mon.to_json()[:2000]

@@ -376,14 +376,21 @@ def _loaded_or_fail(m, option):
                     f"it; the loader's last lines):\n" + "\n".join(log[-30:]))
 
 
+def _run_qmap_to_its_exit(m, command, option):
+    """Has the job run scx_qmap with ``option`` until it exits; the exit the host read."""
+    m.scx.last_exit = None
+    waiter, exits = _exit_in_thread(m)
+    _ask(m, command, rf"vmm-test: qmap{option} rc=\d+", timeout=300)
+    waiter.join(60)
+    _loaded_or_fail(m, option)
+    s = m.scx.last_exit or (exits[0] if exits else None)
+    print(f"host's view of qmap {option}: {s.describe() if s else None}")
+    return s
+
+
 def test_7_qmap_error_exit_read_from_the_host(qmap_guest):
     m = qmap_guest
-    waiter, exits = _exit_in_thread(m)
-    _ask(m, "error", r"vmm-test: qmap-e rc=\d+", timeout=300)
-    waiter.join(60)
-    _loaded_or_fail(m, "-e")
-    s = m.scx.last_exit or (exits[0] if exits else None)
-    print(f"host's view of qmap -e: {s.describe() if s else None}")
+    s = _run_qmap_to_its_exit(m, "error", "-e")
     assert s is not None and s.exit_kind == "SCX_EXIT_ERROR_BPF", (s, m.console_tail(30))
     # scx_bpf_error() prefixes "FILE:LINE: " (include/scx/common.bpf.h)
     assert s.ops == "qmap" and s.exit_reason == "scx_bpf_error", s
@@ -438,13 +445,7 @@ def test_9_qmap_dispatch_loop_ends_in_an_error_exit_the_host_reads(qmap_guest):
     """-l: the dispatcher loops; the kernel ends the scheduler with an error exit, and
     what the host read (kind, reason, message) is what the guest kernel printed."""
     m = qmap_guest
-    m.scx.last_exit = None
-    waiter, exits = _exit_in_thread(m)
-    _ask(m, "loop", r"vmm-test: qmap-l rc=\d+", timeout=300)
-    waiter.join(60)
-    _loaded_or_fail(m, "-l")
-    s = m.scx.last_exit or (exits[0] if exits else None)
-    print(f"host's view of qmap -l: {s.describe() if s else None}")
+    s = _run_qmap_to_its_exit(m, "loop", "-l")
     assert s is not None and s.exit_kind is not None and s.exit_kind.startswith("SCX_EXIT_ERROR"), \
         (s, m.console_tail(30))
     assert s.ops == "qmap" and s.exit_reason and s.exit_msg, s

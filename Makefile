@@ -15,7 +15,10 @@ SVM_TIMEOUT ?= 2400
 SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boot.py tests/test_kernel_debian.py \
 	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py tests/test_gdb_linux.py \
 	tests/test_scx_linux.py tests/test_requests_linux.py tests/test_watch.py tests/test_topology_linux.py \
-	tests/test_snapshot_linux.py tests/test_report_linux.py
+	tests/test_snapshot_linux.py tests/test_report_linux.py tests/test_workload_linux.py
+# test_workload_linux (stress-ng under scx_simple in a cgroup, hackbench): 46 s of lane time.
+# test_scx_selftests_linux is not here yet: 2 of 3 lane runs had one test silent for its
+# 240 s timeout (README "The kernel's sched_ext selftests"); its ci_filter costs ~1.5 min.
 # scx_qmap made to fail on purpose (issue 21, open): in the lane the host did not see
 # qmap -e's exit record (None after the job's own rc line), and qmap -t did not attach
 # after it within 300 s; run them by hand until they pass:

@@ -60,6 +60,48 @@ def test_a_vcpu_the_host_did_not_run_is_not_stalled():
                                        min_cpu_fraction=0.005)] == [1, 2]
 
 
+def test_a_vcpu_the_guest_halted_with_work_queued_is_an_idle_stall():
+    """Runnable tasks on a CPU whose vCPU neither ran nor waited for a host core, asleep
+    in KVM_RUN (the guest halted it): a scheduler that stopped dispatching. Waiting for a
+    host core, or parked by vmm (not in KVM_RUN), or unknown: excused as before."""
+    n = 21
+    stuck = [(0, 3, 42)] * n
+    asleep = [0.5] * n
+
+    def with_(wait, halted):
+        return [Sample(s.t, s.vcpu_cpu_time, s.rows, (wait(i),), (halted(i),))
+                for i, s in enumerate(series([stuck], [asleep]))]
+    (st,) = find_stalls(with_(lambda i: 1.0, lambda i: i % 7 != 3), [0], window_s=1.0)
+    assert st.kind == "idle" and st.scx_nr_running == 3
+    assert "idle with work queued" in st.describe() and "halted its vCPU" in st.describe()
+    assert find_stalls(with_(lambda i: 1.0 + 0.1 * i, lambda i: True), [0], 1.0) == []  # waited
+    assert find_stalls(with_(lambda i: 1.0, lambda i: False), [0], 1.0) == []  # parked by vmm
+    assert find_stalls(with_(lambda i: None, lambda i: True), [0], 1.0) == []  # unknown wait
+    assert find_stalls(series([stuck], [asleep]), [0], 1.0) == []  # no wait or halt at all
+
+
+def test_thread_clock_tells_a_parked_thread_from_one_in_kvm_run():
+    box, ready = {}, threading.Event()
+    box["ev"] = threading.Event()
+
+    def parked():
+        box["tid"] = threading.get_native_id()
+        ready.set()
+        box["ev"].wait(5)
+    th = threading.Thread(target=parked)
+    th.start()
+    ready.wait()
+    time.sleep(0.1)
+    clock = ThreadClock(box["tid"])
+    assert clock.halted_in_kvm() is False  # a futex wait, as vmm parks a vCPU: not KVM_RUN
+    run, wait = clock.read_both()
+    assert run is not None and wait is not None and wait >= 0
+    box["ev"].set()
+    th.join()
+    clock.close()
+    assert ThreadClock(None).halted_in_kvm() is None
+
+
 def test_unknown_vcpu_time_does_not_excuse_a_stall():
     n = 15
     samples = series([[(1, 0, 9)] * n], [[None] * n])
@@ -298,3 +340,26 @@ def test_monitor_and_stalls_on_the_test_guest(tmp_path, monkeypatch):
     # the VM ended: a new monitor is refused at once, an old one has stopped
     with pytest.raises(VmmError, match="not running"):
         m.monitor()
+
+
+@pytest.mark.kvm
+def test_a_cpu_its_guest_left_halted_with_work_queued_is_an_idle_stall(tmp_path, monkeypatch):
+    """vCPU 1 of a 2-vCPU test guest started with cpus=1 waits for its SIPI inside
+    KVM_RUN, as a CPU the guest halted does; given nr_running it is "idle with work
+    queued" (its thread neither runs nor waits for a host core), and vCPU 0, spinning
+    with nothing queued, is nothing."""
+    from guest_abi import REPO, require_guests
+    from vmm import KernelValue as V, Machine
+
+    elf = REPO / "kernels/guests/out/guest.elf"
+    require_guests(elf)
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path))
+    with Machine(kernel=str(elf), cpus=2, cmdline="mode=loop cpus=1 possible=2", timeout=120) as m:
+        m.wait_for_console("1 cpus up", timeout=60)
+        m.write("runqueues", V.u32(2), path="nr_running", cpu=1)
+        with m.monitor(0.05) as mon:
+            time.sleep(1.5)
+    stalls = mon.stalls(window_s=1.0)
+    assert [(s.cpu, s.kind) for s in stalls] == [(1, "idle")], [s.describe() for s in stalls]
+    assert stalls[0].nr_running == 2 and "halted its vCPU" in stalls[0].describe()
+    assert all(s.vcpu_halted[1] for s in list(mon.samples)[1:])

@@ -150,10 +150,13 @@ def series_from_dict(d: dict, window_s: float = 1.0, min_cpu_fraction: float = 0
                 series.stalls.append(Event(w[0], label[:200], "stall", w[1], st.get("cpu")))
     elif "clock" in columns:
         samples = [Sample(float(s["t"]), tuple(_number(v) for v in (s.get("vcpu_cpu_time") or [])),
-                          tuple(rows)) for s, rows in rows_per_sample]
+                          tuple(rows), tuple(_number(v) for v in (s.get("vcpu_wait_time") or [])),
+                          tuple(v is True for v in (s.get("vcpu_halted") or [])))
+                   for s, rows in rows_per_sample]
         cpu_vcpu = d.get("cpu_vcpu") if isinstance(d.get("cpu_vcpu"), list) else None
         for st in find_stalls(samples, cpus, window_s, min_cpu_fraction, cpu_vcpu)[:MAX_EVENTS]:
-            series.stalls.append(Event(st.start, f"cpu {st.cpu} stalled {st.duration:.1f} s", "stall",
+            what = "idle with work queued" if st.kind == "idle" else "stalled"
+            series.stalls.append(Event(st.start, f"cpu {st.cpu} {what} {st.duration:.1f} s", "stall",
                                        st.end, st.cpu))
     for item in (d.get("freezes") or [])[:MAX_EVENTS] if isinstance(d.get("freezes"), list) else []:
         w = _window(item)

@@ -71,6 +71,9 @@ class GuardedColumns:
     locate: Callable[[int], Sequence[tuple[int, int, int]]]
 
 
+SYS_IOCTL = b"16"  # x86-64's ioctl, as /proc/PID/task/TID/syscall names it
+
+
 class ThreadClock:
     """A thread's host CPU seconds, read again and again cheaply: its schedstat file kept
     open and re-read with pread (half the cost of opening it each time); else
@@ -86,12 +89,31 @@ class ThreadClock:
                 self._fd = None
 
     def read(self) -> Optional[float]:
-        if self._fd is None:
-            return thread_cpu_seconds(self.tid)
-        try:
-            return int(os.pread(self._fd, 128, 0).split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
+        return self.read_both()[0]
+
+    def halted_in_kvm(self) -> Optional[bool]:
+        """Is the thread asleep inside an ioctl (a vCPU thread: KVM_RUN with the guest
+        halted, waiting for an interrupt) rather than running or parked by vmm (a futex)?
+        None when it cannot be told (/proc/self/task/TID/syscall unreadable)."""
+        if self.tid is None:
             return None
+        try:
+            with open(f"/proc/self/task/{self.tid}/syscall", "rb") as f:
+                first = f.read(16).split(None, 1)[0]
+        except (OSError, IndexError):
+            return None
+        return first == SYS_IOCTL
+
+    def read_both(self) -> tuple[Optional[float], Optional[float]]:
+        """(seconds run, seconds runnable but waiting for a host core) so far; the wait
+        is None where schedstat is not there."""
+        if self._fd is None:
+            return thread_cpu_seconds(self.tid), None
+        try:
+            fields = os.pread(self._fd, 128, 0).split()
+            return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None, None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -171,6 +193,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._clocks: Optional[list[ThreadClock]] = None
+        self._last_cpu_time: tuple = ()
 
     # --- the thread -----------------------------------------------------------------
     def start(self) -> "Monitor":
@@ -252,13 +275,21 @@ class Monitor:
         t = time.monotonic() - (self.t0 if self.t0 is not None else time.monotonic())
         if self._clocks is None:
             self._clocks = [ThreadClock(getattr(th, "tid", None)) for th in self.threads]
-        cpu_time = tuple(c.read() for c in self._clocks)
+        both = [c.read_both() for c in self._clocks]
+        cpu_time = tuple(b[0] for b in both)
+        wait_time = tuple(b[1] for b in both)
+        # a vCPU whose thread has not run since the last sample: asleep in KVM_RUN (the
+        # guest halted it) or parked by vmm? (/proc's syscall file, read only then)
+        last = self._last_cpu_time
+        halted = tuple(c.halted_in_kvm() if (t is not None and i < len(last) and last[i] == t)
+                       else False for i, (c, t) in enumerate(zip(self._clocks, cpu_time)))
+        self._last_cpu_time = cpu_time
         rows = tuple({name: self._load(read, gpa, aligned)
                       for name, (read, gpa, aligned) in zip(self.fixed_fields, entries)}
                      for entries in self._rows)
         if self._guarded is not None:
             self._sample_guarded(rows)
-        return Sample(t, cpu_time, rows)
+        return Sample(t, cpu_time, rows, wait_time, halted)
 
     def _relocate(self, value: int) -> None:
         """Find the guarded columns' slots for guard value ``value`` (see GuardedColumns)."""
@@ -371,6 +402,8 @@ class Monitor:
             "guarded_fields": list(self.guarded_fields), "guard_error": self.guard_error,
             "taken": self.taken, "dropped": self.dropped,
             "samples": [{"t": s.t, "vcpu_cpu_time": list(s.vcpu_cpu_time),
+                         "vcpu_wait_time": list(s.vcpu_wait_time),
+                         "vcpu_halted": list(s.vcpu_halted),
                          "cpus": [dict(r) for r in s.rows]} for s in list(self.samples)],
         }
 

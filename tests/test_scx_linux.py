@@ -472,5 +472,8 @@ def test_9_qmap_dispatch_loop_is_a_stall_the_host_sees(qmap_guest):
         assert s.exit_kind.startswith("SCX_EXIT_ERROR") and s.ops == "qmap", s
         _kernel_said(m, s)
     else:
-        assert stalls, (mon.describe(), m.console_tail(20))
+        last = list(mon.samples)[-5:]
+        assert stalls, (mon.describe(), [(x.t, x.vcpu_cpu_time, x.vcpu_wait_time, x.vcpu_halted,
+                                          [{k: r.get(k) for k in ("nr_running", "scx.nr_running", "clock")}
+                                           for r in x.rows]) for x in last], m.console_tail(20))
         assert all(st.kind in ("idle", "stuck") and st.duration >= 3.0 for st in stalls), stalls

@@ -24,6 +24,9 @@ BOOT_TIMEOUT = 900
 ATTACH_TIMEOUT = 240  # an arena scheduler's BPF verification is slow under nested TCG
 
 JOB = r"""
+# libbpf reads the kernel's config for __kconfig externs (scx_central's): our builds
+# have no /proc/config.gz, so the host put it in /etc/vmm-kconfig
+mkdir -p /boot; read rel _ </proc/sys/kernel/osrelease; cat /etc/vmm-kconfig > /boot/config-$rel
 for i in 1 2 3 4; do (while :; do :; done) & done
 echo "vmm-tree: ready"
 while read -r cmd name; do
@@ -64,14 +67,15 @@ def _schedulers():
 
 @pytest.fixture(scope="module")
 def tree_guest():
-    from vmm import Machine
+    from vmm import Machine, kernelstore
     from vmm.scxbuild import build_all
 
     kernel = built_kernel_spec("scx")
+    config = kernelstore.resolve_kernel(kernel).config
     built, failed = build_all(kernel, progress=None)
     assert not failed, {n: str(e).splitlines()[0] for n, e in failed.items()}
     m = Machine(kernel=kernel, cpus=CPUS, memory="512M", console=None, exec=JOB,
-                include=[f"{s.binary}:/bin/scx_{s.name}" for s in built])
+                include=[f"{s.binary}:/bin/scx_{s.name}" for s in built] + [f"{config}:/etc/vmm-kconfig"])
     m.start()
     try:
         m.wait_for_console("vmm-tree: ready", timeout=BOOT_TIMEOUT)

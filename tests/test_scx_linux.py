@@ -376,6 +376,19 @@ def _loaded_or_fail(m, option):
                     f"it; the loader's last lines):\n" + "\n".join(log[-30:]))
 
 
+def _start_qmap(m, command, option, timeout=300):
+    """Has the job start scx_qmap with ``option``; returns (the deadline) once the host
+    reads it attached, fails with the loader's lines if it did not load."""
+    m.feed_console(command.encode() + b"\n")
+    deadline = time.monotonic() + timeout
+    while m.scx.state().ops != "qmap":
+        assert time.monotonic() < deadline, f"scx_qmap {option} did not attach"
+        if re.search(rf"vmm-test: qmap{option} rc=\d+", m.console_text()[-20000:]):
+            _loaded_or_fail(m, option)
+        time.sleep(0.05)
+    return deadline
+
+
 def _run_qmap_to_its_exit(m, command, option):
     """Has the job run scx_qmap with ``option`` until it exits; the exit the host read."""
     m.scx.last_exit = None
@@ -405,13 +418,7 @@ def test_8_qmap_stall_exit_and_the_task_the_host_saw_queued(qmap_guest):
     m.scx.last_exit = None
     waiter, exits = _exit_in_thread(m)
     start = m.console_position()
-    m.feed_console(b"stall\n")
-    deadline = time.monotonic() + 300
-    while m.scx.state().ops != "qmap":
-        assert time.monotonic() < deadline, "scx_qmap -t did not attach"
-        if re.search(r"vmm-test: qmap-t rc=\d+", m.console_text()[-20000:]):
-            _loaded_or_fail(m, "-t")
-        time.sleep(0.05)
+    deadline = _start_qmap(m, "stall", "-t")
     seen = {}  # pid -> comm, every task the host read on a runnable list while attached
     waited = {}  # pid -> the longest it was seen runnable without running (jiffies)
     with m.monitor(0.1) as mon:
@@ -450,13 +457,7 @@ def test_9_qmap_dispatch_loop_is_a_stall_the_host_sees(qmap_guest):
     queued. Should the kernel end the scheduler instead, its exit must read as printed."""
     m = qmap_guest
     m.scx.last_exit = None
-    m.feed_console(b"loop\n")
-    deadline = time.monotonic() + 300
-    while m.scx.state().ops != "qmap":
-        assert time.monotonic() < deadline, "scx_qmap -l did not attach"
-        if re.search(r"vmm-test: qmap-l rc=\d+", m.console_text()[-20000:]):
-            _loaded_or_fail(m, "-l")
-        time.sleep(0.05)
+    deadline = _start_qmap(m, "loop", "-l")
     stalls = []
     with m.monitor(0.1) as mon:
         while time.monotonic() < deadline and not stalls:

@@ -27,7 +27,7 @@ def test_each_preset(vmm_machine, vmm_preset):
     want = topology.parse(vmm_preset)
     assert vmm_machine.cpus == want.cpus
     assert vmm_machine.topology.spec == want.spec
-    assert vmm_machine.timeout == 60  # the budget
+    assert 0 < vmm_machine.timeout <= 60  # what is left of the gauntlet's budget
 '''
 
 
@@ -63,3 +63,21 @@ def test_x(vmm_preset):
     result = pytester.runpytest_subprocess(*_args(request, monkeypatch))
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*unknown presets ?'no-such'?*"])
+
+
+def test_the_budget_bounds_the_whole_gauntlet(pytester, request, monkeypatch):
+    """budget_s counts from the first variant's start: a variant that would start with
+    none left fails saying so; the ones before got what was left as their VM timeout."""
+    pytester.makepyfile(f'''
+import time
+import pytest
+
+@pytest.mark.vmm(kernel={str(GUEST)!r}, cmdline="mode=loop cpus=1", wait_for="1 cpus up")
+@pytest.mark.vmm_gauntlet(presets=["uni", "numa2"], budget_s=4)
+def test_slow(vmm_machine, vmm_preset):
+    assert vmm_machine.timeout <= 4
+    time.sleep(4.5)
+''')
+    result = pytester.runpytest_subprocess(*_args(request, monkeypatch, "-v"))
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*budget of 4 s was spent before variant 'numa2' started*"])

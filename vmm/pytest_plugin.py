@@ -33,8 +33,10 @@ machines; parametrize over kernels/CPU counts with ``pytest.mark.vmm`` in
 Topology gauntlet: ``@pytest.mark.vmm_gauntlet(presets=["llc2", "numa2-smt"], budget_s=300)``
 runs the test once per topology preset (vmm.topology.presets(); all of them when
 ``presets`` is left out), each variant named by its preset (``test_x[numa2-smt]``), its
-machine built with that topology and stopped after ``budget_s`` seconds (the VM's
-timeout; its boot marker is waited for that long at most). The variants are separate
+machine built with that topology. ``budget_s`` bounds the whole gauntlet on this host:
+counted from its first variant's start (across xdist workers), each variant's VM gets
+what is left as its timeout (and boot-marker wait), and a variant that would start with
+nothing left fails saying so. The variants are separate
 test items, so ``pytest -n auto`` spreads them over local workers and ``--tx`` over
 other hosts' (execnet) with no more from us.
 """
@@ -75,7 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "clone, exec, include, topology)")
     config.addinivalue_line(
         "markers", "vmm_gauntlet(presets=None, budget_s=None): run the test once per topology "
-        "preset (all when presets is None), vmm_machine built with it, within budget_s seconds")
+        "preset (all when presets is None), vmm_machine built with it, the whole gauntlet within budget_s seconds")
     config.stash[_POOL_KEY] = {}
     config.stash[_SNAPSHOT_KEY] = {}
     config.stash[_EVIDENCE_KEY] = []
@@ -132,12 +134,46 @@ def _options(request: pytest.FixtureRequest) -> dict:
         opts.pop("cpus", None)  # the topology implies it
         budget = request.node.get_closest_marker("vmm_gauntlet").kwargs.get("budget_s")
         if budget:
-            opts["timeout"] = min(opts.get("timeout") or budget, budget)
-            opts["wait_timeout"] = min(opts.get("wait_timeout", 60.0), budget)
+            left = budget - _gauntlet_elapsed(request)
+            if left <= 0:
+                pytest.fail(f"vmm_gauntlet: its budget of {budget} s was spent before variant "
+                            f"{opts['topology']!r} started (the budget counts from the first "
+                            f"variant's start, across this host's xdist workers)", pytrace=False)
+            opts["timeout"] = min(opts.get("timeout") or left, left)
+            opts["wait_timeout"] = min(opts.get("wait_timeout", 60.0), left)
     if "kernel" not in opts:
         raise pytest.UsageError("vmm_machine needs a kernel: pass --vmm-kernel or "
                                 "@pytest.mark.vmm(kernel=...)")
     return opts
+
+
+def _gauntlet_elapsed(request: pytest.FixtureRequest) -> float:
+    """Seconds since the first variant of this gauntlet started on this host: its start
+    time is a file the first variant creates (O_EXCL) where every xdist worker of the
+    run sees it (the workers' common base temp directory, named by the run's id)."""
+    import hashlib
+    import os
+    import time
+
+    base = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    worker = getattr(request.config, "workerinput", None)
+    run = worker.get("testrunuid", "") if worker else ""
+    root = base.parent if worker else base
+    name = hashlib.sha1(f"{run} {request.node.nodeid.split('[')[0]}".encode()).hexdigest()[:16]
+    path = root / f"vmm-gauntlet-{name}"
+    now = time.time()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(repr(now))
+        return 0.0
+    except FileExistsError:
+        for _ in range(50):  # the first variant may be writing it this very moment
+            try:
+                return max(0.0, now - float(path.read_text()))
+            except ValueError:
+                time.sleep(0.01)
+        return 0.0
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

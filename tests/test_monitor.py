@@ -73,6 +73,11 @@ def test_a_vcpu_the_guest_halted_with_work_queued_is_an_idle_stall():
                 for i, s in enumerate(series([stuck], [asleep]))]
     (st,) = find_stalls(with_(lambda i: 1.0, lambda i: i % 7 != 3), [0], window_s=1.0)
     assert st.kind == "idle" and st.scx_nr_running == 3
+    # a timer's wakeup moves the rq clock now and then without running the queued work
+    ticking = [(0, 3, 42 + i // 5) for i in range(n)]
+    (st,) = find_stalls([Sample(s.t, s.vcpu_cpu_time, s.rows, (1.0,), (True,))
+                         for s in series([ticking], [asleep])], [0], window_s=1.0)
+    assert st.kind == "idle" and st.duration == pytest.approx(2.0)
     assert "idle with work queued" in st.describe() and "halted its vCPU" in st.describe()
     assert find_stalls(with_(lambda i: 1.0 + 0.1 * i, lambda i: True), [0], 1.0) == []  # waited
     assert find_stalls(with_(lambda i: 1.0, lambda i: False), [0], 1.0) == []  # parked by vmm

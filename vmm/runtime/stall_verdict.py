@@ -89,8 +89,9 @@ def find_stalls(samples: Sequence[Sample], cpus: Sequence[int], window_s: float 
     (frozen, descheduled: its thread waited for a host core, schedstat's wait time): its
     clock cannot advance. But a vCPU whose thread neither ran nor waited that long, and
     was asleep in KVM_RUN at 80% of the samples at least (not parked by vmm), was halted by the guest
-    itself with tasks queued on its CPU: kind "idle" (a scheduler that stopped
-    dispatching; the kernel's own watchdog may never run then). Unknown vCPU time (None)
+    itself with tasks queued on its CPU all along: kind "idle", whether or not the clock
+    moved meanwhile (a scheduler that stopped dispatching; the kernel's own watchdog may
+    never run then). Unknown vCPU time (None)
     does not excuse a stall; unknown wait time or halt state makes no "idle" verdict.
     ``cpu_vcpu[i]``: the vCPU index of cpus[i] (default: the same number)."""
     if window_s <= 0:
@@ -110,30 +111,33 @@ def find_stalls(samples: Sequence[Sample], cpus: Sequence[int], window_s: float 
                 return None
             return s.vcpu_wait_time[vcpu]
 
-        def close(a: int, b: int) -> None:
+        def close(a: int, b: int, idle: bool) -> None:
             first, last = samples[a], samples[b]
             if b <= a or last.t - first.t < window_s:
                 return
             span = last.t - first.t
             t0, t1 = cpu_time(first), cpu_time(last)
             ran = None if t0 is None or t1 is None else t1 - t0
-            kind = "stuck"
-            if ran is not None and ran < min_cpu_fraction * span:
+            low = ran is not None and ran < min_cpu_fraction * span
+            if not idle and low:
+                return  # the host did not run it, or the guest halted it: not "stuck"
+            if idle:
                 w0, w1 = wait_time(first), wait_time(last)
                 halted = [vcpu is not None and vcpu < len(s.vcpu_halted) and s.vcpu_halted[vcpu]
                           for s in samples[a + 1:b + 1]]
-                if (w0 is None or w1 is None or w1 - w0 >= min_cpu_fraction * span
+                if (not low or w0 is None or w1 is None or w1 - w0 >= min_cpu_fraction * span
                         or sum(halted) < HALTED_SHARE * len(halted)):
-                    return  # the host did not run it (or held it, or we cannot tell): excused
-                kind = "idle"  # asleep in KVM_RUN (bar a few wakeups): the guest halted it
+                    return  # it ran, or the host held or descheduled it, or we cannot tell
             run = samples[a:b + 1]
 
             def most(name: str) -> Optional[int]:
                 vals = [s.rows[ci].get(name) for s in run]
                 return None if all(v is None for v in vals) else max(v or 0 for v in vals)
             out.append(Stall(cpu, first.t, last.t, most("nr_running"), most("scx.nr_running"),
-                             first.rows[ci][clock_field], ran, len(run), kind=kind))
+                             first.rows[ci][clock_field], ran, len(run),
+                             kind="idle" if idle else "stuck"))
 
+        # "stuck": runnable and the rq clock standing still while the vCPU ran
         start: Optional[int] = None
         for i, s in enumerate(samples):
             row = s.rows[ci]
@@ -142,9 +146,21 @@ def find_stalls(samples: Sequence[Sample], cpus: Sequence[int], window_s: float 
                     and row.get(clock_field) == samples[start].rows[ci].get(clock_field)):
                 continue
             if start is not None:
-                close(start, i - 1)
+                close(start, i - 1, idle=False)
             start = i if busy and row.get(clock_field) is not None else None
         if start is not None:
-            close(start, len(samples) - 1)
+            close(start, len(samples) - 1, idle=False)
+        # "idle": runnable all along while the guest kept the vCPU halted; the clock may
+        # move meanwhile (a timer's wakeup updates it without running the queued work)
+        start = None
+        for i, s in enumerate(samples):
+            busy = any((s.rows[ci].get(f) or 0) > 0 for f in runnable_fields)
+            if busy and start is None:
+                start = i
+            elif not busy and start is not None:
+                close(start, i - 1, idle=True)
+                start = None
+        if start is not None:
+            close(start, len(samples) - 1, idle=True)
     out.sort(key=lambda st: (st.start, st.cpu))
     return out

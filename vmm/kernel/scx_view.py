@@ -89,6 +89,14 @@ class ScxView:
         lay = self.layout
         return ExitCatcher(lambda live, sch: _read_once(live, lay, root=sch)[0], self._watch_root)
 
+    @staticmethod
+    def _pause(catcher, seconds: float) -> None:
+        """Between polls: ``seconds``, cut short when the watch catches an exit."""
+        if catcher is None:
+            time.sleep(seconds)
+        else:
+            catcher.event.wait(seconds)
+
     def _caught(self, catcher, wait: float = 0.0) -> Optional[ScxState]:
         if catcher is None:
             return None
@@ -112,11 +120,10 @@ class ScxView:
             if s.exit_kind is not None:
                 end = min(deadline, time.monotonic() + settle)
                 while s.exit_reason is None and s.sched is not None and time.monotonic() < end:
-                    caught = self._caught(catcher, interval)
+                    self._pause(catcher, interval)
+                    caught = self._caught(catcher)
                     if caught is not None:
                         return caught
-                    if catcher is None:
-                        time.sleep(interval)
                     nxt = self.state()
                     if nxt.exit_kind is None:  # scx_root cleared: keep what we had
                         break
@@ -128,10 +135,7 @@ class ScxView:
                 return self._caught(catcher, settle) or s
             if time.monotonic() >= deadline:
                 raise ScxTimeout(f"no sched_ext exit within {timeout} s: {s.describe()}")
-            if catcher is None:
-                time.sleep(interval)
-            else:
-                catcher.event.wait(interval)
+            self._pause(catcher, interval)
 
     # --- the watchdog ---------------------------------------------------------------
     @property

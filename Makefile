@@ -81,8 +81,12 @@ test-asan: guests
 SVM_RERUN ?= -rR --reruns 3 --only-rerun \
 	"the host's own \S+ \[kvm|holds the host's state|CR3 0x[0-9a-f]+ is outside the guest's RAM|vCPU [0-9]+: triple fault"
 SVM_L1_RETRIES ?= 3
+# A test that runs past 600 s prints its stacks and ends the run (tests/conftest.py): a
+# hang of ours.  An L1 that prints nothing for 900 s froze (one CI run's did, from its
+# second test until the 2400 s --timeout): it is killed and the run resumes in a fresh L1.
+SVM_SILENCE ?= 900
 test-svm: deps guests svm-setup
-	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) --l1-retries $(SVM_L1_RETRIES) -- \
+	$(SVM_LANE) run --timeout $(SVM_TIMEOUT) --l1-retries $(SVM_L1_RETRIES) --silence $(SVM_SILENCE) -- \
 		$(PYTHON) -m pytest -q -m "slow or svm" \
 		-p no:cacheprovider $(SVM_RERUN) $(SVM_TESTS) $(SVM_DESELECT) $(PYTEST_ARGS)
 

@@ -13,7 +13,7 @@ QEMU 10's multi-threaded TCG still puts L1's own state into an L2 vCPU now and t
 
     scripts/svm_lane.py setup                   fetch and prepare (idempotent; offline when cached)
     scripts/svm_lane.py info                    boot L1 and print what the lane is
-    scripts/svm_lane.py run [--cwd D] [--l1-retries N] -- CMD...
+    scripts/svm_lane.py run [--cwd D] [--l1-retries N] [--silence S] -- CMD...
                                                 run CMD in L1; exit with CMD's status
 
 The L1 root file system is the host's own ``/``, shared read-only over 9p with a tmpfs
@@ -504,14 +504,16 @@ def qemu_command(manifest: dict, io: Path, cpus: int, memory: str) -> list[str]:
 # The first lines of an L1 kernel crash, kept to name it when L1 ends without a status.
 L1_CRASH = re.compile(r"Kernel panic - not syncing|\] (BUG|Oops|general protection fault|"
                       r"kernel BUG|watchdog: BUG)")
+SILENT = "L1 printed nothing"  # the start of --silence's line among the crash lines
 # A fresh L1 after a crash only when this much of --timeout is left.
 MIN_RETRY_S = 300
 
 
 def _boot_l1(manifest: dict, io: Path, cpus: int, memory: str, timeout: float,
-             quiet_identity: bool) -> tuple[int | None, list[str]]:
+             quiet_identity: bool, silence: float = 0) -> tuple[int | None, list[str]]:
     """Boots L1 once and shows its console. QEMU's status (None when killed at
-    ``timeout``) and the lines that said L1's kernel crashed."""
+    ``timeout``) and the lines that said L1's kernel crashed; when L1 printed nothing
+    for ``silence`` seconds, QEMU is killed and that is one of the lines."""
     t0 = time.monotonic()
     argv = qemu_command(manifest, io, cpus, memory)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -527,6 +529,19 @@ def _boot_l1(manifest: dict, io: Path, cpus: int, memory: str, timeout: float,
         timer.start()
     started_cmd = None
     crash: list[str] = []
+    heard = [time.monotonic()]  # when L1 last printed
+    if silence:
+        def listen():
+            while proc.poll() is None:
+                quiet = time.monotonic() - heard[0]
+                if quiet >= silence:
+                    crash.append(f"{SILENT} for {silence:.0f} s: it froze (a hung test "
+                                 "prints its stacks first: tests/conftest.py)")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    return
+                time.sleep(min(5.0, silence - quiet))
+        threading.Thread(target=listen, daemon=True, name="l1-silence").start()
 
     def show(line: str) -> None:
         nonlocal started_cmd
@@ -546,6 +561,7 @@ def _boot_l1(manifest: dict, io: Path, cpus: int, memory: str, timeout: float,
         pending = ""
         # Chunks, not lines: pytest's progress dots come without a newline.
         while chunk := os.read(proc.stdout.fileno(), 65536):
+            heard[0] = time.monotonic()
             pending += chunk.decode(errors="replace").replace("\r", "")
             *lines, pending = pending.split("\n")
             for line in lines:
@@ -570,12 +586,15 @@ def _boot_l1(manifest: dict, io: Path, cpus: int, memory: str, timeout: float,
 
 
 def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAULT_MEMORY,
-        timeout: float = 0, quiet_identity: bool = False, l1_retries: int = 0) -> int:
+        timeout: float = 0, quiet_identity: bool = False, l1_retries: int = 0,
+        silence: float = 0) -> int:
     """Runs ``cmd`` in L1. When L1's kernel dies before the command's status is written
     (in our runs: the emulator's fault; a command can also crash it, so the tries are
     bounded) and ``l1_retries`` allows, the command runs again in a fresh L1, with the
     same $VMM_SVM_PROGRESS file: a pytest run there resumes (tests/conftest.py) instead
-    of starting over. So it does when the command asks for a fresh L1 (FRESH_L1)."""
+    of starting over. So it does when the command asks for a fresh L1 (FRESH_L1), and
+    when L1 printed nothing for ``silence`` seconds (an L1 that froze: one CI run's
+    stayed silent from its second test until the 2400 s --timeout)."""
     manifest = setup()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="svm-lane-") as tmp:
@@ -585,7 +604,8 @@ def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAUL
         for attempt in range(1 + l1_retries):
             left = timeout - (time.monotonic() - t0) if timeout else 0
             fresh.write_text(f"{l1_retries - attempt}\n")
-            qemu_status, crash = _boot_l1(manifest, io, cpus, memory, left, quiet_identity)
+            qemu_status, crash = _boot_l1(manifest, io, cpus, memory, left, quiet_identity,
+                                           silence)
             elapsed = time.monotonic() - t0
             if qemu_status is None:
                 log(f"TIMEOUT: killed L1 after {timeout:.0f} s")
@@ -609,8 +629,12 @@ def run(cmd: list[str], cwd: str, cpus: int = DEFAULT_CPUS, memory: str = DEFAUL
                 status.unlink()
             else:
                 what = f"L1 ended (QEMU status {qemu_status}) without the command's status"
+            froze = [c for c in crash if c.startswith(SILENT)]
+            crash = [c for c in crash if c not in froze]
             if crash:
                 what += ": L1's kernel crashed (" + " / ".join(crash) + ")"
+            if froze:
+                what += ": " + froze[0]
             left = timeout - elapsed if timeout else MIN_RETRY_S
             if attempt == l1_retries or left < MIN_RETRY_S:
                 why = "" if attempt == l1_retries else f" ({left:.0f} s left of --timeout)"
@@ -639,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--l1-retries", type=int, default=0, metavar="N",
                            help="when L1's kernel crashes, run the command again in a fresh "
                                 "L1, at most N times (a pytest run resumes: tests/conftest.py)")
+            p.add_argument("--silence", type=float, default=0, metavar="S",
+                           help="when L1 prints nothing for S seconds, take it as frozen: "
+                                "kill it and go on as after a crash (--l1-retries)")
             p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     args = ap.parse_args(argv)
     try:
@@ -655,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cmd:
             ap.error("run: give the command after --")
         return run(cmd, os.path.abspath(args.cwd), args.cpus, args.memory, args.timeout,
-                   l1_retries=args.l1_retries)
+                   l1_retries=args.l1_retries, silence=args.silence)
     except (LaneError, ks.KernelStoreError) as e:
         log(f"FAILED: {e}")
         return LANE_FAILED

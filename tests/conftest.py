@@ -19,6 +19,10 @@
   scripts/svm_lane.py for a fresh L1 (its FRESH_L1), where it resumes with that test.
   An L1 that faulted once tends to fault again (svm_lane.py's docstring has the figures);
   each test gets one fresh L1, and only while ``--l1-retries`` has one left.
+- In the SVM lane a test that runs past ``VMM_LANE_TEST_LIMIT_S`` (600 s unless set)
+  is a hang: faulthandler prints every thread's stack to the console and ends the run
+  (status 1). That tells a hang of ours (stacks on the console) from an L1 that froze
+  (nothing at all), which svm_lane.py's ``--silence`` treats as an L1 crash.
 
 Helpers the test modules share live in plain modules beside them (guest_abi, tinyvm,
 fake_resolver, page_tables, pahole_text); the synthetic kernel images come from
@@ -28,8 +32,10 @@ one another.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +80,8 @@ FINAL = ("passed", "failed", "skipped")  # a rerun's "rerun" reports are not fin
 _outcomes: dict[str, str] = {}
 _earlier_failures: list[str] = []
 _resumed: list[bool] = []
+_console: list = []  # a copy of stderr as it was before pytest captured it
+LANE_TEST_LIMIT_S = 600  # the lane's longest test takes ~150 s; a boot wait gives up at 300
 
 
 def _progress() -> Path | None:
@@ -119,6 +127,16 @@ def pytest_runtest_logstart(nodeid: str, location) -> None:
     if _progress() is not None:
         _outcomes.pop(nodeid, None)
         _write_progress("start", nodeid)
+        # faulthandler's own C thread: it prints and exits even while a thread holds the
+        # GIL or sits in an ioctl, where a Python timer would wait with it.
+        limit = float(os.environ.get("VMM_LANE_TEST_LIMIT_S", LANE_TEST_LIMIT_S))
+        faulthandler.dump_traceback_later(limit, exit=True, file=_console[0])
+
+
+def pytest_runtest_logfinish(nodeid: str, location) -> None:
+    if _progress() is not None:
+        faulthandler.cancel_dump_traceback_later()
+    _fresh_l1_after(nodeid)
 
 
 # Why each rerun (pytest-rerunfailures, `make test-svm`) happened: -rR names only the test.
@@ -135,6 +153,10 @@ _fresh_wanted: list[tuple[str, str]] = []  # (nodeid, the fault's words): at mos
 
 def pytest_configure(config: pytest.Config) -> None:
     _rerun_patterns[:] = config.getoption("only_rerun", None) or []
+    if _progress() is not None and not _console:
+        # The console itself: pytest captures fd 2 while a test runs, and a hang's stacks
+        # written there would go with the process.  (Capture is suspended here.)
+        _console.append(os.fdopen(os.dup(sys.stderr.fileno()), "w"))
 
 
 def _fresh_l1_left() -> int:
@@ -162,7 +184,7 @@ def _rerun_words(text: str) -> str | None:
     return found.group(0) if found else None
 
 
-def pytest_runtest_logfinish(nodeid: str, location) -> None:
+def _fresh_l1_after(nodeid: str) -> None:
     if _fresh_wanted and _fresh_wanted[0][0] == nodeid:
         why = f"{nodeid}: {_fresh_wanted[0][1]}"
         _write_progress(FRESH_L1_LINE, nodeid)

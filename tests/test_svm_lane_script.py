@@ -202,3 +202,42 @@ def test_conftest_fails_the_test_when_no_fresh_l1_is_left(tmp_path):
     assert run.returncode == 1, run.stdout
     assert "rerun test_faulty.py::test_boots (setup): holds the host's state" in run.stdout
     assert "failed test_faulty.py::test_boots" in (io / "progress").read_text().splitlines()
+
+
+def test_a_silent_l1_is_taken_as_frozen_and_run_again(lane, monkeypatch, tmp_path, capsys):
+    """--silence: an L1 that prints nothing for that long is killed, and the run goes on
+    in a fresh L1 as after a crash (one CI run's L1 stayed silent until --timeout)."""
+    l1 = (r'io=$1; echo "svm-lane: L1 up after 1.0 s: fake"; '
+          r'if [ ! -e "$io/froze" ]; then touch "$io/froze"; exec sleep 60; fi; echo 0 > "$io/status"')
+    monkeypatch.setattr(lane, "setup", lambda: {})
+    monkeypatch.setattr(lane, "qemu_command", lambda manifest, io, cpus, mem: ["sh", "-c", l1, "l1", str(io)])
+    assert lane.run(["true"], str(tmp_path), l1_retries=1, silence=1) == 0
+    out = "".join(capsys.readouterr())
+    assert "without the command's status: L1 printed nothing for 1 s: it froze" in out
+    assert "crashed" not in out
+    assert "command exited 0" in out and "2 L1 boots" in out
+
+
+HUNG_TEST = '''
+import time
+
+def test_first():
+    pass
+
+def test_hangs():
+    time.sleep(60)
+'''
+
+
+def test_conftest_ends_a_lane_run_whose_test_hangs_with_its_stacks(tmp_path):
+    """A test past VMM_LANE_TEST_LIMIT_S in the lane: every thread's stack on the console
+    (not in pytest's capture, which dies with the process) and the run ends, status 1."""
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_hung.py").write_text(HUNG_TEST)
+    env = dict(os.environ, VMM_SVM_PROGRESS=str(tmp_path / "progress"), VMM_LANE_TEST_LIMIT_S="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hung.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Timeout (0:00:01)!" in run.stderr
+    assert 'test_hung.py", line 8 in test_hangs' in run.stderr
+    assert (tmp_path / "progress").read_text().splitlines()[-1] == "start test_hung.py::test_hangs"

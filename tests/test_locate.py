@@ -76,6 +76,30 @@ def test_bzimage_finds_vmlinux_and_system_map_beside_it(tmp_path):
     assert k.symbols.lookup("runqueues").percpu
 
 
+def test_a_second_locate_answers_from_memory_until_a_file_changes(tmp_path, monkeypatch):
+    bz, _ = make_kernel(tmp_path, vmlinux=False)
+    first = L.locate(bz)
+    looks = []
+    monkeypatch.setattr(L, "_locate", lambda *a: looks.append(a) or L.KernelFiles(boot=bz))
+    again = L.locate(bz)
+    assert not looks and again == first and again is not first  # a copy the caller may change
+    again.notes.append("mine")
+    assert "mine" not in L.locate(bz).notes
+    # A vmlinux put beside the image later (the directory changed): looked for again.
+    (tmp_path / "vmlinux").write_bytes(GUEST.read_bytes())
+    L.locate(bz)
+    assert len(looks) == 1
+    # The System.map it found, rewritten: looked for again.
+    monkeypatch.undo()
+    L._FOUND.clear()
+    assert L.locate(bz).system_map == tmp_path / "System.map"
+    with open(tmp_path / "System.map", "a") as f:
+        f.write("ffffffff81000000 T extra\n")
+    monkeypatch.setattr(L, "_locate", lambda *a: looks.append(a) or L.KernelFiles(boot=bz))
+    L.locate(bz)
+    assert len(looks) == 2
+
+
 def test_bzimage_with_only_a_system_map_takes_symbols_from_it(tmp_path):
     bz, _ = make_kernel(tmp_path, vmlinux=False)
     files = L.locate(bz)

@@ -18,7 +18,7 @@ whose build id differs from the image's is skipped (a stale file from another bu
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -164,14 +164,57 @@ def _tree_of_image(image: Path) -> Optional[Path]:
     return None
 
 
+# What locate() found, per call, while the files it looked at are unchanged: a clone
+# restored from a snapshot locates its kernel again, and each look opens several files
+# (~3 ms each over the SVM lane's 9p share; a clone's restore is ~90 ms there).
+_FOUND: dict[tuple, tuple[tuple, KernelFiles]] = {}
+_FOUND_KEEP = 8
+_FILE_FIELDS = ("boot", "bzimage", "vmlinux", "system_map", "config")
+
+
+def _stamps(paths) -> tuple:
+    """(inode, size, mtime) of each path; None for one that is gone."""
+    out = []
+    for f in paths:
+        try:
+            st = os.stat(f)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _found_paths(p: Path, files: KernelFiles) -> list:
+    # The directory holding an image too: a vmlinux or System.map put beside it later
+    # changes the directory's mtime, and is found then.
+    return [p, p.parent] + [getattr(files, f) for f in _FILE_FIELDS if getattr(files, f) is not None]
+
+
 def locate(path: PathLike, *, vmlinux: Optional[PathLike] = None,
            system_map: Optional[PathLike] = None, debug_root: PathLike = DEBUG_ROOT,
            boot_dir: PathLike = BOOT_DIR, search: bool = True) -> KernelFiles:
     """The files of the kernel at ``path`` (an image file or a directory); explicit
     ``vmlinux`` / ``system_map`` win over anything found. ``search=False`` skips the
     search for an unstripped vmlinux matching an image file (the image's System.map and
-    config are still found): what booting needs, without the build-id comparison."""
+    config are still found): what booting needs, without the build-id comparison.
+    A second call with the same arguments, while ``path`` and every file found are
+    unchanged (inode, size, mtime), answers from memory."""
     p = Path(path).expanduser()
+    key = (os.path.abspath(p), vmlinux, system_map, os.fspath(debug_root), os.fspath(boot_dir),
+           search)
+    hit = _FOUND.get(key)
+    if hit is not None and hit[0] == _stamps(_found_paths(p, hit[1])):
+        return replace(hit[1], notes=list(hit[1].notes))
+    files = _locate(p, path, vmlinux, system_map, debug_root, boot_dir, search)
+    _FOUND.pop(key, None)
+    while len(_FOUND) >= _FOUND_KEEP:
+        _FOUND.pop(next(iter(_FOUND)))
+    _FOUND[key] = (_stamps(_found_paths(p, files)), replace(files, notes=list(files.notes)))
+    return files
+
+
+def _locate(p: Path, path: PathLike, vmlinux, system_map, debug_root, boot_dir,
+            search: bool) -> KernelFiles:
     if not p.exists():
         raise KernelStoreError(f"kernel {os.fspath(path)!r}: no such file or directory")
     if p.is_dir():

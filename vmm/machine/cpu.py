@@ -12,6 +12,8 @@ unit-tested; `setup_boot_vcpu`/`setup_vcpu_cpuid` apply them through vmm.kvm.Vcp
 
 from __future__ import annotations
 
+import functools
+import operator
 import struct
 
 from vmm.arch.x86.regs import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME,
@@ -127,20 +129,42 @@ from vmm.machine.cpuid_topology import (AMD_L1_CACHE, AMD_L1_TLB, AMD_L2_CACHE, 
                                         cpuid_vendor)
 
 _CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+_CPUID_VALUES = operator.itemgetter(*_CPUID_FIELDS)
 
 
-def cpuid_to_list(cpuid) -> list[dict]:
-    return [{f: getattr(cpuid.entries[i], f) for f in _CPUID_FIELDS} for i in range(cpuid.nent)]
-
-
-def cpuid_from_list(entries: list[dict]):
+@functools.cache
+def _entry_layout():
+    """(size of one kvm_cpuid_entry2, its seven u32 fields' struct format), from the
+    compiled header: the fields lie at 0, 4, ... 24 in KVM's ABI."""
     from vmm.kvm.native import native
 
     ffi, _ = native()
-    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+    offsets = [ffi.offsetof("struct kvm_cpuid_entry2", f) for f in _CPUID_FIELDS]
+    assert offsets == list(range(0, 28, 4)), offsets
+    return ffi.sizeof("struct kvm_cpuid_entry2"), struct.Struct("<7I")
+
+
+def cpuid_to_list(cpuid) -> list[dict]:
+    from vmm.kvm.native import native
+
+    ffi, _ = native()
+    size, fields = _entry_layout()
+    raw = ffi.buffer(cpuid.entries, size * cpuid.nent)
+    return [dict(zip(_CPUID_FIELDS, fields.unpack_from(raw, i * size))) for i in range(cpuid.nent)]
+
+
+def cpuid_from_list(entries: list[dict]):
+    """A `struct kvm_cpuid2 *` of `entries`, packed in one pass (a restore sets one per
+    vCPU: field by field through cffi took 1.8 ms a vCPU in the SVM lane)."""
+    from vmm.kvm.native import native
+
+    ffi, _ = native()
+    size, fields = _entry_layout()
+    data = bytearray(size * len(entries))
     for i, e in enumerate(entries):
-        for f in _CPUID_FIELDS:
-            setattr(cpuid.entries[i], f, e[f])
+        fields.pack_into(data, i * size, *_CPUID_VALUES(e))
+    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+    ffi.memmove(cpuid.entries, data, len(data))
     return cpuid
 
 

@@ -9,7 +9,8 @@
  *    is frozen, and this proves the guest sees it,
  * 3. prints "vmm-check-init: done status=<n>" (n = number of files that could
  *    not be read), writes n to the exit port 0xf4 when ioperm() works
- *    (CONFIG_X86_IOPL_IOPERM), and powers off with reboot(POWER_OFF).
+ *    (CONFIG_X86_IOPL_IOPERM), drains the console (tcdrain) and powers off with
+ *    reboot(POWER_OFF).
  *
  * Needs working system calls: hosts with hardware virtualization only (on a
  * PVM host use spin-init).
@@ -135,6 +136,9 @@ void init_main(long *sp)
 	put_uint(failures);
 	put("\n");
 
+	/* Every byte out of the serial port before the power-off: what the tty still
+	 * holds then is lost (one lane run's console ended mid-/proc/cpuinfo). */
+	sys3(SYS_ioctl, console, TCSBRK, 1);
 	if (sys3(SYS_ioperm, EXIT_PORT, 1, 1) == 0)
 		__asm__ volatile("outb %b0, %w1" : : "a"((unsigned char)failures), "Nd"(EXIT_PORT));
 	sys5(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_POWER_OFF, 0, 0);

@@ -34,8 +34,6 @@
 #define SYS_execve 59
 #define SYS_wait4 61
 #define SYS_sync 162
-#define SYS_ioctl 16
-#define TCSBRK 0x5409 /* with a non-zero argument: tcdrain() */
 
 #define O_RDWR 2
 #define ENOENT 2

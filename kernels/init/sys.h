@@ -18,6 +18,8 @@ typedef long ssize_t;
 #define SYS_mount 165
 #define SYS_reboot 169
 #define SYS_ioperm 173
+#define SYS_ioctl 16
+#define TCSBRK 0x5409 /* with a non-zero argument: tcdrain() */
 
 #define O_RDONLY 0
 #define O_WRONLY 1

@@ -38,7 +38,7 @@ def qemu_results(kernel: str, pattern, cpus: int, memory_mb: int, timeout: float
     from vmm.scxselftests import build_runner, guest_command, parse_output, select
 
     runner = build_runner(kernel, progress=None)
-    initrd = build_job_initramfs(guest_command(pattern=pattern), [f"{runner.binary}:/bin/runner"])
+    initrd = build_job_initramfs(guest_command(pattern=pattern), runner.includes())
     art = ks.resolve_kernel(kernel)
     cmd = qemu_peer.linux_boot_cmd(str(art.boot_image), DEFAULT_LINUX_CMDLINE, cpus, memory_mb,
                                    str(initrd), cpu_model="host")

@@ -45,6 +45,16 @@ def test_thre_interrupt_cycle_like_the_8250_driver():
     assert s.io_in(IIR, 1) == 0x01 and fast[-1] is True and irqs[-1] is False
 
 
+def test_describe_says_whether_the_driver_waits_for_a_thre_interrupt():
+    s, _, _, _ = make()
+    s.io_out(IER, 1, 0x02)
+    assert "THRI on), THRE interrupt pending, IIR 0x02, IRQ line high" in s.describe()
+    s.io_in(IIR, 1)  # acknowledged: a driver with bytes left now waits for the next one
+    text = s.describe()
+    assert "THRI on), THRE interrupt not pending, IIR 0x01, IRQ line low" in text
+    assert text.startswith("UART 0x3f8: IER 0x02") and text.endswith("fast path off")
+
+
 def test_receive_interrupt_and_rbr():
     s, _, irqs, fast = make()
     s.io_out(IER, 1, 0x01)

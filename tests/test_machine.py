@@ -136,6 +136,7 @@ def test_wait_for_console_timeout_says_where_each_vcpu_is(guest):
         assert m.running  # the short freeze was thawed
     text = str(err.value)
     assert "1 s passed" in text and "Where the vCPUs are:" in text
+    assert "UART 0x3f8: IER" in text  # what the guest's serial driver sees (a stalled tty)
     for cpu in (0, 1):
         line = next(l for l in text.splitlines() if l.strip().startswith(f"vCPU {cpu}:"))
         assert re.search(r"RIP 0x[0-9a-f]+ \(\w+\+0x[0-9a-f]+\)", line), line

@@ -135,6 +135,8 @@ class Machine(MachineBuilder):
         tail = "\n".join(log.tail(CONSOLE_TAIL_BYTES).splitlines()[-30:])
         if not flushed and where is None:  # still running: say where each vCPU is, so a
             where = self._vcpu_report(freeze_timeout=5.0)[0]  # hang can be told apart
+        if not flushed and self.serial is not None:  # a silent console: what the guest's
+            where = where + ["  " + self.serial.describe()]  # driver sees of COM1
         where_text = "" if flushed else "\nWhere the vCPUs are:\n" + "\n".join(where)
         raise GuestBootError(f"console never matched {regex.pattern!r}: {why}.{where_text}\n"
                              f"Console tail:\n{tail}")
@@ -198,6 +200,8 @@ class Machine(MachineBuilder):
         for t in self.threads:
             lines.append(f"  {t.name}: alive={t.is_alive()} stop={t.stop_reason} "
                          f"python_exits={t.python_exits} {t.stop_detail}")
+        if self.serial is not None:
+            lines.append(self.serial.describe())
         if self.unhandled_io:
             lines.append("unhandled ports: "
                          + ", ".join(f"{p:#x}x{n}" for p, n in sorted(self.unhandled_io.items())))

@@ -135,6 +135,17 @@ class Serial16550:
                 self.fast_path = fast
                 self.fast_path_changed(fast)
 
+    def describe(self) -> str:
+        """The registers that decide whether the guest's driver is waiting for us, in one
+        line (a console that went silent: is THRI enabled with no THRE interrupt pending,
+        the interrupt line low, so the guest's tty holds bytes it will never send?)."""
+        with self._lock:
+            return (f"UART {self.base:#x}: IER {self.ier:#04x} (THRI {'on' if self.ier & IER_THRI else 'off'}), "
+                    f"THRE interrupt {'pending' if self.thr_interrupt_pending else 'not pending'}, "
+                    f"IIR {self._interrupt_cause():#04x}, IRQ line {'high' if self.irq_level else 'low'}, "
+                    f"LCR {self.lcr:#04x}, MCR {self.mcr:#04x}, FCR {self.fcr:#04x}, "
+                    f"{len(self.rx)} byte(s) to read, fast path {'on' if self.fast_path else 'off'}")
+
     # --- host side -------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Bytes typed on the console: they arrive in RBR and raise RDI when enabled."""

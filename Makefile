@@ -11,19 +11,22 @@ KERNEL ?= build:7.3
 CPUS ?= 2
 PYTEST_ARGS ?=
 SVM_LANE := $(PYTHON) scripts/svm_lane.py
-SVM_TIMEOUT ?= 2400
+SVM_TIMEOUT ?= 3000
 SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boot.py tests/test_kernel_debian.py \
 	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py tests/test_gdb_linux.py \
 	tests/test_scx_linux.py tests/test_requests_linux.py tests/test_watch.py tests/test_topology_linux.py \
 	tests/test_snapshot_linux.py tests/test_report_linux.py tests/test_workload_linux.py \
-	tests/test_scx_tree_linux.py
+	tests/test_scx_tree_linux.py tests/test_scx_selftests_linux.py
 # test_workload_linux (stress-ng under scx_simple in a cgroup, hackbench): 46 s of lane time.
 # test_scx_tree_linux (the tree's 8 schedulers attached under load and detached, one
 # boot): about 100 s. test_scx_linux's qmap -e/-t (one more boot): about 2 min.
-# test_scx_selftests_linux is not here yet: 2 of 3 lane runs had one test silent for its
-# 240 s timeout (README "The kernel's sched_ext selftests"); its ci_filter costs ~1.5 min.
+# test_scx_selftests_linux (the baseline's ci_filter, one boot): 78-86 s in 4 lane runs of
+# 2026-12-07, all passed; earlier, 2 of 3 runs had a test silent for its 240 s timeout,
+# in tests the baseline does not require (README "The kernel's sched_ext selftests").
 # test_9 (scx_qmap -l 100 under 4 busy loops: the kernel ends it, "watchdog failed to check
-# in") passed once by hand in the lane (102 s); left out until it has passed in more runs:
+# in") passed 3 times by hand in the lane (~70 s); a 4th run's boot stayed silent before the
+# job's first line for 900 s (cause open: a silent console's report now shows COM1's
+# state); left out until that is understood:
 #   scripts/svm_lane.py run -- python3 -m pytest -m svm tests/test_scx_linux.py -k test_9
 SVM_DESELECT ?= --deselect tests/test_scx_linux.py::test_9_qmap_dispatch_loop_ends_in_an_exit_the_host_reads
 

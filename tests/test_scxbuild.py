@@ -21,6 +21,49 @@ def test_toolchain_found_or_named(monkeypatch):
     assert major >= scxbuild.MIN_CLANG
 
 
+def _config(tmp_path, *options):
+    path = tmp_path / "config"
+    path.write_text("".join(f"{o}=y\n" for o in options) + "# CONFIG_CGROUP_SCHED is not set\n")
+    return path
+
+
+TREE = ("CONFIG_SCHED_CLASS_EXT", "CONFIG_BPF_SYSCALL", "CONFIG_BPF_JIT", "CONFIG_DEBUG_INFO_BTF",
+        "CONFIG_BPF_EVENTS", "CONFIG_FUNCTION_TRACER")
+
+
+def test_what_each_scheduler_needs_of_its_kernel(tmp_path):
+    """The per-scheduler config check: every tree scheduler needs sched_ext, BPF and the
+    fentry program's tracing; the cgroup schedulers need cgroup scheduling too."""
+    plain = _config(tmp_path, *TREE)
+    assert scxbuild.config_gaps("simple", plain) == []
+    assert [o for o, _ in scxbuild.config_gaps("scx_qmap", plain)] == [
+        "CONFIG_CGROUP_SCHED", "CONFIG_EXT_GROUP_SCHED"]
+    assert [o for o, _ in scxbuild.config_gaps("pair", plain)] == [
+        "CONFIG_CGROUP_SCHED", "CONFIG_EXT_GROUP_SCHED"]
+    no_trace = _config(tmp_path, *TREE[:4])
+    gaps = scxbuild.config_gaps("central", no_trace)
+    assert [o for o, _ in gaps] == ["CONFIG_BPF_EVENTS", "CONFIG_FUNCTION_TRACER"]
+    text = scxbuild.describe_gaps("central", "build:7.3", gaps)
+    assert text.startswith("scx_central cannot attach on build:7.3: its config lacks CONFIG_BPF_EVENTS (")
+    assert "bpf_scx_reg" in text and "build:7.3+scx" in text
+    assert scxbuild.config_gaps("simple", None) == []  # no config to read: nothing claimed
+    assert scxbuild.config_gaps("simple", tmp_path / "absent") == []
+
+
+def test_a_workload_refuses_a_scheduler_its_kernel_cannot_attach_before_booting(monkeypatch):
+    from vmm import session_workload
+    from vmm.errors import KernelFeatureMissing
+
+    lacks = [("CONFIG_EXT_GROUP_SCHED", "the cgroup_* ops")]
+    monkeypatch.setattr(scxbuild, "build_scheduler", lambda name, kernel, progress=None: scxbuild.Scheduler(
+        name, "/nonexistent/scx_flatcg", kernel, "/nonexistent", True, 0.0, lacks))
+    monkeypatch.setattr(session_workload, "workload_job", lambda *a, **k: pytest.fail("it booted"))
+    with pytest.raises(KernelFeatureMissing, match="scx_flatcg cannot attach on build:7.3: its "
+                                                   "config lacks CONFIG_EXT_GROUP_SCHED"):
+        session_workload.run_workload("stress-ng", ["--cpu", "1"], 1, kernel="build:7.3",
+                                      scheduler="flatcg")
+
+
 def test_no_clang_names_the_package(monkeypatch):
     monkeypatch.setattr(scxbuild, "CLANG_CANDIDATES", ("clang-does-not-exist",))
     with pytest.raises(scxbuild.ScxBuildError, match="clang >= 16.*apt-get install clang-22"):

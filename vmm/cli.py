@@ -452,7 +452,8 @@ def cmd_scx(args: argparse.Namespace) -> int:
         return _scx_build_all(args)
     s = build_scheduler(args.name, args.kernel, jobs=args.jobs, force=args.force)
     _emit(args, {"scheduler": s.name, "binary": str(s.binary), "kernel": s.kernel,
-                 "cached": s.cached, "seconds": round(s.seconds, 1)}, str(s.binary))
+                 "cached": s.cached, "seconds": round(s.seconds, 1),
+                 "kernel_lacks": [o for o, _ in s.lacks]}, str(s.binary))
     return EXIT_OK
 
 
@@ -461,14 +462,21 @@ def _scx_build_all(args: argparse.Namespace) -> int:
 
     built, failed = build_all(args.kernel, jobs=args.jobs, force=args.force)
     rows = [{"scheduler": s.name, "ok": True, "cached": s.cached, "seconds": round(s.seconds, 1),
-             "binary": str(s.binary)} for s in built]
+             "binary": str(s.binary), "kernel_lacks": [o for o, _ in s.lacks]} for s in built]
     rows += [{"scheduler": n, "ok": False, "error": str(e)} for n, e in failed.items()]
     lines = [f"{'scheduler':12} {'result':8} {'seconds':>8}  binary or error"]
     for r in rows:
         what = r["binary"] if r["ok"] else r["error"].splitlines()[0]
         result = ("cached" if r["cached"] else "built") if r["ok"] else "FAILED"
         lines.append(f"{'scx_' + r['scheduler']:12} {result:8} {r.get('seconds', 0):>8.1f}  {what}")
+        if r.get("kernel_lacks"):  # built, but it would not attach on this kernel
+            lines.append(f"{'':12} {'':8} {'':>8}  will not attach: the kernel lacks "
+                         + ", ".join(r["kernel_lacks"]))
     lines.append(f"{len(built)} built or cached, {len(failed)} failed")
+    unusable = [r["scheduler"] for r in rows if r.get("kernel_lacks")]
+    if unusable:
+        lines.append(f"{len(unusable)} of them will not attach on {args.kernel} "
+                     "(build:7.3+scx has what they need)")
     _emit(args, {"kernel": args.kernel, "schedulers": rows}, "\n".join(lines))
     return EXIT_OK if not failed else EXIT_ERROR
 

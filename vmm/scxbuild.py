@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -144,6 +144,39 @@ class Scheduler:
     directory: Path
     cached: bool
     seconds: float
+    # [(CONFIG_X, why)] the kernel lacks for this scheduler to attach (it builds anyway:
+    # building needs only the kernel's BTF); empty when the kernel has no .config to read
+    lacks: list = field(default_factory=list)
+
+
+# Which vmm.kernel.kconfig.NEEDS each scheduler of tools/sched_ext has of its kernel
+# (read from 7.3's *.bpf.c): flatcg and pair call scx_bpf_task_cgroup(), qmap reads
+# cpu_cgrp_id and has the cgroup ops, qmap and sdt keep their data in a BPF arena.
+SCHEDULER_NEEDS = {
+    "flatcg": ("scx_tree", "scx_cgroups"),
+    "pair": ("scx_tree", "scx_cgroups"),
+    "qmap": ("scx_tree", "scx_cgroups", "bpf_arena"),
+    "sdt": ("scx_tree", "bpf_arena"),
+}
+
+
+def config_gaps(name: str, config_path) -> list[tuple[str, str]]:
+    """[(CONFIG_X, why)] that a kernel with the .config at ``config_path`` lacks for
+    ``scx_<name>`` to attach; [] when there is no config to read."""
+    from .kernel.kconfig import KernelConfig
+
+    if config_path is None or not Path(config_path).is_file():
+        return []
+    needs = SCHEDULER_NEEDS.get(name.removeprefix("scx_"), ("scx_tree",))
+    return [(option, why) for _, option, why in KernelConfig.from_file(config_path).missing(needs)]
+
+
+def describe_gaps(name: str, kernel: str, gaps) -> str:
+    """The refusal's words: which options, why each, and what to boot instead."""
+    return (f"scx_{name.removeprefix('scx_')} cannot attach on {kernel}: its config lacks "
+            + "; ".join(f"{o} ({why})" for o, why in gaps)
+            + ". Build a kernel with them: the scx flavour (build:7.3+scx, "
+            "kernels/config/sched_ext-scx.fragment) has all")
 
 
 def _progress_default(line: str) -> None:
@@ -165,6 +198,9 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
     if name not in names:
         raise ScxBuildError(f"scheduler {name!r} is not in {src}/tools/sched_ext: expected one of "
                             f"{', '.join(names)}")
+    lacks = config_gaps(name, art.config)
+    if lacks:  # it still builds (only the BTF is needed for that); booting it would not attach
+        say("vmm scx: warning: " + describe_gaps(name, art.name, lacks))
     t0 = time.monotonic()
     say(f"vmm scx: hashing the sources of {art.name} (tools/sched_ext, libbpf, bpftool)")
     digest = _source_hash(src, Path(art.vmlinux), tools)
@@ -175,7 +211,7 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per cache entry at a time
         if binary.exists() and not force:
             say(f"vmm scx: cached {binary}")
-            return Scheduler(name, binary, art.name, out, True, time.monotonic() - t0)
+            return Scheduler(name, binary, art.name, out, True, time.monotonic() - t0, lacks)
         build = out / "build"
         build.mkdir(exist_ok=True)
         cmd = make_command(src / "tools" / "sched_ext", f"O={out}", tools, art.vmlinux, jobs)
@@ -205,7 +241,7 @@ def build_scheduler(name: str, kernel: str = "build:7.3", *, jobs: Optional[int]
         data.setdefault("schedulers", {})[name] = {"binary": str(binary), "seconds": round(seconds, 1)}
         atomic_write(manifest, json.dumps(data, indent=2) + "\n")
         say(f"vmm scx: built {binary} in {seconds:.1f} s")
-        return Scheduler(name, binary, art.name, out, False, seconds)
+        return Scheduler(name, binary, art.name, out, False, seconds, lacks)
 
 
 def tree_schedulers(kernel: str = "build:7.3") -> list[str]:

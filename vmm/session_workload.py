@@ -35,8 +35,13 @@ def run_workload(name: str, args: Sequence[str] = (), duration: float = 10, *,
         if Path(scheduler).is_file():
             sched_path = Path(scheduler)
         else:
-            from .scxbuild import build_scheduler
-            sched_path = build_scheduler(scheduler, kernel, progress=None).binary
+            from .errors import KernelFeatureMissing
+            from .scxbuild import build_scheduler, describe_gaps
+
+            built = build_scheduler(scheduler, kernel, progress=None)
+            if built.lacks:  # refused before the boot, not found out from the console
+                raise KernelFeatureMissing(describe_gaps(scheduler, kernel, built.lacks))
+            sched_path = built.binary
     command, includes = workload_job(name, args, duration, cgroup=cgroup, cpuset=cpuset,
                                      scheduler=sched_path)
     m = Machine(kernel=kernel, cpus=cpus, memory=memory, console=None, exec=command,

@@ -44,6 +44,22 @@ NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
             ("CONFIG_SYSFS", "/sys, which the job's init mounts"),
             ("CONFIG_DEVTMPFS", "/dev, which the job's init mounts (devtmpfs)"),
             ("CONFIG_TTY", "/dev/console, the job's stdin, stdout and stderr")),
+    # The schedulers of the kernel tree's tools/sched_ext (vmm.scxbuild.SCHEDULER_NEEDS
+    # says which scheduler needs which; kernels/config/sched_ext-scx.fragment has all).
+    "scx_tree": (("CONFIG_SCHED_CLASS_EXT", "sched_ext itself"),
+                 ("CONFIG_BPF_SYSCALL", "loading the scheduler's BPF programs"),
+                 ("CONFIG_BPF_JIT", "struct_ops: the kernel calls the scheduler through "
+                                    "JIT trampolines"),
+                 ("CONFIG_DEBUG_INFO_BTF", "the scheduler's vmlinux.h and CO-RE relocations"),
+                 ("CONFIG_BPF_EVENTS", "the fentry program on bpf_scx_reg() that every tree "
+                                       "scheduler loads, include/scx/common.bpf.h"),
+                 ("CONFIG_FUNCTION_TRACER", "the fentry call site that program attaches to")),
+    "scx_cgroups": (("CONFIG_CGROUP_SCHED", "scx_bpf_task_cgroup() and cpu_cgrp_id, which the "
+                                            "scheduler's BPF code uses"),
+                    ("CONFIG_EXT_GROUP_SCHED", "the cgroup_* ops sched_ext calls the scheduler "
+                                               "through")),
+    "bpf_arena": (("CONFIG_BPF_JIT", "BPF_MAP_TYPE_ARENA maps (the scheduler keeps its "
+                                     "queues in one)"),),
 }
 
 

@@ -125,6 +125,33 @@ def test_two_clones_of_one_in_memory_snapshot_run_at_once(started, original):
     wait_advance(original)
 
 
+def test_a_clone_pool_makes_the_next_vm_ahead_and_frees_what_is_left(started_too, original):
+    """Machine.clone_pool: clones whose VM and vCPUs were made on the pool's thread while
+    the previous clone ran; they go on like any clone; close() frees the unused shells."""
+    snap = original.snapshot()
+    fds = len(os.listdir("/proc/self/fd"))
+    with Machine.clone_pool(snap, ready=1) as pool:
+        assert pool.wait_ready(60)
+        first = pool.clone()
+        started_too(first)
+        assert pool.wait_ready(60)  # the next one made while the first runs
+        second = pool.clone()
+        started_too(second)
+        assert (pool.made_ahead, pool.made_late) == (2, 0)
+        for m, name in ((first, b"pool-one"), (second, b"pool-two")):
+            m.write(NODENAME, V.bytes(name + b"\0"))
+            wait_advance(m)
+            command(m, CMD_UTS)
+            m.wait_for_console(f"nodename {name.decode()}", timeout=60)
+        assert pool.wait_ready(60)
+    first.stop()
+    second.stop()
+    snap.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds  # the shell left in the pool is freed
+    with pytest.raises(SnapshotError, match="closed"):
+        pool.clone()
+
+
 def test_start_false_leaves_the_clone_parked(started, snapdir):
     clone = Machine.from_snapshot(snapdir, start=False)
     try:

@@ -238,6 +238,15 @@ class Machine(MachineBuilder):
 
         return restore(cls, snapshot_or_path, start, **options)
 
+    @classmethod
+    def clone_pool(cls, snapshot, ready: int = 1, **options):
+        """A vmm.runtime.clone_pool.ClonePool: clones of `snapshot` whose VM and vCPUs
+        were made ahead, on a thread, while the previous clone ran (`pool.clone()`;
+        `close()` it, or use it as a context manager)."""
+        from vmm.runtime.clone_pool import ClonePool
+
+        return ClonePool(cls, snapshot, ready, **options)
+
     # --- requests from the guest (COM2; vmm/runtime/requests.py) ------------------------
     def on_request(self, name: str, handler, freeze: bool = True) -> None:
         """Serve the guest's requests named ``name`` (``vmm-request NAME ...`` in the guest)

@@ -344,26 +344,50 @@ def _copy_sparse(src: int, dst: int, size: int, hasher) -> None:
 
 
 # --- restoring ------------------------------------------------------------------------------
-def restore(cls, snapshot, start: bool = True, verify_memory: bool = True, **options):
+def restore(cls, snapshot, start: bool = True, verify_memory: bool = True, shell=None,
+            **options):
     """A new `cls` machine going on from `snapshot` (a Snapshot or a directory path),
     running unless `start=False` (then parked until .start()). `options` override the
-    snapshot's constructor options (console=, timeout=, console_log=...)."""
-    from vmm.kvm import Kvm
-
+    snapshot's constructor options (console=, timeout=, console_log=...). `shell`: an
+    empty machine made ahead by make_shell() for this snapshot and these options
+    (vmm.runtime.clone_pool), used instead of making the VM and its vCPUs now."""
     snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.load(snapshot, verify_memory)
     if snap._closed:
         raise SnapshotError("the snapshot was closed: its memory is gone")
-    st = snap.state
+    mo, vm, vcpus = _parsed_state(snap)
+    machine = shell if shell is not None else _make_shell(cls, snap, mo, options)
     try:
-        mo = st["machine"]
-        vm = vm_state.VmState.from_json(st["vm"])
-        vcpus = [vcpu_state.VcpuState.from_json(v) for v in st["vcpus"]]
-        if len(vcpus) != mo["cpus"]:
-            raise SnapshotError(f"the snapshot holds {len(vcpus)} vCPU states for {mo['cpus']} CPUs")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SnapshotError(f"the snapshot's state is corrupt: {type(e).__name__}: {e}") from None
-    if not isinstance(snap.manifest.get("host"), dict):
-        raise SnapshotError("the snapshot's manifest does not say what host it needs: corrupt")
+        machine.memory = GuestMemory(mo["memory_size"], backing_fd=snap.memory_fd)
+        machine.memory.register(machine.vm)
+        machine._run_step("setup_devices")
+        vm_state.apply(machine.vm, vm)
+        for v, s in zip(machine.vcpus, vcpus):
+            refused = vcpu_state.apply(v, s)
+            if refused:
+                machine.notes.append(f"restore: vCPU {v.index}: KVM refused MSRs "
+                                     + ", ".join(f"{i:#x}" for i in refused))
+        _restore_devices(machine, snap.state["devices"])
+        machine.snapshot_origin = snap.path or "memory"
+    except BaseException:
+        machine._teardown()
+        raise
+    if start:
+        machine.start()
+    return machine
+
+
+def make_shell(cls, snap: "Snapshot", **options):
+    """The part of a restore that does not need the snapshot's RAM or device state: a
+    `cls` machine with its VM, irqchip, PIT and vCPUs (CPUID set; every other register
+    comes from the snapshot). Checks the snapshot and the host first."""
+    if snap._closed:
+        raise SnapshotError("the snapshot was closed: its memory is gone")
+    return _make_shell(cls, snap, _parsed_state(snap)[0], options)
+
+
+def _make_shell(cls, snap: "Snapshot", mo: dict, options: dict):
+    from vmm.kvm import Kvm
+
     with Kvm() as kvm:
         check_host(snap.manifest["host"], kvm)
     kwargs = {"cpus": mo["cpus"], "memory": mo["memory_size"], "cmdline": mo["cmdline"],
@@ -382,24 +406,28 @@ def restore(cls, snapshot, start: bool = True, verify_memory: bool = True, **opt
     machine = cls(kernel, **kwargs)
     try:
         machine._run_step("create_vm")
-        machine.memory = GuestMemory(mo["memory_size"], backing_fd=snap.memory_fd)
-        machine.memory.register(machine.vm)
         machine._run_step("setup_irqchip")
         machine.entry, machine.kernel_end = mo["entry"], mo["kernel_end"]
         machine.is_linux, machine.cmdline = mo["is_linux"], mo["composed_cmdline"]
+        # RAM is registered after the vCPUs (restore()): KVM takes memory slots at any time.
         machine._run_step("create_vcpus", boot_state=False)  # vcpu_state.apply sets it all
-        machine._run_step("setup_devices")
-        vm_state.apply(machine.vm, vm)
-        for v, s in zip(machine.vcpus, vcpus):
-            refused = vcpu_state.apply(v, s)
-            if refused:
-                machine.notes.append(f"restore: vCPU {v.index}: KVM refused MSRs "
-                                     + ", ".join(f"{i:#x}" for i in refused))
-        _restore_devices(machine, st["devices"])
-        machine.snapshot_origin = snap.path or "memory"
     except BaseException:
         machine._teardown()
         raise
-    if start:
-        machine.start()
     return machine
+
+
+def _parsed_state(snap: "Snapshot"):
+    """(the machine's options, VmState, [VcpuState]) of a snapshot, or SnapshotError."""
+    st = snap.state
+    try:
+        mo = st["machine"]
+        vm = vm_state.VmState.from_json(st["vm"])
+        vcpus = [vcpu_state.VcpuState.from_json(v) for v in st["vcpus"]]
+        if len(vcpus) != mo["cpus"]:
+            raise SnapshotError(f"the snapshot holds {len(vcpus)} vCPU states for {mo['cpus']} CPUs")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"the snapshot's state is corrupt: {type(e).__name__}: {e}") from None
+    if not isinstance(snap.manifest.get("host"), dict):
+        raise SnapshotError("the snapshot's manifest does not say what host it needs: corrupt")
+    return mo, vm, vcpus

@@ -15,9 +15,9 @@ Clones instead of boots: with ``clone=True`` in the marker, the first test of th
 options boots a template machine (to ``wait_for`` when given: a job that attached a
 scheduler and printed a marker makes a scheduler-attached template), snapshots it in
 memory (``m.snapshot()``) and stops it; every test then gets its own copy-on-write clone
-(``Machine.from_snapshot``), stopped when the test ends, so a test may write the guest
-freely. A clone's console starts empty (the marker was the template's). The snapshots
-are dropped at the session's end.
+(``Machine.clone_pool``: its VM and vCPUs made while the previous test ran), stopped when
+the test ends, so a test may write the guest freely. A clone's console starts empty (the
+marker was the template's). The snapshots and pools are dropped at the session's end.
 When a test fails (or always, with ``--vmm-evidence=always``), its evidence is attached
 to its report (vmm/report/evidence.py): the machine's configuration, why the VM ended, the
 console tail, requests served, sched_ext's state, the monitors' stalls, the kernel's
@@ -90,8 +90,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _stop_quietly(machine)
     pool.clear()
     snapshots = config.stash.get(_SNAPSHOT_KEY, {})
-    for snap in snapshots.values():
-        snap.close()
+    for pool in snapshots.values():
+        pool.close()
+        pool.snapshot.close()
     snapshots.clear()
 
 
@@ -243,8 +244,8 @@ def _clone(snapshots: dict, key: str, opts: dict, wait_for: Any, wait_timeout: f
     """A running clone of the template these options boot (booted and snapshotted once)."""
     from . import Machine
 
-    snap = snapshots.get(key)
-    if snap is None:
+    pool = snapshots.get(key)
+    if pool is None:
         template = Machine(**opts)
         template.start()
         try:
@@ -253,8 +254,9 @@ def _clone(snapshots: dict, key: str, opts: dict, wait_for: Any, wait_timeout: f
             snap = template.snapshot()
         finally:
             _stop_quietly(template)
-        snapshots[key] = snap
-    return Machine.from_snapshot(snap)
+        # The next test's VM and vCPUs are made while this one runs (vmm.runtime.clone_pool).
+        pool = snapshots[key] = Machine.clone_pool(snap)
+    return pool.clone()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -16,13 +16,13 @@ SVM_TESTS ?= tests/test_svm_lane.py tests/test_e2e_linux.py tests/test_linux_boo
 	tests/test_kaslr_linux.py tests/test_debug_linux.py tests/test_guestjob_linux.py tests/test_gdb_linux.py \
 	tests/test_scx_linux.py tests/test_requests_linux.py tests/test_watch.py tests/test_topology_linux.py \
 	tests/test_snapshot_linux.py tests/test_report_linux.py tests/test_workload_linux.py \
-	tests/test_scx_tree_linux.py tests/test_scx_selftests_linux.py
+	tests/test_scx_tree_linux.py
 # test_workload_linux (stress-ng under scx_simple in a cgroup, hackbench): 46 s of lane time.
 # test_scx_tree_linux (the tree's 8 schedulers attached under load and detached, one
 # boot): about 100 s. test_scx_linux's qmap -e/-t (one more boot): about 2 min.
-# test_scx_selftests_linux (the baseline's ci_filter, one boot): 78-86 s in 4 lane runs of
-# 2026-12-07, all passed; earlier, 2 of 3 runs had a test silent for its 240 s timeout,
-# in tests the baseline does not require (README "The kernel's sched_ext selftests").
+# test_scx_selftests_linux is not here: it passed 4 lane runs on 2026-12-07 (78-86 s), but
+# in the 5th (a whole make test-svm) a test went silent again and the run outlived the
+# lane's 600 s per-test limit (tests/conftest.py); earlier, 2 of 3 runs had a silent test.
 # test_9 (scx_qmap -l 100 under 4 busy loops: the kernel ends it, "watchdog failed to check
 # in") passed 3 times by hand in the lane (~70 s); a 4th run's boot stayed silent before the
 # job's first line for 900 s (cause open: a silent console's report now shows COM1's

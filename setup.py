@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent
 SHIPPED = ("kernels/config/sched_ext.fragment", "kernels/config/sched_ext-scx.fragment",
            "kernels/init/spin-init.c",
            "kernels/init/check-init.c", "kernels/init/vmm-request.c", "kernels/init/sys.h",
-           "kernels/init/job-init.c")
+           "kernels/init/relay.h", "kernels/init/job-init.c")
 
 
 class BuildPyWithData(build_py):

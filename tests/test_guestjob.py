@@ -287,10 +287,12 @@ def _can_run_init_in_namespace():
 
 def _run_init(root, timeout=60):
     # In a PID namespace of its own, init's reboot(RESTART) ends that namespace (its PID 1
-    # gets SIGHUP), not the host; its mounts stay in its own mount namespace.
+    # gets SIGHUP), not the host; its mounts stay in its own mount namespace.  The job's
+    # output stays on stdout: its relay to /dev/kmsg would write the host's own log (and
+    # its printk_devkmsg sysctl); the lane's tests run the relay (test_guestjob_linux.py).
     return subprocess.run(["unshare", "--fork", "--pid", "--mount", "--propagation", "private",
                            "chroot", str(root), "/init"], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, "VMM_JOB_STDIO": "console"})
 
 
 def _job_root(tmp_path, command, entries=None):

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .machine.guestjob import LOG_PREFIX
 from .scxselftests import (Runner, SelftestsError, TestResult, apply_known, build_runner, counts,
                            format_table, guest_command, parse_output, patterns_of,
                            read_known_failures, select, to_json, unexpected_failures)
@@ -95,8 +96,8 @@ def _boot_and_run(kernel: str, runner: Runner, command: str, *, cpus: int, memor
     return text, why
 
 
-_TEST_LINE = re.compile(r"^@[\d.]+ TEST: (\S+)", re.M)
-_END_LINE = re.compile(r"^@[\d.]+ vmm-selftests: runner exit", re.M)
+_TEST_LINE = re.compile(r"^" + LOG_PREFIX + r"@[\d.]+ TEST: (\S+)", re.M)
+_END_LINE = re.compile(r"^" + LOG_PREFIX + r"@[\d.]+ vmm-selftests: runner exit", re.M)
 
 
 def run_selftests(kernel: str = "build:7.3+scx", *, pattern: Optional[str] = None,

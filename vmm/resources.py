@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("kernels/config/sched_ext.fragment", "kernels/config/sched_ext-scx.fragment",
            "kernels/init/spin-init.c",
            "kernels/init/check-init.c", "kernels/init/vmm-request.c", "kernels/init/sys.h",
-           "kernels/init/job-init.c")
+           "kernels/init/relay.h", "kernels/init/job-init.c")
 
 
 def shipped(relpath: str) -> Path:

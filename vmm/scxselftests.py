@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from .hostio import atomic_copy, atomic_write
+from .machine.guestjob import LOG_PREFIX
 from .resources import cache_dir
 from .scxbuild import (SOURCE_DIRS, ScxBuildError, Toolchain, _progress_default, _version_of,
                        find_toolchain, kernel_source, make_after_vmlinux_h, make_command)
@@ -239,7 +240,7 @@ def guest_command(only: Optional[Sequence[str]] = None, pattern: Optional[str] =
 
 
 # --- the results --------------------------------------------------------------------------
-_STAMP = re.compile(r"^@(\d+(?:\.\d+)?) (.*)$")
+_STAMP = re.compile(r"^" + LOG_PREFIX + r"@(\d+(?:\.\d+)?) (.*)$")
 _RESULT = re.compile(r"^(ok|not ok) \d+ (\S+) #\s*(SKIP)?")
 
 

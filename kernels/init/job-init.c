@@ -12,11 +12,18 @@
  *    echo $$ > /sys/fs/cgroup/x/cgroup.procs; cpusets need CONFIG_CPUSETS and
  *    echo +cpuset > /sys/fs/cgroup/cgroup.subtree_control);
  * 3. runs `/bin/busybox --install -s` (the applets as symlinks);
- * 4. prints "vmm-job: start", runs the command in /vmm/job as `sh -c CMD` through
- *    /bin/busybox with the console as stdio and PATH/HOME/TERM set, and reaps every
- *    child (PID 1 adopts orphans) until the shell ends;
- * 5. prints "\nvmm-job: exit N" (N: the shell's status, 128+signal when killed) and
- *    reboots (reboot=k on the command line: the i8042 reset ends the VM).
+ * 4. sets up the relay (relay.h): the job's stdout and stderr become a pseudo-terminal
+ *    whose lines PID 1 writes to /dev/kmsg, so that the console prints them whole,
+ *    never cut by a kernel message (where the kernel lacks what it needs, or
+ *    VMM_JOB_STDIO=console is on the command line, a "vmm-job: note" line says so and
+ *    the job writes to the console as before);
+ * 5. prints "vmm-job: start", runs the command in /vmm/job as `sh -c CMD` through
+ *    /bin/busybox with the console as stdin, the relay as stdout and stderr, and
+ *    PATH/HOME/TERM set, and reaps every child (PID 1 adopts orphans) until the shell
+ *    ends, then copies what is left of its output;
+ * 6. prints "vmm-job: exit N" (N: the shell's status, 128+signal when killed) and
+ *    reboots (reboot=k on the command line: the i8042 reset ends the VM; the kernel
+ *    prints every record still queued before it resets).
  *
  * A step that fails before the job starts prints one machine-readable line and
  * reboots without a status line:
@@ -28,6 +35,7 @@
  * turns that line into its error (vmm.machine.guestjob.init_failure).
  */
 #include "sys.h"
+#include "relay.h"
 
 #define SYS_dup2 33
 #define SYS_fork 57
@@ -35,11 +43,11 @@
 #define SYS_wait4 61
 #define SYS_sync 162
 
-#define O_RDWR 2
 #define ENOENT 2
 #define EINTR 4
 #define ENODEV 19
 #define LINUX_REBOOT_CMD_RESTART 0x01234567UL
+#define WNOHANG 1
 
 /* The kernel passes at most MAX_ARG_STRLEN (32 pages) in one argument, NUL included. */
 #define MAX_COMMAND (32 * 4096)
@@ -47,10 +55,26 @@
 
 static char command[MAX_COMMAND];
 static char *environment[MAX_ENV + 4];
+static struct relay relay = {.kmsg = -1, .master = -1, .peer = -1};
+static char said[256]; /* our own line so far, while the job's output goes to the log */
+static size_t said_len;
 
+/* Our own text: to the console, or once the relay is up, a record per line (a line
+ * that opens with "\n", to break from a partial line of the job's, needs none there). */
 static void put(const char *s)
 {
-	sys3(SYS_write, 1, (long)s, (long)str_len(s));
+	if (relay.kmsg < 0) {
+		sys3(SYS_write, 1, (long)s, (long)str_len(s));
+		return;
+	}
+	for (; *s; s++) {
+		if (*s != '\n' && said_len < sizeof(said))
+			said[said_len++] = *s;
+		if (*s == '\n' && said_len) {
+			relay_record(relay.kmsg, said, said_len);
+			said_len = 0;
+		}
+	}
 }
 
 static void put_int(long v)
@@ -88,7 +112,8 @@ static void put_exit_line(long status)
 	while (d)
 		line[n++] = digits[--d];
 	line[n++] = '\n';
-	sys3(SYS_write, 1, (long)line, (long)n);
+	line[n] = 0;
+	put(line);
 }
 
 static const char *errno_name(long err)
@@ -224,15 +249,19 @@ static long reap_until(long pid)
 	}
 }
 
-/* fork + execve(path, argv, environment); the child's wait status, or fail(). */
-static long run(const char *what, const char *path, char *const argv[])
+/* fork + execve(path, argv, environment), `setup` run in the child first; the child's
+ * pid, or fail(). */
+static long start(const char *what, const char *path, char *const argv[], void (*setup)(void))
 {
 	long pid = sys3(SYS_fork, 0, 0, 0);
 
 	if (pid < 0)
 		fail(what, pid, 0);
 	if (pid == 0) {
-		long r = sys3(SYS_execve, (long)path, (long)argv, (long)environment);
+		long r;
+		if (setup)
+			setup();
+		r = sys3(SYS_execve, (long)path, (long)argv, (long)environment);
 		put("\nvmm-job: error execve ");
 		put(path);
 		put(": ");
@@ -242,7 +271,13 @@ static long run(const char *what, const char *path, char *const argv[])
 		put("\n");
 		sys3(SYS_exit, 127, 0, 0);
 	}
-	return reap_until(pid);
+	return pid;
+}
+
+/* start(), then its wait status, or fail(). */
+static long run(const char *what, const char *path, char *const argv[], void (*setup)(void))
+{
+	return reap_until(start(what, path, argv, setup));
 }
 
 /* The kernel's environment for init (HOME=/, TERM=linux, unknown command-line words
@@ -285,18 +320,76 @@ static void read_command(void)
 	command[len] = 0;
 }
 
+/* The job's side of the relay as stdout and stderr of the child about to exec. */
+static void job_stdio(void)
+{
+	if (relay.peer < 0)
+		return;
+	sys3(SYS_dup2, relay.peer, 1, 0);
+	sys3(SYS_dup2, relay.peer, 2, 0);
+	sys3(SYS_close, relay.peer, 0, 0);
+}
+
+struct job {
+	long pid, status; /* status: the wait status once reaped, else -1 */
+};
+
+/* Reaps what has ended (PID 1 adopts orphans); true once the job's shell has. */
+static int job_done(void *arg)
+{
+	struct job *job = arg;
+
+	while (job->status < 0) {
+		int status = 0;
+		long r = sys5(SYS_wait4, -1, (long)&status, WNOHANG, 0, 0);
+		if (r == -EINTR)
+			continue;
+		if (r < 0)
+			fail("wait for the job", r, 0);
+		if (r == 0)
+			break;
+		if (r == job->pid)
+			job->status = status;
+	}
+	return job->status >= 0;
+}
+
+/* The relay, or why the job writes to the console instead. */
+static void relay_start(char **envp)
+{
+	const char *why = 0;
+
+	for (; envp && *envp && !why; envp++)
+		if (starts_with(*envp, "VMM_JOB_STDIO=console"))
+			why = "VMM_JOB_STDIO=console asks for it";
+	if (!why)
+		why = relay_open(&relay);
+
+	if (!why)
+		return;
+	for (long *fd = &relay.master; fd <= &relay.peer; fd++)
+		if (*fd >= 0)
+			sys3(SYS_close, *fd, 0, 0);
+	relay.master = relay.peer = relay.kmsg = -1;
+	put("vmm-job: note the job writes to the console, where a kernel message can cut its "
+	    "lines: ");
+	put(why);
+	put("\n");
+}
+
 void init_main(long *sp)
 {
 	long argc = sp[0];
 	char **envp = (char **)(sp + 1 + argc + 1);
 	char *install[] = {"/bin/busybox", "--install", "-s", 0};
 	char *shell[] = {"sh", "-c", command, 0};
+	struct job job = {0, -1};
 	long status;
 
 	console();
 	make_environment(envp);
 	mount_all();
-	status = run("fork for busybox --install", "/bin/busybox", install);
+	status = run("fork for busybox --install", "/bin/busybox", install, 0);
 	if (status != 0) {
 		put("\nvmm-job: error /bin/busybox --install -s: wait status ");
 		put_int(status);
@@ -304,8 +397,16 @@ void init_main(long *sp)
 		reboot_now();
 	}
 	read_command();
+	relay_start(envp);
 	put("vmm-job: start\n");
-	status = run("fork for the job", "/bin/busybox", shell);
+	if (relay.kmsg < 0) {
+		status = run("fork for the job", "/bin/busybox", shell, 0);
+	} else {
+		job.pid = start("fork for the job", "/bin/busybox", shell, job_stdio);
+		sys3(SYS_close, relay.peer, 0, 0); /* the job's side: EIO here once it is gone */
+		relay_run(&relay, job_done, &job);
+		status = job.status;
+	}
 	if (status < 0)
 		fail("wait for the job", status, 0);
 	status = (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;

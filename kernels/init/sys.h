@@ -23,6 +23,7 @@ typedef long ssize_t;
 
 #define O_RDONLY 0
 #define O_WRONLY 1
+#define O_RDWR 2
 
 #define LINUX_REBOOT_MAGIC1 0xfee1deadUL
 #define LINUX_REBOOT_MAGIC2 672274793UL

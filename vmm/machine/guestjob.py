@@ -7,8 +7,10 @@ boots real Linux with an initramfs built here:
   kernels/init/job-init.c, a static ELF program without libc (so the kernel needs
   CONFIG_BINFMT_ELF and not CONFIG_BINFMT_SCRIPT to start it), which mounts
   proc/sys/devtmpfs (and tmpfs on /tmp when it can), runs CMD through ``busybox sh -c``
-  with the console as stdin/stdout/stderr, then prints the status line
-  ``vmm-job: exit N`` and reboots (``reboot=k``: the i8042 reset ends the VM).
+  with the console as stdin and a pseudo-terminal as stdout/stderr whose lines it
+  writes to /dev/kmsg (kernels/init/relay.h: the console then prints them whole, never
+  cut by a kernel message), then prints the status line ``vmm-job: exit N`` and
+  reboots (``reboot=k``: the i8042 reset ends the VM).
 * ``/bin/vmm-request`` (kernels/init/vmm-request.c): the client for requests to the
   host (``Machine.on_request``; docs/requests.md);
 * every ``--include``: a file or a directory tree (symlinks kept), at GUEST or, without
@@ -54,9 +56,14 @@ from vmm.machine import initramfs as cpio
 JOB_INIT = shipped("kernels/init/job-init.c")  # package data; compiled here, cached
 JOB_FILE = "vmm/job"  # where the command lives in the initramfs (read by job-init.c)
 REQUEST_CLIENT = "bin/vmm-request"  # kernels/init/vmm-request.c, in every job
+# The job's lines, and the init's own from "vmm-job: start" on, reach the console as
+# kernel log records (kernels/init/relay.h), which a kernel with CONFIG_PRINTK_TIME (or
+# printk.time=1) opens with "[    1.234567] " and one with CONFIG_PRINTK_CALLER with
+# "[    T1] ": a parser anchored at a line's start allows for them.
+LOG_PREFIX = r"(?:\[ *\d+\.\d+\](?:\[ *[TC]\d+\])? |\[ *[TC]\d+\] )?"
 # The last line the init prints: parsed by job_status(); the job's own output may
 # precede it on the same console, so it is matched at the start of a line.
-STATUS_RE = re.compile(rb"^vmm-job: exit (\d+)\r?$", re.M)
+STATUS_RE = re.compile(rb"^" + LOG_PREFIX.encode() + rb"vmm-job: exit (\d+)\r?$", re.M)
 START_MARKER = "vmm-job: start"
 DEFAULT_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
                     "/lib", "/usr/lib")  # fmt: skip
@@ -307,15 +314,16 @@ _KERNEL_CANNOT_EXEC = r"Starting init: (\S+) exists but couldn't execute it \(er
 _KERNEL_NO_INIT = r"Kernel panic - not syncing: No working init found\.?"
 _KERNEL_NO_ROOT = r"Kernel panic - not syncing: VFS: Unable to mount root[^\r\n]*"
 _KERNEL_NO_CONSOLE = r"Warning: unable to open an initial console\."
-_INIT_ERROR = r"^vmm-job: error [^\r\n]*"
+_INIT_ERROR = r"^" + LOG_PREFIX + r"vmm-job: error [^\r\n]*"
 INIT_FAILURE_RE = re.compile("|".join(f"(?:{p})" for p in (
     _KERNEL_FAILED_INIT, _KERNEL_FALLBACK, _KERNEL_CANNOT_EXEC, _KERNEL_NO_INIT,
     _KERNEL_NO_ROOT, _KERNEL_NO_CONSOLE, _INIT_ERROR)), re.M)
 # What the session waits for: the init's start line (from there on the job runs and only
 # the VM's end matters; the job's own output can never look like a failed init), its
 # status line, or a sign that the job never starts.
-JOB_END_RE = re.compile(r"^vmm-job: (?:start|exit \d+)\r?$|" + INIT_FAILURE_RE.pattern, re.M)
-_START_RE = re.compile(r"^vmm-job: start\r?$", re.M)
+JOB_END_RE = re.compile(r"^" + LOG_PREFIX + r"vmm-job: (?:start|exit \d+)\r?$|"
+                        + INIT_FAILURE_RE.pattern, re.M)
+_START_RE = re.compile(r"^" + LOG_PREFIX + r"vmm-job: start\r?$", re.M)
 _OPTION_RE = re.compile(r"\((CONFIG_[A-Z0-9_]+)\)")
 
 # errno of a failed execve of /init -> (name, cause).  The job's /init is a static

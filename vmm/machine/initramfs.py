@@ -316,7 +316,7 @@ def build_request_client() -> Path:
 
 
 def build_static_program(program: str) -> Path:
-    """Compile kernels/init/<program>.c (freestanding, static, with sys.h) into the cache,
+    """Compile kernels/init/<program>.c (freestanding, static, with its headers) into the cache,
     once per source hash; `make -C kernels/init` output in out/ when newer saves it."""
     src = INIT_SOURCES / f"{program}.c"
     prebuilt = INIT_SOURCES / "out" / program
@@ -324,13 +324,14 @@ def build_static_program(program: str) -> Path:
         source = src.read_bytes()
     except OSError as e:
         raise ImageError(f"program source {src} missing: {e}") from e
-    # `make -C kernels init` output, when newer than its source, saves a compile.
-    header = INIT_SOURCES / "sys.h"
-    newest_source = max(src.stat().st_mtime, header.stat().st_mtime if header.exists() else 0)
+    # The headers every program may include (sys.h, relay.h): part of its source.
+    headers = sorted(INIT_SOURCES.glob("*.h"))
+    # `make -C kernels init` output, when newer than its sources, saves a compile.
+    newest_source = max([src.stat().st_mtime] + [h.stat().st_mtime for h in headers])
     if prebuilt.exists() and prebuilt.stat().st_mtime >= newest_source:
         return prebuilt
-    if header.exists():
-        source += header.read_bytes()
+    for h in headers:
+        source += h.read_bytes()
     digest = hashlib.sha256(source + " ".join(INIT_CFLAGS).encode()).hexdigest()[:12]
     out = _cache_dir() / "bin" / f"{program}-{digest}"
     if out.exists():

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from vmm.errors import ConfigError
+from vmm.machine.guestjob import LOG_PREFIX
 
 # name: (the binary, the Debian package that installs it, how the duration is given)
 WORKLOADS = {
@@ -35,8 +36,10 @@ WORKLOADS = {
 }
 CGROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_OUTPUT = 256 * 1024  # characters of the workload's output kept
-BEGIN_RE = re.compile(r"^vmm-workload: begin name=(\S+) cgroup=(\S*) scx=(\S*)\r?$", re.M)
-END_RE = re.compile(r"^vmm-workload: end status=(\d+) seconds=([\d.]+) scx=(\S*)\r?$", re.M)
+BEGIN_RE = re.compile(r"^" + LOG_PREFIX + r"vmm-workload: begin name=(\S+) cgroup=(\S*) scx=(\S*)\r?$",
+                      re.M)
+END_RE = re.compile(r"^" + LOG_PREFIX + r"vmm-workload: end status=(\d+) seconds=([\d.]+) scx=(\S*)\r?$",
+                    re.M)
 
 
 @dataclass

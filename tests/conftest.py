@@ -79,6 +79,7 @@ def started():
 FINAL = ("passed", "failed", "skipped")  # a rerun's "rerun" reports are not final
 _outcomes: dict[str, str] = {}
 _earlier_failures: list[str] = []
+_why: dict[str, str] = {}  # a failed test's first words of its error (the progress file's "why")
 _resumed: list[bool] = []
 _console: list = []  # a copy of stderr as it was before pytest captured it
 LANE_TEST_LIMIT_S = 600  # the lane's longest test takes ~150 s; a boot wait gives up at 300
@@ -111,6 +112,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         elif what == FRESH_L1_LINE:
             _fresh_given.add(nodeid)
             fresh, started = nodeid, None
+        elif what == "why":
+            failed, _, words = nodeid.partition("\t")
+            _why[failed] = words
     _resumed.append(True)
     _earlier_failures[:] = [n for n, what in done.items() if what == "failed"]
     keep = [item for item in items if item.nodeid not in done]
@@ -209,10 +213,23 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _outcomes[report.nodeid] = report.outcome  # "rerun": this try does not count
     elif report.failed or (report.skipped and report.when != "teardown"):
         _outcomes.setdefault(report.nodeid, report.outcome)
+        if report.failed:
+            _why.setdefault(report.nodeid, _error_words(report))
     if report.when == "teardown":
         outcome = _outcomes.pop(report.nodeid, "passed")
+        if outcome == "failed" and report.nodeid in _why:
+            # A later L1 that resumes the run names the failure with its cause: CI shows
+            # the end of the output, and the test's own report went by in an earlier L1.
+            _write_progress("why", f"{report.nodeid}\t{_why[report.nodeid]}")
         if outcome in FINAL:
             _write_progress(outcome, report.nodeid)
+
+
+def _error_words(report: pytest.TestReport, limit: int = 400) -> str:
+    """The start of a failure's error message, on one line."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else (report.longreprtext.strip() or "?")
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())[:limit]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -222,7 +239,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
         why = _rerun_words(text) or (text.strip().splitlines() or ["?"])[-1][:160]
         terminalreporter.write_line(f"rerun {nodeid} ({when}): {why}")
     for nodeid in _earlier_failures:
-        terminalreporter.write_line(f"FAILED {nodeid} (in an earlier L1, before it crashed)")
+        why = f": {_why[nodeid]}" if nodeid in _why else ""
+        terminalreporter.write_line(f"FAILED {nodeid} (in an earlier L1){why}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -202,6 +202,12 @@ def test_conftest_fails_the_test_when_no_fresh_l1_is_left(tmp_path):
     assert run.returncode == 1, run.stdout
     assert "rerun test_faulty.py::test_boots (setup): holds the host's state" in run.stdout
     assert "failed test_faulty.py::test_boots" in (io / "progress").read_text().splitlines()
+    # A later L1 that resumes the run names the earlier failure with its error's words
+    # (CI shows the end of the output; the test's own report went by in the earlier L1).
+    again = run_pytest()
+    assert again.returncode == 1, again.stdout
+    assert ("FAILED test_faulty.py::test_boots (in an earlier L1): RuntimeError: a vCPU holds "
+            "the host's state, not the guest's") in again.stdout, again.stdout
 
 
 def test_a_silent_l1_is_taken_as_frozen_and_run_again(lane, monkeypatch, tmp_path, capsys):

@@ -48,7 +48,7 @@
 #define EAGAIN 11
 
 #define RECORD_PREFIX "<8>"	       /* facility user (1 << 3), level 0 */
-#define RECORD_TEXT_MAX (1024 - 3 - 1) /* PRINTKRB_RECORD_MAX less the prefix, a spare */
+#define RECORD_TEXT_MAX (1024 - 3 - 1) /* PRINTKRB_RECORD_MAX less the prefix and "\n" */
 #define PARTIAL_WAIT_MS 200
 
 struct pollfd {
@@ -112,16 +112,20 @@ static const char *relay_open(struct relay *r)
 	return 0;
 }
 
-/* One record: the prefix, then `len` bytes of text (no newline: printk ends it). */
+/* One record: the prefix, `len` bytes of text, and a newline.  The newline matters: a
+ * record without one stays open for a continuation (printk's pr_cont) and is not
+ * final, so the console does not print it until the next record comes, which for a
+ * job's last line before it waits (on input, say) may be never. */
 static void relay_record(long kmsg, const char *text, size_t len)
 {
-	char out[sizeof(RECORD_PREFIX) + RECORD_TEXT_MAX];
+	char out[sizeof(RECORD_PREFIX) + RECORD_TEXT_MAX + 1];
 	size_t n = 0;
 
 	for (const char *p = RECORD_PREFIX; *p; p++)
 		out[n++] = *p;
 	for (size_t i = 0; i < len && i < RECORD_TEXT_MAX; i++)
 		out[n++] = text[i];
+	out[n++] = '\n';
 	sys3(SYS_write, kmsg, (long)out, (long)n);
 }
 

@@ -59,3 +59,43 @@ def test_cli_exec_fails_at_once_when_the_kernel_cannot_start_init(tmp_path, init
     for w in words:
         assert w in proc.stderr, out
     assert "timeout" not in proc.stderr and "vmm-job: exit" not in proc.stdout, out
+
+
+RELAY_JOB = r"""
+echo relay-first
+printf 'relay-prompt> '
+sleep 1
+echo relay-after-prompt
+printf '%01100d\n' 7
+dmesg | grep -c 'relay-fir[s]t' | sed 's/^/relay-in-dmesg=/'
+ls -l /proc/self/fd/1 | grep -o '/dev/pts/[0-9]*' | sed 's/^/relay-stdout=/'
+echo relay-waits
+read -r answer
+echo "relay-got=$answer"
+exit 3
+"""
+
+
+def test_job_output_goes_through_the_kernels_log_whole_lines():
+    """The job's stdout is a pseudo-terminal whose lines job-init writes to /dev/kmsg
+    (kernels/init/relay.h): they are in dmesg; the last line before the job waits for
+    input reaches the console at once (a record without its newline would sit in the
+    log unprinted); a prompt without a newline comes out after 0.2 s; a line past a
+    record's 1020 bytes goes out in pieces; the exit status is still the job's."""
+    from vmm import Machine
+
+    m = Machine(kernel=built_kernel_spec(), exec=RELAY_JOB, console=None, timeout=BOOT_TIMEOUT)
+    with m:
+        m.wait_for_console(r"relay-waits", timeout=BOOT_TIMEOUT)
+        m.feed_console(b"yes\n")
+        m.wait_for_console(r"vmm-job: exit 3", timeout=60)
+        text = m.console_text()
+    lines = [line.rstrip("\r") for line in text.splitlines()]
+    where = "\n--- console tail ---\n" + text[-3000:]
+    assert "relay-first" in lines and "relay-after-prompt" in lines, where
+    assert "relay-prompt> " in lines, where  # flushed alone, as a line of its own
+    assert "relay-in-dmesg=1" in lines, where
+    assert any(line.startswith("relay-stdout=/dev/pts/") for line in lines), where
+    assert "relay-got=yes" in lines, where
+    zeros = [line for line in lines if line and set(line) <= {"0", "7"} and len(line) > 50]
+    assert [len(z) for z in zeros] == [1020, 80] and zeros[1].endswith("7"), where

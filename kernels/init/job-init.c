@@ -274,10 +274,10 @@ static long start(const char *what, const char *path, char *const argv[], void (
 	return pid;
 }
 
-/* start(), then its wait status, or fail(). */
-static long run(const char *what, const char *path, char *const argv[], void (*setup)(void))
+/* start() with the init's own stdio, then its wait status, or fail(). */
+static long run(const char *what, const char *path, char *const argv[])
 {
-	return reap_until(start(what, path, argv, setup));
+	return reap_until(start(what, path, argv, 0));
 }
 
 /* The kernel's environment for init (HOME=/, TERM=linux, unknown command-line words
@@ -367,9 +367,10 @@ static void relay_start(char **envp)
 
 	if (!why)
 		return;
-	for (long *fd = &relay.master; fd <= &relay.peer; fd++)
-		if (*fd >= 0)
-			sys3(SYS_close, *fd, 0, 0);
+	if (relay.master >= 0)
+		sys3(SYS_close, relay.master, 0, 0);
+	if (relay.peer >= 0)
+		sys3(SYS_close, relay.peer, 0, 0);
 	relay.master = relay.peer = relay.kmsg = -1;
 	put("vmm-job: note the job writes to the console, where a kernel message can cut its "
 	    "lines: ");
@@ -389,7 +390,7 @@ void init_main(long *sp)
 	console();
 	make_environment(envp);
 	mount_all();
-	status = run("fork for busybox --install", "/bin/busybox", install, 0);
+	status = run("fork for busybox --install", "/bin/busybox", install);
 	if (status != 0) {
 		put("\nvmm-job: error /bin/busybox --install -s: wait status ");
 		put_int(status);
@@ -400,7 +401,7 @@ void init_main(long *sp)
 	relay_start(envp);
 	put("vmm-job: start\n");
 	if (relay.kmsg < 0) {
-		status = run("fork for the job", "/bin/busybox", shell, 0);
+		status = run("fork for the job", "/bin/busybox", shell);
 	} else {
 		job.pid = start("fork for the job", "/bin/busybox", shell, job_stdio);
 		sys3(SYS_close, relay.peer, 0, 0); /* the job's side: EIO here once it is gone */

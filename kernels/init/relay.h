@@ -38,14 +38,12 @@
 #define POLLIN 0x1
 #define O_NOCTTY 0400
 #define O_CLOEXEC 02000000
-#define O_NONBLOCK 04000
 #define TCGETS 0x5401
 #define TCSETS 0x5402
 #define TIOCSPTLCK 0x40045431
 #define TIOCGPTPEER 0x5441
 #define OPOST 0x1
 #define EIO 5
-#define EAGAIN 11
 
 #define RECORD_PREFIX "<8>"	       /* facility user (1 << 3), level 0 */
 #define RECORD_TEXT_MAX (1024 - 3 - 1) /* PRINTKRB_RECORD_MAX less the prefix and "\n" */
@@ -172,14 +170,10 @@ static void relay_run(struct relay *r, int (*done)(void *), void *arg)
 	int open = 1, quiet_ms = 0;
 
 	while (!done(arg)) {
-		struct pollfd p = {(int)r->master, POLLIN, 0};
-		long n = open ? sys3(SYS_poll, (long)&p, 1, 100) : 0;
+		/* Once the job's side is closed, the fd is left out and poll only waits. */
+		struct pollfd p = {open ? (int)r->master : -1, POLLIN, 0};
+		long n = sys3(SYS_poll, (long)&p, 1, 100);
 
-		if (!open) {
-			struct { long sec, nsec; } tick = {0, 100 * 1000 * 1000};
-			sys3(SYS_nanosleep, (long)&tick, 0, 0);
-			continue;
-		}
 		if (n > 0) {
 			if (relay_read(r) < 0)
 				open = 0; /* everyone closed the job's side: only the end is left */

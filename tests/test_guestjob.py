@@ -111,6 +111,22 @@ def test_status_line_is_the_last_one_at_a_line_start():
     assert guestjob.job_status(b"no status here") is None
 
 
+def test_line_parsers_allow_the_kernels_record_prefix():
+    """The job's lines reach the console as kernel log records (kernels/init/relay.h): a
+    kernel with CONFIG_PRINTK_TIME / CONFIG_PRINTK_CALLER stamps each; the anchored
+    parsers take the stamp and nothing else before the line."""
+    from vmm.machine.workload import BEGIN_RE
+    from vmm.scxselftests import _STAMP
+
+    assert guestjob.job_status(b"[   12.345678] vmm-job: exit 4\n") == 4
+    assert guestjob.job_status(b"[   12.345678][    T1] vmm-job: exit 5\n") == 5
+    assert guestjob.job_status(b"[    T1] vmm-job: exit 6\n") == 6
+    assert guestjob.job_status(b"junk [ 1.5] vmm-job: exit 3\n") is None
+    assert guestjob.JOB_END_RE.search("[    2.000001] vmm-job: start\n")
+    assert BEGIN_RE.search("[    3.1] vmm-workload: begin name=hackbench cgroup= scx=\n")
+    assert _STAMP.match("[    4.2] @4.20 TEST: minimal").groups() == ("4.20", "TEST: minimal")
+
+
 @pytest.mark.skipif(not is_pvm_host(), reason="the refusal is for PVM hosts (/sys/module/kvm_pvm)")
 def test_exec_refused_at_once_on_pvm():
     from vmm import Machine
